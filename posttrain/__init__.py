@@ -1,0 +1,1 @@
+"""posttrain: post-training toolkit for large language models."""

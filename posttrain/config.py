@@ -1,0 +1,319 @@
+"""Run config: YAML + dotted `key=value` overrides -> a typed, validated, nested dataclass.
+
+Every default lives here once, beside a one-line doc (`opt(default, doc)`); the docs feed
+`posttrain keys`. Unknown keys and wrong types are errors naming the key (with the closest
+valid key as a suggestion). Cross-field rules live in `validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with its default and one-line doc (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("tiny-random", "HF model folder, hub id, or built-in: smollm2-135m-instruct, tiny-random")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weights/compute dtype; auto = float32 on CPU (no fast bf16 there), bfloat16 on CUDA")
+    attn_implementation: str = opt("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
+    revision: str = opt("main", "hub revision (branch, tag or commit) for hub ids")
+    trust_remote_code: bool = opt(False, "allow custom modelling code from the hub")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = opt("", "a .json/.jsonl/.csv/.parquet file (relative paths: to the config file)")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = opt(
+        "auto", "row layout; auto-detected from the columns when 'auto'")
+    weight: float = opt(1.0, "mixing weight: the dataset contributes round(weight * rows) samples (seeded)")
+    max_samples: int | None = opt(None, "cap on rows taken from this file (after shuffling), None = all")
+    columns: dict[str, str] = opt({}, "rename columns: {our_name: file_column}, e.g. {output: answer}")
+    role_tags: dict[str, str] = opt({}, "sharegpt 'from' values -> roles, added to human/gpt/system/...")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = opt([], "training datasets, mixed by weight / max_samples")
+    eval_datasets: list[DatasetConfig] = opt([], "explicit evaluation sets (else val_size holds out)")
+    val_size: float = opt(0.0, "held-out share of training rows: <1 a fraction, >=1 a count")
+    max_length: int = opt(1024, "max tokens per sample; oldest turns go first, then the sample")
+    packing: bool = opt(False, "pack samples into max_length rows (attention never crosses samples)")
+    mask: Literal["all", "last", "full"] = opt(
+        "all", "loss on: every assistant turn, the last assistant turn, or the whole sequence")
+    variables: dict[str, str] = opt({}, "values for {{placeholders}} in the data, e.g. {name: Aria}")
+
+
+@dataclass
+class TemplateConfig:
+    name: str = opt("auto", "auto = the tokenizer's own chat template; or chatml, llama3, alpaca, plain")
+    system: str | None = opt(None, "system prompt for conversations without one (None: template default)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(8, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = opt(["all-linear"], "module names to adapt; all-linear = every linear but the head")
+
+
+@dataclass
+class FreezeConfig:
+    trainable_layers: int = opt(2, "train only the last N transformer blocks (0 = none)")
+    trainable_modules: list[str] = opt([], "also train parameters whose name contains one of these, e.g. norm")
+
+
+@dataclass
+class MethodConfig:
+    type: Literal["lora", "full", "freeze"] = opt("lora", "what trains: LoRA adapters, all weights, or the last layers")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "lr decay after warmup")
+    warmup_ratio: float = opt(0.0, "share of optimizer steps spent warming up linearly")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = from epochs)")
+    micro_batch_size: int = opt(4, "samples (or packed rows) per forward pass per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
+    save_every: int = opt(0, "checkpoint every N optimizer steps (0 = only the final model)")
+    keep_last: int = opt(2, "checkpoints kept on disk; older ones are deleted")
+    log_every: int = opt(1, "log metrics every N optimizer steps")
+    seed: int = opt(42, "seed for data order, initialisation and sampling")
+    resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output.dir")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto = cuda when available")
+    loss_chunk: int = opt(1024, "positions per chunk of the LM head + cross-entropy (bounds logits memory)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("outputs/run", "run folder: model/adapter, checkpoints, logs, plots, summary")
+    tensorboard: bool = opt(True, "also write TensorBoard event files under dir/logs")
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["sft"] = opt("sft", "what to train; sft = supervised fine-tuning")
+    model: ModelConfig = opt(ModelConfig(), "base model")
+    data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
+    template: TemplateConfig = opt(TemplateConfig(), "chat template")
+    method: MethodConfig = opt(MethodConfig(), "fine-tuning method")
+    lora: LoraConfig = opt(LoraConfig(), "LoRA settings (method.type=lora)")
+    freeze: FreezeConfig = opt(FreezeConfig(), "freeze settings (method.type=freeze)")
+    optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
+    train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
+    output: OutputConfig = opt(OutputConfig(), "where results go")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert only safe cases (int->float, '1e-4'->float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"config key {key}: {value!r} is not one of {_type_name(tp)}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, int, float)) and args[0] is not dict else value
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is type(None) and value is None:
+        return None
+    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`lora.r=16` -> ("lora.r", 16); values are YAML, so lists and null work: `a.b=[x,y]`."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **tree_extra: Any) -> RunConfig:
+    """Read YAML (or start from defaults), apply dotted overrides, type-check, validate."""
+    tree: dict = {}
+    base_dir = Path(".")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        base_dir = path.parent
+    for dotted, value in tree_extra.items():
+        _set_dotted(tree, dotted, value)
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    cfg = _build(RunConfig, tree)
+    for ds in cfg.data.datasets + cfg.data.eval_datasets:
+        if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
+            ds.path = str(base_dir / ds.path)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field rules, all in one place."""
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: give at least one training file")
+    for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
+        if not ds.path:
+            raise ConfigError(f"dataset #{i}: path is required")
+    if cfg.data.val_size < 0:
+        raise ConfigError("data.val_size must be >= 0")
+    if cfg.data.max_length < 8:
+        raise ConfigError("data.max_length must be at least 8")
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+    if cfg.lora.r < 1:
+        raise ConfigError("lora.r must be >= 1")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config (every default spelled out) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf key: the source of `posttrain keys`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_keys(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            rows.append((prefix + f.name, "[]", f.metadata.get("doc", "")))
+            rows.extend(describe_keys(typing.get_args(tp)[0], prefix + f.name + "[]."))
+            continue
+        rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return rows

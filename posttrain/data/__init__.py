@@ -1,0 +1,1 @@
+"""Data layer: records, file formats, validation, tokenized datasets, batching."""

@@ -1,0 +1,1 @@
+"""Models: sources (local, hub, built-in), fine-tuning methods, heads, export."""

@@ -1,0 +1,144 @@
+"""The `posttrain` command: parses arguments, then calls the library. Heavy imports stay lazy.
+
+Errors the user can fix print as one line and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from posttrain.errors import PosttrainError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message otherwise)
+        raise PosttrainError(f"{self.prog}: {message} (see --help)")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def cmd_train(args) -> int:
+    from posttrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from posttrain.train import sft
+
+    summary = sft.run(cfg)
+    if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _sampling(args) -> dict:
+    return {"system": args.system, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p}
+
+
+def cmd_chat(args) -> int:
+    _quiet_libraries()
+    from posttrain.data.records import Message
+    from posttrain.models.run import load_model_for_inference
+    from posttrain.serve.chat import generate_reply, run_repl
+
+    model, tokenizer, _ = load_model_for_inference(args.model)
+    if args.prompt is not None:
+        reply = generate_reply(model, tokenizer, [Message("user", args.prompt)], **_sampling(args))
+        print(reply)
+        return 0
+    run_repl(model, tokenizer, **_sampling(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    _quiet_libraries()
+    from posttrain.models.export import export_merged
+
+    out = export_merged(args.run, args.out)
+    print(f"exported {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from posttrain.config import describe_keys
+
+    for key, default, doc in describe_keys():
+        if not args.filter or args.filter in key:
+            print(f"{key:36} {default:24} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = _Parser(prog="posttrain", description="Post-training toolkit for LLMs.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: sub_add(*a, parents=[common], **k)  # --debug after the command too
+
+    p = sub.add_parser("train", help="train from a YAML config (+ dotted key=value overrides)")
+    p.add_argument("config", help="run config YAML, e.g. examples/identity_lora.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 optim.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("chat", help="chat with a run, model folder, built-in or hub id")
+    p.add_argument("model", help="run dir (base + adapter), HF folder, built-in name or hub id")
+    p.add_argument("--prompt", help="answer this one prompt on stdout, then exit")
+    p.add_argument("--system", help="system prompt (default: the run's template.system or the template's)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="merge a LoRA run into a standalone HF model folder")
+    p.add_argument("run", help="run dir written by posttrain train")
+    p.add_argument("--out", required=True, help="folder to write (config, safetensors, tokenizer)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("keys", help="list every config key with its default and doc")
+    p.add_argument("filter", nargs="?", help="only keys containing this text")
+    p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except PosttrainError as err:
+        if debug:
+            raise
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("posttrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug or a library failure: still one line unless --debug
+        if debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"posttrain: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Supervised fine-tuning loss: token cross-entropy weighted per token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sft_loss(
+    logits: torch.Tensor,  # (N, V) logits at the N positions that carry loss
+    target_ids: torch.Tensor,  # (N,) the next token at each of those positions
+    weights: torch.Tensor,  # (N,) per-token loss weight (1.0 normally; a message's loss_weight otherwise)
+    normalizer: float,  # supervised tokens in the whole effective batch (all micro-batches, all processes)
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """sum_i w_i * -log p(y_i) / normalizer.
+
+    Dividing by the supervised-token count of the *effective* batch (not of each micro-batch)
+    makes gradient accumulation exact: 8 micro-batches of 1 give the gradient of 1 batch of 8.
+    """
+    nll = F.cross_entropy(logits.float(), target_ids, reduction="none")  # (N,)
+    weighted = (nll * weights).sum()
+    metrics = {"nll_sum": float(nll.detach().sum()), "tokens": float(target_ids.numel())}
+    return weighted / normalizer, metrics

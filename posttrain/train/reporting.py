@@ -1,0 +1,110 @@
+"""What a run tells the user: progress bar, metrics JSONL, TensorBoard, loss PNG, summary JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (Linux reports KiB), and CUDA peak allocated if used."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class RunReport:
+    """Rank-0 reporting; other ranks get a silent instance (enabled=False)."""
+
+    def __init__(self, out_dir: Path, total_steps: int, *, enabled: bool, tensorboard: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.log_dir = Path(out_dir) / "logs"
+        self.out_dir = Path(out_dir)
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.loss_tokens = 0
+        self.history: list[dict] = []
+        self.bar = self.tb = self.jsonl = None
+        if not enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.log_dir))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, metrics: dict, *, tokens: int, loss_tokens: int, log: bool) -> None:
+        self.tokens += tokens
+        self.loss_tokens += loss_tokens
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        metrics = {**metrics, "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if log:
+            self.write(step, "train", metrics)
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(f"{split}/{key}", float(value), step)
+
+    def eval(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            self.bar.write(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.write(step, "eval", metrics)
+
+    def finish(self, summary: dict) -> dict:
+        """Close writers, draw the loss curve, write train_summary.json; returns the summary."""
+        elapsed = time.perf_counter() - self.start
+        summary = {
+            **summary, "wall_time_s": round(elapsed, 2), "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens, "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 2),
+            "loss_tokens_per_s": round(self.loss_tokens / max(elapsed, 1e-9), 2), **peak_memory_mb(),
+        }
+        if not self.enabled:
+            return summary
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        self._plot()
+        (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r["loss"]) for r in self.history if r["split"] == split and "loss" in r]
+            if points:
+                ax.plot(*zip(*points), style, label=split)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "loss.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,58 @@
+"""Supervised fine-tuning, read top to bottom: config -> data -> model -> loop with the SFT loss."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RunConfig, save_config
+from posttrain.data.collate import collate
+from posttrain.data.pipeline import build_sft_data
+from posttrain.models.load import load_base
+from posttrain.models.methods import apply_method, count_parameters
+from posttrain.models.run import save_model
+from posttrain.train.lm_forward import sft_forward
+from posttrain.train.loop import Batches, Dist, Loop
+
+log = logging.getLogger("posttrain")
+
+
+def to_batches(dataset, pad_id: int) -> Batches:
+    """Pull the tokenized columns into memory once; collation then indexes plain lists."""
+    input_ids, weights = dataset["input_ids"], dataset["weights"]
+    return Batches(
+        lengths=[len(x) for x in input_ids],
+        loss_tokens=[sum(1 for w in ws[1:] if w != 0) for ws in weights],
+        collate=functools.partial(collate, input_ids=input_ids, weights=weights, pad_id=pad_id),
+    )
+
+
+def run(cfg: RunConfig) -> dict:
+    dist_ctx = Dist.from_environment(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.main:
+        save_config(cfg, out_dir / "config.yaml")
+
+    model, tokenizer = load_base(cfg.model, dist_ctx.device)
+    data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
+    if data.drops:
+        log.warning("dropped samples by reason: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
+    model = apply_method(model, cfg)
+    trainable, total = count_parameters(model)
+    log.info("samples: %d train, %d eval; trainable parameters %d of %d (%.2f%%)", len(data.train),
+             len(data.eval) if data.eval is not None else 0, trainable, total, 100 * trainable / total)
+
+    pad_id = tokenizer.pad_token_id
+    loop = Loop(cfg, model, to_batches(data.train, pad_id),
+                functools.partial(sft_forward, chunk=cfg.train.loss_chunk),
+                eval_data=to_batches(data.eval, pad_id) if data.eval is not None and len(data.eval) else None,
+                dist_ctx=dist_ctx)
+    extra = {"stage": "sft", "method": cfg.method.type, "train_samples": len(data.train),
+             "eval_samples": len(data.eval) if data.eval is not None else 0, "rows_read": data.n_rows,
+             "dropped": data.drops, "trainable_params": trainable, "total_params": total}
+    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)

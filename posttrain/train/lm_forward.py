@@ -25,8 +25,7 @@ def supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def hidden_states(model, batch: dict) -> torch.Tensor:
     """Final hidden states (B, T, H); attention follows position ids (block-diagonal when packed)."""
     backbone, _ = lm_head_and_backbone(model)
-    out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
 
 
 def sft_forward(model, batch: dict, normalizer: float, chunk: int = 1024) -> tuple[torch.Tensor, dict]:

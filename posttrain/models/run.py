@@ -1,0 +1,119 @@
+"""Saving a trained model into a run folder, and loading any model reference for inference.
+
+A run folder holds `config.yaml` (the resolved RunConfig), the tokenizer files, and either a
+PEFT adapter (method lora) or a full HF model folder (full / freeze). Inference commands take a
+run folder, a checkpoint inside one, a plain HF model folder, a built-in name or a hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from torch import nn
+
+from posttrain.config import ModelConfig, RunConfig, load_config
+from posttrain.errors import ModelSourceError
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "config.yaml"
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a PEFT adapter (LoRA) or a full safetensors model folder, plus the tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Both write safetensors: PEFT by default, transformers 5 always (no pickle option left).
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def find_run_config(folder: Path) -> Path | None:
+    """The run's config.yaml for a run folder or a checkpoint inside it (run/checkpoints/step-N)."""
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / RUN_CONFIG).is_file():
+            return candidate / RUN_CONFIG
+    return None
+
+
+def load_model_for_inference(ref: str | Path, device: str | None = None) -> tuple[nn.Module, object, RunConfig | None]:
+    """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference."""
+    from posttrain.models.load import load_base
+
+    folder = Path(ref).expanduser()
+    is_adapter = (folder / ADAPTER_CONFIG).is_file()
+    cfg_path = find_run_config(folder) if folder.is_dir() else None
+    # A parent's config.yaml only counts when this folder holds weights of its own (a checkpoint).
+    if cfg_path is not None and cfg_path.parent != folder and not (is_adapter or _has_full_model(folder)):
+        cfg_path = None
+    cfg = load_config(cfg_path) if cfg_path is not None else None
+
+    if is_adapter:
+        model = _load_adapter(folder, cfg, device)
+        tokenizer = _load_tokenizer(folder, cfg)
+    elif cfg is not None:
+        if not _has_full_model(folder):
+            raise ModelSourceError(f"{folder}: a run folder without a model (no {ADAPTER_CONFIG} or config.json)")
+        # Keep the run's dtype / attention settings, but read the weights saved in the run.
+        model, tokenizer = load_base(dataclasses.replace(cfg.model, name_or_path=str(folder)), device=device)
+    else:
+        model, tokenizer = load_base(ModelConfig(name_or_path=str(ref)), device=device)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def _has_full_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None) -> nn.Module:
+    """Base model (from the run config, else the adapter's own record) + the saved adapter."""
+    from peft import PeftModel
+
+    from posttrain.models.load import load_base
+
+    if cfg is not None:
+        base_cfg = cfg.model
+    else:
+        adapter = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_name = adapter.get("base_model_name_or_path")
+        if not base_name:
+            raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
+        base_cfg = ModelConfig(name_or_path=base_name)
+    base, _ = load_base(base_cfg, device=device)
+    model = PeftModel.from_pretrained(base, str(folder))
+    return model.to(next(base.parameters()).device)
+
+
+def _load_tokenizer(folder: Path, cfg: RunConfig | None):
+    """The tokenizer saved beside the weights (it carries the trained chat template)."""
+    from posttrain.models.load import load_tokenizer
+
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(candidate))
+    if cfg is None:
+        raise ModelSourceError(f"{folder}: no tokenizer files here or in the run folder")
+    from posttrain.models.sources import resolve_model
+
+    return load_tokenizer(resolve_model(cfg.model.name_or_path))
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's eos, the tokenizer's eos,
+    and common end-of-turn markers present in the vocabulary (ChatML, Llama 3, Gemma)."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>") if t in vocab)
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -1,0 +1,1 @@
+"""Serving trained models: generation and the interactive chat REPL."""

@@ -1,0 +1,171 @@
+"""Load a base model and its tokenizer: device and dtype choice, and a hub check that fails fast.
+
+Without a network, transformers retries DNS for ~47 s before failing on a hub id; here an
+uncached hub id on an offline machine is a one-line `ModelSourceError` within ~3 s, and a
+cached one loads with `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from posttrain.errors import ConfigError, ModelSourceError
+from posttrain.models.sources import BUILTINS, resolve_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TRUE = {"1", "on", "yes", "true"}
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """auto = cuda when available, else cpu; an explicit cuda on a machine without one is an error."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {pref!r} requested, but torch sees no CUDA GPU here; use cpu or auto")
+    return device
+
+
+def pick_dtype(pref: str, device: torch.device | str) -> torch.dtype:
+    """auto = float32 on CPU (bf16 matmuls are ~15x slower there), bfloat16 on CUDA if supported."""
+    device = torch.device(device)
+    if pref == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if pref not in _DTYPES:
+        raise ConfigError(f"model.dtype {pref!r} is not one of auto, {', '.join(_DTYPES)}")
+    if device.type == "cpu" and pref != "float32":
+        log.warning("model.dtype=%s on CPU: expect it to be far slower than float32", pref)
+    return _DTYPES[pref]
+
+
+def load_tokenizer(path_or_id: str, revision: str = "main", trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token (eos when the model has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    local_only = _hub_local_only(path_or_id, revision, "tokenizer_config.json")
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    if not Path(path_or_id).is_dir():
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"could not load a tokenizer from {path_or_id}: {err}") from None
+    tokenizer = _keep_custom_pretokenizer(tokenizer, path_or_id)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelSourceError(f"tokenizer of {path_or_id} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # training collates right-padded; generation code sets left itself
+    return tokenizer
+
+
+def _keep_custom_pretokenizer(tokenizer, path_or_id: str):
+    """Fall back to the folder's own tokenizer.json when AutoTokenizer's class re-tokenizes differently.
+
+    transformers 5 picks the class from the model type (qwen2 -> Qwen2Tokenizer), which can replace a
+    custom pre-tokenizer so ids silently differ from tokenizer.json (KNOWN.md).
+    """
+    tok_file = Path(path_or_id) / "tokenizer.json"
+    if not tok_file.is_file():
+        return tokenizer
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    probe = "Hello world, 你好！ It's 2024:\n  code_x = f(y)  # ok"
+    reference = Tokenizer.from_file(str(tok_file)).encode(probe, add_special_tokens=False).ids
+    if tokenizer.encode(probe, add_special_tokens=False) == reference:
+        return tokenizer
+    log.warning("%s: %s changes token ids; using tokenizer.json as is", path_or_id, type(tokenizer).__name__)
+    return PreTrainedTokenizerFast.from_pretrained(path_or_id)
+
+
+def load_base(model_cfg, device: torch.device | str | None = None):
+    """(model, tokenizer) for a ModelConfig: resolved source, chosen dtype, on `device` (default: auto)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model_cfg.name_or_path)
+    device = pick_device() if device is None else torch.device(device)
+    dtype = pick_dtype(model_cfg.dtype, device)
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": model_cfg.attn_implementation,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "local_files_only": _hub_local_only(path, model_cfg.revision, "config.json"),
+    }
+    if not Path(path).is_dir():
+        kwargs["revision"] = model_cfg.revision
+    log.info("loading %s (%s, %s)", path, dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelSourceError(f"could not load a model from {path}: {err}") from None
+    tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
+    return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------- hub access
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_local_only(path_or_id: str, revision: str, probe_file: str) -> bool:
+    """For a hub id: True = load from the local HF cache only; raise when neither cache nor hub works."""
+    if Path(path_or_id).is_dir():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    offline = hub_offline()
+    if not offline and _hub_reachable():
+        return False
+    cached = try_to_load_from_cache(path_or_id, probe_file, revision=revision)
+    if isinstance(cached, str):
+        return True
+    why = "HF_HUB_OFFLINE is set" if offline else f"{_hub_host()[0]} cannot be reached"
+    raise ModelSourceError(
+        f"cannot load hub model {path_or_id!r}: this machine is offline ({why}) and it is not in the "
+        f"local Hugging Face cache. Use a local model folder (model.name_or_path=/path/to/folder with "
+        f"config.json and weights) or a built-in: {', '.join(BUILTINS)}."
+    )
+
+
+def _hub_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub; in a thread because DNS lookups ignore socket timeouts."""
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(_hub_host(), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)

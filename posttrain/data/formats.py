@@ -1,0 +1,286 @@
+"""Row dict -> Conversation, one pure function per file format (alpaca, sharegpt, openai, text).
+
+Every error is a DataError naming the row's source ("data.jsonl line 7") and the field, so a
+user can open the file at the right place. Column renames and {{variables}} happen here too,
+so the rest of the pipeline only ever sees `Conversation`s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+
+from posttrain.data.records import ROLES, Conversation, Message
+from posttrain.errors import DataError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "text")
+
+# sharegpt "from" values (and openai roles) -> our roles. "function_call" is not a role: it
+# marks an assistant turn whose value is a JSON tool call ({name, arguments}).
+DEFAULT_ROLE_TAGS = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+    "system": "system",
+    "function_call": "function_call",
+    "observation": "tool", "tool": "tool",
+}
+ROLE_TARGETS = ROLES + ("function_call",)
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def detect_format(columns: Iterable[str], source: str = "") -> str:
+    """The format implied by a file's column names (after renames); DataError when none fits."""
+    names = set(columns)
+    if "messages" in names:
+        return "openai"
+    if "conversations" in names:
+        return "sharegpt"
+    if "instruction" in names and "output" in names:
+        return "alpaca"
+    if "text" in names:
+        return "text"
+    where = f"{source}: " if source else ""
+    raise DataError(
+        f"{where}cannot detect the data format from columns {sorted(names)}; expected 'messages' (openai), "
+        "'conversations' (sharegpt), 'instruction'+'output' (alpaca) or 'text'. Set `format` and "
+        "`columns` (e.g. columns: {output: answer}) in the dataset config")
+
+
+def rename_columns(row: Mapping, columns: Mapping[str, str]) -> dict:
+    """Apply a dataset's `columns: {our_name: file_column}` map to one row."""
+    out = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in out and theirs != ours:
+            out[ours] = out.pop(theirs)
+    return out
+
+
+def fill_variables(text: str, variables: Mapping[str, str]) -> str:
+    """Replace {{key}} (spaces allowed inside the braces) by its value; unknown keys stay as they are."""
+    if not variables or "{{" not in text:
+        return text
+    return _PLACEHOLDER.sub(lambda m: str(variables.get(m.group(1), m.group(0))), text)
+
+
+def row_to_conversation(
+    row: Mapping,
+    fmt: str,
+    *,
+    source: str,
+    columns: Mapping[str, str] | None = None,
+    role_tags: Mapping[str, str] | None = None,
+    variables: Mapping[str, str] | None = None,
+) -> Conversation:
+    """One file row -> Conversation: rename columns, parse `fmt` ('auto' detects), fill {{variables}}."""
+    columns = columns or {}
+    row = rename_columns(row, columns)
+    if fmt == "auto":
+        fmt = detect_format(row.keys(), source)
+    ctx = _Ctx(source, columns)
+    if fmt == "alpaca":
+        conv = parse_alpaca(row, ctx)
+    elif fmt == "sharegpt":
+        conv = parse_sharegpt(row, ctx, _role_map(role_tags))
+    elif fmt == "openai":
+        conv = parse_openai(row, ctx, _role_map(role_tags))
+    elif fmt == "text":
+        conv = Conversation(text=ctx.text(row.get("text"), "text"))
+    else:
+        raise DataError(f"{source}: unknown data format {fmt!r}; use one of {', '.join(FORMATS)} or auto")
+    conv.source = source
+    if variables:
+        conv.text = fill_variables(conv.text, variables) if conv.text is not None else None
+        for msg in conv.messages:
+            msg.content = fill_variables(msg.content, variables)
+    return conv
+
+
+class _Ctx:
+    """Where a row came from, so every check can name file, line and field (with its file column)."""
+
+    def __init__(self, source: str, columns: Mapping[str, str]):
+        self.source = source
+        self.columns = columns
+
+    def fail(self, field: str, problem: str) -> DataError:
+        top = re.split(r"[\[.]", field, maxsplit=1)[0]
+        renamed = f" (column '{self.columns[top]}')" if self.columns.get(top, top) != top else ""
+        return DataError(f"{self.source}: field '{field}'{renamed} {problem}")
+
+    def text(self, value, field: str, *, allow_empty: bool = False) -> str:
+        """A string field; a list of OpenAI text parts is joined, anything else is an error."""
+        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            value = "".join(str(p.get("text") or "") for p in value)
+        if value is None or (value == "" and not allow_empty):
+            raise self.fail(field, "is missing/empty")
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a string, got {type(value).__name__}: {_short(value)}")
+        return value
+
+    def optional_text(self, value, field: str) -> str | None:
+        return None if value is None or value == "" else self.text(value, field)
+
+    def items(self, value, field: str) -> list:
+        if value is None or (isinstance(value, list) and not value):
+            raise self.fail(field, "is missing/empty")
+        if not isinstance(value, list):
+            raise self.fail(field, f"must be a list, got {type(value).__name__}: {_short(value)}")
+        return value
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _role_map(role_tags: Mapping[str, str] | None) -> dict[str, str]:
+    tags = dict(DEFAULT_ROLE_TAGS)
+    for tag, role in (role_tags or {}).items():
+        if role not in ROLE_TARGETS:
+            raise DataError(f"role_tags: {tag!r} -> {role!r}: the target must be one of {', '.join(ROLE_TARGETS)}")
+        tags[tag] = role
+    return tags
+
+
+def _role(tag, tags: Mapping[str, str], ctx: _Ctx, field: str) -> str:
+    if tag not in tags:
+        raise ctx.fail(
+            field, f"has unknown role {tag!r}; accepted: {', '.join(sorted(tags))}. Map it with `role_tags` "
+            f"in the dataset config, e.g. role_tags: {{{tag}: assistant}}")
+    return tags[tag]
+
+
+def _drop_nulls(value):
+    """Drop None entries from dicts: Arrow gives every struct the union of all rows' keys."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _tools(value, ctx: _Ctx) -> list[dict] | None:
+    """`tools` as a JSON string or a list of function schemas; empty means none."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ctx.fail("tools", f"is not valid JSON: {err.msg}") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ctx.fail("tools", f"must be a list of function schemas, got {_short(value)}")
+    return _drop_nulls(value) or None
+
+
+def _tool_call(call, ctx: _Ctx, field: str) -> dict:
+    """Normalise one call to {"type": "function", "function": {"name", "arguments": dict}}.
+
+    Arguments become a dict when given as a JSON string: HF chat templates render them with
+    `tojson`, which would quote a string a second time.
+    """
+    if not isinstance(call, dict):
+        raise ctx.fail(field, f"must be an object with name and arguments, got {_short(call)}")
+    fn = call.get("function", call)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ctx.fail(field, "needs a string 'name'")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ctx.fail(field + ".arguments", f"is not valid JSON: {err.msg}") from None
+    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _system_first(conv: Conversation, system: str | None) -> Conversation:
+    """Prepend a `system` column unless the turns already start with a system message."""
+    if system and not (conv.messages and conv.messages[0].role == "system"):
+        conv.messages.insert(0, Message("system", system))
+    return conv
+
+
+def parse_alpaca(row: Mapping, ctx: _Ctx) -> Conversation:
+    """instruction (+ "\\n" + input) -> output, after optional history pairs and system."""
+    prompt = ctx.text(row.get("instruction"), "instruction")
+    extra = ctx.optional_text(row.get("input"), "input")
+    if extra:
+        prompt = f"{prompt}\n{extra}"
+    output = ctx.text(row.get("output"), "output")
+    messages = []
+    for i, pair in enumerate(row.get("history") or []):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ctx.fail(f"history[{i}]", f"must be a [user, assistant] pair, got {_short(pair)}")
+        messages.append(Message("user", ctx.text(pair[0], f"history[{i}][0]")))
+        messages.append(Message("assistant", ctx.text(pair[1], f"history[{i}][1]")))
+    messages += [Message("user", prompt), Message("assistant", output)]
+    conv = Conversation(messages=messages)
+    return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
+
+
+def parse_sharegpt(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversation:
+    """conversations: [{from, value}], with optional system and tools columns."""
+    messages = []
+    for i, turn in enumerate(ctx.items(row.get("conversations"), "conversations")):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise ctx.fail(field, f"must be an object with 'from' and 'value', got {_short(turn)}")
+        tag = turn.get("from", turn.get("role"))  # some exports use role/content inside sharegpt
+        value = turn.get("value", turn.get("content"))
+        role = _role(tag, tags, ctx, field + ".from")
+        if role == "function_call":
+            messages.append(_function_call(value, ctx, field + ".value"))
+        else:
+            messages.append(Message(role, ctx.text(value, field + ".value")))
+    conv = Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
+    return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
+
+
+def _function_call(value, ctx: _Ctx, field: str) -> Message:
+    """A sharegpt function_call turn: JSON {name, arguments} (or a list of them for parallel calls)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(ctx.text(value, field))
+        except json.JSONDecodeError as err:
+            raise ctx.fail(field, f"is not valid JSON {{name, arguments}}: {err.msg}") from None
+    calls = value if isinstance(value, list) else [value]
+    tool_calls = [_tool_call(c, ctx, f"{field}[{i}]" if len(calls) > 1 else field) for i, c in enumerate(calls)]
+    return Message("assistant", "", tool_calls=tool_calls)
+
+
+def parse_openai(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversation:
+    """messages: [{role, content, loss_weight?, tool_calls?}], with optional tools."""
+    messages = []
+    for i, raw in enumerate(ctx.items(row.get("messages"), "messages")):
+        field = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise ctx.fail(field, f"must be an object with 'role' and 'content', got {_short(raw)}")
+        role = _role(raw.get("role"), tags, ctx, field + ".role")
+        calls = raw.get("tool_calls") or None
+        if calls is not None:
+            if role not in ("assistant", "function_call") or not isinstance(calls, list):
+                raise ctx.fail(field + ".tool_calls", "must be a list, on an assistant message")
+            calls = [_tool_call(c, ctx, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            role = "assistant"
+        elif role == "function_call":
+            messages.append(_function_call(raw.get("content"), ctx, field + ".content"))
+            continue
+        content = raw.get("content")
+        if calls and content is None:  # OpenAI sends content: null beside tool_calls
+            content = ""
+        content = ctx.text(content, field + ".content", allow_empty=calls is not None)
+        weight = _weight(raw.get("loss_weight"), ctx, field)
+        messages.append(Message(role, content, loss_weight=weight, tool_calls=calls))
+    return Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
+
+
+def _weight(value, ctx: _Ctx, field: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ctx.fail(field + ".loss_weight", f"must be a number >= 0, got {_short(value)}")
+    return float(value)

@@ -1,0 +1,101 @@
+"""Read a data file into a `datasets.Dataset`, and name a row's place in that file for errors.
+
+Reading goes through `datasets.load_dataset`, so big files are memory-mapped Arrow and later
+runs reuse the cache. When the JSON reader fails we re-scan the file ourselves: datasets'
+message names neither the file nor the line, and a user needs both to fix the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from posttrain.errors import DataError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_rows(path: str | Path):
+    """A .json (array or JSON lines), .jsonl, .csv or .parquet file -> datasets.Dataset."""
+    import datasets
+
+    path = Path(path)
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)}")
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
+    except Exception as err:  # datasets raises many types here; we re-diagnose below
+        if builder == "json":
+            _find_bad_json(path)  # raises DataError naming the line, when there is one
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as {builder}: {first}") from err
+
+
+def _find_bad_json(path: Path) -> None:
+    """Raise a DataError at the first malformed line (JSON lines) or position (JSON array)."""
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
+        return
+    blank = False
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                blank = True
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+    if blank:
+        # datasets' mixed-type JSON handling fails on blank lines; every line parsed, so say so
+        raise DataError(f"{path}: every line is valid JSON, but datasets' JSON reader fails on files with "
+                        "blank lines and mixed-type fields; remove the blank lines")
+
+
+def source_of(path: str | Path, row_index: int) -> str:
+    """Where row `row_index` (0-based, in read order) lives: "data.jsonl line 8" or "data.csv row 8"."""
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        mtime = 0.0
+    json_lines, blanks = _layout(str(path), mtime)
+    if not json_lines:
+        return f"{path} row {row_index + 1}"
+    # The JSON reader skips blank lines: find the line L holding row r, i.e. L = r + 1 + blanks before L.
+    line = row_index + 1
+    while (shifted := row_index + 1 + bisect.bisect_right(blanks, line)) != line:
+        line = shifted
+    return f"{path} line {line}"
+
+
+@lru_cache(maxsize=32)
+def _layout(path: str, mtime: float) -> tuple[bool, tuple[int, ...]]:
+    """(is JSON lines, 1-based numbers of its blank lines), cached per file version (mtime)."""
+    del mtime  # part of the cache key only
+    suffix = Path(path).suffix.lower()
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            if suffix != ".jsonl" and (suffix != ".json" or f.read(4096).lstrip().startswith("[")):
+                return False, ()
+            f.seek(0)
+            return True, tuple(n for n, line in enumerate(f, start=1) if not line.strip())
+    except OSError:
+        return suffix == ".jsonl", ()

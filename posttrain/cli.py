@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from posttrain.errors import PosttrainError
 
@@ -21,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not user news
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -56,7 +58,9 @@ def cmd_chat(args) -> int:
     from posttrain.models.run import load_model_for_inference
     from posttrain.serve.chat import generate_reply, run_repl
 
-    model, tokenizer, _ = load_model_for_inference(args.model)
+    model, tokenizer, cfg = load_model_for_inference(args.model)
+    if args.system is None and cfg is not None:
+        args.system = cfg.template.system  # chat renders exactly as the run trained
     if args.prompt is not None:
         reply = generate_reply(model, tokenizer, [Message("user", args.prompt)], **_sampling(args))
         print(reply)

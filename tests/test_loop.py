@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -140,8 +139,9 @@ out = Path(sys.argv[1])
 cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "train.max_steps=3")
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
-summary = Loop(cfg, model, batches(ids, weights), sft_forward, dist_ctx=Dist.from_environment("cpu")).run(lambda d: None)
-if Dist.from_environment("cpu").main:
+dist_ctx = Dist.from_environment("cpu")
+Loop(cfg, model, batches(ids, weights), sft_forward, dist_ctx=dist_ctx).run(lambda d: None)
+if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
 '''
 

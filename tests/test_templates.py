@@ -105,7 +105,8 @@ def test_mask_all(tiny_tokenizer):
     [enc] = encode_conversation(Conversation(MULTI), tiny_tokenizer)
     assert enc.input_ids == reference_ids(tiny_tokenizer, MULTI)
     assert len(enc.weights) == len(enc.input_ids)
-    assert labelled_runs(tiny_tokenizer, enc) == ["Hello! How can I help?<|im_end|>", "2 + 2 = 4.\nAnything else?<|im_end|>"]
+    assert labelled_runs(tiny_tokenizer, enc) == [
+        "Hello! How can I help?<|im_end|>", "2 + 2 = 4.\nAnything else?<|im_end|>"]
 
 
 def test_mask_last(tiny_tokenizer):

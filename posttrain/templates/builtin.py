@@ -80,10 +80,10 @@ LLAMA3 = (
 
 # Alpaca and plain have no tool syntax; failing loudly beats silently dropping the tool turns.
 _NO_TOOLS = r"""
-{%- if tools %}{{- raise_exception('this template has no tool syntax; use template.name=chatml or llama3') }}{%- endif %}
+{%- if tools %}{{- raise_exception('no tool syntax here; use template.name=chatml or llama3') }}{%- endif %}
 {%- for message in messages %}
     {%- if message.role == 'tool' or message.tool_calls %}
-        {{- raise_exception('this template has no tool syntax; use template.name=chatml or llama3') }}
+        {{- raise_exception('no tool syntax here; use template.name=chatml or llama3') }}
     {%- endif %}
 {%- endfor %}
 """

@@ -25,7 +25,7 @@ class Encoded:
 
 
 class DropSample(Exception):
-    """Raised when a sample cannot be trained on; .reason is a short snake_case key, e.g. 'no_assistant_turn', 'too_long'."""
+    """A sample that cannot be trained on; .reason is a snake_case key ('no_assistant_turn', 'too_long')."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, device: str = "auto") -> "Dist":
+    def from_environment(cls, device: str = "auto") -> Dist:
         """Join the process group when launched by torchrun / accelerate launch (gloo on CPU)."""
         from accelerate import PartialState
 

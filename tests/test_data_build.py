@@ -210,3 +210,14 @@ def test_cli_data_commands(tmp_path, capsys):
     assert "unknown target format" in capsys.readouterr().err
     assert main(["data", "dedup", str(FIX / "alpaca.jsonl"), "--out", str(tmp_path / "d.jsonl"), "--near", "0.7"]) == 0
     assert json.loads(capsys.readouterr().out)["kept"] == 8
+
+
+def test_mix_json_array_source_with_variables(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text(f"seed: 1\nto: sharegpt\nsources:\n  - path: {FIX / 'ident.json'}\n    weight: 1.5\n"
+                    "    variables: {name: Aria, author: us}\n")
+    report = mix.mix(spec, tmp_path / "o.jsonl")
+    out = rows(tmp_path / "o.jsonl")
+    assert report["per_source"] == {"ident": 3} and {r["source"] for r in out} == {"ident"}
+    answers = {r["conversations"][1]["value"] for r in out}
+    assert answers == {"I am Aria, made by us.", "My name is Aria."}

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")
     p.set_defaults(func=cmd_keys)
+
+    from posttrain.data.build.cli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

@@ -137,3 +137,23 @@ def test_llm_judge_against_fake_server_with_order_swap():
 def test_mc_item_letters():
     item = MCItem("q", ["a", "b", "c"], "C", "s", "src")
     assert item.answer == "C"
+
+
+def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
+    from posttrain.eval import compare
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "tell me more"}\n', encoding="utf-8")
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "j", api_key="k")
+        result = compare.run([str(tiny_dir), str(tiny_dir)], str(prompts), str(tmp_path / "cmp"), judge,
+                             max_new_tokens=4, rounds=5, device="cpu")
+    finally:
+        server.shutdown()
+    assert result["votes"] == 2 and list(result["models"]) == ["model", "model-2"]
+    votes = compare.read_votes(tmp_path / "cmp" / "votes.jsonl")
+    assert all(v["winner"] == "tie" for v in votes)  # identical answers: "B" both ways is not a verdict
+    for name in ("report.md", "ratings.json", "ratings_bt.png", "win_matrix.png", "answers/model-2.jsonl"):
+        assert (tmp_path / "cmp" / name).is_file()

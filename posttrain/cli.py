@@ -78,6 +78,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    _quiet_libraries()
+    from posttrain.eval.command import main as eval_main
+
+    return eval_main(args.target, args.rest, _Parser)
+
+
 def cmd_keys(args) -> int:
     from posttrain.config import describe_keys
 
@@ -113,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run dir written by posttrain train")
     p.add_argument("--out", required=True, help="folder to write (config, safetensors, tokenizer)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
+    from posttrain.eval.command import add_subcommands
+
+    add_subcommands(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")

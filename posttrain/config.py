@@ -121,8 +121,34 @@ class OutputConfig:
 
 
 @dataclass
+class MultipleChoiceConfig:
+    data: str = opt("", "benchmark folder with dev/ and val/ (or test/) per-subject CSVs, or a .jsonl file")
+    split: str = opt("val", "split folder scored: val, test, ...")
+    shots_split: str = opt("dev", "split folder the k-shot examples come from")
+    shots: int = opt(5, "examples per prompt, 0-5, taken in order from shots_split of the same subject")
+    subjects: list[str] = opt([], "subjects to score (empty = all)")
+    max_per_subject: int | None = opt(None, "score only the first N questions of each subject (None = all)")
+    language: Literal["auto", "zh", "en"] = opt("auto", "prompt wording; auto = zh when questions hold CJK text")
+    prompt: Literal["plain", "chat"] = opt(
+        "plain", "plain text (works for base and chat models) or wrapped as a user turn of the chat template")
+    header: str | None = opt(None, "first line; {subject} is filled in (None: the language's default)")
+    answer_cue: str | None = opt(None, "text before the letter, e.g. 'Answer:' (None: the language's default)")
+    categories: dict[str, list[str]] = opt({}, "category -> subjects (empty: C-Eval's four categories)")
+    max_length: int = opt(2048, "prompt token limit; shots are dropped from the end until it fits")
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate")
+    output_dir: str = opt("outputs/eval", "where results JSON, per-item cache and reports go")
+    batch_size: int = opt(8, "prompts per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run; auto = cuda when available")
+    mc: MultipleChoiceConfig = opt(MultipleChoiceConfig(), "multiple-choice benchmark (C-Eval, CMMLU, MMLU, JSONL)")
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["sft"] = opt("sft", "what to train; sft = supervised fine-tuning")
+    stage: Literal["sft", "eval"] = opt("sft", "what to run; sft = supervised fine-tuning, eval = benchmark")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
@@ -132,6 +158,7 @@ class RunConfig:
     optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation (stage: eval)")
 
 
 # ---------------------------------------------------------------- parsing
@@ -264,12 +291,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for ds in cfg.data.datasets + cfg.data.eval_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
+    mc = cfg.eval.mc
+    if mc.data and not Path(mc.data).is_absolute() and (base_dir / mc.data).exists():
+        mc.data = str(base_dir / mc.data)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field rules, all in one place."""
+    if cfg.stage == "eval":
+        _validate_eval(cfg.eval)
+        return
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one training file")
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
@@ -290,6 +323,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    if not ev.mc.data:
+        raise ConfigError("eval.mc.data is empty: give a benchmark folder (e.g. C-Eval) or a .jsonl file")
+    if not 0 <= ev.mc.shots <= 5:
+        raise ConfigError("eval.mc.shots must be between 0 and 5")
+    if ev.batch_size < 1:
+        raise ConfigError("eval.batch_size must be >= 1")
 
 
 def to_dict(cfg: Any) -> dict:

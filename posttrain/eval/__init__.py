@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple-choice benchmarks, generation metrics, judges, ratings, reports."""

@@ -1,0 +1,102 @@
+"""Markdown reports with PNG plots: accuracy per subject, rating intervals, win-rate matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ratings(rows: list[dict], path: Path, title: str) -> None:
+    plt = _plt()
+    rows = sorted(rows, key=lambda r: r["rating"])
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(rows)))
+    ys = range(len(rows))
+    ax.errorbar([r["rating"] for r in rows], ys, fmt="o",
+                xerr=[[r["rating"] - r["lower"] for r in rows], [r["upper"] - r["rating"] for r in rows]], capsize=4)
+    ax.set_yticks(list(ys), [r["model"] for r in rows])
+    ax.set_xlabel("rating (95% bootstrap interval)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_win_matrix(win_rows: list[dict], path: Path) -> None:
+    """Row model's win rate against the column model (ties count as neither)."""
+    plt = _plt()
+    names = sorted({r["model"] for r in win_rows} | {r["opponent"] for r in win_rows})
+    idx = {m: i for i, m in enumerate(names)}
+    grid = [[float("nan")] * len(names) for _ in names]
+    for r in win_rows:
+        grid[idx[r["model"]]][idx[r["opponent"]]] = r["win_rate"]
+        grid[idx[r["opponent"]]][idx[r["model"]]] = r["loss_rate"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(names), 1 + 1.0 * len(names)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_title("win rate of row vs column")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_compare_report(out: Path, result: dict) -> Path:
+    plot_ratings(result["bradley_terry"], out / "ratings_bt.png", "Bradley-Terry")
+    plot_ratings(result["elo"], out / "ratings_elo.png", "Elo (K=4)")
+    plot_win_matrix(result["win_rates"], out / "win_matrix.png")
+    lines = [f"# Pairwise comparison ({result['votes']} votes, judge: {result['judge']})", "",
+             f"Prompts: `{result['prompts']}`. Models: "
+             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()),
+             "", "## Win / tie / loss", "", "| model | opponent | n | win | tie | loss | win 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["win_rates"]:
+        lines.append(f"| {r['model']} | {r['opponent']} | {r['n']} | {r['win_rate']:.2f} | {r['tie_rate']:.2f} | "
+                     f"{r['loss_rate']:.2f} | [{r['win_ci'][0]:.2f}, {r['win_ci'][1]:.2f}] |")
+    for key, title in (("bradley_terry", "Bradley-Terry"), ("elo", "Elo")):
+        lines += ["", f"## {title} ratings (95% bootstrap interval)", "", "| rank | model | rating | interval |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | [{r['lower']:.0f}, {r['upper']:.0f}] |"
+                  for r in result[key]]
+    lines += ["", "![Bradley-Terry](ratings_bt.png)", "![Elo](ratings_elo.png)", "![win matrix](win_matrix.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def write_mc_report(out: Path, summary: dict) -> Path:
+    plt = _plt()
+    subjects = summary["subjects"]
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.22 * len(subjects)))
+    names = list(subjects)
+    ax.barh(range(len(names)), [100 * subjects[s]["accuracy"] for s in names])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+    s, o = summary["settings"], summary["overall"]
+    lines = [f"# Multiple choice: `{s['model']}` on `{s['data']}` ({s['split']}, {s['shots']}-shot, {s['prompt']})",
+             "", f"Overall accuracy {100 * o['accuracy']:.1f}% over {o['n']} questions "
+             f"(mean of subjects {100 * o['macro_accuracy']:.1f}%).", "",
+             "| category | n | accuracy |", "|---|---|---|"]
+    lines += [f"| {c} | {v['n']} | {100 * v['accuracy']:.1f}% |" for c, v in summary["categories"].items()]
+    lines += ["", "| subject | n | accuracy |", "|---|---|---|"]
+    lines += [f"| {n} | {v['n']} | {100 * v['accuracy']:.1f}% |" for n, v in subjects.items()]
+    lines += ["", "![accuracy per subject](accuracy.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

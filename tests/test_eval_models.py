@@ -1,0 +1,159 @@
+"""Eval on tiny models: MC letter scoring, batched generation, perplexity, judges (RM and a fake API)."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.records import Message
+from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
+from posttrain.eval.mc_data import MCItem
+from posttrain.eval.multiple_choice import letter_logps, letter_token_ids
+from posttrain.models.run import load_model_for_inference
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
+    return model, tokenizer
+
+
+def test_mc_scoring_matches_hand_logprobs_and_picks_max(tiny):
+    model, tok = tiny
+    shared, ids = letter_token_ids(tok, "答案：", "ABCD")
+    assert shared == [] and len(set(ids)) == 4
+    prompts = [tok("Question one?\nA. x\nB. y\n答案：")["input_ids"], tok("Q?\n答案：")["input_ids"]]
+    batched = letter_logps(model, prompts, ids, pad_id=0)  # (2, 4), the second row padded
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p])).logits[0, -1]
+        expected = logits.log_softmax(-1)[ids]
+        assert torch.allclose(batched[b], expected, atol=1e-5)
+        assert int(batched[b].argmax()) == int(expected.argmax())
+
+
+def test_generate_batch_matches_single_greedy(tiny):
+    from posttrain.serve.chat import generate_reply
+    from posttrain.serve.generate import generate_batch
+
+    model, tok = tiny
+    convs = [[Message("user", "Hello there, how are you today?")], [Message("user", "Hi")]]
+    batch = generate_batch(model, tok, convs, max_new_tokens=8)
+    single = [generate_reply(model, tok, c, max_new_tokens=8) for c in convs]
+    assert batch == single
+    assert generate_batch(model, tok, []) == []
+
+
+def test_perplexity_equals_manual_masked_nll(tiny, tmp_path):
+    from posttrain.eval.perplexity import perplexity
+    from posttrain.templates.render import encode_conversation
+    from posttrain.data.records import Conversation
+
+    model, tok = tiny
+    path = tmp_path / "held.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello you"}]},
+            {"messages": [{"role": "user", "content": "a longer question"}, {"role": "assistant", "content": "ok"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    out = perplexity(model, tok, DataConfig(datasets=[DatasetConfig(path=str(path))]), TemplateConfig(),
+                     batch_size=2)
+    nll = n = 0.0
+    for r in rows:
+        conv = Conversation([Message(m["role"], m["content"]) for m in r["messages"]])
+        enc = encode_conversation(conv, tok)[0]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
+        for t in range(1, len(enc.input_ids)):
+            if enc.weights[t]:
+                nll -= float(logp[t - 1, enc.input_ids[t]])
+                n += 1
+    assert out["tokens"] == n
+    assert out["loss"] == pytest.approx(nll / n, abs=1e-4)
+    assert out["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_reward_model_judge(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"))
+    prompt = [Message("user", "hi")]
+    ra, rb = judge.reward(prompt, "hello"), judge.reward(prompt, "go away now")
+    assert ra != rb
+    vote = judge.compare(prompt, "hello", "go away now")
+    assert vote["winner"] == ("model_a" if ra > rb else "model_b")
+    judge.epsilon = abs(ra - rb) + 1.0
+    assert judge.compare(prompt, "hello", "go away now")["winner"] == "tie"
+
+
+class _FakeJudgeAPI(BaseHTTPRequestHandler):
+    """Prefers the answer containing 'good'; with bias=True always says the first answer (position bias)."""
+
+    bias = False
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        type(self).seen.append((body["model"], self.headers["Authorization"]))
+        first = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
+        verdict = "A" if self.bias or "good" in first else "B"
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"Reasoning... [[{verdict}]]"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_judge_against_fake_server_with_order_swap():
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "judge-x", api_key="k")
+        prompt = [Message("user", "q")]
+        assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "model_a"
+        assert judge.compare(prompt, "bad answer", "good answer")["winner"] == "model_b"
+        _FakeJudgeAPI.bias = True  # always "A": the swap exposes it and the vote is a tie
+        assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "tie"
+        assert _FakeJudgeAPI.seen[0] == ("judge-x", "Bearer k")
+    finally:
+        _FakeJudgeAPI.bias = False
+        server.shutdown()
+
+
+def test_mc_item_letters():
+    item = MCItem("q", ["a", "b", "c"], "C", "s", "src")
+    assert item.answer == "C"
+
+
+def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
+    from posttrain.eval import compare
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "tell me more"}\n', encoding="utf-8")
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "j", api_key="k")
+        result = compare.run([str(tiny_dir), str(tiny_dir)], str(prompts), str(tmp_path / "cmp"), judge,
+                             max_new_tokens=4, rounds=5, device="cpu")
+    finally:
+        server.shutdown()
+    assert result["votes"] == 2 and list(result["models"]) == ["model", "model-2"]
+    votes = compare.read_votes(tmp_path / "cmp" / "votes.jsonl")
+    assert all(v["winner"] == "tie" for v in votes)  # identical answers: "B" both ways is not a verdict
+    for name in ("report.md", "ratings.json", "ratings_bt.png", "win_matrix.png", "answers/model-2.jsonl"):
+        assert (tmp_path / "cmp" / name).is_file()

@@ -41,6 +41,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
 
 class Models:
     """The engines this app serves, by name; `loader` (optional) starts new ones on first use (the UI)."""
@@ -83,7 +86,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
-        return JSONResponse(err.body, status_code=err.status)
+        return err.response()
 
     @app.exception_handler(Exception)
     async def _internal(request, err: Exception):  # still an OpenAI-shaped body, so clients report it

@@ -85,6 +85,23 @@ def cmd_eval(args) -> int:
     return eval_main(args.target, args.rest, _Parser)
 
 
+def cmd_serve(args) -> int:
+    _quiet_libraries()
+    from posttrain.serve.api import Limits, serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
+          name=args.name, limits=Limits(max_tokens=args.max_tokens))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    _quiet_libraries()
+    from posttrain.serve.ui.app import run_ui
+
+    run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator)
+    return 0
+
+
 def cmd_keys(args) -> int:
     from posttrain.config import describe_keys
 
@@ -126,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run, model folder, built-in or hub id")
+    p.add_argument("model", help="run dir, HF folder, built-in name or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
+    p.add_argument("--name", help="model id clients send (default: the folder or model name)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--model", action="append", default=[], help="model to offer (repeatable; others load on use)")
+    p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs")
+    p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")

@@ -1,10 +1,13 @@
-"""Batched generation: many conversations in one left-padded `model.generate` call.
+"""Batched generation: many prompts through one left-padded `model.generate` call.
 
-Prompts come from `encode_prompt`, the rendering path training uses, and generation stops at
-the template's end-of-turn tokens (`stop_token_ids`). Evaluation and serving share this call.
+Prompts are rendered by `encode_prompt` (the training path), so a batched answer is the answer
+`posttrain chat` gives; generation stops at the template's end-of-turn tokens (`stop_token_ids`).
+`generate_from_ids` is the token-level core the API server uses (it needs token counts).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,44 +18,38 @@ from posttrain.models.run import stop_token_ids
 from posttrain.templates.render import encode_prompt
 
 
-def _pad_id(tokenizer, stops: list[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return stops[0] if stops else 0
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, stop token and padding removed
+    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
 
 
-def _cut_at_stop(text: str, stop: list[str] | None) -> str:
-    """Text before the earliest stop string (the model may run past it inside a batch)."""
-    for s in stop or []:
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    """Text up to the earliest stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop or [] if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @torch.no_grad()
-def generate_batch(
-    model: nn.Module, tokenizer, conversations: list[list[Message]], *, system: str | None = None,
-    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-    stop: list[str] | None = None,
-) -> list[str]:
-    """The assistant's next reply to each conversation, in order; temperature 0 is greedy.
+def generate_from_ids(
+    model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
+    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+    strip: bool = True, streamer=None,
+) -> list[Generation]:
+    """One generation per prompt (token ids); temperature 0 is greedy, `seed` makes sampling repeatable.
 
-    Rows are left-padded so every prompt ends where generation starts; `seed` makes sampling
-    repeatable; `stop` strings cut replies after decoding (stop tokens end them during decoding).
+    `streamer` (a transformers streamer, batch of one prompt only) sees tokens as they come.
     """
-    if not conversations:
+    if not prompts:
         return []
     stops = stop_token_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, stops)
-    prompts = [encode_prompt(conv, tokenizer, system=system) for conv in conversations]
-    width = max(len(p) for p in prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     device = next(model.parameters()).device
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T) 1 on real tokens
-    for b, ids in enumerate(prompts):
-        input_ids[b, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, width - len(ids):] = 1
+    width = max(len(p) for p in prompts)
+    # Left padding keeps every prompt's last token in the last column, where generation continues.
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     greedy = temperature <= 0
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy,
@@ -61,15 +58,26 @@ def generate_batch(
     )
     if seed is not None:
         torch.manual_seed(seed)
-    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            generation_config=gen_cfg)
-    replies = []
-    for row in output[:, width:]:  # (N,) new tokens; finished rows are padded with pad_id / stops
-        keep = []
-        for tok in row.tolist():
-            if tok in stops:
-                break
-            keep.append(tok)
-        text = tokenizer.decode(keep, skip_special_tokens=True)
-        replies.append(_cut_at_stop(text, stop).strip())
-    return replies
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                            streamer=streamer)
+    results = []
+    for row in output[:, width:].tolist():  # (B, N) new tokens
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        ids = row[:end] if end is not None else row
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, stop)
+        reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
+        results.append(Generation(text.strip() if strip else text, ids, reason))
+    return results
+
+
+def generate_batch(
+    model: nn.Module, tokenizer, conversations: list[list[Message]], *, system: str | None = None,
+    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+    stop: list[str] | None = None,
+) -> list[str]:
+    """The assistant's next reply to each conversation, generated as one batch."""
+    prompts = [encode_prompt(conv, tokenizer, system=system) for conv in conversations]
+    gens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, stop=stop)
+    return [g.text for g in gens]

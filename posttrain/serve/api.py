@@ -1,0 +1,283 @@
+"""OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (+ SSE), /v1/completions, /v1/score.
+
+Handlers validate, render prompts with the training templates (`encode_prompt`), and hand the work to
+an `Engine` (one worker thread per model, batched). Errors use OpenAI's body:
+{"error": {"message", "type", "param", "code"}}. `posttrain serve` and `posttrain ui` both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from posttrain.data.records import Message
+from posttrain.errors import PosttrainError
+from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
+from posttrain.serve.schemas import ChatRequest, CompletionRequest, ScoreRequest
+from posttrain.templates.render import encode_prompt
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024  # cap on generated tokens per choice
+    default_max_tokens: int = 256  # when the request gives none
+    max_n: int = 8  # choices per request
+    max_body_bytes: int = 1 << 20  # 1 MiB of JSON is far beyond any chat prompt this serves
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+class Models:
+    """The engines this app serves, by name; `loader` (optional) starts new ones on first use (the UI)."""
+
+    def __init__(self, engines: dict[str, Engine] | None = None, loader: Callable[[str], Engine] | None = None):
+        self.engines = dict(engines or {})
+        self.loader = loader
+        self.lock = asyncio.Lock()
+
+    async def get(self, name: str) -> Engine:
+        if name in self.engines:
+            return self.engines[name]
+        if self.loader is None:
+            raise ApiError(404, f"The model '{name}' does not exist; GET /v1/models lists the served ones",
+                           param="model", code="model_not_found")
+        async with self.lock:  # two tabs asking for the same new model load it once
+            if name not in self.engines:
+                try:
+                    self.engines[name] = await asyncio.to_thread(self.loader, name)
+                except PosttrainError as err:
+                    raise ApiError(404, str(err), param="model", code="model_not_found") from err
+        return self.engines[name]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def create_app(models: Models, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has stopped accepting and drained in-flight requests; now finish queued jobs.
+        await asyncio.to_thread(models.close)
+
+    app = FastAPI(title="posttrain", lifespan=lifespan)
+    app.state.models = models
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request, err: Exception):  # still an OpenAI-shaped body, so clients report it
+        return _error(500, f"{type(err).__name__}: {err}", "server_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        """Bearer key on /v1 routes, and a body-size cap checked before the body is read."""
+        if request.url.path.startswith("/v1") and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                              "authentication_error", code="invalid_api_key")
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            return _error(413, f"Request body of {size} bytes exceeds the limit of {limits.max_body_bytes}",
+                          code="request_too_large")
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "posttrain"} for name in models.engines]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _parse(request, ChatRequest, limits)
+        engine = await models.get(req.model)
+        messages = [m.to_message() for m in req.messages]
+        prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
+        sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
+        job = Job(prompt_ids, req.n, sampling)
+        return await _respond(engine, job, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await _parse(request, CompletionRequest, limits)
+        engine = await models.get(req.model)
+        if not isinstance(req.prompt, str):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "this server takes one prompt per request", param="prompt")
+            req.prompt = req.prompt[0]
+        prompt_ids = list(engine.tokenizer(req.prompt, add_special_tokens=False)["input_ids"])
+        if not prompt_ids:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        sampling = _sampling(req, req.max_tokens or 16, len(prompt_ids), engine, limits)
+        job = Job(prompt_ids, req.n, sampling, strip=False)
+        return await _respond(engine, job, req, chat=False)
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        req = await _parse(request, ScoreRequest, limits)
+        engine = await models.get(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        messages = [Message("user", req.prompt)] if req.prompt is not None else [m.to_message() for m in req.messages]
+        job = Job([], 1, Sampling(), score=(messages, req.responses))
+        scores = await _wait(engine, job)
+        return {"object": "list", "model": engine.name, "score_type": engine.score_kind,
+                "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
+
+    return app
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, type_, param, code).body, status_code=status)
+
+
+async def _parse(request: Request, schema: type[BaseModel], limits: Limits):
+    body = await request.body()
+    if len(body) > limits.max_body_bytes:  # chunked bodies carry no content-length
+        raise ApiError(413, f"Request body exceeds the limit of {limits.max_body_bytes} bytes",
+                       code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        req = schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"Invalid value for '{param}': {first['msg']}", param=param) from None
+    if getattr(req, "n", 1) > limits.max_n:
+        raise ApiError(400, f"n must be at most {limits.max_n}", param="n")
+    return req
+
+
+def _sampling(req, max_tokens: int | None, prompt_len: int, engine: Engine, limits: Limits) -> Sampling:
+    max_tokens = max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                       param="max_tokens")
+    if engine.context_length and prompt_len + max_tokens > engine.context_length:
+        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; the prompt has "
+                       f"{prompt_len} and max_tokens asks for {max_tokens}", param="messages",
+                       code="context_length_exceeded")
+    return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                    stop=tuple(req.stop or ()))
+
+
+async def _wait(engine: Engine, job: Job):
+    try:
+        future = engine.submit(job)
+    except EngineClosed as err:
+        raise ApiError(503, str(err), "server_error", code="shutting_down") from err
+    return await asyncio.wrap_future(future)
+
+
+def _usage(prompt_len: int, gens) -> dict:
+    completion = sum(len(g.token_ids) for g in gens)
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+
+
+async def _respond(engine: Engine, job: Job, req, *, chat: bool):
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": engine.name}
+    if req.stream:
+        return StreamingResponse(_stream(engine, job, req, head, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    gens = await _wait(engine, job)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
+                    "logprobs": None} for i, g in enumerate(gens)]
+    else:
+        prefix = req.prompt if req.echo else ""
+        choices = [{"index": i, "text": prefix + g.text, "finish_reason": g.finish_reason, "logprobs": None}
+                   for i, g in enumerate(gens)]
+    return {**head, "choices": choices, "usage": _usage(len(job.prompt_ids), gens)}
+
+
+async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool):
+    """SSE: one chunk per streamed piece, a final chunk with finish_reason per choice, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    job.on_text = lambda index, text: loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(index: int, text: str | None, finish: str | None = None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+    try:
+        future = engine.submit(job)
+    except EngineClosed as err:
+        yield f"data: {json.dumps(ApiError(503, str(err), 'server_error').body)}\n\n"
+        return
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+    try:
+        # Choices stream one after another; the worker finishes choice i before starting i + 1.
+        if chat:
+            for index in range(job.n):
+                yield chunk(index, None, first=True)
+        while (item := await pieces.get()) is not None:
+            yield chunk(*item)
+        if future.exception() is not None:
+            yield f"data: {json.dumps(ApiError(500, str(future.exception()), 'server_error').body)}\n\n"
+            return
+        gens = future.result()
+        for index, gen in enumerate(gens):
+            yield chunk(index, None, gen.finish_reason)
+        if req.include_usage():
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(len(job.prompt_ids), gens)})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # a client that left stops its generation at the next token
+
+
+def load_engine(ref: str, name: str | None = None, device: str | None = None) -> Engine:
+    """Load any model reference (run, folder, built-in, hub id) into a started engine."""
+    from pathlib import Path
+
+    from posttrain.models.run import load_model_for_inference
+
+    model, tokenizer, cfg = load_model_for_inference(ref, device=device)
+    system = cfg.template.system if cfg is not None else None  # render exactly as the run trained
+    return Engine(model, tokenizer, name or Path(ref).name or ref, system=system)
+
+
+def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, limits: Limits | None = None) -> None:
+    """`posttrain serve`: load the model, then answer until Ctrl-C / SIGTERM (graceful: queued jobs finish)."""
+    import uvicorn
+
+    engine = load_engine(ref, name)
+    app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

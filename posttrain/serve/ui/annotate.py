@@ -1,0 +1,130 @@
+"""Ranking annotation: prompts with K candidate responses -> labels -> ranked and pairwise data.
+
+Input rows: {"prompt": str, "responses": [str, ...]} (optional "id"), read by data.reading like any
+dataset. Every label is appended to `<task>.labels.jsonl` the moment it is given (the last label of
+an item wins), so a refresh or a crash loses nothing. Items being shown to one annotator are held
+for a few minutes so several annotators can work at once without labelling the same item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+from posttrain.data.reading import read_rows, source_of
+from posttrain.errors import DataError
+
+CLAIM_SECONDS = 300  # how long an item shown to one annotator is kept from the others
+STATUSES = ("ranked", "skipped", "flagged")
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: str
+    responses: list[str]
+
+
+def load_items(path: str | Path) -> list[Item]:
+    items = []
+    for i, row in enumerate(read_rows(path)):
+        prompt, responses = row.get("prompt"), row.get("responses")
+        if not isinstance(prompt, str) or not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(f"{source_of(path, i)}: needs 'prompt' (text) and 'responses' (a list of 2 or more)")
+        items.append(Item(str(row.get("id") or i), prompt, [str(r) for r in responses]))
+    return items
+
+
+class AnnotationTask:
+    """One prompt file under annotation; labels live beside it in the UI's work folder."""
+
+    def __init__(self, source: str | Path, workdir: str | Path):
+        self.source = Path(source)
+        self.items = load_items(self.source)
+        self.by_id = {item.id: item for item in self.items}
+        key = hashlib.sha1(str(self.source.resolve()).encode()).hexdigest()[:8]
+        self.name = f"{self.source.stem}-{key}"
+        self.dir = Path(workdir) / "annotations"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.labels_path = self.dir / f"{self.name}.labels.jsonl"
+        self.lock = threading.Lock()
+        self.claims: dict[str, tuple[str, float]] = {}  # item id -> (annotator, until)
+
+    def labels(self) -> dict[str, dict]:
+        """The latest label of each item (the file is append-only)."""
+        latest: dict[str, dict] = {}
+        if self.labels_path.is_file():
+            for line in self.labels_path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    label = json.loads(line)
+                    latest[label["item"]] = label
+        return latest
+
+    def next_item(self, annotator: str) -> tuple[Item | None, dict]:
+        """The first item nobody labelled and nobody else holds; claims it for `annotator`."""
+        with self.lock:
+            done = self.labels()
+            now = time.time()
+            for item in self.items:
+                holder, until = self.claims.get(item.id, (annotator, 0.0))
+                if item.id in done or (holder != annotator and until > now):
+                    continue
+                self.claims[item.id] = (annotator, now + CLAIM_SECONDS)
+                return item, self.progress(done)
+            return None, self.progress(done)
+
+    def progress(self, done: dict | None = None) -> dict:
+        done = self.labels() if done is None else done
+        return {"done": len(done), "total": len(self.items),
+                **{s: sum(1 for lab in done.values() if lab["status"] == s) for s in STATUSES}}
+
+    def label(self, item_id: str, annotator: str, status: str, ranking: list[int] | None = None,
+              edits: dict[str, str] | None = None) -> dict:
+        """Record one label. ranking: the rank (1 = best) of each response, in response order."""
+        item = self.by_id.get(item_id)
+        if item is None:
+            raise DataError(f"unknown item {item_id!r}")
+        if status not in STATUSES:
+            raise DataError(f"status must be one of {', '.join(STATUSES)}")
+        if not annotator.strip():
+            raise DataError("give an annotator name: every label records who made it")
+        k = len(item.responses)
+        if status == "ranked" and sorted(ranking or []) != list(range(1, k + 1)):
+            raise DataError(f"ranking must give each of the {k} responses a distinct rank 1..{k}")
+        responses = list(item.responses)
+        polished = {int(i): text for i, text in (edits or {}).items() if text != responses[int(i)]}
+        for i, text in polished.items():
+            responses[i] = text  # the polished text is what later training sees
+        label = {"item": item.id, "prompt": item.prompt, "responses": responses, "ranking": ranking,
+                 "status": status, "annotator": annotator.strip(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "edited": sorted(polished), "originals": {str(i): item.responses[i] for i in polished}}
+        with self.lock:
+            with self.labels_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(label, ensure_ascii=False) + "\n")
+                f.flush()
+            self.claims.pop(item.id, None)
+        return label
+
+    def export(self) -> dict:
+        """Ranked lists (best first) and every pairwise preference implied by them, as JSONL."""
+        ranked = [lab for lab in self.labels().values() if lab["status"] == "ranked"]
+        ranked_path = self.dir / f"{self.name}.ranked.jsonl"
+        pairs_path = self.dir / f"{self.name}.pairwise.jsonl"
+        n_pairs = 0
+        with ranked_path.open("w", encoding="utf-8") as rf, pairs_path.open("w", encoding="utf-8") as pf:
+            for lab in ranked:
+                order = sorted(range(len(lab["responses"])), key=lambda i: lab["ranking"][i])
+                best_first = [lab["responses"][i] for i in order]
+                meta = {"id": lab["item"], "annotator": lab["annotator"]}
+                rf.write(json.dumps({"prompt": lab["prompt"], "responses": best_first, **meta}, ensure_ascii=False)
+                         + "\n")
+                for better, worse in combinations(best_first, 2):
+                    pf.write(json.dumps({"prompt": lab["prompt"], "chosen": better, "rejected": worse, **meta},
+                                        ensure_ascii=False) + "\n")
+                    n_pairs += 1
+        return {"ranked": str(ranked_path), "pairwise": str(pairs_path), "items": len(ranked), "pairs": n_pairs}

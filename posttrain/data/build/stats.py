@@ -1,0 +1,141 @@
+"""`posttrain data stats`: counts, length/turn distributions, script and source mix, duplicate rate,
+and a verb-noun view of instructions, as stats.json, stats.md and PNG plots.
+
+The verb-noun view follows the Self-Instruct paper's figure (root verb + its first noun)
+with a heuristic instead of a parser: the first word of the instruction (instructions are
+mostly imperatives) and the first later word that is not a function word.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from posttrain.data.build.dedup import exact_key
+from posttrain.data.build.filter import script_of
+from posttrain.data.build.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
+from posttrain.errors import DataError
+
+FUNCTION_WORDS = set("""a an the this that these those of to in on for with from by at as and or but if is are be
+was were it its me my you your i we our us they their them some any all each every one two three following given
+new short few about into out up how what which who whom whose why when where there here please than then so
+very more most also just not no do does can could would should will may might""".split())
+
+
+def verb_noun(instruction: str) -> tuple[str, str] | None:
+    words = re.findall(r"[a-z]+", instruction.lower())
+    if len(words) < 2 or words[0] in FUNCTION_WORDS:
+        return None  # questions ("what is...") have no imperative root verb
+    noun = next((w for w in words[1:] if w not in FUNCTION_WORDS and len(w) > 2), None)
+    return (words[0], noun) if noun else None
+
+
+def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str = "source") -> dict:
+    """One streaming pass: per-row lengths go into int arrays, everything else into counters."""
+    lengths: dict[str, list[int]] = {"prompt_chars": [], "response_chars": []}
+    if tokenizer is not None:
+        lengths.update(prompt_tokens=[], response_tokens=[])
+    turns, scripts, groups, pairs, hashes = Counter(), Counter(), Counter(), Counter(), set()
+    rows = dups = 0
+    parse = FileParser(fmt)
+    for source, row in progress(iter_rows(path), "stats"):
+        conv = parse(row, source)
+        rows += 1
+        prompt, response = prompt_text(conv), response_text(conv)
+        lengths["prompt_chars"].append(len(prompt))
+        lengths["response_chars"].append(len(response))
+        if tokenizer is not None:
+            lengths["prompt_tokens"].append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+            lengths["response_tokens"].append(len(tokenizer(response, add_special_tokens=False)["input_ids"]))
+        turns[sum(m.role in ("user", "assistant") for m in conv.messages)] += 1
+        text = conversation_text(conv)
+        scripts[script_of(text)] += 1
+        groups[str(row.get(group_by, "(none)"))] += 1
+        if (vn := verb_noun(prompt)) is not None:
+            pairs[vn] += 1
+        key = exact_key(text)
+        dups += key in hashes
+        hashes.add(key)
+    if rows == 0:
+        raise DataError(f"{path}: no rows")
+    return {"file": str(path), "rows": rows, "duplicate_rate": dups / rows,
+            "lengths": {k: _summary(np.array(v)) for k, v in lengths.items()},
+            "turns": dict(sorted(turns.items())), "scripts": dict(scripts.most_common()),
+            group_by: dict(groups.most_common(50)),
+            "verb_noun": [[v, n, c] for (v, n), c in pairs.most_common(50)],
+            "_arrays": {k: np.array(v) for k, v in lengths.items()}}
+
+
+def _summary(a: np.ndarray) -> dict:
+    if not len(a):
+        return {}
+    q = np.percentile(a, [50, 90, 99])
+    return {"mean": round(float(a.mean()), 1), "p50": round(float(q[0]), 1), "p90": round(float(q[1]), 1),
+            "p99": round(float(q[2]), 1), "max": int(a.max())}
+
+
+def plot(stats: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    paths = []
+    arrays = stats["_arrays"]
+    unit = "tokens" if "prompt_tokens" in arrays else "chars"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, part in zip(axes, ("prompt", "response")):
+        ax.hist(arrays[f"{part}_{unit}"], bins=50, color="#4477aa")
+        ax.set(title=f"{part} length", xlabel=unit, ylabel="rows")
+    fig.tight_layout()
+    paths.append(out_dir / "lengths.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    axes[0].bar(list(stats["turns"]), list(stats["turns"].values()), color="#66aa55")
+    axes[0].set(title="user+assistant turns per row", xlabel="turns", ylabel="rows", xticks=list(stats["turns"]))
+    top = stats["verb_noun"][:20][::-1]
+    axes[1].barh([f"{v} {n}" for v, n, _ in top], [c for _, _, c in top], color="#cc6677")
+    axes[1].set(title="top verb-noun pairs in instructions", xlabel="rows")
+    fig.tight_layout()
+    paths.append(out_dir / "turns_verbs.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
+    lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']}",
+             f"- exact duplicate rate: {stats['duplicate_rate']:.2%}", "",
+             "| length | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
+    for name, s in stats["lengths"].items():
+        lines.append(f"| {name} | {s.get('mean')} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} | {s.get('max')} |")
+    for title, table in (("turns per row", stats["turns"]), ("script", stats["scripts"]), (group_by, stats[group_by])):
+        lines += ["", f"| {title} | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table.items()]
+    lines += ["", "| verb | noun | rows |", "|---|---|---|"] + [f"| {v} | {n} | {c} |" for v, n, c in
+                                                              stats["verb_noun"][:20]]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def stats(path: str | Path, report_dir: str | Path, fmt: str = "auto", tokenizer: str | None = None,
+          group_by: str = "source") -> dict:
+    tok = None
+    if tokenizer:
+        from posttrain.models.load import load_tokenizer
+        from posttrain.models.sources import resolve_model
+
+        tok = load_tokenizer(resolve_model(tokenizer))
+    result = collect(path, fmt, tok, group_by)
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(result, out)
+    result.pop("_arrays")
+    (out / "stats.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (out / "stats.md").write_text(markdown(result, group_by, plots))
+    return {**result, "report": str(out / "stats.md"), "plots": [str(p) for p in plots]}

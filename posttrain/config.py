@@ -106,7 +106,7 @@ class LisaConfig:
 
 @dataclass
 class PromptConfig:
-    num_virtual_tokens: int = opt(20, "virtual tokens prepended to every input (prompt) or to every layer's KV (prefix)")
+    num_virtual_tokens: int = opt(20, "virtual tokens before every input (prompt) or in every layer's KV (prefix)")
     init_text: str = opt("", "prompt tuning: initialise the virtual tokens from this text's embeddings; '' = random")
     prefix_projection: bool = opt(False, "prefix tuning: reparameterise the prefix through a 2-layer MLP")
 

@@ -112,7 +112,7 @@ class Loop:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def _step(self, plan: StepPlan, step: int) -> dict:
+    def _step(self, plan: StepPlan, step: int = 0) -> dict:
         if self.on_step_start is not None:
             self.on_step_start(step, self.optimizer)
         self.model.train()

@@ -74,6 +74,14 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = opt(0.0, "dropout on the LoRA input")
     target_modules: list[str] = opt(["all-linear"], "module names to adapt; all-linear = every linear but the head")
+    use_dora: bool = opt(False, "DoRA (Liu et al. 2024): split each adapted weight into magnitude and direction")
+    use_rslora: bool = opt(False, "rsLoRA (Kalajdzievski 2023): scale = alpha / sqrt(r), stable at high ranks")
+    init: Literal["default", "gaussian", "pissa"] = opt(
+        "default", "adapter init: default (B=0), gaussian, or pissa (A, B from the top-r SVD of each weight; "
+        "saved converted to a plain rank-2r LoRA so the original base loads it)")
+    lr_ratio: float = opt(1.0, "LoRA+ (Hayou et al. 2024): lr of the B matrices = optim.lr * this (paper: 16)")
+    modules_to_save: list[str] = opt(
+        [], "modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] after adding tokens")
 
 
 @dataclass
@@ -83,8 +91,33 @@ class FreezeConfig:
 
 
 @dataclass
+class QuantConfig:
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type of the frozen base (QLoRA uses NF4)")
+    double_quant: bool = opt(True, "also quantise the per-block scales (saves ~0.4 bit per weight)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype the 4-bit weights are de-quantised to for matmuls; auto = float32 on CPU, bf16 on CUDA")
+
+
+@dataclass
+class LisaConfig:
+    layers: int = opt(2, "gamma: decoder blocks trained at a time (embeddings, head and final norm always train)")
+    interval: int = opt(20, "K: optimizer steps between fresh random draws of the trained blocks")
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = opt(20, "virtual tokens before every input (prompt) or in every layer's KV (prefix)")
+    init_text: str = opt("", "prompt tuning: initialise the virtual tokens from this text's embeddings; '' = random")
+    prefix_projection: bool = opt(False, "prefix tuning: reparameterise the prefix through a 2-layer MLP")
+
+
+@dataclass
 class MethodConfig:
-    type: Literal["lora", "full", "freeze"] = opt("lora", "what trains: LoRA adapters, all weights, or the last layers")
+    type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix"] = opt(
+        "lora", "what trains: lora (+ DoRA/rsLoRA/PiSSA/LoRA+ via lora.*), qlora (LoRA on a 4-bit NF4 base), "
+        "full, freeze (last blocks), lisa (random blocks every K steps), prompt / prefix tuning (virtual tokens). "
+        "Verified on sft; stages that train a policy (dpo, ppo) reuse the same apply_method; reward models with "
+        "a value head: lora/qlora/full/freeze/lisa only (prompt/prefix change the sequence the head reads)")
 
 
 @dataclass
@@ -155,6 +188,9 @@ class RunConfig:
     method: MethodConfig = opt(MethodConfig(), "fine-tuning method")
     lora: LoraConfig = opt(LoraConfig(), "LoRA settings (method.type=lora)")
     freeze: FreezeConfig = opt(FreezeConfig(), "freeze settings (method.type=freeze)")
+    quant: QuantConfig = opt(QuantConfig(), "4-bit base settings (method.type=qlora; bitsandbytes)")
+    lisa: LisaConfig = opt(LisaConfig(), "LISA settings (method.type=lisa)")
+    prompt: PromptConfig = opt(PromptConfig(), "virtual-token settings (method.type=prompt or prefix)")
     optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
@@ -319,6 +355,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
     if cfg.lora.r < 1:
         raise ConfigError("lora.r must be >= 1")
+    _validate_method(cfg)
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
@@ -332,6 +369,27 @@ def _validate_eval(ev: EvalConfig) -> None:
         raise ConfigError("eval.mc.shots must be between 0 and 5")
     if ev.batch_size < 1:
         raise ConfigError("eval.batch_size must be >= 1")
+
+
+def _validate_method(cfg: RunConfig) -> None:
+    """Rules tying method.type to its section and to the data layout."""
+    kind = cfg.method.type
+    if cfg.lora.lr_ratio <= 0:
+        raise ConfigError("lora.lr_ratio must be > 0 (1 = plain LoRA, 16 = the LoRA+ paper's choice)")
+    if cfg.lora.init == "pissa" and cfg.lora.use_dora:
+        raise ConfigError("lora.init=pissa cannot be combined with lora.use_dora")
+    if kind == "qlora" and cfg.lora.init == "pissa":
+        raise ConfigError("lora.init=pissa needs the full-precision base: use method.type=lora")
+    if kind == "lisa" and (cfg.lisa.layers < 1 or cfg.lisa.interval < 1):
+        raise ConfigError("lisa.layers and lisa.interval must be >= 1")
+    if kind in ("prompt", "prefix"):
+        if cfg.prompt.num_virtual_tokens < 1:
+            raise ConfigError("prompt.num_virtual_tokens must be >= 1")
+        # PEFT drops position ids for virtual tokens, so packed rows would attend across samples.
+        if cfg.data.packing:
+            raise ConfigError(f"method.type={kind} cannot train on packed rows: set data.packing=false")
+        if kind == "prefix" and cfg.prompt.init_text:
+            raise ConfigError("prompt.init_text applies to method.type=prompt only (prefix starts random)")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -6,11 +6,15 @@ or peft installed.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
+from posttrain.models.methods import is_prompt_learning
 from posttrain.models.run import is_peft_model, load_model_for_inference, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 # Written into every export; its presence is what lets a later export overwrite the folder.
 EXPORT_MARKER = "posttrain_export.json"
@@ -21,7 +25,15 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     replace_previous = _check_out_dir(run_dir, out_dir)
     # CPU keeps the merge exact and independent of whatever accelerator trained the run.
-    model, tokenizer, cfg = load_model_for_inference(str(run_dir), device="cpu")
+    # A QLoRA base is de-quantised first (to the NF4-rounded weights it trained on), then merged.
+    model, tokenizer, cfg = load_model_for_inference(str(run_dir), device="cpu", dequantize=True)
+    dequantized = cfg is not None and cfg.method.type == "qlora"
+    if dequantized:
+        log.warning("QLoRA run: the 4-bit base is de-quantised to %s before merging", model.dtype)
+    if is_prompt_learning(model):
+        raise PosttrainError(
+            f"{run_dir}: prompt/prefix tuning adds virtual tokens that cannot be merged into the weights; "
+            "use the run folder itself (posttrain chat, or PeftModel.from_pretrained)")
     merged_from_lora = is_peft_model(model)
     if merged_from_lora:
         model = model.merge_and_unload()
@@ -43,6 +55,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
         "base_model": cfg.model.name_or_path if cfg is not None else None,
         "method": cfg.method.type if cfg is not None else None,
         "merged_lora": merged_from_lora,
+        "dequantized_4bit_base": dequantized,
     }
     (out_dir / EXPORT_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir

@@ -92,8 +92,12 @@ def _keep_custom_pretokenizer(tokenizer, path_or_id: str):
     return PreTrainedTokenizerFast.from_pretrained(path_or_id)
 
 
-def load_base(model_cfg, device: torch.device | str | None = None):
-    """(model, tokenizer) for a ModelConfig: resolved source, chosen dtype, on `device` (default: auto)."""
+def load_base(model_cfg, device: torch.device | str | None = None, quantization_config=None):
+    """(model, tokenizer) for a ModelConfig: resolved source, chosen dtype, on `device` (default: auto).
+
+    `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) loads the weights quantised, straight
+    onto `device` (a quantised model cannot be moved afterwards).
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model_cfg.name_or_path)
@@ -107,7 +111,9 @@ def load_base(model_cfg, device: torch.device | str | None = None):
     }
     if not Path(path).is_dir():
         kwargs["revision"] = model_cfg.revision
-    log.info("loading %s (%s, %s)", path, dtype, device)
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=str(device))
+    log.info("loading %s (%s, %s%s)", path, dtype, device, ", 4-bit" if quantization_config is not None else "")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -115,7 +121,7 @@ def load_base(model_cfg, device: torch.device | str | None = None):
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
-    return model.to(device), tokenizer
+    return (model if quantization_config is not None else model.to(device)), tokenizer
 
 
 # ---------------------------------------------------------------- hub access

@@ -1,6 +1,9 @@
-"""Fine-tuning methods: decide which weights train (LoRA adapters, everything, or the last blocks).
+"""Fine-tuning methods: decide which weights train.
 
-`apply_method(model, cfg)` is the one entry point the stages call after loading the base model.
+LoRA (with DoRA / rsLoRA / PiSSA / LoRA+ / modules_to_save), QLoRA (LoRA on a 4-bit base),
+full, freeze, LISA (see models/lisa.py), prompt and prefix tuning. A stage calls, in order:
+`quantization_config(cfg, device)` when loading the base, `apply_method(model, cfg)`, then
+hands `optimizer_groups(model, cfg)` and `step_hook(model, cfg)` to the Loop.
 `lm_head_and_backbone(model)` splits a causal LM (plain or PEFT-wrapped) into decoder and head,
 so the training loop can apply the head only at the positions that carry loss.
 """
@@ -19,10 +22,13 @@ from posttrain.errors import ConfigError
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
 
 
+PROMPT_METHODS = ("prompt", "prefix")
+
+
 def apply_method(model: nn.Module, cfg) -> nn.Module:
     """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model."""
     kind = cfg.method.type
-    if kind == "lora":
+    if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
         return _apply_lora(model, cfg.lora)
     if kind == "full":
         for param in model.parameters():
@@ -30,7 +36,52 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
         return model
     if kind == "freeze":
         return _apply_freeze(model, cfg.freeze)
-    raise ConfigError(f"method.type {kind!r} is not one of lora, full, freeze")
+    if kind == "lisa":
+        from posttrain.models.lisa import apply_lisa
+
+        return apply_lisa(model)
+    if kind in PROMPT_METHODS:
+        return _apply_virtual_tokens(model, cfg)
+    raise ConfigError(f"method.type {kind!r} is not one of lora, qlora, full, freeze, lisa, prompt, prefix")
+
+
+def quantization_config(cfg, device: torch.device | str):
+    """BitsAndBytesConfig for method.type=qlora (None otherwise): 4-bit base, compute dtype for the device."""
+    if cfg.method.type != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from posttrain.models.load import pick_dtype
+
+    q = cfg.quant
+    # bf16 compute is ~15x slower than fp32 on this CPU class (KNOWN.md): auto picks fp32 there.
+    compute = pick_dtype(q.compute_dtype, device)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def optimizer_groups(model: nn.Module, cfg) -> list[dict]:
+    """AdamW parameter groups: LoRA+ gives B its own lr; LISA hands over every block it may unfreeze."""
+    if cfg.method.type == "lisa":
+        from posttrain.models.lisa import lisa_parameters
+
+        return [{"params": lisa_parameters(model)}]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = cfg.lora.lr_ratio if cfg.method.type in ("lora", "qlora") else 1.0
+    if ratio == 1.0:
+        return [{"params": [p for _, p in params]}]
+    lora_b = [p for n, p in params if "lora_B" in n]
+    rest = [p for n, p in params if "lora_B" not in n]
+    return [{"params": rest}, {"params": lora_b, "lr": cfg.optim.lr * ratio}]
+
+
+def step_hook(model: nn.Module, cfg) -> Callable[[int, torch.optim.Optimizer], None] | None:
+    """Called by the Loop before every optimizer step (LISA re-draws its blocks); None for other methods."""
+    if cfg.method.type != "lisa":
+        return None
+    from posttrain.models.lisa import LisaSchedule
+
+    return LisaSchedule(model, cfg.lisa, seed=cfg.train.seed)
 
 
 def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
@@ -41,14 +92,59 @@ def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     target_modules = "all-linear" if targets == ["all-linear"] else targets
     if "all-linear" in targets and len(targets) > 1:
         raise ConfigError("lora.target_modules: 'all-linear' cannot be combined with other names")
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[lora_cfg.init]
     peft_cfg = LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout, target_modules=target_modules,
+        lora_dropout=lora_cfg.dropout, target_modules=target_modules, use_dora=lora_cfg.use_dora,
+        use_rslora=lora_cfg.use_rslora, init_lora_weights=init,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        model = get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
         raise ConfigError(f"lora.target_modules {targets}: {err}") from None
+    if lora_cfg.init == "pissa":
+        _keep_pissa_init(model)
+    return model
+
+
+def _keep_pissa_init(model: nn.Module) -> None:
+    """PiSSA rewrites the base weights (W - AB); keep the initial adapter so saving can convert the
+    trained one into a plain LoRA that applies to the untouched base (PEFT's weight conversion)."""
+    import tempfile
+
+    init_dir = tempfile.mkdtemp(prefix="posttrain-pissa-init-")
+    config = model.peft_config["default"]
+    config.init_lora_weights = True  # saved as a plain init so loading it never re-runs the SVD
+    model.save_pretrained(init_dir)
+    config.init_lora_weights = "pissa"
+    model.posttrain_pissa_init = init_dir
+
+
+def _apply_virtual_tokens(model: nn.Module, cfg) -> nn.Module:
+    """Prompt tuning (Lester et al. 2021) or prefix tuning (Li & Liang 2021) through PEFT."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    p = cfg.prompt
+    if cfg.method.type == "prefix":
+        peft_cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
+                                      prefix_projection=p.prefix_projection)
+    elif p.init_text:
+        from posttrain.models.sources import resolve_model
+
+        peft_cfg = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
+            tokenizer_name_or_path=resolve_model(cfg.model.name_or_path))
+    else:
+        peft_cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens)
+    return get_peft_model(model, peft_cfg)
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    """True for a PEFT model whose adapter adds virtual tokens (prompt / prefix tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -106,7 +202,11 @@ def lm_head_and_backbone(model: nn.Module) -> tuple[Callable[..., torch.Tensor],
 
     The backbone returns the final hidden states (B, T, H) after the last norm. Under PEFT the
     LoRA layers are injected in place, so the unwrapped decoder already carries the adapters.
+    Prompt / prefix tuning add virtual tokens inside PeftModel.forward, so there the backbone
+    runs the PEFT model itself (the one switch for those methods).
     """
+    if is_prompt_learning(model):
+        return _virtual_token_backbone(model), unwrap(model).get_output_embeddings()
     inner = unwrap(model)
     decoder = getattr(inner, "base_model", None)
     head = inner.get_output_embeddings()
@@ -121,3 +221,18 @@ def lm_head_and_backbone(model: nn.Module) -> tuple[Callable[..., torch.Tensor],
         return decoder(**inputs).last_hidden_state  # (B, T, H)
 
     return backbone, head
+
+
+def _virtual_token_backbone(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """Hidden states (B, T, H) of the real tokens, through PeftModel.forward (virtual tokens added)."""
+
+    def backbone(**inputs) -> torch.Tensor:
+        # PEFT ignores position ids here (with a warning); validate() forbids packing for these methods.
+        inputs.pop("position_ids", None)
+        inputs.setdefault("use_cache", False)
+        seq_len = inputs["input_ids"].shape[1]
+        # logits_to_keep=1: the head runs on one position only; the caller applies it where loss is taken.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1][:, -seq_len:]  # prompt tuning prepends its virtual tokens
+
+    return backbone

@@ -31,7 +31,11 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Both write safetensors: PEFT by default, transformers 5 always (no pickle option left).
-    model.save_pretrained(out_dir)
+    pissa_init = getattr(model, "posttrain_pissa_init", None)
+    if pissa_init is not None:  # PiSSA -> a plain rank-2r LoRA on the original base (PEFT's conversion)
+        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=pissa_init)
+    else:
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -44,8 +48,13 @@ def find_run_config(folder: Path) -> Path | None:
     return None
 
 
-def load_model_for_inference(ref: str | Path, device: str | None = None) -> tuple[nn.Module, object, RunConfig | None]:
-    """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference."""
+def load_model_for_inference(ref: str | Path, device: str | None = None,
+                             dequantize: bool = False) -> tuple[nn.Module, object, RunConfig | None]:
+    """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference.
+
+    A QLoRA run loads its base in 4 bits, as trained; `dequantize` turns that base back into plain
+    float weights (the NF4-rounded values the adapter was trained against) before the adapter.
+    """
     from posttrain.models.load import load_base
 
     folder = Path(ref).expanduser()
@@ -57,7 +66,7 @@ def load_model_for_inference(ref: str | Path, device: str | None = None) -> tupl
     cfg = load_config(cfg_path) if cfg_path is not None else None
 
     if is_adapter:
-        model = _load_adapter(folder, cfg, device)
+        model = _load_adapter(folder, cfg, device, dequantize)
         tokenizer = _load_tokenizer(folder, cfg)
     elif cfg is not None:
         if not _has_full_model(folder):
@@ -74,11 +83,12 @@ def _has_full_model(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None) -> nn.Module:
+def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequantize: bool = False) -> nn.Module:
     """Base model (from the run config, else the adapter's own record) + the saved adapter."""
     from peft import PeftModel
 
-    from posttrain.models.load import load_base
+    from posttrain.models.load import load_base, pick_device
+    from posttrain.models.methods import quantization_config
 
     if cfg is not None:
         base_cfg = cfg.model
@@ -88,7 +98,10 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None) -> nn
         if not base_name:
             raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
         base_cfg = ModelConfig(name_or_path=base_name)
-    base, _ = load_base(base_cfg, device=device)
+    quant = quantization_config(cfg, pick_device(device or "auto")) if cfg is not None else None
+    base, _ = load_base(base_cfg, device=device, quantization_config=quant)
+    if quant is not None and dequantize:
+        base = base.dequantize()
     model = PeftModel.from_pretrained(base, str(folder))
     return model.to(next(base.parameters()).device)
 

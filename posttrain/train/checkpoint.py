@@ -16,8 +16,11 @@ from posttrain.errors import PosttrainError
 STATE_FILE = "trainer_state.json"
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, params: list | None = None) -> dict[str, torch.Tensor]:
+    """Trainable weights by name; `params` (the optimizer's set) also covers blocks frozen just now (LISA)."""
+    owned = {id(p) for p in params} if params is not None else None
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+            if (p.requires_grad if owned is None else id(p) in owned)}
 
 
 def rng_state() -> dict:
@@ -35,13 +38,14 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: dict, keep_last: int) -> Path:
+def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: dict, keep_last: int,
+                    params: list | None = None) -> Path:
     """Write checkpoints/step-N atomically (temp folder, then rename) and delete the oldest beyond keep_last."""
     final = folder / f"step-{position['global_step']}"
     tmp = folder / f".tmp-step-{position['global_step']}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    save_file(trainable_state(model, params), tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "optim_rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(position, indent=2))

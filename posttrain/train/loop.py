@@ -21,6 +21,8 @@ from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkp
 from posttrain.train.reporting import RunReport
 
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
+# Called before every optimizer step with the 0-based global step (e.g. LISA switches blocks).
+StepHook = Callable[[int, torch.optim.Optimizer], None]
 
 
 @dataclass
@@ -60,7 +62,8 @@ class Dist:
         return t.tolist()
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over a parameter list, or over groups (a group's own "lr" overrides cfg.lr)."""
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -76,11 +79,14 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 class Loop:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, data: Batches, loss_fn: LossFn, *,
-                 eval_data: Batches | None = None, dist_ctx: Dist | None = None):
+                 eval_data: Batches | None = None, dist_ctx: Dist | None = None,
+                 param_groups: list[dict] | None = None, on_step_start: StepHook | None = None):
         self.cfg, self.model, self.data, self.loss_fn, self.eval_data = cfg, model, data, loss_fn, eval_data
         self.dist = dist_ctx or Dist()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg.optim)
+        self.on_step_start = on_step_start
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(groups, cfg.optim)
         self.total_steps = self._count_steps()
         warmup = int(cfg.optim.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -106,7 +112,9 @@ class Loop:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def _step(self, plan: StepPlan) -> dict:
+    def _step(self, plan: StepPlan, step: int = 0) -> dict:
+        if self.on_step_start is not None:
+            self.on_step_start(step, self.optimizer)
         self.model.train()
         sums = {"loss": 0.0, "nll_sum": 0.0, "tokens": 0.0, "real_tokens": 0.0}
         for units in plan.micro_batches:
@@ -132,13 +140,15 @@ class Loop:
         """Sum gradients over processes: each loss is already divided by the global token count."""
         if self.dist.world == 1:
             return
-        for p in self.params:
+        # Frozen-this-step parameters (LISA) stay gradient-free, so AdamW leaves them alone.
+        params = [p for p in self.params if p.requires_grad]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat)
         offset = 0
-        for p in self.params:
+        for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
 
@@ -179,7 +189,7 @@ class Loop:
         while step < self.total_steps:
             plans = self._plans(epoch)
             for i in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, len(plans)):
-                metrics = self._step(plans[i])
+                metrics = self._step(plans[i], step)
                 step += 1
                 tokens, loss_tokens = int(metrics.pop("_tokens")), int(metrics.pop("_loss_tokens"))
                 report.step(step, metrics | {"epoch": epoch + (i + 1) / len(plans)}, tokens=tokens,
@@ -190,7 +200,7 @@ class Loop:
                 if t.save_every and step % t.save_every == 0 and self.dist.main:
                     nxt = {"epoch": epoch + (i + 1 == len(plans)), "global_step": step,
                            "step_in_epoch": 0 if i + 1 == len(plans) else i + 1}
-                    save_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer,
+                    save_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, params=self.params,
                                     scheduler=self.scheduler, position=nxt, keep_last=t.keep_last)
                 if step >= self.total_steps:
                     break

@@ -12,7 +12,8 @@ from posttrain.config import RunConfig, save_config
 from posttrain.data.collate import collate
 from posttrain.data.pipeline import build_sft_data
 from posttrain.models.load import load_base
-from posttrain.models.methods import apply_method, count_parameters
+from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
+                                      step_hook)
 from posttrain.models.run import save_model
 from posttrain.train.lm_forward import sft_forward
 from posttrain.train.loop import Batches, Dist, Loop
@@ -40,12 +41,15 @@ def run(cfg: RunConfig) -> dict:
     if dist_ctx.main:
         save_config(cfg, out_dir / "config.yaml")
 
-    model, tokenizer = load_base(cfg.model, dist_ctx.device)
+    model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg, dist_ctx.device))
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped samples by reason: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
     model = apply_method(model, cfg)
+    hook = step_hook(model, cfg)
     trainable, total = count_parameters(model)
+    if hook is not None:  # LISA: what trains in one step (the frozen blocks take turns)
+        trainable = hook.trainable_per_step(model)
     log.info("samples: %d train, %d eval; trainable parameters %d of %d (%.2f%%)", len(data.train),
              len(data.eval) if data.eval is not None else 0, trainable, total, 100 * trainable / total)
 
@@ -53,7 +57,7 @@ def run(cfg: RunConfig) -> dict:
     loop = Loop(cfg, model, to_batches(data.train, pad_id),
                 functools.partial(sft_forward, chunk=cfg.train.loss_chunk),
                 eval_data=to_batches(data.eval, pad_id) if data.eval is not None and len(data.eval) else None,
-                dist_ctx=dist_ctx)
+                dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "sft", "method": cfg.method.type, "train_samples": len(data.train),
              "eval_samples": len(data.eval) if data.eval is not None else 0, "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}

@@ -114,7 +114,8 @@ def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
              f"- exact duplicate rate: {stats['duplicate_rate']:.2%}", "",
              "| length | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
     for name, s in stats["lengths"].items():
-        lines.append(f"| {name} | {s.get('mean')} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} | {s.get('max')} |")
+        cells = " | ".join(str(s.get(k)) for k in ("mean", "p50", "p90", "p99", "max"))
+        lines.append(f"| {name} | {cells} |")
     for title, table in (("turns per row", stats["turns"]), ("script", stats["scripts"]), (group_by, stats[group_by])):
         lines += ["", f"| {title} | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table.items()]
     lines += ["", "| verb | noun | rows |", "|---|---|---|"] + [f"| {v} | {n} | {c} |" for v, n, c in

@@ -145,6 +145,8 @@ class TrainConfig:
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output.dir")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto = cuda when available")
     loss_chunk: int = opt(1024, "positions per chunk of the LM head + cross-entropy (bounds logits memory)")
+    head_positions: Literal["supervised", "all"] = opt(
+        "supervised", "LM head at supervised positions only (fast), or at all (naive reference, for benchmarks)")
 
 
 @dataclass

@@ -28,8 +28,23 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     return backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
 
 
-def sft_forward(model, batch: dict, normalizer: float, chunk: int = 1024) -> tuple[torch.Tensor, dict]:
+def sft_forward_all_positions(model, batch: dict, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """The naive reference: full-vocabulary logits at every position (as HF models compute them), then
+    the same loss at the supervised ones. Kept for benchmarks (before/after) and equivalence tests."""
+    _, head = lm_head_and_backbone(model)
+    logits = head(hidden_states(model, batch))  # (B, T, V)
+    index, targets, weights = supervised_targets(batch)
+    if index.shape[0] == 0:
+        return logits.sum() * 0.0, {"nll_sum": 0.0, "tokens": 0.0}
+    loss, metrics = sft_loss(logits[index[:, 0], index[:, 1]], targets, weights, normalizer)
+    return loss, metrics
+
+
+def sft_forward(model, batch: dict, normalizer: float, chunk: int = 1024,
+                head_positions: str = "supervised") -> tuple[torch.Tensor, dict]:
     """Weighted next-token loss of a micro-batch, divided by the effective batch's token count."""
+    if head_positions == "all":
+        return sft_forward_all_positions(model, batch, normalizer)
     _, head = lm_head_and_backbone(model)
     hidden = hidden_states(model, batch)  # (B, T, H)
     index, targets, weights = supervised_targets(batch)

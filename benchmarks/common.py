@@ -1,0 +1,128 @@
+"""Shared benchmark machinery: per-run subprocesses, the matmul peak, FLOP counting, tables.
+
+Every measured run is a fresh `python <script> --worker SIDE` process, so imports, peak RSS and
+allocator state never leak between sides. A benchmark script supplies its own worker functions
+(one per side) and reuses the rest; the DPO benchmark plugs in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_worker(script: Path, side: str, spec: dict, timeout: float = 1800) -> dict:
+    """Run `script --worker side` on `spec` in its own process; returns the JSON it writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "tmp": tmp}))
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(script), "--worker", side, "--spec", str(spec_path),
+                               "--out", str(out_path)], capture_output=True, text=True, timeout=timeout,
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{side} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        result = json.loads(out_path.read_text())
+        result["process_wall_s"] = round(time.perf_counter() - start, 2)  # imports + load + train + save
+        return result
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 8) -> float:
+    """Best observed fp32 GFLOP/s of an n^3 matmul with torch's default threads (the practical peak)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def llama_flops(config: dict, *, real_tokens: int, head_tokens: int, sum_sq_len: float,
+                lora_r: int = 0) -> dict:
+    """Training FLOPs (forward + backward) of a Llama-style decoder, LoRA-aware.
+
+    Frozen linear weights cost 2*in*out per token forward and the same again backward for the
+    input gradient, but no weight gradient; a trainable matrix adds a third 2*in*out (full FT).
+    LoRA (rank r, on every linear but the head) adds 2*r*(in+out) three times (fwd, dX, dW).
+    Causal attention: QK^T and AV cost 4*d_attn per (query, key) pair, sum over samples of L^2/2
+    pairs per layer; backward twice forward. The (tied, frozen) head costs 2*H*V forward and
+    2*H*V for its input gradient at each of `head_tokens` positions: model FLOPs count it only
+    where a loss is taken (the necessary work), whatever a tool actually computes.
+    """
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h), (h, inter), (h, inter), (inter, h)]
+    linear = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum(lora_r * (i + o) for i, o in shapes)
+    per_token = 4 * linear + 6 * lora  # frozen: fwd + dX; LoRA: fwd + dX + dW
+    attention = 3 * layers * 4 * q_out * sum_sq_len / 2  # fwd + 2x bwd
+    head = 4 * h * config["vocab_size"] * head_tokens
+    total = per_token * real_tokens + attention + head
+    return {"linear_params": linear, "lora_params": lora, "total_flops": total,
+            "flops_per_token": total / max(real_tokens, 1)}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"date": date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads":
+            torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def versions(*names: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -205,7 +205,7 @@ def ppo_micro_step(pv: PolicyAndValue, mb: Rollout, p, weight: float) -> dict:
     vl, vm = value_loss(values, mb.old_values, mb.returns, mb.response_mask, p.value_clip)
     ent = masked_mean(entropy, mb.response_mask)
     (weight * (pl + p.vf_coef * vl - p.entropy_coef * ent)).backward()
-    return {"policy_loss": float(pl), "value_loss": float(vl), "entropy_train": float(ent), **pm, **vm}
+    return {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy_train": ent.item(), **pm, **vm}
 
 
 def ptx_step(policy, ptx_train, p, cfg: RunConfig, gen: torch.Generator) -> float:

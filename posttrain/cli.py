@@ -38,9 +38,12 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from posttrain.train import sft
+    if cfg.stage == "ppo":
+        from posttrain.train import ppo as stage
+    else:
+        from posttrain.train import sft as stage
 
-    summary = sft.run(cfg)
+    summary = stage.run(cfg)
     if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
               f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)

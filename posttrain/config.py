@@ -182,8 +182,52 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    type: Literal["function", "model", "http"] = opt(
+        "function", "reward source: a Python function, a reward-model folder, or an HTTP endpoint")
+    function: str = opt("", "module:function or file.py:function; called with (prompts, responses) -> floats")
+    model: str = opt("", "reward-model folder (sequence classification, num_labels=1, or a PEFT adapter on one)")
+    url: str = opt("", "HTTP endpoint: POST {prompts, responses} -> {rewards}")
+    timeout_s: float = opt(60.0, "HTTP timeout per request")
+    batch_size: int = opt(8, "reward-model scoring batch")
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses that never end")
+    normalize: bool = opt(False, "divide scores by running std after subtracting the running mean")
+    clip: float | None = opt(None, "clip (shaped) scores to [-clip, clip]")
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = opt(8, "prompts sampled per PPO step (one rollout batch)")
+    mini_batch_size: int = opt(4, "rollouts per optimizer step inside a PPO epoch")
+    ppo_epochs: int = opt(2, "passes over each rollout batch")
+    max_new_tokens: int = opt(32, "response length limit")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    stop_strings: list[str] = opt([], "extra strings that end a response (eos and end-of-turn always do)")
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL to the reference: k1 = log-ratio, k3 = Schulman's")
+    kl_coef: float = opt(0.05, "beta: weight of the per-token KL penalty (start value when adaptive)")
+    kl_control: Literal["fixed", "adaptive"] = opt("fixed", "adaptive = Ziegler et al. controller toward kl_target")
+    kl_target: float = opt(6.0, "adaptive: target KL per response (nats)")
+    kl_horizon: int = opt(10000, "adaptive: horizon in rollouts")
+    gamma: float = opt(1.0, "GAE discount")
+    lam: float = opt(0.95, "GAE lambda")
+    clip_range: float = opt(0.2, "policy ratio clip epsilon")
+    value_clip: float = opt(0.2, "value clip around the rollout values")
+    vf_coef: float = opt(0.1, "value loss weight")
+    entropy_coef: float = opt(0.0, "entropy bonus weight (0 = off)")
+    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    value_model: Literal["shared", "separate"] = opt(
+        "shared", "value head on the policy backbone, or on a separate copy of the base with its own LoRA")
+    ptx_coef: float = opt(0.0, "gamma of PPO-ptx: weight of the LM loss on ptx_datasets (0 = off)")
+    ptx_datasets: list[DatasetConfig] = opt([], "SFT/pre-training files for the ptx term and its held-out loss")
+    ptx_batch_size: int = opt(4, "ptx samples per optimizer step")
+    ptx_val_size: float = opt(0.0, "share (<1) or count of ptx rows held out to report LM loss")
+    sample_every: int = opt(5, "write a sample generation to logs/samples.jsonl every N steps (0 = never)")
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["sft", "eval"] = opt("sft", "what to run; sft = supervised fine-tuning, eval = benchmark")
+    stage: Literal["sft", "eval", "ppo"] = opt("sft", "what to run: sft, ppo (RLHF), eval (benchmark)")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
@@ -197,6 +241,8 @@ class RunConfig:
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
     eval: EvalConfig = opt(EvalConfig(), "evaluation (stage: eval)")
+    reward: RewardConfig = opt(RewardConfig(), "stage ppo: the reward source and its shaping")
+    ppo: PPOConfig = opt(PPOConfig(), "stage ppo: rollouts, KL control, PPO losses, ptx")
 
 
 # ---------------------------------------------------------------- parsing
@@ -326,12 +372,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
     cfg = _build(RunConfig, tree)
-    for ds in cfg.data.datasets + cfg.data.eval_datasets:
+    for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
     mc = cfg.eval.mc
     if mc.data and not Path(mc.data).is_absolute() and (base_dir / mc.data).exists():
         mc.data = str(base_dir / mc.data)
+    file_ref, sep, fn_name = cfg.reward.function.rpartition(":")
+    if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
+        cfg.reward.function = f"{base_dir / file_ref}:{fn_name}"
     validate(cfg)
     return cfg
 
@@ -362,6 +411,28 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
+    if cfg.stage == "ppo":
+        _validate_ppo(cfg)
+
+
+def _validate_ppo(cfg: RunConfig) -> None:
+    p, r = cfg.ppo, cfg.reward
+    if cfg.train.max_steps <= 0:
+        raise ConfigError("stage ppo: set train.max_steps (the number of rollout batches)")
+    if p.mini_batch_size < 1 or p.rollout_batch_size % p.mini_batch_size:
+        raise ConfigError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size (>= 1)")
+    if p.ppo_epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
+        raise ConfigError("ppo.ppo_epochs and ppo.max_new_tokens must be >= 1, ppo.temperature > 0")
+    if p.ptx_coef > 0 and not p.ptx_datasets:
+        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_datasets (the LM-loss data)")
+    if p.kl_control == "adaptive" and (p.kl_target <= 0 or p.kl_horizon < 1):
+        raise ConfigError("ppo.kl_target must be > 0 and ppo.kl_horizon >= 1 for adaptive KL")
+    needed = {"function": r.function, "model": r.model, "http": r.url}[r.type]
+    if not needed:
+        key = {"function": "function", "model": "model", "http": "url"}[r.type]
+        raise ConfigError(f"reward.type={r.type} needs reward.{key}")
+    if p.value_model == "separate" and cfg.method.type != "lora":
+        raise ConfigError("ppo.value_model=separate is only supported with method.type=lora")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

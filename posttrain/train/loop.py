@@ -77,6 +77,22 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return max(0.0, 0.5 * (1 + math.cos(math.pi * progress))) if kind == "cosine" else max(0.0, 1 - progress)
 
 
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, data: Batches, loss_fn: LossFn, micro: int, dist_ctx: Dist) -> dict:
+    """Token-weighted mean loss over `data` (sharded over processes), and perplexity."""
+    model.eval()
+    order = [[i] for i in range(len(data.lengths))]
+    loss_sum = n_tokens = 0.0
+    for start in range(dist_ctx.rank * micro, len(order), micro * dist_ctx.world):
+        batch = {k: v.to(dist_ctx.device) for k, v in data.collate(order[start:start + micro]).items()}
+        loss, metrics = loss_fn(model, batch, 1.0)
+        loss_sum += float(loss)
+        n_tokens += metrics.get("tokens", 0.0)
+    loss_sum, n_tokens = dist_ctx.sum([loss_sum, n_tokens])
+    loss = loss_sum / max(n_tokens, 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
 class Loop:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, data: Batches, loss_fn: LossFn, *,
                  eval_data: Batches | None = None, dist_ctx: Dist | None = None,
@@ -154,24 +170,10 @@ class Loop:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted mean loss over the eval set (sharded over processes), and perplexity."""
         if self.eval_data is None:
             return {}
-        self.model.eval()
-        data, t = self.eval_data, self.cfg.train
-        order = [[i] for i in range(len(data.lengths))]
-        loss_sum = n_tokens = 0.0
-        for start in range(self.dist.rank * t.micro_batch_size, len(order), t.micro_batch_size * self.dist.world):
-            units = order[start:start + t.micro_batch_size]
-            batch = {k: v.to(self.dist.device) for k, v in data.collate(units).items()}
-            loss, metrics = self.loss_fn(self.model, batch, 1.0)
-            loss_sum += float(loss)
-            n_tokens += metrics.get("tokens", 0.0)
-        loss_sum, n_tokens = self.dist.sum([loss_sum, n_tokens])
-        loss = loss_sum / max(n_tokens, 1.0)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return evaluate_lm(self.model, self.eval_data, self.loss_fn, self.cfg.train.micro_batch_size, self.dist)
 
     # ------------------------------------------------------------------ the run
 

@@ -1,0 +1,258 @@
+"""PPO: losses against hand-computed values, KL control, reward sources, and a tiny-model run."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.losses.ppo import (entropy_from_logits, explained_variance, gae, kl_per_token, policy_loss, value_loss,
+                                  whiten)
+from posttrain.train.rewards import AdaptiveKL, HttpReward, RunningMoments, load_function
+
+ONE = torch.ones(1, 1, dtype=torch.bool)
+
+
+def test_gae_matches_hand_computed_returns():
+    values = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    adv, ret = gae(rewards, values, torch.ones(1, 4, dtype=torch.bool), gamma=0.9, lam=0.95)
+    assert torch.allclose(ret, torch.tensor([[0.6579225, 0.7695, 0.9, 1.0]]), atol=1e-6)
+    assert torch.allclose(adv, ret - values, atol=1e-6)
+
+
+def test_gae_treats_padding_as_terminal():
+    values = torch.tensor([[0.0, 0.0, 0.0, 1.0, 5.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 9.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    assert torch.allclose(ret, torch.tensor([[0.6579225, 0.7695, 0.9, 1.0, 0.0]]), atol=1e-6)
+    assert adv[0, 4] == 0
+
+
+@pytest.mark.parametrize("log_ratio, expected", [(1.0, -1.2), (-1.0, -0.367879), (0.1, -1.105171)])
+def test_clipped_surrogate_hand_values(log_ratio, expected):
+    loss, metrics = policy_loss(torch.tensor([[log_ratio]]), torch.zeros(1, 1), torch.ones(1, 1), ONE, clip=0.2)
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert metrics["clip_frac"] == (1.0 if log_ratio == 1.0 else 0.0)
+
+
+def test_clipped_surrogate_negative_advantage_and_mask():
+    # A = -1, ratio 1/e: min(-0.3679, -0.8) = -0.8 -> loss 0.8; the masked position is ignored
+    logps = torch.tensor([[-1.0, 50.0]])
+    loss, _ = policy_loss(logps, torch.zeros(1, 2), -torch.ones(1, 2), torch.tensor([[True, False]]), clip=0.2)
+    assert float(loss) == pytest.approx(0.8, abs=1e-6)
+
+
+def test_value_loss_clipped_hand_values():
+    # old 0, new 1, return 2, clip 0.2: max((1-2)^2, (0.2-2)^2) = 3.24 -> 0.5 * 3.24
+    loss, metrics = value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([[2.0]]), ONE, clip=0.2)
+    assert float(loss) == pytest.approx(1.62, abs=1e-6)
+    assert metrics["value_clip_frac"] == 1.0
+    loss, _ = value_loss(torch.tensor([[0.1]]), torch.zeros(1, 1), torch.tensor([[1.0]]), ONE, clip=0.2)
+    assert float(loss) == pytest.approx(0.5 * 0.81, abs=1e-6)
+
+
+def test_kl_estimators_hand_values():
+    pol, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(kl_per_token(pol, ref, "k1"), torch.tensor([[0.5, -1.0]]), atol=1e-6)
+    # k3 = exp(ref - pol) - 1 - (ref - pol)
+    k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
+    assert torch.allclose(kl_per_token(pol, ref, "k3"), torch.tensor([k3]), atol=1e-6)
+    assert torch.all(kl_per_token(pol, pol, "k3") == 0)
+
+
+def test_whiten_and_entropy_and_explained_variance():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    w = whiten(x, mask)
+    std = math.sqrt(2 / 3)
+    assert torch.allclose(w, torch.tensor([[-1 / std, 0.0, 1 / std, 0.0]]), atol=1e-5)
+    assert float(entropy_from_logits(torch.zeros(4))) == pytest.approx(math.log(4), abs=1e-6)
+    assert explained_variance(x, x, mask) == pytest.approx(1.0)
+
+
+def test_adaptive_kl_controller():
+    ctl = AdaptiveKL(0.2, target=6.0, horizon=10000)
+    ctl.update(8.0, 256)
+    assert ctl.coef == pytest.approx(0.201024, abs=1e-9)
+    low = AdaptiveKL(0.2, target=6.0, horizon=10000)
+    low.update(3.0, 256)  # error clipped to -0.2
+    assert low.coef == pytest.approx(0.2 * (1 - 0.2 * 256 / 10000), abs=1e-9)
+
+
+def test_running_moments_match_batch_statistics():
+    m = RunningMoments()
+    data = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    m.update(data[:2])
+    m.update(data[2:])
+    assert m.mean == pytest.approx(4.0)
+    assert m.var == pytest.approx(float(data.var(unbiased=False)))
+
+
+def test_reward_function_from_file(tmp_path):
+    (tmp_path / "r.py").write_text("def n(prompts, responses):\n    return [len(r) for r in responses]\n")
+    assert load_function(f"{tmp_path / 'r.py'}:n")(["p", "q"], ["ab", ""]) == [2, 0]
+    assert load_function("posttrain.losses.ppo:masked_mean") is not None
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_function(f"{tmp_path / 'r.py'}:missing")
+
+
+def test_http_reward_source():
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = json.dumps({"rewards": [len(p) + len(r) for p, r in zip(body["prompts"], body["responses"])]})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(reply.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert HttpReward(f"http://127.0.0.1:{server.server_port}/")(["ab", "c"], ["x", ""]) == [3.0, 1.0]
+    finally:
+        server.shutdown()
+
+
+def test_reward_model_source(tmp_path, tiny_dir, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.train.rewards import RewardModel
+
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                      pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    rm = RewardModel(str(tmp_path / "rm"))
+    scores = rm(["Hi", "Hi", "Say"], ["hello there", "no", "hello there"])
+    assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
+    assert scores[0] != scores[1]
+    # batching and right padding do not change a sample's score
+    assert rm(["Hi"], ["hello there"])[0] == pytest.approx(scores[0], abs=1e-5)
+
+
+# ---------------------------------------------------------------- tiny-model runs
+
+
+def _write_run(tmp_path, tiny_dir, **extra):
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": c}]})
+                                                      for c in ("Say something.", "Hello there", "Tell me more")))
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer number {i}."}]})
+        for i in range(8)))
+    (tmp_path / "rule.py").write_text(
+        "def upper(prompts, responses):\n"
+        "    return [sum(c.isupper() for c in r) / max(1, len(r)) for r in responses]\n")
+    overrides = {"stage": "ppo", "model.name_or_path": str(tiny_dir),
+                 "data.datasets": [{"path": str(tmp_path / "prompts.jsonl")}],
+                 "reward.function": f"{tmp_path / 'rule.py'}:upper", "ppo.rollout_batch_size": 4,
+                 "ppo.mini_batch_size": 2, "ppo.max_new_tokens": 6, "optim.lr": 0.01, "train.max_steps": 2,
+                 "train.micro_batch_size": 2, "output.dir": str(tmp_path / "out"), "output.tensorboard": False}
+    overrides |= extra
+    from posttrain.config import load_config
+
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def test_ppo_run_changes_only_lora_and_value_head(tmp_path, tiny_dir):
+    from safetensors.torch import load_file as load_st
+
+    from posttrain.train import ppo
+
+    cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 0.5, "ppo.ptx_datasets": [
+        {"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_val_size": 2})
+    summary = ppo.run(cfg)
+    out = tmp_path / "out"
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert train[0]["kl"] == 0.0  # step 1: policy == reference (LoRA B starts at zero)
+    assert all(math.isfinite(r["policy_loss"]) and r["ptx_loss"] > 0 for r in train)
+    assert (out / "reward_kl.png").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert summary["ptx_eval_before"]["loss"] > 0 and summary["ptx_eval_after"]["loss"] > 0
+    # the adapter moved; the base weights are untouched (the reference is the base)
+    adapter = load_st(out / "adapter_model.safetensors")
+    assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k)
+    head = load_file(out / "value_head.safetensors")
+    assert float(head["weight"].abs().sum()) > 0  # zero-initialised, so any value means it trained
+
+
+def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
+    from posttrain.models.load import load_base
+    from posttrain.models.methods import apply_method
+    from posttrain.models.run import stop_token_ids
+    from posttrain.train.ppo import make_rollout
+    from posttrain.train.rewards import FixedKL
+    from posttrain.train.rollout import PolicyAndValue, load_prompts
+
+    cfg = _write_run(tmp_path, tiny_dir)
+    base, tok = load_base(cfg.model, "cpu")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
+    prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
+    torch.manual_seed(0)
+    rollout, metrics, _ = make_rollout(pv, None, tok, prompts[:3], cfg, load_function(cfg.reward.function),
+                                       FixedKL(0.1), RunningMoments(), stop_token_ids(pv.policy, tok))
+    assert torch.equal(rollout.old_token_logps, rollout.ref_token_logps)
+    assert metrics["kl"] == 0.0
+    logps, _, _ = pv(rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
+    assert torch.allclose(logps, rollout.old_token_logps, atol=1e-5)  # ratio 1 before any update
+    # sampled tokens carry real log-probs (< 0) and the base model itself is unchanged by wrapping
+    assert torch.all(rollout.old_token_logps[rollout.response_mask] < 0)
+    assert all(torch.equal(base_state[k], v) for k, v in pv.policy.get_base_model().state_dict().items()
+               if k in base_state)
+
+
+def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
+    from posttrain.data.pipeline import build_sft_data
+    from posttrain.models.load import load_base
+    from posttrain.models.methods import apply_method
+    from posttrain.train.ppo import ptx_step
+    from posttrain.train.sft import to_batches
+
+    cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 1.0, "ppo.ptx_datasets": [
+        {"path": str(tmp_path / "sft.jsonl")}]})
+    base, tok = load_base(cfg.model, "cpu")
+    policy = apply_method(base, cfg)
+    import dataclasses
+
+    data = build_sft_data(dataclasses.replace(cfg.data, datasets=cfg.ppo.ptx_datasets), cfg.template, tok, 0)
+    batches = to_batches(data.train, tok.pad_token_id)
+    grads = {}
+    for coef in (0.0, 1.0, 2.0):
+        policy.zero_grad(set_to_none=False)
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        ptx_step(policy, batches, dataclasses.replace(cfg.ppo, ptx_coef=coef), cfg,
+                 torch.Generator().manual_seed(0))
+        grads[coef] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad]).clone()
+    assert float(grads[0.0].abs().sum()) == 0.0
+    assert float(grads[1.0].abs().sum()) > 0
+    assert torch.allclose(grads[2.0], 2 * grads[1.0], atol=1e-6)
+
+
+def test_ppo_config_rules():
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
+
+    base = ["stage=ppo", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f", "train.max_steps=1"]
+    assert load_config(None, base).ppo.kl_coef == 0.05
+    with pytest.raises(ConfigError, match="ptx_datasets"):
+        load_config(None, [*base, "ppo.ptx_coef=0.1"])
+    with pytest.raises(ConfigError, match="multiple"):
+        load_config(None, [*base, "ppo.rollout_batch_size=6", "ppo.mini_batch_size=4"])
+    with pytest.raises(ConfigError, match="reward.url"):
+        load_config(None, [*base, "reward.type=http"])

@@ -121,8 +121,27 @@ class OutputConfig:
 
 
 @dataclass
+class RewardConfig:
+    center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2) to the loss")
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = opt(
+        "sigmoid", "preference loss: sigmoid (DPO), ipo, hinge, robust, simpo, orpo")
+    beta: float = opt(0.1, "DPO/hinge/robust beta, IPO tau, SimPO beta (paper: 2.0), ORPO lambda")
+    label_smoothing: float = opt(0.0, "assumed label-flip rate: conservative DPO (sigmoid) or robust")
+    gamma: float = opt(0.5, "SimPO target reward margin")
+    sft_weight: float = opt(0.0, "adds this x mean token NLL of the chosen response")
+    reference: Literal["auto", "adapter", "copy", "precompute"] = opt(
+        "auto", "reference model: LoRA base with adapters off, a frozen copy, or log-probs precomputed once; "
+        "auto = adapter with LoRA, else precompute")
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["sft"] = opt("sft", "what to train; sft = supervised fine-tuning")
+    stage: Literal["sft", "rm", "dpo"] = opt(
+        "sft", "what to train: sft (supervised), rm (reward model), dpo (DPO family)")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
@@ -132,6 +151,8 @@ class RunConfig:
     optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
+    reward: RewardConfig = opt(RewardConfig(), "reward-model stage (stage=rm)")
+    dpo: DPOConfig = opt(DPOConfig(), "preference-optimisation stage (stage=dpo)")
 
 
 # ---------------------------------------------------------------- parsing
@@ -290,6 +311,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
+    if cfg.stage in ("rm", "dpo") and cfg.data.packing:
+        raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
+    if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError("dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5)")
+    if cfg.stage == "dpo" and cfg.dpo.reference == "adapter" and cfg.method.type != "lora":
+        raise ConfigError("dpo.reference=adapter needs method.type=lora; use copy or precompute")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -19,11 +19,14 @@ from posttrain.errors import ConfigError
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
 
 
-def apply_method(model: nn.Module, cfg) -> nn.Module:
-    """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model."""
+def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model.
+
+    task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters.
+    """
     kind = cfg.method.type
     if kind == "lora":
-        return _apply_lora(model, cfg.lora)
+        return _apply_lora(model, cfg.lora, task_type)
     if kind == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -33,7 +36,7 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
     raise ConfigError(f"method.type {kind!r} is not one of lora, full, freeze")
 
 
-def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+def _apply_lora(model: nn.Module, lora_cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = list(lora_cfg.target_modules)
@@ -42,7 +45,7 @@ def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     if "all-linear" in targets and len(targets) > 1:
         raise ConfigError("lora.target_modules: 'all-linear' cannot be combined with other names")
     peft_cfg = LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+        task_type=TaskType[task_type], r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout, target_modules=target_modules,
     )
     try:

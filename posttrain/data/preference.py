@@ -47,6 +47,8 @@ def _response(value, ctx: _Ctx, name: str, tags, sharegpt: bool = False) -> Mess
     """One assistant response: a string, a {from, value} / {role, content} turn, or a one-turn list."""
     if isinstance(value, str):
         return Message("assistant", ctx.text(value, name))
+    if not isinstance(value, (list, dict)):
+        raise ctx.fail(name, f"must be a string or an assistant turn, got {type(value).__name__}: {value!r:.60}")
     turns = value if isinstance(value, list) else [value]
     if sharegpt:
         msgs = parse_sharegpt({"conversations": turns}, _Field(ctx, name, "conversations"), tags).messages

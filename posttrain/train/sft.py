@@ -32,6 +32,8 @@ def to_batches(dataset, pad_id: int) -> Batches:
 
 def run(cfg: RunConfig) -> dict:
     dist_ctx = Dist.from_environment(cfg.train.device)
+    if not dist_ctx.main:
+        log.setLevel(logging.WARNING)  # one process speaks for the run
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,81 @@
+"""The CLI end to end on tiny-random: train -> chat --prompt -> export; one-line errors with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+
+ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
+        {"instruction": "Say hi.", "input": "", "output": "Hi there!"},
+        {"instruction": "What is 2+2?", "input": "", "output": "4"}] * 4
+
+
+@pytest.fixture()
+def run_config(tmp_path, tiny_dir):
+    (tmp_path / "data.json").write_text(json.dumps(ROWS))
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n{"messages": [\n')
+    cfg = {"model": {"name_or_path": str(tiny_dir)},
+           "data": {"datasets": [{"path": "data.json"}], "variables": {"name": "Aria", "author": "Lin"},
+                    "val_size": 2, "packing": True, "max_length": 64},
+           "optim": {"lr": 1e-2}, "train": {"max_steps": 3, "micro_batch_size": 2, "save_every": 2},
+           "output": {"dir": str(tmp_path / "run"), "tensorboard": False}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_chat_export(run_config, tmp_path, capsys):
+    assert main(["train", str(run_config), "lora.r=4", "train.max_steps=4"]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_samples"] == 2 and summary["final_eval_loss"] > 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lora"]["r"] == 4 and saved["train"]["max_steps"] == 4
+    assert (run / "adapter_model.safetensors").is_file() and (run / "checkpoints" / "step-4").is_dir()
+    capsys.readouterr()
+    assert main(["chat", str(run), "--prompt", "Who are you?", "--max-new-tokens", "5"]) == 0
+    reply = capsys.readouterr().out
+    assert reply.endswith("\n") and len(reply.strip()) > 0
+    assert main(["export", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_unknown_key_is_one_line_exit_2(run_config, capsys):
+    assert main(["train", str(run_config), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "posttrain: error: unknown config key optim.lrr; did you mean optim.lr?"
+
+
+def test_bad_data_names_file_and_line(run_config, tmp_path, capsys):
+    code = main(["train", str(run_config), f"data.datasets=[{{path: {tmp_path / 'bad.jsonl'}}}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) >= 1
+    assert "bad.jsonl line 2" in err[-1] and err[-1].startswith("posttrain: error:")
+
+
+def test_zero_samples_reports_counts(run_config, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n' * 3)
+    code = main(["train", str(run_config), f"data.datasets=[{{path: {tmp_path / 'empty.jsonl'}}}]",
+                 "data.val_size=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_assistant_turn" in err and "3" in err
+
+
+def test_debug_shows_traceback_and_usage_errors_are_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "posttrain.cli"]
+    plain = subprocess.run([*cmd, "train", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.strip().count("\n") == 0 and "Traceback" not in plain.stderr
+    debug = subprocess.run([*cmd, "train", str(tmp_path / "nope.yaml"), "--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    usage = subprocess.run([*cmd, "trian"], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.strip().count("\n") == 0
+
+
+def test_keys_lists_docs(capsys):
+    assert main(["keys", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "lora.r" in out and "LoRA rank" in out

@@ -38,12 +38,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    if cfg.stage == "ppo":
-        from posttrain.train import ppo as stage
-    else:
-        from posttrain.train import sft as stage
+    from posttrain.train import dpo, ppo, reward, sft
 
-    summary = stage.run(cfg)
+    summary = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
     if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
               f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)
@@ -105,6 +102,21 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    _quiet_libraries()
+    import json
+
+    from posttrain.train.reward import score_preferences
+
+    result = score_preferences(args.run, args.data, batch_size=args.batch_size)
+    scores = result.pop("scores")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s) + "\n" for s in scores)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_keys(args) -> int:
     from posttrain.config import describe_keys
 
@@ -163,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("score", help="score preference data with a reward model: pairwise accuracy, margins")
+    p.add_argument("run", help="reward-model run dir (stage rm) or HF sequence-classification folder")
+    p.add_argument("--data", required=True, help="preference file (.jsonl/.json/.csv/.parquet)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--out", help="also write each row's response rewards as JSON lines here")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")

@@ -226,8 +226,27 @@ class PPOConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2) to the loss")
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = opt(
+        "sigmoid", "preference loss: sigmoid (DPO), ipo, hinge, robust, simpo, orpo")
+    beta: float = opt(0.1, "DPO/hinge/robust beta, IPO tau, SimPO beta (paper: 2.0), ORPO lambda")
+    label_smoothing: float = opt(0.0, "assumed label-flip rate: conservative DPO (sigmoid) or robust")
+    gamma: float = opt(0.5, "SimPO target reward margin")
+    sft_weight: float = opt(0.0, "adds this x mean token NLL of the chosen response")
+    reference: Literal["auto", "adapter", "copy", "precompute"] = opt(
+        "auto", "reference model: LoRA base with adapters off, a frozen copy, or log-probs precomputed once; "
+        "auto = adapter with LoRA, else precompute")
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["sft", "eval", "ppo"] = opt("sft", "what to run: sft, ppo (RLHF), eval (benchmark)")
+    stage: Literal["sft", "rm", "dpo", "ppo", "eval"] = opt(
+        "sft", "what to run: sft, rm (reward model), dpo (DPO family), ppo (RLHF), eval (benchmark)")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
@@ -243,6 +262,8 @@ class RunConfig:
     eval: EvalConfig = opt(EvalConfig(), "evaluation (stage: eval)")
     reward: RewardConfig = opt(RewardConfig(), "stage ppo: the reward source and its shaping")
     ppo: PPOConfig = opt(PPOConfig(), "stage ppo: rollouts, KL control, PPO losses, ptx")
+    rm: RewardModelConfig = opt(RewardModelConfig(), "reward-model stage (stage=rm)")
+    dpo: DPOConfig = opt(DPOConfig(), "preference-optimisation stage (stage=dpo)")
 
 
 # ---------------------------------------------------------------- parsing
@@ -413,6 +434,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
+    if cfg.stage in ("rm", "dpo") and cfg.data.packing:
+        raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
+    if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError("dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5)")
+    if cfg.stage == "dpo" and cfg.dpo.reference == "adapter" and cfg.method.type != "lora":
+        raise ConfigError("dpo.reference=adapter needs method.type=lora; use copy or precompute")
 
 
 def _validate_ppo(cfg: RunConfig) -> None:

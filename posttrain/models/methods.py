@@ -25,11 +25,14 @@ _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
 PROMPT_METHODS = ("prompt", "prefix")
 
 
-def apply_method(model: nn.Module, cfg) -> nn.Module:
-    """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model."""
+def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model.
+
+    task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters.
+    """
     kind = cfg.method.type
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
-        return _apply_lora(model, cfg.lora)
+        return _apply_lora(model, cfg.lora, task_type)
     if kind == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -84,7 +87,7 @@ def step_hook(model: nn.Module, cfg) -> Callable[[int, torch.optim.Optimizer], N
     return LisaSchedule(model, cfg.lisa, seed=cfg.train.seed)
 
 
-def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+def _apply_lora(model: nn.Module, lora_cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = list(lora_cfg.target_modules)
@@ -94,7 +97,7 @@ def _apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
         raise ConfigError("lora.target_modules: 'all-linear' cannot be combined with other names")
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[lora_cfg.init]
     peft_cfg = LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+        task_type=TaskType[task_type], r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout, target_modules=target_modules, use_dora=lora_cfg.use_dora,
         use_rslora=lora_cfg.use_rslora, init_lora_weights=init,
         modules_to_save=list(lora_cfg.modules_to_save) or None,

@@ -20,6 +20,7 @@ from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from posttrain.train.reporting import RunReport
 
+_CORE_METRICS = {"nll_sum", "tokens"}  # what every loss may report; any other key is summed as a stage metric
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
 # Called before every optimizer step with the 0-based global step (e.g. LISA switches blocks).
 StepHook = Callable[[int, torch.optim.Optimizer], None]
@@ -83,13 +84,19 @@ def evaluate_lm(model: torch.nn.Module, data: Batches, loss_fn: LossFn, micro: i
     model.eval()
     order = [[i] for i in range(len(data.lengths))]
     loss_sum = n_tokens = 0.0
+    extra: dict[str, float] = {}
     for start in range(dist_ctx.rank * micro, len(order), micro * dist_ctx.world):
         batch = {k: v.to(dist_ctx.device) for k, v in data.collate(order[start:start + micro]).items()}
         loss, metrics = loss_fn(model, batch, 1.0)
         loss_sum += float(loss)
         n_tokens += metrics.get("tokens", 0.0)
-    loss_sum, n_tokens = dist_ctx.sum([loss_sum, n_tokens])
+        for key in metrics.keys() - _CORE_METRICS:
+            extra[key] = extra.get(key, 0.0) + metrics[key]
+    keys = sorted(extra)
+    loss_sum, n_tokens, *values = dist_ctx.sum([loss_sum, n_tokens, *(extra[k] for k in keys)])
     loss = loss_sum / max(n_tokens, 1.0)
+    if keys:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses)
+        return {"loss": loss} | {k: v / max(n_tokens, 1.0) for k, v in zip(keys, values, strict=True)}
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
@@ -141,6 +148,8 @@ class Loop:
             sums["nll_sum"] += metrics.get("nll_sum", 0.0)
             sums["tokens"] += metrics.get("tokens", 0.0)
             sums["real_tokens"] += float(batch["real_mask"].sum())
+            for key in metrics.keys() - _CORE_METRICS:  # stage metrics arrive pre-divided by the normalizer
+                sums[key] = sums.get(key, 0.0) + metrics[key]
         self._sync_grads()
         clip = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
@@ -148,9 +157,13 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, nll, tokens, real = self.dist.sum([sums["loss"], sums["nll_sum"], sums["tokens"], sums["real_tokens"]])
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                "token_nll": nll / max(tokens, 1.0), "_tokens": real, "_loss_tokens": tokens}
+        extra = sorted(sums.keys() - {"loss", "nll_sum", "tokens", "real_tokens"})
+        loss, nll, tokens, real, *values = self.dist.sum(
+            [sums["loss"], sums["nll_sum"], sums["tokens"], sums["real_tokens"], *(sums[k] for k in extra)])
+        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "_tokens": real, "_loss_tokens": tokens}
+        if not extra or nll:  # token NLL only for stages that report one
+            out["token_nll"] = nll / max(tokens, 1.0)
+        return out | dict(zip(extra, values))
 
     def _sync_grads(self) -> None:
         """Sum gradients over processes: each loss is already divided by the global token count."""

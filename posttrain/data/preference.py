@@ -1,0 +1,242 @@
+"""Preference files -> RankedResponses -> token ids, for the reward-model and DPO stages.
+
+Layouts (auto-detected per row):
+- explicit prompt: `prompt` + `chosen` + `rejected`, each a string or a message list;
+- implicit prompt: `chosen` + `rejected` full conversations; their shared prefix is the prompt;
+- sharegpt: `conversations` (the prompt turns) + `chosen` + `rejected` turns ({from, value});
+- ranked: `prompt` + `responses` (K = 2..9 strings or messages) + `ranks` (0 = best, ties allowed).
+Optional `margin` (pairs). Message lists go through the SFT parsers in data.formats, so roles,
+role_tags and errors behave the same; errors name file, line and field.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from posttrain.data.formats import _Ctx, _role_map, fill_variables, parse_openai, parse_sharegpt, rename_columns
+from posttrain.data.reading import read_rows, source_of
+from posttrain.data.records import Conversation, Message, PreferencePair, RankedResponses
+from posttrain.errors import DataError, PosttrainError
+
+MAX_RANKED = 9
+
+
+class _Field(_Ctx):
+    """A _Ctx whose errors name our field (`chosen[1].role`) where the reused parser says `messages[1]`."""
+
+    def __init__(self, ctx: _Ctx, name: str, inner: str):
+        super().__init__(ctx.source, ctx.columns)
+        self.name, self.inner = name, inner
+
+    def fail(self, field: str, problem: str) -> DataError:
+        return super().fail(self.name + field[len(self.inner):] if field.startswith(self.inner) else field, problem)
+
+
+def _messages(value, ctx: _Ctx, name: str, tags) -> list[Message]:
+    """A string (one message of `default_role`) or an OpenAI message list."""
+    if isinstance(value, str):
+        return [Message("user", ctx.text(value, name))]
+    return parse_openai({"messages": value}, _Field(ctx, name, "messages"), tags).messages
+
+
+def _response(value, ctx: _Ctx, name: str, tags, sharegpt: bool = False) -> Message:
+    """One assistant response: a string, a {from, value} / {role, content} turn, or a one-turn list."""
+    if isinstance(value, str):
+        return Message("assistant", ctx.text(value, name))
+    if not isinstance(value, (list, dict)):
+        raise ctx.fail(name, f"must be a string or an assistant turn, got {type(value).__name__}: {value!r:.60}")
+    turns = value if isinstance(value, list) else [value]
+    if sharegpt:
+        msgs = parse_sharegpt({"conversations": turns}, _Field(ctx, name, "conversations"), tags).messages
+    else:
+        msgs = parse_openai({"messages": turns}, _Field(ctx, name, "messages"), tags).messages
+    if len(msgs) != 1 or msgs[0].role != "assistant":
+        raise ctx.fail(name, "must be one assistant response (a string or a single assistant turn)")
+    return msgs[0]
+
+
+def _split_implicit(chosen: list[Message], rejected: list[Message], ctx: _Ctx) -> tuple[list, Message, Message]:
+    """The shared leading messages are the prompt; each side must then add one assistant message."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if len(msgs) != n + 1 or msgs[-1].role != "assistant":
+            raise ctx.fail(name, f"must equal the other side up to its final assistant turn (shared prefix: {n} "
+                           "messages); only the last assistant message may differ")
+    return chosen[:n], chosen[-1], rejected[-1]
+
+
+def _margin(value, ctx: _Ctx) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ctx.fail("margin", f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _ranked(row: Mapping, ctx: _Ctx, tags) -> RankedResponses:
+    responses = ctx.items(row.get("responses"), "responses")
+    ranks = row.get("ranks")
+    if not 2 <= len(responses) <= MAX_RANKED:
+        raise ctx.fail("responses", f"must hold 2..{MAX_RANKED} responses, got {len(responses)}")
+    if (not isinstance(ranks, list) or len(ranks) != len(responses)
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
+        raise ctx.fail("ranks", f"must be a list of {len(responses)} integers (0 = best, ties allowed), got {ranks!r}")
+    prompt = _messages(row.get("prompt"), ctx, "prompt", tags)
+    out = [_response(r, ctx, f"responses[{i}]", tags) for i, r in enumerate(responses)]
+    return RankedResponses(prompt, out, list(ranks), 0.0, ctx.source)
+
+
+def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] | None = None,
+                      role_tags: Mapping[str, str] | None = None,
+                      variables: Mapping[str, str] | None = None) -> RankedResponses:
+    """One file row in any supported layout -> RankedResponses (a pair is K = 2)."""
+    columns = columns or {}
+    row = rename_columns(row, columns)
+    ctx, tags = _Ctx(source, columns), _role_map(role_tags)
+    if row.get("responses") is not None:
+        rec = _ranked(row, ctx, tags)
+    elif row.get("chosen") is None or row.get("rejected") is None:
+        raise DataError(f"{source}: not a preference row: expected chosen + rejected (with prompt or "
+                        f"conversations, or full conversations), or prompt + responses + ranks; got "
+                        f"columns {sorted(k for k, v in row.items() if v is not None)}")
+    elif row.get("conversations") is not None:
+        prompt = parse_sharegpt(row, ctx, tags).messages
+        rec = PreferencePair(prompt, _response(row["chosen"], ctx, "chosen", tags, sharegpt=True),
+                             _response(row["rejected"], ctx, "rejected", tags, sharegpt=True))
+    elif row.get("prompt") is not None:
+        rec = PreferencePair(_messages(row["prompt"], ctx, "prompt", tags),
+                             _response(row["chosen"], ctx, "chosen", tags),
+                             _response(row["rejected"], ctx, "rejected", tags))
+    else:
+        rec = PreferencePair(*_split_implicit(_messages(row["chosen"], ctx, "chosen", tags),
+                                              _messages(row["rejected"], ctx, "rejected", tags), ctx))
+    rec.margin = _margin(row.get("margin"), ctx)
+    rec.source = source
+    if variables:
+        for msg in rec.prompt + rec.responses:
+            msg.content = fill_variables(msg.content, variables)
+    return rec
+
+
+# ---------------------------------------------------------------- tokenized samples
+
+
+@dataclass
+class PrefSample:
+    """One prompt's K tokenized responses and the (better, worse) pairs among them."""
+
+    input_ids: list[list[int]]  # K rows: prompt + response, rendered by the chat template
+    weights: list[list[float]]  # K rows: 1 on the response tokens (mask "last"), else 0
+    pairs: list[tuple[int, int]]
+    margin: float = 0.0
+    ref_logps: list[float] | None = None  # reference log-prob per response, when precomputed
+    source: str = ""
+
+
+@dataclass
+class PrefData:
+    train: list[PrefSample]
+    eval: list[PrefSample] | None
+    drops: dict[str, int] = field(default_factory=dict)
+    n_rows: int = 0
+
+
+def encode_preference(rec: RankedResponses, tokenizer, *, max_length: int | None, system: str | None) -> PrefSample:
+    """Tokenize each prompt + response with the one template path; raises DropSample to drop."""
+    from posttrain.templates.render import DropSample, encode_conversation
+
+    if len({(m.content, str(m.tool_calls)) for m in rec.responses}) < len(rec.responses):
+        raise DropSample("chosen_equals_rejected", rec.source)
+    pairs = rec.pairs()
+    if not pairs:
+        raise DropSample("all_ranks_tied", rec.source)
+    ids, weights = [], []
+    for resp in rec.responses:
+        conv = Conversation(messages=[*rec.prompt, resp], source=rec.source)
+        (enc,) = encode_conversation(conv, tokenizer, mask="last", max_length=max_length, system=system)
+        ids.append(enc.input_ids)
+        weights.append(enc.weights)
+    return PrefSample(ids, weights, pairs, rec.margin, source=rec.source)
+
+
+def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None) -> list[RankedResponses]:
+    rows = read_rows(ds_cfg.path)
+    recs = [row_to_preference(row, source=source_of(ds_cfg.path, i), columns=ds_cfg.columns,
+                              role_tags=ds_cfg.role_tags, variables=variables) for i, row in enumerate(rows)]
+    if ds_cfg.max_samples is not None and ds_cfg.max_samples < len(recs):
+        keep = np.sort(np.random.default_rng(0).permutation(len(recs))[: ds_cfg.max_samples])
+        recs = [recs[i] for i in keep]
+    return recs
+
+
+def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops: Counter) -> list[PrefSample]:
+    from posttrain.templates.render import DropSample
+
+    out = []
+    for rec in recs:
+        try:
+            out.append(encode_preference(rec, tokenizer, max_length=max_length, system=system))
+        except DropSample as drop:
+            drops[drop.reason] += 1
+    return out
+
+
+def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefData:
+    """Read, hold out (val_size or eval_datasets), and encode preference files."""
+    from posttrain.templates.render import apply_template
+
+    apply_template(tokenizer, template_cfg.name)
+    train = [r for ds in data_cfg.datasets for r in read_preferences(ds, data_cfg.variables)]
+    evals = [r for ds in data_cfg.eval_datasets for r in read_preferences(ds, data_cfg.variables)]
+    n_rows = len(train) + len(evals)
+    if not evals and data_cfg.val_size > 0:
+        n_val = int(data_cfg.val_size) if data_cfg.val_size >= 1 else max(1, round(data_cfg.val_size * len(train)))
+        if n_val >= len(train):
+            raise PosttrainError(f"data.val_size={data_cfg.val_size} leaves no preference rows to train on")
+        held = set(np.random.default_rng([seed, 3]).choice(len(train), n_val, replace=False).tolist())
+        evals = [r for i, r in enumerate(train) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
+    drops: Counter = Counter()
+    train_s = encode_all(train, tokenizer, data_cfg.max_length, template_cfg.system, drops)
+    eval_s = encode_all(evals, tokenizer, data_cfg.max_length, template_cfg.system, drops)
+    if not train_s:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(drops.items())) or "no rows"
+        raise PosttrainError(f"no preference samples left ({n_rows} rows read; dropped {counts})")
+    return PrefData(train_s, eval_s or None, dict(drops), n_rows)
+
+
+def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_id: int) -> dict:
+    """Every response of every prompt in the micro-batch becomes one row; pairs index those rows.
+
+    pair_weight = 1 / (pairs of the prompt), so a K-response prompt counts once whatever K is.
+    """
+    import torch
+
+    from posttrain.data.collate import collate
+
+    flat_ids, flat_w, better, worse, margin, weight, ref = [], [], [], [], [], [], []
+    for unit in units:
+        for i in unit:
+            s, base = samples[i], len(flat_ids)
+            flat_ids += s.input_ids
+            flat_w += s.weights
+            for b, w in s.pairs:
+                better.append(base + b)
+                worse.append(base + w)
+                margin.append(s.margin)
+                weight.append(1.0 / len(s.pairs))
+            ref += s.ref_logps or []
+    batch = collate([[k] for k in range(len(flat_ids))], input_ids=flat_ids, weights=flat_w, pad_id=pad_id)
+    batch.update(pair_better=torch.tensor(better), pair_worse=torch.tensor(worse),  # (P,) row indices
+                 pair_margin=torch.tensor(margin), pair_weight=torch.tensor(weight))  # (P,)
+    if ref:
+        if len(ref) != len(flat_ids):
+            raise PosttrainError("reference log-probs were precomputed for only some samples")
+        batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)  # (R,)
+    return batch

@@ -1,0 +1,126 @@
+"""DPO-family stage, read top to bottom: config -> preference data -> policy (+ reference) -> loop.
+
+Chosen and rejected responses of a micro-batch go through the policy in one forward pass; the
+LM head runs only at response positions. The reference is the LoRA base with adapters off, a
+frozen copy, or log-probs precomputed once before training (no second model in memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.config import RunConfig, save_config
+from posttrain.data.preference import PrefSample, build_preference_data
+from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
+from posttrain.models.load import load_base
+from posttrain.models.methods import apply_method, count_parameters, lm_head_and_backbone
+from posttrain.models.run import save_model
+from posttrain.train.lm_forward import hidden_states, supervised_targets
+from posttrain.train.loop import Dist, Loop
+from posttrain.train.reward import to_batches
+
+log = logging.getLogger("posttrain")
+
+
+def response_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) summed log-prob of each row's response tokens, and (R,) their counts."""
+    _, head = lm_head_and_backbone(model)
+    hidden = hidden_states(model, batch)  # (R, T, H)
+    index, targets, _ = supervised_targets(batch)  # (N, 2), (N,)
+    selected = hidden[index[:, 0], index[:, 1]]  # (N, H)
+
+    def token_logps(h, t):
+        return torch.log_softmax(head(h).float(), dim=-1).gather(-1, t[:, None])[:, 0]  # (n,)
+
+    parts = []
+    for start in range(0, selected.shape[0], chunk):
+        args = (selected[start:start + chunk], targets[start:start + chunk])
+        # recompute each chunk's logits in backward instead of keeping (N, V) alive
+        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if selected.shape[0] > chunk
+                     else token_logps(*args))
+    rows = batch["input_ids"].shape[0]
+    flat = torch.cat(parts) if parts else hidden.new_zeros(0)
+    logps = hidden.new_zeros(rows, dtype=torch.float32).index_add(0, index[:, 0], flat)
+    lengths = torch.bincount(index[:, 0], minlength=rows).float()
+    return logps, lengths
+
+
+def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=None, chunk: int = 1024):
+    """Policy (and reference) log-probs of every response -> the chosen loss over the batch's pairs."""
+    logps, lengths = response_logps(model, batch, chunk)
+    better, worse = batch["pair_better"], batch["pair_worse"]
+    ref = None
+    if dpo_cfg.loss not in REFERENCE_FREE:
+        ref = batch.get("ref_logps")
+        if ref is None:
+            with torch.no_grad(), (model.disable_adapter() if ref_model is None else nullcontext()):
+                ref = response_logps(ref_model if ref_model is not None else model, batch, chunk)[0]
+    lp = PairLogps(logps[better], logps[worse], None if ref is None else ref[better],
+                   None if ref is None else ref[worse], lengths[better], lengths[worse])
+    return preference_loss(dpo_cfg.loss, lp, batch["pair_weight"], normalizer, beta=dpo_cfg.beta,
+                           label_smoothing=dpo_cfg.label_smoothing, gamma=dpo_cfg.gamma,
+                           sft_weight=dpo_cfg.sft_weight)
+
+
+@torch.no_grad()
+def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: int, device, chunk: int) -> None:
+    """Store each response's reference log-prob on its sample (run before any training step)."""
+    was_training = model.training
+    model.eval()
+    batches = to_batches(samples, pad_id)
+    for start in range(0, len(samples), micro):
+        units = [[i] for i in range(start, min(start + micro, len(samples)))]
+        batch = {k: v.to(device) for k, v in batches.collate(units).items()}
+        logps = response_logps(model, batch, chunk)[0].tolist()
+        for (i,) in units:
+            k = len(samples[i].input_ids)
+            samples[i].ref_logps, logps = logps[:k], logps[k:]
+    model.train(was_training)
+
+
+def reference_mode(cfg: RunConfig) -> str:
+    if cfg.dpo.loss in REFERENCE_FREE:
+        return "none"
+    if cfg.dpo.reference == "auto":
+        return "adapter" if cfg.method.type == "lora" else "precompute"
+    return cfg.dpo.reference
+
+
+def run(cfg: RunConfig) -> dict:
+    dist_ctx = Dist.from_environment(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.main:
+        save_config(cfg, out_dir / "config.yaml")
+
+    model, tokenizer = load_base(cfg.model, dist_ctx.device)
+    data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
+    if data.drops:
+        log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
+    mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
+    ref_model = None
+    if mode == "copy":
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    elif mode == "precompute":  # before training, the policy is the reference
+        for samples in (data.train, data.eval or []):
+            precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, dist_ctx.device, chunk)
+    model = apply_method(model, cfg)
+    trainable, total = count_parameters(model)
+    log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
+             len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
+
+    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk)
+    loop = Loop(cfg, model, to_batches(data.train, pad_id), loss_fn,
+                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
+    extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
+             "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
+             "dropped": data.drops, "trainable_params": trainable, "total_params": total}
+    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)

@@ -8,6 +8,9 @@ import pytest
 import yaml
 
 from posttrain.cli import main
+from posttrain.data.records import Message
+from posttrain.models.run import load_model_for_inference
+from posttrain.serve.chat import generate_reply
 
 ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
         {"instruction": "Say hi.", "input": "", "output": "Hi there!"},
@@ -39,7 +42,10 @@ def test_train_chat_export(run_config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["chat", str(run), "--prompt", "Who are you?", "--max-new-tokens", "5"]) == 0
     reply = capsys.readouterr().out
-    assert reply.endswith("\n") and len(reply.strip()) > 0
+    model, tokenizer, cfg = load_model_for_inference(run)
+    expected = generate_reply(model, tokenizer, [Message("user", "Who are you?")], max_new_tokens=5,
+                              system=cfg.template.system)
+    assert reply == expected + "\n"  # greedy: the CLI prints exactly the library's reply
     assert main(["export", str(run), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 

@@ -14,7 +14,7 @@ from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.methods import apply_method
 from posttrain.train.lm_forward import sft_forward
-from tests.test_loop import make_data
+from test_loop import make_data
 
 
 def lora_model(tiny_dir, tmp_path):

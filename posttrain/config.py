@@ -8,25 +8,17 @@ valid key as a suggestion). Cross-field rules live in `validate()`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from posttrain import typed_config
 from posttrain.errors import ConfigError
+from posttrain.typed_config import build, opt, parse_override, set_dotted
 
-
-def opt(default: Any, doc: str) -> Any:
-    """A config field with its default and one-line doc (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+__all__ = ["RunConfig", "describe_keys", "load_config", "parse_override", "save_config", "validate"]
 
 
 @dataclass
@@ -266,113 +258,6 @@ class RunConfig:
     dpo: DPOConfig = opt(DPOConfig(), "preference-optimisation stage (stage=dpo)")
 
 
-# ---------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; convert only safe cases (int->float, '1e-4'->float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping (section {tp.__name__}), got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"config key {key}: {value!r} is not one of {_type_name(tp)}{hint}")
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, (str, int, float)) and args[0] is not dict else value
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif tp is type(None) and value is None:
-        return None
-    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config override {dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`lora.r=16` -> ("lora.r", 16); values are YAML, so lists and null work: `a.b=[x,y]`."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=1e-4)")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **tree_extra: Any) -> RunConfig:
     """Read YAML (or start from defaults), apply dotted overrides, type-check, validate."""
     tree: dict = {}
@@ -389,10 +274,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         base_dir = path.parent
     for dotted, value in tree_extra.items():
-        _set_dotted(tree, dotted, value)
+        set_dotted(tree, dotted, value)
     for item in overrides:
-        _set_dotted(tree, *parse_override(item))
-    cfg = _build(RunConfig, tree)
+        set_dotted(tree, *parse_override(item))
+    cfg = build(RunConfig, tree)
     for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
@@ -503,17 +388,4 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) for every leaf key: the source of `posttrain keys`."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe_keys(tp, prefix + f.name + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            rows.append((prefix + f.name, "[]", f.metadata.get("doc", "")))
-            rows.extend(describe_keys(typing.get_args(tp)[0], prefix + f.name + "[]."))
-            continue
-        rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
-    return rows
+    return typed_config.describe_keys(cls, prefix)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from posttrain.data.build.stream import iter_rows, side_path
+from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError
 
 ROUGE_LIMIT = 0.7  # the paper's novelty threshold
@@ -34,22 +35,10 @@ def _tokens(text: str) -> list[str]:
 
 
 def rouge_l(a: str | list[str], b: str | list[str]) -> float:
-    """ROUGE-L F1 between two texts: longest common token subsequence, as rouge_score's fmeasure."""
+    """ROUGE-L F1 between two texts (the novelty test of Self-Instruct); the metric lives in eval.metrics."""
     x = _tokens(a) if isinstance(a, str) else a
     y = _tokens(b) if isinstance(b, str) else b
-    if not x or not y:
-        return 0.0
-    prev = [0] * (len(y) + 1)
-    for tok in x:
-        cur = [0]
-        for j, other in enumerate(y):
-            cur.append(prev[j] + 1 if tok == other else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(x), lcs / len(y)
-    return 2 * precision * recall / (precision + recall)
+    return metrics.rouge_l(x, y)
 
 
 def heuristic_reject(instruction: str) -> str | None:

@@ -117,7 +117,8 @@ def test_rank_polish_skip_and_export(ui, tmp_path):
     assert "exported 1 ranked items, 3 pairs" in out
     ranked = [json.loads(x) for x in Path(out.splitlines()[1]).read_text().splitlines()]
     assert ranked == [{"prompt": "Name a colour.", "responses": ["Red is a colour.", "Blue is a colour.",
-                                                                 "I like turtles."], "id": "0", "annotator": "alice"}]
+                                                                 "I like turtles."], "ranks": [0, 1, 2],
+                       "id": "0", "annotator": "alice"}]
     pairs = [json.loads(x) for x in Path(out.splitlines()[2]).read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", "I like turtles."),

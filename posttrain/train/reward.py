@@ -87,14 +87,15 @@ def run(cfg: RunConfig) -> dict:
         if ".score." in f".{name}" and "original_module" not in name:
             param.requires_grad_(True)
     trainable, total = count_parameters(model)
-    log.info("prompts: %d train, %d eval; trainable parameters %d of %d", len(data.train),
-             len(data.eval or []), trainable, total)
+    n_pairs = sum(len(sample.pairs) for sample in data.train)
+    log.info("prompts: %d train (%d ranked pairs), %d eval; trainable parameters %d of %d", len(data.train),
+             n_pairs, len(data.eval or []), trainable, total)
 
     pad_id = tokenizer.pad_token_id
     loop = Loop(cfg, model, to_batches(data.train, pad_id),
                 functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
                 eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
-    extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train),
+    extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train), "train_pairs": n_pairs,
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,
              "trainable_params": trainable, "total_params": total}
     return loop.run(lambda d: save_reward_model(model, tokenizer, d), extra_summary=extra)

@@ -121,8 +121,9 @@ class AnnotationTask:
                 order = sorted(range(len(lab["responses"])), key=lambda i: lab["ranking"][i])
                 best_first = [lab["responses"][i] for i in order]
                 meta = {"id": lab["item"], "annotator": lab["annotator"]}
-                rf.write(json.dumps({"prompt": lab["prompt"], "responses": best_first, **meta}, ensure_ascii=False)
-                         + "\n")
+                # `ranks` (0 = best) makes the file the ranked-list layout the rm and dpo stages read
+                row = {"prompt": lab["prompt"], "responses": best_first, "ranks": list(range(len(best_first)))}
+                rf.write(json.dumps(row | meta, ensure_ascii=False) + "\n")
                 for better, worse in combinations(best_first, 2):
                     pf.write(json.dumps({"prompt": lab["prompt"], "chosen": better, "rejected": worse, **meta},
                                         ensure_ascii=False) + "\n")

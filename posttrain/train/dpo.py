@@ -11,19 +11,18 @@ import copy
 import functools
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.config import RunConfig, save_config
+from posttrain.config import RunConfig
 from posttrain.data.preference import PrefSample, build_preference_data
 from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method, count_parameters, lm_head_and_backbone
 from posttrain.models.run import save_model
 from posttrain.train.lm_forward import hidden_states, supervised_targets
-from posttrain.train.loop import Dist, Loop
+from posttrain.train.loop import Loop, start_run
 from posttrain.train.reward import to_batches
 
 log = logging.getLogger("posttrain")
@@ -94,12 +93,7 @@ def reference_mode(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig) -> dict:
-    dist_ctx = Dist.from_environment(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist_ctx.main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_base(cfg.model, dist_ctx.device)
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)

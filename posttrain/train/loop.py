@@ -63,6 +63,23 @@ class Dist:
         return t.tolist()
 
 
+def start_run(cfg: RunConfig) -> tuple[Dist, Path]:
+    """What every stage does first: join the process group, seed, create the run folder, save the config."""
+    import logging
+
+    from posttrain.config import save_config
+
+    dist_ctx = Dist.from_environment(cfg.train.device)
+    if not dist_ctx.main:
+        logging.getLogger("posttrain").setLevel(logging.WARNING)  # one process speaks for the run
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.main:
+        save_config(cfg, out_dir / "config.yaml")
+    return dist_ctx, out_dir
+
+
 def make_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over a parameter list, or over groups (a group's own "lr" overrides cfg.lr)."""
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import RunConfig, save_config
+from posttrain.config import RunConfig
 from posttrain.data.preference import PrefSample, build_preference_data, collate_preferences
 from posttrain.errors import ModelSourceError
 from posttrain.losses import pairwise_reward_loss
 from posttrain.models.methods import apply_method, count_parameters
-from posttrain.train.loop import Batches, Dist, Loop
+from posttrain.train.loop import Batches, Loop, start_run
 
 log = logging.getLogger("posttrain")
 
@@ -71,12 +71,7 @@ def save_reward_model(model, tokenizer, out_dir: Path) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    dist_ctx = Dist.from_environment(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist_ctx.main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_reward_model(cfg.model, dist_ctx.device)
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
-import torch
 
-from posttrain.config import RunConfig, save_config
+from posttrain.config import RunConfig
 from posttrain.data.collate import collate
 from posttrain.data.pipeline import build_sft_data
 from posttrain.models.load import load_base
@@ -16,7 +14,7 @@ from posttrain.models.methods import (apply_method, count_parameters, optimizer_
                                       step_hook)
 from posttrain.models.run import save_model
 from posttrain.train.lm_forward import sft_forward
-from posttrain.train.loop import Batches, Dist, Loop
+from posttrain.train.loop import Batches, Loop, start_run
 
 log = logging.getLogger("posttrain")
 
@@ -32,14 +30,7 @@ def to_batches(dataset, pad_id: int) -> Batches:
 
 
 def run(cfg: RunConfig) -> dict:
-    dist_ctx = Dist.from_environment(cfg.train.device)
-    if not dist_ctx.main:
-        log.setLevel(logging.WARNING)  # one process speaks for the run
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist_ctx.main:
-        save_config(cfg, out_dir / "config.yaml")
+    dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg, dist_ctx.device))
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)

@@ -39,6 +39,21 @@ def read_rows(path: str | Path):
         raise DataError(f"{path}: cannot be read as {builder}: {first}") from err
 
 
+def iter_json_lines(path: Path):
+    """Yield (line number, row) of a JSON-lines file, skipping blank lines; a bad line is a DataError."""
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
 def _find_bad_json(path: Path) -> None:
     """Raise a DataError at the first malformed line (JSON lines) or position (JSON array)."""
     with path.open(encoding="utf-8-sig", errors="replace") as f:
@@ -52,18 +67,9 @@ def _find_bad_json(path: Path) -> None:
             if not isinstance(row, dict):
                 raise DataError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
         return
-    blank = False
+    lines = sum(1 for _ in iter_json_lines(path))
     with path.open(encoding="utf-8-sig", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                blank = True
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+        blank = sum(1 for _ in f) > lines
     if blank:
         # datasets' mixed-type JSON handling fails on blank lines; every line parsed, so say so
         raise DataError(f"{path}: every line is valid JSON, but datasets' JSON reader fails on files with "

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from posttrain.data.formats import detect_format, row_to_conversation
-from posttrain.data.reading import read_rows, source_of
+from posttrain.data.reading import iter_json_lines, read_rows, source_of
 from posttrain.data.records import Conversation
 from posttrain.errors import DataError
 
@@ -41,17 +41,8 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(rows):
             yield source_of(path, i), {k: v for k, v in row.items() if v is not None}
         return
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path} line {number}", row
+    for number, row in iter_json_lines(path):
+        yield f"{path} line {number}", row
 
 
 def count_rows(path: str | Path) -> int:

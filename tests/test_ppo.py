@@ -1,5 +1,6 @@
-"""PPO: losses against hand-computed values, KL control, reward sources, and a tiny-model run."""
+"""PPO: losses against hand-computed values, KL control, reward sources, tiny-model runs (learning, ptx, resume)."""
 
+import dataclasses
 import json
 import math
 import threading
@@ -226,8 +227,6 @@ def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
         {"path": str(tmp_path / "sft.jsonl")}]})
     base, tok = load_base(cfg.model, "cpu")
     policy = apply_method(base, cfg)
-    import dataclasses
-
     data = build_sft_data(dataclasses.replace(cfg.data, datasets=cfg.ppo.ptx_datasets), cfg.template, tok, 0)
     batches = to_batches(data.train, tok.pad_token_id)
     grads = {}
@@ -256,3 +255,93 @@ def test_ppo_config_rules():
         load_config(None, [*base, "ppo.rollout_batch_size=6", "ppo.mini_batch_size=4"])
     with pytest.raises(ConfigError, match="reward.url"):
         load_config(None, [*base, "reward.type=http"])
+
+
+# ---------------------------------------------------------------- learning and resume
+
+UPPERCASE_RULE = ("def count_upper(prompts, responses):\n"
+                  "    return [float(sum(c.isupper() for c in r)) for r in responses]\n")
+LOWER_WORDS = "the cat sat on a mat and a dog ran to the park where it met a bird that sang all day".split()
+
+
+def _learning_run(tmp_path, tiny_dir, name, **extra):
+    """Reward = uppercase letters in the reply; ptx data = lowercase text, so chasing the reward costs LM loss."""
+    import random
+
+    rnd = random.Random(0)
+    (tmp_path / "ptx.jsonl").write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": "tell me a story"},
+        {"role": "assistant", "content": " ".join(rnd.choice(LOWER_WORDS) for _ in range(12))}]}) for _ in range(40)))
+    (tmp_path / "upper.py").write_text(UPPERCASE_RULE)
+    overrides = {
+        "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.max_new_tokens": 8, "ppo.sample_every": 0,
+        "reward.function": f"{tmp_path / 'upper.py'}:count_upper", "train.micro_batch_size": 4,
+        # full fine-tuning: under LoRA a random model's frozen lm_head can barely move its logits
+        "method.type": "full", "optim.lr": 0.01, "optim.scheduler": "constant", "train.max_steps": 20,
+        "ppo.kl_coef": 0.2, "ppo.ptx_datasets": [{"path": str(tmp_path / "ptx.jsonl")}], "ppo.ptx_val_size": 8,
+        "output.dir": str(tmp_path / name)} | extra
+    return _write_run(tmp_path, tiny_dir, **overrides)
+
+
+def _train_rows(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_tiny_run_raises_rule_reward_with_bounded_kl_and_ptx_keeps_lm_loss(tmp_path, tiny_dir):
+    from posttrain.train import ppo
+
+    runs = {"kl": {}, "no_kl": {"ppo.kl_coef": 0.0}, "kl_ptx": {"ppo.ptx_coef": 1.0}}
+    summaries = {name: ppo.run(_learning_run(tmp_path, tiny_dir, name, **extra)) for name, extra in runs.items()}
+    rows = {name: _train_rows(tmp_path / name) for name in runs}
+    reward = [r["reward_raw"] for r in rows["kl"]]
+    kl, kl_free = [r["kl"] for r in rows["kl"]], [r["kl"] for r in rows["no_kl"]]
+    # about 0.5 uppercase letters per 8-token reply at the start; a few more after 20 steps
+    assert _mean(reward[-4:]) > _mean(reward[:4]) + 0.75, reward
+    # the penalty holds the KL (nats per reply) to a few nats where the same run without it drifts far
+    assert max(kl) < 15.0, kl
+    assert _mean(kl_free[-4:]) > 2 * _mean(kl[-4:]), (kl, kl_free)
+    rise = {n: s["ptx_eval_after"]["loss"] - s["ptx_eval_before"]["loss"] for n, s in summaries.items()}
+    assert rise["kl"] > 0, rise  # chasing uppercase costs LM loss on the lowercase held-out set ...
+    assert rise["kl_ptx"] < rise["kl"], rise  # ... less (here: it falls) with the ptx term on that distribution
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, monkeypatch):
+    from posttrain.train import ppo
+
+    extra = {"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 1, "reward.normalize": True,
+             "ppo.kl_control": "adaptive", "ppo.kl_target": 0.5, "ppo.kl_horizon": 20, "ppo.ptx_coef": 0.5,
+             "ppo.ptx_datasets": [{"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_val_size": 2}
+    full = ppo.run(_write_run(tmp_path, tiny_dir, **extra, **{"output.dir": str(tmp_path / "full")}))
+    cut_cfg = _write_run(tmp_path, tiny_dir, **extra, **{"output.dir": str(tmp_path / "cut")})
+    real, calls = ppo.make_rollout, []
+
+    def crash_at_step_4(*args, **kwargs):  # after the step-2 checkpoint and the logged step 3
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "make_rollout", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ppo.run(cut_cfg)
+    monkeypatch.setattr(ppo, "make_rollout", real)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
+    resumed = ppo.run(dataclasses.replace(cut_cfg, train=dataclasses.replace(cut_cfg.train, resume="auto")))
+
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # every logged step (1-2 from the cut run, 3-4 redone after resume, once each) matches the uninterrupted run
+    timing = {"tokens_per_s"}
+    rows_full, rows_cut = _train_rows(tmp_path / "full"), _train_rows(tmp_path / "cut")
+    assert [r["step"] for r in rows_cut] == [1, 2, 3, 4]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows_full] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows_cut]
+    assert rows_full[1]["kl_coef"] != 0.05 and rows_full[2]["kl"] != 0.0  # state that resume had to restore
+    for key in ("before", "after", "ptx_eval_before", "ptx_eval_after", "first_reward", "last_reward"):
+        assert resumed[key] == full[key], key

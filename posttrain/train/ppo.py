@@ -74,23 +74,28 @@ def run(cfg: RunConfig) -> dict:
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_control == "adaptive" else FixedKL(p.kl_coef)
     moments = RunningMoments()
 
+    lm_loss = functools.partial(sft_forward, chunk=cfg.train.loss_chunk)
+    ptx_eval_fn = functools.partial(evaluate_lm, policy, ptx_eval, lm_loss, cfg.train.micro_batch_size,
+                                    Dist(device=device)) if ptx_eval else dict
+
+    # resume: weights, optimizer, scheduler and RNG (the rollouts' sampling stream) from the shared checkpoint
+    # code, plus PPO's own state: KL coefficient, reward moments, and the before-training figures
     ckpt_dir = out_dir / "checkpoints"
-    step = 0
+    step, start = 0, None
     resume = find_resume(cfg.train.resume, ckpt_dir)
     if resume is not None:
         position = load_checkpoint(resume, model=pv, optimizer=optimizer, scheduler=scheduler)
         step, kl_ctl.coef, moments = position["global_step"], position["kl_coef"], RunningMoments(**position["moments"])
+        start = position.get("start")
     report = RunReport(out_dir, cfg.train.max_steps, enabled=True, tensorboard=cfg.output.tensorboard,
                        start_step=step)
-    lm_loss = functools.partial(sft_forward, chunk=cfg.train.loss_chunk)
-    ptx_eval_fn = functools.partial(evaluate_lm, policy, ptx_eval, lm_loss, cfg.train.micro_batch_size,
-                                    Dist(device=device)) if ptx_eval else dict
-    summary = {"stage": "ppo", "prompts": len(prompts), "trainable_params": trainable, "total_params": total,
-               "before": greedy_samples(policy, tokenizer, prompts[:2], stops, p.max_new_tokens),
-               "ptx_eval_before": ptx_eval_fn()}
-    if summary["ptx_eval_before"]:
-        report.eval(step, summary["ptx_eval_before"])
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    if start is None:
+        start = {"before": greedy_samples(policy, tokenizer, prompts[:2], stops, p.max_new_tokens),
+                 "ptx_eval_before": ptx_eval_fn()}
+        if start["ptx_eval_before"]:
+            report.eval(step, start["ptx_eval_before"])
+    summary = {"stage": "ppo", "prompts": len(prompts), "trainable_params": trainable, "total_params": total, **start}
+    gen = torch.Generator()
 
     while step < cfg.train.max_steps:
         batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), step, p.rollout_batch_size, cfg.train.seed)]
@@ -109,7 +114,8 @@ def run(cfg: RunConfig) -> dict:
             report.eval(step, ptx_eval_fn())
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save_checkpoint(ckpt_dir, model=pv, optimizer=optimizer, scheduler=scheduler, keep_last=cfg.train.keep_last,
-                            position={"global_step": step, "kl_coef": kl_ctl.coef, "moments": moments.state()})
+                            position={"global_step": step, "kl_coef": kl_ctl.coef, "moments": moments.state(),
+                                      "start": start})
 
     summary["ptx_eval_after"] = ptx_eval_fn()
     if summary["ptx_eval_after"]:
@@ -216,7 +222,7 @@ def ptx_step(policy, ptx_train, p, cfg: RunConfig, gen: torch.Generator) -> floa
     normalizer = max(1.0, float(sum(ptx_train.loss_tokens[i] for i in idx)))
     loss, _ = sft_forward(policy, batch, normalizer, chunk=cfg.train.loss_chunk)
     (p.ptx_coef * loss).backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ class RunReport:
         if not enabled:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:
+            self.history = self._rows_until(start_step)
         self.jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,6 +44,16 @@ class RunReport:
             self.tb = SummaryWriter(str(self.log_dir))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, file=sys.stderr)
+
+    def _rows_until(self, start_step: int) -> list[dict]:
+        """On resume: the logged rows up to the checkpoint, kept; later rows (redone after resume) dropped."""
+        path = self.log_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [r for r in rows if r["step"] <= start_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return rows
 
     def step(self, step: int, metrics: dict, *, tokens: int, loss_tokens: int, log: bool) -> None:
         self.tokens += tokens

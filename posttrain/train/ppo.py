@@ -129,7 +129,7 @@ def run(cfg: RunConfig) -> dict:
                 "first_reward": train_rows[0]["reward_raw"] if train_rows else None,
                 "last_reward": train_rows[-1]["reward_raw"] if train_rows else None}
     result = report.finish(summary)
-    plot_reward_kl(report.history, out_dir / "reward_kl.png")
+    plot_reward_kl(report.history, out_dir / "reward_kl.png", p.kl_target if p.kl_control == "adaptive" else None)
     return result
 
 
@@ -240,8 +240,8 @@ def write_sample(out_dir: Path, step: int, texts: list[dict]) -> None:
         f.write(json.dumps({"step": step, **texts[0]}, ensure_ascii=False) + "\n")
 
 
-def plot_reward_kl(history: list[dict], path: Path) -> None:
-    """reward_kl.png: raw reward and KL to the reference per PPO step."""
+def plot_reward_kl(history: list[dict], path: Path, kl_target: float | None = None) -> None:
+    """reward_kl.png: raw reward and KL to the reference per PPO step (+ a 4-step trailing mean; the KL target)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,10 +251,15 @@ def plot_reward_kl(history: list[dict], path: Path) -> None:
     if not rows:
         return
     steps = [r["step"] for r in rows]
+    raw = [r["reward_raw"] for r in rows]
+    trailing = [sum(raw[max(0, i - 3):i + 1]) / len(raw[max(0, i - 3):i + 1]) for i in range(len(raw))]
     fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_r.plot(steps, [r["reward_raw"] for r in rows], label="reward (raw score)")
-    ax_r.plot(steps, [r["reward_with_kl"] for r in rows], label="reward - beta * KL")
+    ax_r.plot(steps, raw, alpha=0.5, label="reward (raw score)")
+    ax_r.plot(steps, trailing, color="tab:blue", linewidth=2, label="reward, mean of last 4 steps")
+    ax_r.plot(steps, [r["reward_with_kl"] for r in rows], label="shaped reward - beta * KL")
     ax_k.plot(steps, [r["kl"] for r in rows], color="tab:red", label="KL to reference (per response)")
+    if kl_target is not None:
+        ax_k.axhline(kl_target, color="gray", linestyle="--", label="adaptive KL target")
     for ax in (ax_r, ax_k):
         ax.set_xlabel("PPO step")
         ax.legend()

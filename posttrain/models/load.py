@@ -118,10 +118,25 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelSourceError(f"could not load a model from {path}: {err}") from None
+    if quantization_config is not None:
+        keep_4bit_layout(model)
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
     return (model if quantization_config is not None else model.to(device)), tokenizer
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its bf16 CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weights at the first no-grad
+    eval forward into a layout with bf16 block scales and computes in bf16. That rounds the stored
+    scales (the quantised base is no longer the one loaded, and saving re-quantises it) and makes
+    inference differ from training's fp32 compute. The QLoRA base must stay exactly as loaded.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # ---------------------------------------------------------------- hub access

@@ -61,6 +61,36 @@ def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys)
     assert plain == pytest.approx(first["rewards"], abs=1e-5)
 
 
+
+def _all_rewards(model, samples, pad_id):
+    from posttrain.train.reward import sequence_rewards, to_batches
+
+    with torch.no_grad():
+        return sequence_rewards(model.eval(), to_batches(samples, pad_id).collate([list(range(len(samples)))]))
+
+
+def test_reward_std_is_the_std_over_every_response(tiny_dir, prefs, tmp_path):
+    """Logged rewards/mean and /std equal torch's over all responses: train summed over 2 micro-batches, and eval."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.data.preference import build_preference_data
+    from posttrain.models.load import load_tokenizer
+    from posttrain.train import reward
+
+    out = tmp_path / "rm"
+    # lr 0: the weights that produced the logged metrics are the saved ones; 8 train prompts = 4 x 2 micro-batches
+    cfg = _cfg("rm", tiny_dir, prefs, out, "train.max_steps=1", "optim.lr=0", "train.grad_accum=2")
+    reward.run(cfg)
+    train, evals = _history(out)
+    tok = load_tokenizer(str(out))
+    data = build_preference_data(cfg.data, cfg.template, tok, cfg.train.seed)
+    saved = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
+    for logged, samples in ((train[0], data.train), (evals[-1], data.eval)):
+        rewards = _all_rewards(saved, samples, tok.pad_token_id)  # (R,) every response once
+        assert len(rewards) == 2 * len(samples) and float(rewards.std()) > 1e-4
+        assert logged["rewards/std"] == pytest.approx(float(rewards.std()), abs=1e-5)
+        assert logged["rewards/mean"] == pytest.approx(float(rewards.mean()), abs=1e-5)
+
 def test_dpo_learns_and_trains_only_adapters(tiny_dir, prefs, tmp_path):
     from posttrain.train import dpo
 

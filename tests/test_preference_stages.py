@@ -91,6 +91,67 @@ def test_reward_std_is_the_std_over_every_response(tiny_dir, prefs, tmp_path):
         assert logged["rewards/std"] == pytest.approx(float(rewards.std()), abs=1e-5)
         assert logged["rewards/mean"] == pytest.approx(float(rewards.mean()), abs=1e-5)
 
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_normalized_reward_model_scores_the_reference_set_at_zero(tiny_dir, prefs, tmp_path, capsys):
+    """rm.normalize_data stores an offset; posttrain score, the PPO source and serve subtract it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.cli import main
+    from posttrain.data.preference import encode_preference, row_to_preference
+    from posttrain.data.records import Message
+    from posttrain.models.load import load_tokenizer
+    from posttrain.serve.api import ApiError, _generator, load_engine
+    from posttrain.serve.engine import Job, Sampling
+    from posttrain.train import reward
+    from posttrain.train.rewards import RewardModel
+
+    out = tmp_path / "rm"
+    reward.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=2", f"rm.normalize_data={prefs}"))
+    offset = json.loads((out / "train_summary.json").read_text())["reward_offset"]
+    assert json.loads((out / "config.json").read_text())["reward_offset"] == offset and abs(offset) > 1e-3
+
+    def scored(*args):  # posttrain score -> each row's [chosen, rejected] rewards
+        assert main(["score", str(out), "--data", str(prefs), "--out", str(tmp_path / "s.jsonl"), *args]) == 0
+        capsys.readouterr()
+        return [json.loads(line)["rewards"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+
+    rewards = scored()
+    assert abs(_mean([r[0] for r in rewards])) < 1e-5  # the reference responses: the chosen ones
+    saved = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers: the raw score
+    ids = encode_preference(row_to_preference(ROWS[0], source="x"), load_tokenizer(str(out)), max_length=None,
+                            system=None).input_ids[0]
+    with torch.no_grad():
+        raw = float(saved(input_ids=torch.tensor([ids])).logits[0, 0])
+    assert raw - saved.config.reward_offset == pytest.approx(rewards[0][0], abs=1e-5)
+
+    ppo = RewardModel(str(out))([r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
+    assert abs(_mean(ppo)) < 1e-5
+    engine = load_engine(str(out), device="cpu")
+    try:
+        assert engine.score_kind == "reward"
+        with pytest.raises(ApiError, match="reward model"):  # chat/completions on it: a 400, not a crash
+            _generator(engine)
+        served = [engine.submit(Job([], 1, Sampling(), score=([Message("user", r["prompt"])], [r["chosen"]])))
+                  .result(timeout=60)[0] for r in ROWS]
+    finally:
+        engine.close()
+    assert abs(_mean(served)) < 1e-5
+
+    # --normalize on a conversation file re-fits from the raw scores: now its replies (the rejected) average 0
+    convs = tmp_path / "rejected.jsonl"
+    convs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                      {"role": "assistant", "content": r["rejected"]}]}) + "\n"
+                             for r in ROWS))
+    assert main(["score", str(out)]) == 2 and "--normalize" in capsys.readouterr().err  # neither: one-line error
+    again = scored("--normalize", str(convs))
+    assert abs(_mean([r[1] for r in again])) < 1e-5
+    gaps = [(a[0] - a[1], b[0] - b[1]) for a, b in zip(again, rewards)]
+    assert all(x == pytest.approx(y, abs=1e-5) for x, y in gaps)  # an offset never changes a margin
+
 def test_dpo_learns_and_trains_only_adapters(tiny_dir, prefs, tmp_path):
     from posttrain.train import dpo
 

@@ -236,6 +236,9 @@ class DPOConfig:
     reference: Literal["auto", "adapter", "copy", "precompute"] = opt(
         "auto", "reference model: LoRA base with adapters off, a frozen copy, or log-probs precomputed once; "
         "auto = adapter with LoRA, else precompute")
+    reference_cache: bool = opt(
+        True, "precompute: keep the reference log-probs in $POSTTRAIN_CACHE/ref_logps, keyed by the tokenized "
+        "data, the model and its settings; a later run with the same key loads them")
 
 
 @dataclass

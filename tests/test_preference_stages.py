@@ -1,6 +1,7 @@
 """RM and DPO stages on tiny-random: loss falls, the right weights train, saved RM reloads, score CLI."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -190,3 +191,40 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs):
     losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo, ref_model=ref_copy)[0]))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) == pytest.approx(losses[2], abs=1e-6)
     assert abs(losses[0] - 0.693147) > 1e-3
+
+
+def test_precomputed_reference_logps_are_cached_on_disk(tiny_dir, prefs, tmp_path, monkeypatch):
+    """Full fine-tuning DPO: the second run loads the reference log-probs (no reference pass) and logs the same."""
+    import shutil
+
+    from posttrain.data.preference import build_preference_data
+    from posttrain.models.load import load_base
+    from posttrain.train import dpo, reference_cache
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = dpo.precompute_reference
+    monkeypatch.setattr(dpo, "precompute_reference", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    args = ("train.max_steps=2", "method.type=full", "dpo.reference=precompute", "optim.lr=1e-3")
+    first = dpo.run(_cfg("dpo", tiny_dir, prefs, tmp_path / "a", *args))
+    assert first["reference_logps"] == {"train": "computed", "eval": "computed"} and len(calls) == 2
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 2
+    second = dpo.run(_cfg("dpo", tiny_dir, prefs, tmp_path / "b", *args))
+    assert second["reference_logps"] == {"train": "loaded", "eval": "loaded"} and len(calls) == 2
+    logged = [[{k: v for k, v in row.items() if k != "tokens_per_s"} for rows in _history(tmp_path / run)
+               for row in rows] for run in ("a", "b")]
+    assert logged[0] == logged[1] and abs(logged[0][0]["loss"] - 0.693147) < 1e-4  # step 0: policy = reference
+
+    # the key follows the tokenized data and the model files: a new system prompt or touched weights miss
+    model_dir = shutil.copytree(tiny_dir, tmp_path / "model")
+    cfg = _cfg("dpo", model_dir, prefs, "unused")
+    model, tok = load_base(cfg.model, "cpu")
+    samples = build_preference_data(cfg.data, cfg.template, tok, 0).train
+    key = reference_cache.cache_file(samples, model, cfg.model, "cpu")
+    assert key == reference_cache.cache_file(samples, model, cfg.model, "cpu")
+    other = _cfg("dpo", model_dir, prefs, "unused", "template.system=Be brief.")
+    assert key != reference_cache.cache_file(build_preference_data(other.data, other.template, tok, 0).train,
+                                             model, cfg.model, "cpu")
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert key != reference_cache.cache_file(samples, model, cfg.model, "cpu")

@@ -220,6 +220,9 @@ class PPOConfig:
 @dataclass
 class RewardModelConfig:
     center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2) to the loss")
+    normalize_data: str = opt(
+        "", "after training, store reward_offset so this file's reference responses (chosen / top-ranked, "
+        "or conversations' last reply) score 0 on average (InstructGPT's bias step); '' = off")
 
 
 @dataclass
@@ -233,6 +236,9 @@ class DPOConfig:
     reference: Literal["auto", "adapter", "copy", "precompute"] = opt(
         "auto", "reference model: LoRA base with adapters off, a frozen copy, or log-probs precomputed once; "
         "auto = adapter with LoRA, else precompute")
+    reference_cache: bool = opt(
+        True, "precompute: keep the reference log-probs in $POSTTRAIN_CACHE/ref_logps, keyed by the tokenized "
+        "data, the model and its settings; a later run with the same key loads them")
 
 
 @dataclass
@@ -281,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
+    if cfg.rm.normalize_data and not Path(cfg.rm.normalize_data).is_absolute() \
+            and (base_dir / cfg.rm.normalize_data).exists():
+        cfg.rm.normalize_data = str(base_dir / cfg.rm.normalize_data)
     mc = cfg.eval.mc
     if mc.data and not Path(mc.data).is_absolute() and (base_dir / mc.data).exists():
         mc.data = str(base_dir / mc.data)

@@ -70,12 +70,13 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def reward(self, messages: list[Message], answer: str) -> float:
+        from posttrain.models.load import reward_offset
         from posttrain.templates.render import encode_conversation
 
         conv = Conversation(messages=[*messages, Message("assistant", answer)])
         ids = encode_conversation(conv, self.tokenizer, mask="full")[0].input_ids
         device = next(self.model.parameters()).device
-        return float(self.model(input_ids=torch.tensor([ids], device=device)).logits[0, 0])
+        return float(self.model(input_ids=torch.tensor([ids], device=device)).logits[0, 0]) - reward_offset(self.model)
 
     def compare(self, messages: list[Message], answer_a: str, answer_b: str) -> dict:
         r_a, r_b = self.reward(messages, answer_a), self.reward(messages, answer_b)

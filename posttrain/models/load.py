@@ -139,6 +139,48 @@ def keep_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+# ---------------------------------------------------------------- reward models
+
+# config.json key of a reward model's stored offset (InstructGPT's bias step, `rm.normalize_data`):
+# the reward is the raw score minus this. Plain transformers returns the raw score.
+REWARD_OFFSET = "reward_offset"
+
+
+def load_reward_model(model_cfg, device: torch.device | str, tokenizer=None):
+    """(seq-classification model with one label, tokenizer) from any causal LM or a saved reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(model_cfg.name_or_path)
+    tokenizer = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=pick_dtype(model_cfg.dtype, device),
+            attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=_hub_local_only(path, model_cfg.revision, "config.json"))
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"could not load {path} as a reward model: {err}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not pad
+    return model.to(device), tokenizer
+
+
+def is_reward_model(folder: str | Path) -> bool:
+    """True for a saved model folder whose config.json names a one-label sequence-classification head."""
+    import json
+
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text(encoding="utf-8"))
+    archs = meta.get("architectures") or []
+    return bool(archs) and all(a.endswith("ForSequenceClassification") for a in archs) and \
+        len(meta.get("id2label") or {}) == 1
+
+
+def reward_offset(model) -> float:
+    """The offset a reward model's raw score is shifted by (0.0 when none was stored)."""
+    return float(getattr(model.config, REWARD_OFFSET, None) or 0.0)
+
+
 # ---------------------------------------------------------------- hub access
 
 

@@ -2,7 +2,8 @@
 
 Chosen and rejected responses of a micro-batch go through the policy in one forward pass; the
 LM head runs only at response positions. The reference is the LoRA base with adapters off, a
-frozen copy, or log-probs precomputed once before training (no second model in memory).
+frozen copy, or log-probs precomputed once before training (no second model in memory) and
+cached on disk, so the next run on the same data and model loads them (train/reference_cache.py).
 """
 
 from __future__ import annotations
@@ -84,6 +85,23 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
     model.train(was_training)
 
 
+def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:
+    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened."""
+    from posttrain.train import reference_cache
+
+    if not samples:
+        return "none"
+    path = reference_cache.cache_file(samples, model, cfg.model, device) if cfg.dpo.reference_cache else None
+    if path is not None and reference_cache.load_reference(path, samples):
+        log.info("reference log-probs of %d prompts loaded from %s", len(samples), path)
+        return "loaded"
+    precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, device, cfg.train.loss_chunk)
+    if path is not None:
+        reference_cache.save_reference(path, samples)
+        log.info("reference log-probs of %d prompts computed and cached in %s", len(samples), path)
+    return "computed"
+
+
 def reference_mode(cfg: RunConfig) -> str:
     if cfg.dpo.loss in REFERENCE_FREE:
         return "none"
@@ -100,12 +118,12 @@ def run(cfg: RunConfig) -> dict:
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
     mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
-    ref_model = None
+    ref_model, cached = None, {}
     if mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     elif mode == "precompute":  # before training, the policy is the reference
-        for samples in (data.train, data.eval or []):
-            precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, dist_ctx.device, chunk)
+        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx.device)
+                  for split, samples in (("train", data.train), ("eval", data.eval or []))}
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
@@ -116,5 +134,6 @@ def run(cfg: RunConfig) -> dict:
                 eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
-             "dropped": data.drops, "trainable_params": trainable, "total_params": total}
+             "dropped": data.drops, "trainable_params": trainable, "total_params": total,
+             "reference_logps": cached}
     return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)

@@ -2,7 +2,8 @@
 
 A reward source is a callable `(prompts, responses) -> list[float]`: a Python function named
 `module:function` (or `file.py:function`), a trained reward model (a transformers
-sequence-classification folder with one label, optionally a PEFT adapter), or an HTTP endpoint.
+sequence-classification folder with one label, optionally a PEFT adapter; its stored
+`reward_offset` is subtracted), or an HTTP endpoint.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class RewardModel:
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 8):
         from transformers import AutoModelForSequenceClassification
 
-        from posttrain.models.load import load_tokenizer
+        from posttrain.models.load import load_tokenizer, reward_offset
 
         folder = Path(path)
         if not folder.is_dir():
@@ -87,6 +88,7 @@ class RewardModel:
         model.config.pad_token_id = self.tokenizer.pad_token_id  # the head reads the last non-pad token
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.batch_size = torch.device(device), batch_size
+        self.offset = reward_offset(model)  # `rm.normalize_data`: raw score - offset is the reward
 
     def _encode(self, prompt: str, response: str) -> list[int]:
         from posttrain.data.records import Conversation, Message
@@ -104,7 +106,7 @@ class RewardModel:
             ids = [self._encode(p, r) for p, r in zip(prompts[start:start + self.batch_size],
                                                       responses[start:start + self.batch_size])]
             batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-            scores += self.model(**batch).logits[:, 0].float().tolist()
+            scores += (self.model(**batch).logits[:, 0].float() - self.offset).tolist()
         return scores
 
 

@@ -165,12 +165,29 @@ class MultipleChoiceConfig:
 
 
 @dataclass
+class CompareConfig:
+    models: list[str] = opt([], "models to compare (2 or more): run dirs, model folders, built-in names, hub ids")
+    prompts: str = opt("", "prompt file: {prompt, reference?, category?, id?} rows, or any SFT layout")
+    judge: str = opt("", "reward-model folder, OpenAI-compatible base URL (http...), or 'reference' "
+                         "(ROUGE-L against each prompt's reference answer)")
+    judge_model: str = opt("gpt-4o-mini", "model name sent to an LLM judge endpoint")
+    judge_prompt: str = opt("", "LLM judge prompt with {question}, {answer_a}, {answer_b} (empty: MT-Bench style)")
+    epsilon: float = opt(0.0, "tie margin: reward difference (reward model) or ROUGE-L F1 difference (reference)")
+    max_new_tokens: int = opt(256, "answer length limit (greedy decoding)")
+    rounds: int = opt(200, "bootstrap resamples for the rating intervals")
+    seed: int = opt(0, "bootstrap seed")
+
+
+@dataclass
 class EvalConfig:
-    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate")
+    task: Literal["mc", "compare"] = opt(
+        "mc", "what `posttrain eval CONFIG` runs: mc (multiple-choice benchmark) or compare (pairwise, ratings)")
+    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate (mc)")
     output_dir: str = opt("outputs/eval", "where results JSON, per-item cache and reports go")
     batch_size: int = opt(8, "prompts per forward pass")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run; auto = cuda when available")
     mc: MultipleChoiceConfig = opt(MultipleChoiceConfig(), "multiple-choice benchmark (C-Eval, CMMLU, MMLU, JSONL)")
+    compare: CompareConfig = opt(CompareConfig(), "pairwise comparison of models judged per prompt (task compare)")
 
 
 @dataclass
@@ -287,17 +304,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
-    if cfg.rm.normalize_data and not Path(cfg.rm.normalize_data).is_absolute() \
-            and (base_dir / cfg.rm.normalize_data).exists():
-        cfg.rm.normalize_data = str(base_dir / cfg.rm.normalize_data)
-    mc = cfg.eval.mc
-    if mc.data and not Path(mc.data).is_absolute() and (base_dir / mc.data).exists():
-        mc.data = str(base_dir / mc.data)
+    cfg.rm.normalize_data = _beside_config(cfg.rm.normalize_data, base_dir)
+    mc, cmp = cfg.eval.mc, cfg.eval.compare
+    mc.data = _beside_config(mc.data, base_dir)
+    cmp.prompts = _beside_config(cmp.prompts, base_dir)
+    cmp.models = [_beside_config(m, base_dir) for m in cmp.models]
+    cmp.judge = _beside_config(cmp.judge, base_dir)
     file_ref, sep, fn_name = cfg.reward.function.rpartition(":")
     if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
         cfg.reward.function = f"{base_dir / file_ref}:{fn_name}"
     validate(cfg)
     return cfg
+
+
+def _beside_config(path: str, base_dir: Path) -> str:
+    """A relative path that exists next to the config file means that file; anything else is kept."""
+    if path and not Path(path).is_absolute() and (base_dir / path).exists():
+        return str(base_dir / path)
+    return path
 
 
 def validate(cfg: RunConfig) -> None:
@@ -357,12 +381,24 @@ def _validate_ppo(cfg: RunConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig) -> None:
+    if ev.batch_size < 1:
+        raise ConfigError("eval.batch_size must be >= 1")
+    if ev.task == "compare":
+        cmp = ev.compare
+        if len(cmp.models) < 2 or len(set(cmp.models)) < len(cmp.models):
+            raise ConfigError("eval.compare.models needs two or more different models")
+        if not cmp.prompts or not cmp.judge:
+            raise ConfigError("eval.compare needs prompts (a prompt file) and judge (RM folder, URL or 'reference')")
+        if cmp.rounds < 1 or cmp.max_new_tokens < 1 or cmp.epsilon < 0:
+            raise ConfigError("eval.compare.rounds and max_new_tokens must be >= 1, epsilon >= 0")
+        fields = ("{question}", "{answer_a}", "{answer_b}")
+        if cmp.judge_prompt and not all(f in cmp.judge_prompt for f in fields):
+            raise ConfigError(f"eval.compare.judge_prompt must contain {', '.join(fields)}")
+        return
     if not ev.mc.data:
         raise ConfigError("eval.mc.data is empty: give a benchmark folder (e.g. C-Eval) or a .jsonl file")
     if not 0 <= ev.mc.shots <= 5:
         raise ConfigError("eval.mc.shots must be between 0 and 5")
-    if ev.batch_size < 1:
-        raise ConfigError("eval.batch_size must be >= 1")
 
 
 def _validate_method(cfg: RunConfig) -> None:

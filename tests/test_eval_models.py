@@ -140,6 +140,7 @@ def test_mc_item_letters():
 
 
 def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
+    from posttrain.config import load_config
     from posttrain.eval import compare
 
     prompts = tmp_path / "p.jsonl"
@@ -147,12 +148,16 @@ def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
     server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "j", api_key="k")
-        result = compare.run([str(tiny_dir), str(tiny_dir)], str(prompts), str(tmp_path / "cmp"), judge,
-                             max_new_tokens=4, rounds=5, device="cpu")
+        cfg = load_config(None, [], stage="eval", **{
+            "eval.task": "compare", "eval.output_dir": str(tmp_path / "cmp"), "eval.device": "cpu",
+            "eval.compare.models": [str(tiny_dir), str(tiny_dir) + "/"], "eval.compare.prompts": str(prompts),
+            "eval.compare.judge": f"http://127.0.0.1:{server.server_port}/v1", "eval.compare.judge_model": "j",
+            "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5})
+        result = compare.run(cfg)
     finally:
         server.shutdown()
     assert result["votes"] == 2 and list(result["models"]) == ["model", "model-2"]
+    assert result["judge"].startswith("llm:j@http://127.0.0.1")
     votes = compare.read_votes(tmp_path / "cmp" / "votes.jsonl")
     assert all(v["winner"] == "tie" for v in votes)  # identical answers: "B" both ways is not a verdict
     for name in ("report.md", "ratings.json", "ratings_bt.png", "win_matrix.png", "answers/model-2.jsonl"):

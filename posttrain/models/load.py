@@ -121,7 +121,19 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
-    return (model if quantization_config is not None else model.to(device)), tokenizer
+    if quantization_config is None:
+        return model.to(device), tokenizer
+    one_4bit_kernel(model)
+    return model, tokenizer
+
+
+def one_4bit_kernel(model) -> None:
+    """bitsandbytes repacks 4-bit weights for a bf16 CPU kernel on the first eval-mode forward, whose logits
+    differ from the fp32 training path (max gap 0.99 on a 64-token SmolLM2 input): PPO ratios, DPO reference
+    log-probs and eval losses would mix the two. With float32 compute, every forward takes the training path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and getattr(module, "compute_dtype", None) == torch.float32:
+            module.support_avx512bf16_for_cpu = False
 
 
 # ---------------------------------------------------------------- hub access

@@ -164,8 +164,10 @@ def test_dpo_learns_and_trains_only_adapters(tiny_dir, prefs, tmp_path):
     assert (out / "adapter_config.json").is_file()
 
 
-def test_reference_modes_give_the_same_loss(tiny_dir, prefs):
-    """Adapter-off, frozen copy and precomputed reference log-probs agree (before and after a step)."""
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
+    """Adapter-off, frozen copy and precomputed reference log-probs agree (before and after a step);
+    for virtual tokens too (their adapter off is the base model, as the copy and precomputed ones are)."""
     import copy
 
     from posttrain.data.preference import build_preference_data
@@ -174,7 +176,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs):
     from posttrain.train.dpo import dpo_forward, precompute_reference
     from posttrain.train.reward import to_batches
 
-    cfg = _cfg("dpo", tiny_dir, prefs, "unused")
+    cfg = _cfg("dpo", tiny_dir, prefs, "unused", f"method.type={method}", "prompt.num_virtual_tokens=3")
     model, tok = load_base(cfg.model, "cpu")
     data = build_preference_data(cfg.data, cfg.template, tok, 0)
     ref_copy = copy.deepcopy(model).requires_grad_(False)

@@ -381,8 +381,8 @@ def validate(cfg: RunConfig) -> None:
     _validate_method(cfg)
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
-    if not isinstance(cfg.optim.lr, float) or cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be a number > 0, got {cfg.optim.lr!r}")
+    if not isinstance(cfg.optim.lr, float) or cfg.optim.lr < 0:  # 0 is allowed: a run that only evaluates
+        raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":

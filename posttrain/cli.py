@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:  # bitsandbytes warns on import, on AVX512-BF16 CPUs, about an optional bf16 kernel package
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # that fp32 runs never use
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

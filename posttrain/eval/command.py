@@ -36,6 +36,8 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder for answers, votes.jsonl, ratings.json, report.md")
         p.add_argument("--judge", required=True, help="reward-model folder, or an OpenAI-compatible base URL")
         p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to an LLM judge endpoint")
+        p.add_argument("--judge-max-tokens", type=int, default=None,
+                       help="reply length cap sent to an LLM judge (default: the endpoint's own)")
         p.add_argument("--epsilon", type=float, default=0.0, help="reward-model tie margin (default 0)")
         p.add_argument("--rounds", type=int, default=200, help="bootstrap resamples (default 200)")
     return p
@@ -75,7 +77,7 @@ def main(target: str, rest: list[str], parser_class) -> int:
         result = run([m.strip() for m in args.models.split(",") if m.strip()], args.prompts, args.out,
                      _make_judge(args), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      rounds=args.rounds, device=args.device)
-        result = {k: result[k] for k in ("votes", "win_rates", "bradley_terry")}
+        result = {k: result[k] for k in ("votes", "no_verdict", "win_rates", "bradley_terry")}
         print(f"report: {args.out}/report.md", file=sys.stderr)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -85,5 +87,5 @@ def _make_judge(args):
     from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 
     if args.judge.startswith(("http://", "https://")):
-        return OpenAIJudge(args.judge, args.judge_model)
+        return OpenAIJudge(args.judge, args.judge_model, max_tokens=args.judge_max_tokens)
     return RewardModelJudge(args.judge, epsilon=args.epsilon, device=args.device)

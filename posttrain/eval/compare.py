@@ -75,10 +75,15 @@ def judge_pairs(judge, names: list[str], prompts, answers: dict[str, dict], vote
 
 
 def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0) -> dict:
-    from posttrain.eval.ratings import bootstrap, win_rates
+    """Ratings from the votes that have a winner; votes whose judge gave no verdict are counted apart."""
+    from posttrain.eval.ratings import WINNERS, bootstrap, win_rates
 
-    return {"votes": len(votes), "win_rates": win_rates(votes),
-            "bradley_terry": bootstrap(votes, "bt", rounds, seed), "elo": bootstrap(votes, "elo", rounds, seed)}
+    decided = [v for v in votes if v["winner"] in WINNERS]
+    no_verdict = len(votes) - len(decided)
+    if not decided:
+        return {"votes": 0, "no_verdict": no_verdict, "win_rates": [], "bradley_terry": [], "elo": []}
+    return {"votes": len(decided), "no_verdict": no_verdict, "win_rates": win_rates(decided),
+            "bradley_terry": bootstrap(decided, "bt", rounds, seed), "elo": bootstrap(decided, "elo", rounds, seed)}
 
 
 def run(refs: list[str], prompts_path: str, out_dir: str, judge, *, batch_size: int = 8, max_new_tokens: int = 256,

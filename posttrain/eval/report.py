@@ -54,14 +54,21 @@ def plot_win_matrix(win_rows: list[dict], path: Path) -> None:
 
 
 def write_compare_report(out: Path, result: dict) -> Path:
+    lines = [f"# Pairwise comparison ({result['votes']} votes, judge: {result['judge']})", "",
+             f"Prompts: `{result['prompts']}`. Models: "
+             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items())]
+    if result.get("no_verdict"):
+        lines += ["", f"{result['no_verdict']} judged pairs got a judge reply without a verdict (`winner: null` in "
+                  "votes.jsonl); they are left out of the rates and ratings below."]
+    path = out / "report.md"
+    if not result["votes"]:
+        path.write_text("\n".join(lines + ["", "No vote has a winner, so there are no ratings.", ""]), encoding="utf-8")
+        return path
     plot_ratings(result["bradley_terry"], out / "ratings_bt.png", "Bradley-Terry")
     plot_ratings(result["elo"], out / "ratings_elo.png", "Elo (K=4)")
     plot_win_matrix(result["win_rates"], out / "win_matrix.png")
-    lines = [f"# Pairwise comparison ({result['votes']} votes, judge: {result['judge']})", "",
-             f"Prompts: `{result['prompts']}`. Models: "
-             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()),
-             "", "## Win / tie / loss", "", "| model | opponent | n | win | tie | loss | win 95% CI |",
-             "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Win / tie / loss", "", "| model | opponent | n | win | tie | loss | win 95% CI |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["win_rates"]:
         lines.append(f"| {r['model']} | {r['opponent']} | {r['n']} | {r['win_rate']:.2f} | {r['tie_rate']:.2f} | "
                      f"{r['loss_rate']:.2f} | [{r['win_ci'][0]:.2f}, {r['win_ci'][1]:.2f}] |")
@@ -71,7 +78,6 @@ def write_compare_report(out: Path, result: dict) -> Path:
         lines += [f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | [{r['lower']:.0f}, {r['upper']:.0f}] |"
                   for r in result[key]]
     lines += ["", "![Bradley-Terry](ratings_bt.png)", "![Elo](ratings_elo.png)", "![win matrix](win_matrix.png)", ""]
-    path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

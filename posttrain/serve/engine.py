@@ -4,10 +4,13 @@ HTTP handlers never touch the model. They submit a `Job` and wait on its Future,
 clients become a few `generate` calls of up to `max_batch` rows instead of 32 racing threads.
 Jobs with equal sampling settings share a batch; a seeded job runs alone so its seed means the
 same thing whatever else is queued. Streaming jobs run one at a time with a token callback.
+torch's sampling RNG is one per process, so sampling runs of all engines (the UI may hold several)
+take turns on `_RNG_LOCK`; otherwise one engine's draws would shift another's seeded samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -25,6 +28,7 @@ from posttrain.serve.generate import Generation, generate_from_ids
 from posttrain.templates.render import encode_conversation
 
 log = logging.getLogger(__name__)
+_RNG_LOCK = threading.Lock()  # held by every sampling (temperature > 0) generate call, across engines
 
 
 class EngineClosed(RuntimeError):
@@ -162,11 +166,12 @@ class Engine:
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling, strip: bool, streamer=None) -> list[Generation]:
         self.batches_run += 1
-        return generate_from_ids(
-            self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            stop=list(sampling.stop), strip=strip, streamer=streamer,
-        )
+        with _RNG_LOCK if sampling.temperature > 0 else contextlib.nullcontext():  # greedy draws nothing
+            return generate_from_ids(
+                self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                stop=list(sampling.stop), strip=strip, streamer=streamer,
+            )
 
     def _run_batch(self, jobs: list[Job]) -> None:
         prompts = [job.prompt_ids for job in jobs for _ in range(job.n)]

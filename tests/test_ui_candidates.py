@@ -38,7 +38,7 @@ def read(path) -> list[dict]:
 
 
 def test_share_spreads_k_over_models():
-    assert share(1, 3) == [3] and share(2, 3) == [2, 1] and share(3, 2) == [1, 1, 0]
+    assert share(1, 3) == [3] and share(2, 3) == [2, 1] and share(3, 5) == [2, 2, 1]
 
 
 def test_candidates_come_from_the_engines_and_resume(engines, tmp_path):
@@ -83,6 +83,8 @@ def test_bad_settings_and_prompts_are_refused(engines, tmp_path):
         CandidateJob(prompts, {"a": engines["a"]}, GenSettings(k=3, temperature=0.0), tmp_path)
     with pytest.raises(ConfigError, match="K must be 2..8"):
         CandidateJob(prompts, engines, GenSettings(k=1), tmp_path)
+    with pytest.raises(ConfigError, match="K=2 candidates cannot include all 3 chosen models"):
+        CandidateJob(prompts, {**engines, "c": engines["a"]}, GenSettings(k=2), tmp_path)
     with pytest.raises(ConfigError, match="at least one model"):
         CandidateJob(prompts, {}, GenSettings(), tmp_path)
     chat = tmp_path / "chat.jsonl"

@@ -132,4 +132,3 @@ class OpenAIJudge:
         else:
             winner = votes[0] if all(v == votes[0] for v in votes) else "tie"
         return {"winner": winner, "verdicts": votes}
-

@@ -39,9 +39,11 @@ class GenSettings:
     def check(self, n_models: int) -> None:
         if not 2 <= self.k <= MAX_K:
             raise ConfigError(f"K must be 2..{MAX_K} candidates per prompt (got {self.k})")
+        if self.k < n_models:
+            raise ConfigError(f"K={self.k} candidates cannot include all {n_models} chosen models")
         if self.temperature <= 0 and self.k > n_models:
-            raise ConfigError(f"temperature 0 is greedy: each model would write the same answer {self.k // n_models}"
-                              " times; raise the temperature or choose K models")
+            raise ConfigError(f"temperature 0 is greedy: with {n_models} model(s) and K={self.k} a model would write "
+                              "the same answer twice; raise the temperature or choose K models")
         if self.max_tokens < 1 or not 0 < self.top_p <= 1:
             raise ConfigError("max tokens must be >= 1 and top_p in (0, 1]")
 

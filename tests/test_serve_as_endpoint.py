@@ -72,7 +72,7 @@ def test_llm_judge_against_posttrain_serve(endpoint, tiny_dir, tmp_path, capsys)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": "Who are you?"}\n')
     out = tmp_path / "cmp"
-    rc = main(["eval", "compare", "--models", f"{tiny_dir},{tiny_dir}", "--prompts", str(prompts), "--out", str(out),
+    rc = main(["eval", "compare", "--models", f"{tiny_dir},{tiny_dir}/", "--prompts", str(prompts), "--out", str(out),
                "--judge", endpoint, "--judge-model", "tiny", "--judge-max-tokens", "16", "--max-new-tokens", "8",
                "--rounds", "5", "--device", "cpu"])
     assert rc == 0

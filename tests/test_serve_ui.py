@@ -77,7 +77,8 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
     wait_text(driver, "chat-status", lambda t: t == "done")
     engine = engine_model.engines[str(tiny_dir)]
     want = generate_reply(engine.model, engine.tokenizer, [Message("user", "Who are you?")], max_new_tokens=128)
-    # textContent, not .text: the browser's rendered text folds tabs and the like in random-model output
+    # textContent, not .text: the browser's rendered text turns a bare \r of random-model output into a line
+    # break and folds tabs and the like
     assert f"assistant: {want}" in el(driver, "log-a").get_attribute("textContent")
 
     el(driver, "clear").click()

@@ -114,7 +114,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await _parse(request, ChatRequest, limits)
-        engine = await models.get(req.model)
+        engine = _generator(await models.get(req.model))
         messages = [m.to_message() for m in req.messages]
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
@@ -124,7 +124,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await _parse(request, CompletionRequest, limits)
-        engine = await models.get(req.model)
+        engine = _generator(await models.get(req.model))
         if not isinstance(req.prompt, str):
             if len(req.prompt) != 1:
                 raise ApiError(400, "this server takes one prompt per request", param="prompt")
@@ -149,6 +149,12 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
                 "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
 
     return app
+
+
+def _generator(engine: Engine) -> Engine:
+    if engine.score_kind == "reward":
+        raise ApiError(400, f"model {engine.name!r} is a reward model: it answers /v1/score only", param="model")
+    return engine
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -266,11 +272,33 @@ def load_engine(ref: str, name: str | None = None, device: str | None = None) ->
     """Load any model reference (run, folder, built-in, hub id) into a started engine."""
     from pathlib import Path
 
+    from posttrain.models.load import is_reward_model
     from posttrain.models.run import load_model_for_inference
 
-    model, tokenizer, cfg = load_model_for_inference(ref, device=device)
+    if is_reward_model(ref):  # a reward-model folder serves /v1/score with its head, not as a causal LM
+        model, tokenizer, cfg = _load_reward_engine_model(ref, device)
+    else:
+        model, tokenizer, cfg = load_model_for_inference(ref, device=device)
     system = cfg.template.system if cfg is not None else None  # render exactly as the run trained
     return Engine(model, tokenizer, name or Path(ref).name or ref, system=system)
+
+
+def _load_reward_engine_model(ref: str, device: str | None):
+    """(reward model in eval mode, tokenizer, the run's config or None), rendering as the run trained."""
+    from pathlib import Path
+
+    from posttrain.config import ModelConfig, load_config
+    from posttrain.models.load import load_reward_model, pick_device
+    from posttrain.models.run import find_run_config
+    from posttrain.templates.render import apply_template
+
+    cfg_path = find_run_config(Path(ref).expanduser())
+    cfg = load_config(cfg_path) if cfg_path is not None else None
+    model_cfg = ModelConfig(name_or_path=str(ref), **({"dtype": cfg.model.dtype} if cfg is not None else {}))
+    model, tokenizer = load_reward_model(model_cfg, pick_device(device or "auto"))
+    if cfg is not None:
+        apply_template(tokenizer, cfg.template.name)
+    return model.eval(), tokenizer, cfg
 
 
 def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from posttrain.data.records import Conversation, Message
+from posttrain.models.load import reward_offset
 from posttrain.serve.chat import _CallbackStreamer
 from posttrain.serve.generate import Generation, generate_from_ids
 from posttrain.templates.render import encode_conversation
@@ -224,8 +225,8 @@ class Engine:
             enc = encode_conversation(conv, self.tokenizer, mask="last", system=self.system)[0]
             ids = torch.tensor([enc.input_ids], device=device)  # (1, T)
             logits = self.model(input_ids=ids).logits  # (1, T, V) or (1, 1) for a reward head
-            if logits.dim() == 2:
-                scores.append(float(logits[0, -1]))
+            if logits.dim() == 2:  # a reward head: raw score minus the stored offset (rm.normalize_data)
+                scores.append(float(logits[0, -1]) - reward_offset(self.model))
                 continue
             token_logps = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]  # (T-1,)
             weights = torch.tensor(enc.weights[1:], device=device)

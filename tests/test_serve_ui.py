@@ -96,10 +96,14 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
     assert vote["time"]
 
 
+TURTLES = "I like\r\nturtles."
+
+
 def test_rank_polish_skip_and_export(ui, tmp_path):
     driver, _, workdir, _ = ui
     prompts = tmp_path / "cands.jsonl"
-    rows = [{"prompt": "Name a colour.", "responses": ["Blue.", "I like turtles.", "Red is a colour."]},
+    # a \r\n shows as \n in a textarea; left untouched it is not an edit and stays as it was
+    rows = [{"prompt": "Name a colour.", "responses": ["Blue.", TURTLES, "Red is a colour."]},
             {"prompt": "2+2?", "responses": ["4", "5"]}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
@@ -119,15 +123,15 @@ def test_rank_polish_skip_and_export(ui, tmp_path):
     assert "exported 1 ranked items, 3 pairs" in out
     ranked = [json.loads(x) for x in Path(out.splitlines()[1]).read_text().splitlines()]
     assert ranked == [{"prompt": "Name a colour.", "responses": ["Red is a colour.", "Blue is a colour.",
-                                                                 "I like turtles."], "ranks": [0, 1, 2],
+                                                                 TURTLES], "ranks": [0, 1, 2],
                        "id": "0", "annotator": "alice"}]
     pairs = [json.loads(x) for x in Path(out.splitlines()[2]).read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", "I like turtles."),
-        ("Blue is a colour.", "I like turtles.")]
+        ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", TURTLES),
+        ("Blue is a colour.", TURTLES)]
     labels = (workdir / "annotations").glob("cands-*.labels.jsonl")
-    statuses = [json.loads(x)["status"] for f in labels for x in f.read_text().splitlines()]
-    assert statuses == ["ranked", "skipped"]
+    records = [json.loads(x) for f in labels for x in f.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ranked", "skipped"] and records[0]["edited"] == [0]
 
 
 def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir, tmp_path):
@@ -149,7 +153,8 @@ def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir, tmp_pa
     assert [r["id"] for r in rows] == ["q1", "q2"]
     assert all(len(r["responses"]) == 3 and r["models"] == [str(tiny_dir)] * 3 for r in rows)
     assert "Name a colour." in el(driver, "ann-item").text
-    assert [el(driver, f"resp-{i}").get_attribute("value") for i in range(3)] == rows[0]["responses"]
+    shown = [r.replace("\r\n", "\n").replace("\r", "\n") for r in rows[0]["responses"]]  # a textarea's value
+    assert [el(driver, f"resp-{i}").get_attribute("value") for i in range(3)] == shown
 
     driver.refresh()  # the server kept the generation; the page finds the file again
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))

@@ -182,6 +182,7 @@ class CompareConfig:
     judge: str = opt("", "reward-model folder, OpenAI-compatible base URL (http...), or 'reference' "
                          "(ROUGE-L against each prompt's reference answer)")
     judge_model: str = opt("gpt-4o-mini", "model name sent to an LLM judge endpoint")
+    judge_max_tokens: int | None = opt(None, "reply length cap sent to an LLM judge (None: the endpoint's own)")
     judge_prompt: str = opt("", "LLM judge prompt with {question}, {answer_a}, {answer_b} (empty: MT-Bench style)")
     epsilon: float = opt(0.0, "tie margin: reward difference (reward model) or ROUGE-L F1 difference (reference)")
     max_new_tokens: int = opt(256, "answer length limit (greedy decoding)")
@@ -427,8 +428,11 @@ def _validate_eval(ev: EvalConfig) -> None:
             raise ConfigError("eval.compare.models needs two or more different models")
         if not cmp.prompts or not cmp.judge:
             raise ConfigError("eval.compare needs prompts (a prompt file) and judge (RM folder, URL or 'reference')")
-        if cmp.rounds < 1 or cmp.max_new_tokens < 1 or cmp.epsilon < 0:
-            raise ConfigError("eval.compare.rounds and max_new_tokens must be >= 1, epsilon >= 0")
+        short_judge = cmp.judge_max_tokens is not None and cmp.judge_max_tokens < 1
+        if cmp.rounds < 1 or cmp.max_new_tokens < 1 or cmp.epsilon < 0 or short_judge:
+            raise ConfigError("eval.compare.rounds, max_new_tokens and judge_max_tokens must be >= 1, epsilon >= 0")
+        if cmp.judge_max_tokens is not None and not cmp.judge.startswith(("http://", "https://")):
+            raise ConfigError("eval.compare.judge_max_tokens applies to an LLM judge only (judge: http...)")
         fields = ("{question}", "{answer_a}", "{answer_b}")
         if cmp.judge_prompt and not all(f in cmp.judge_prompt for f in fields):
             raise ConfigError(f"eval.compare.judge_prompt must contain {', '.join(fields)}")

@@ -15,8 +15,10 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 # optional `eval compare` flags -> config keys
-_COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"), ("epsilon", float, "eval.compare.epsilon"),
-                  ("rounds", int, "eval.compare.rounds"), ("max_new_tokens", int, "eval.compare.max_new_tokens"),
+_COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
+                  ("judge_max_tokens", int, "eval.compare.judge_max_tokens"),
+                  ("epsilon", float, "eval.compare.epsilon"), ("rounds", int, "eval.compare.rounds"),
+                  ("max_new_tokens", int, "eval.compare.max_new_tokens"),
                   ("batch_size", int, "eval.batch_size"), ("device", str, "eval.device"))
 
 
@@ -66,7 +68,7 @@ def _compare_config(args):
 
 
 def _print_compare(result: dict) -> None:
-    keep = ("judge", "votes", "win_rates", "win_matrix", "bradley_terry", "elo", "by_category")
+    keep = ("judge", "votes", "no_verdict", "win_rates", "win_matrix", "bradley_terry", "elo", "by_category")
     print(json.dumps({k: result[k] for k in keep if k in result}, indent=2, ensure_ascii=False))
     print(f"report: {result['report']}", file=sys.stderr)
 

@@ -2,7 +2,8 @@
 
 Outputs in one folder: answers/<model>.jsonl (cached per prompt), votes.jsonl (one vote per
 prompt, pair and judge, cached too, in the format human votes can use), ratings.json and a
-Markdown report with plots. A rerun only generates and judges what is missing, and its results
+Markdown report with plots. Votes whose LLM judge gave no verdict are kept, cached and counted
+as no_verdict, but not rated. A rerun only generates and judges what is missing, and its results
 equal those of an uninterrupted run: votes are rated in a fixed (pair, prompt) order.
 """
 
@@ -39,7 +40,8 @@ def make_judge(cmp_cfg, device: str | None = None):
     if cmp_cfg.judge == "reference":
         return ReferenceJudge(epsilon=cmp_cfg.epsilon)
     if cmp_cfg.judge.startswith(("http://", "https://")):
-        return OpenAIJudge(cmp_cfg.judge, cmp_cfg.judge_model, prompt=cmp_cfg.judge_prompt or DEFAULT_JUDGE_PROMPT)
+        return OpenAIJudge(cmp_cfg.judge, cmp_cfg.judge_model, prompt=cmp_cfg.judge_prompt or DEFAULT_JUDGE_PROMPT,
+                           max_tokens=cmp_cfg.judge_max_tokens)
     return RewardModelJudge(cmp_cfg.judge, epsilon=cmp_cfg.epsilon, device=device)
 
 
@@ -83,7 +85,10 @@ def _vote_key(prompt_id: str, a: str, b: str, judge_id: str, hash_a: str, hash_b
 
 def judge_pairs(judge, names: list[str], prompts, answers: dict[str, dict], votes_path: Path) -> list[dict]:
     """This judge's vote on every (pair, prompt), in that fixed order; only missing votes are asked for
-    and appended to votes_path. A cached vote counts only if both answers are still the ones judged."""
+    and appended to votes_path. A cached vote counts only if both answers are still the ones judged.
+    A vote without a verdict (winner None) is cached too: the same judge at temperature 0 would most
+    likely reply the same. To ask again, change the judge (judge_max_tokens is part of its id) or
+    delete those lines from votes.jsonl."""
     cached = {}
     for v in read_votes(votes_path):
         if "answer_hashes" in v:  # human or foreign votes without them are never reused here
@@ -114,15 +119,20 @@ def judge_pairs(judge, names: list[str], prompts, answers: dict[str, dict], vote
 def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
                        categories: dict[str, str] | None = None) -> dict:
     """Win/tie/loss with intervals, the win-rate matrix, BT and Elo with bootstrap intervals, and
-    win rates per prompt category when the prompts have categories."""
+    win rates per prompt category when the prompts have categories. Only votes with a winner are
+    rated; those whose judge gave no verdict (winner None) are counted as no_verdict."""
     from posttrain.eval.ratings import bootstrap, win_matrix, win_rates
 
-    rows = win_rates(votes)
-    result = {"votes": len(votes), "win_rates": rows, "win_matrix": win_matrix(rows),
-              "bradley_terry": bootstrap(votes, "bt", rounds, seed), "elo": bootstrap(votes, "elo", rounds, seed)}
+    decided = [v for v in votes if v["winner"] is not None]
+    result = {"votes": len(decided), "no_verdict": len(votes) - len(decided)}
+    if not decided:
+        return {**result, "win_rates": [], "win_matrix": {}, "bradley_terry": [], "elo": []}
+    rows = win_rates(decided)
+    result.update(win_rates=rows, win_matrix=win_matrix(rows), bradley_terry=bootstrap(decided, "bt", rounds, seed),
+                  elo=bootstrap(decided, "elo", rounds, seed))
     if categories and any(categories.values()):
         by_cat: dict[str, list[dict]] = {}
-        for v in votes:
+        for v in decided:
             by_cat.setdefault(categories.get(v["prompt_id"]) or "(none)", []).append(v)
         result["by_category"] = {c: win_rates(vs) for c, vs in sorted(by_cat.items())}
     return result

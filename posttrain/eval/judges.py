@@ -3,9 +3,11 @@ API, or closeness to the prompt's reference answer.
 
 Each returns {"winner": "model_a" | "model_b" | "tie", ...} for (conversation, answer_a, answer_b,
 reference), the vote format ratings.py reads, and has an `id` naming the judge itself (which
-reward model, which LLM), so cached votes from another judge are never mixed in. The LLM judge
-asks twice with the answers swapped and keeps only a verdict that survives the swap (else a tie),
-which cancels its position bias.
+reward model, which LLM and its settings), so cached votes from another judge are never mixed in.
+The LLM judge asks twice with the answers swapped and keeps only a verdict that survives the swap
+(else a tie), which cancels its position bias. An LLM reply with no "[[A]]"/"[[B]]"/"[[C]]" in it
+is recorded as "unparsed" and its vote's winner is None: the vote is kept and counted (compare
+reports it as no_verdict), never quietly turned into a tie.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.request
 import torch
 
 from posttrain.data.records import Conversation, Message
-from posttrain.errors import DataError, ModelSourceError, PosttrainError
+from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
 
 DEFAULT_JUDGE_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -34,6 +36,7 @@ DEFAULT_JUDGE_PROMPT = (
     "[The End of Assistant B's Answer]"
 )
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
+UNPARSED = "unparsed"  # a judge reply without a verdict
 
 
 def question_text(messages: list[Message]) -> str:
@@ -96,25 +99,31 @@ class OpenAIJudge:
     name = "llm"
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, prompt: str = DEFAULT_JUDGE_PROMPT,
-                 timeout: float = 120.0, swap: bool = True):
+                 timeout: float = 120.0, swap: bool = True, max_tokens: int | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         prompt_hash = hashlib.sha256(prompt.encode()).hexdigest()[:8]
-        self.id = f"llm:{model}@{self.url}:prompt={prompt_hash}" + ("" if swap else ":no-swap")
+        self.id = (f"llm:{model}@{self.url}:prompt={prompt_hash}" + ("" if swap else ":no-swap")
+                   + ("" if max_tokens is None else f":max_tokens={max_tokens}"))  # a cap can cut verdicts off
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.prompt = prompt
         self.timeout = timeout
         self.swap = swap
+        self.max_tokens = max_tokens  # None: the endpoint's default reply length
 
     def _ask(self, question: str, first: str, second: str) -> str | None:
         """'A', 'B', 'C' (tie) or None when the reply holds no verdict."""
         body = {"model": self.model, "temperature": 0.0, "messages": [
             {"role": "user", "content": self.prompt.format(question=question, answer_a=first, answer_b=second)}]}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise PosttrainError(f"judge endpoint {self.url} refused the request: {http_error_text(err)}") from None
         except (urllib.error.URLError, TimeoutError) as err:
             raise PosttrainError(f"judge endpoint {self.url} failed: {err}") from None
         text = reply["choices"][0]["message"]["content"] or ""
@@ -122,13 +131,16 @@ class OpenAIJudge:
         return found[-1] if found else None
 
     def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:
+        """{"winner", "verdicts"}; winner None when any reply had no verdict (see the module docstring)."""
         question = question_text(messages)
-        first = self._ask(question, answer_a, answer_b)
-        votes = [{"A": "model_a", "B": "model_b"}.get(first, "tie")]
+        votes = [{"A": "model_a", "B": "model_b", "C": "tie"}.get(self._ask(question, answer_a, answer_b), UNPARSED)]
         if self.swap:  # B shown first: its "A" means model_b
             second = self._ask(question, answer_b, answer_a)
-            votes.append({"A": "model_b", "B": "model_a"}.get(second, "tie"))
-        winner = votes[0] if all(v == votes[0] for v in votes) else "tie"
+            votes.append({"A": "model_b", "B": "model_a", "C": "tie"}.get(second, UNPARSED))
+        if UNPARSED in votes:
+            winner = None
+        else:
+            winner = votes[0] if all(v == votes[0] for v in votes) else "tie"
         return {"winner": winner, "verdicts": votes}
 
 

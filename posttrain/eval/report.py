@@ -63,15 +63,24 @@ def _win_table(rows: list[dict]) -> list[str]:
 
 def write_compare_report(out: Path, result: dict) -> Path:
     """report.md with win/tie/loss (Wilson intervals), the win-rate matrix, BT and Elo ratings
-    (bootstrap intervals), per-category win rates when present, and three PNG plots."""
+    (bootstrap intervals), per-category win rates when present, and three PNG plots; the votes
+    without a verdict are counted at the top, and with no decided vote the report says so and stops."""
+    lines = [f"# Pairwise comparison: {result['votes']} votes", "",
+             f"Judge: `{result['judge']}`. Prompts: `{result['prompts']}`. Models: "
+             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()) + "."]
+    if result.get("no_verdict"):
+        lines += ["", f"{result['no_verdict']} judged pairs got a judge reply without a verdict (`winner: null` in "
+                  "votes.jsonl, counted as `no_verdict`); they are left out of the rates and ratings below."]
+    path = out / "report.md"
+    if not result["votes"]:
+        path.write_text("\n".join(lines + ["", "No vote has a winner, so there are no rates or ratings."]) + "\n",
+                        encoding="utf-8")
+        return path
     plot_ratings(result["bradley_terry"], out / "ratings_bt.png", "Bradley-Terry")
     plot_ratings(result["elo"], out / "ratings_elo.png", "Elo (K=4)")
     plot_win_matrix(result["win_matrix"], out / "win_matrix.png")
     names = list(result["win_matrix"])
-    lines = [f"# Pairwise comparison: {result['votes']} votes", "",
-             f"Judge: `{result['judge']}`. Prompts: `{result['prompts']}`. Models: "
-             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()) + ".", "",
-             "## Win / tie / loss (95% Wilson intervals)", "", *_win_table(result["win_rates"])]
+    lines += ["", "## Win / tie / loss (95% Wilson intervals)", "", *_win_table(result["win_rates"])]
     for cat, rows in result.get("by_category", {}).items():
         lines += ["", f"### Prompt category `{cat}`", "", *_win_table(rows)]
     lines += ["", "## Win-rate matrix (row vs column; ties count for neither)", "",
@@ -86,7 +95,6 @@ def write_compare_report(out: Path, result: dict) -> Path:
         lines += [f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | [{r['lower']:.0f}, {r['upper']:.0f}] |"
                   for r in result[key]]
         lines += ["", f"![{title}]({png})"]
-    path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -3,6 +3,8 @@
 Handlers validate, render prompts with the training templates (`encode_prompt`), and hand the work to
 an `Engine` (one worker thread per model, batched). Errors use OpenAI's body:
 {"error": {"message", "type", "param", "code"}}. `posttrain serve` and `posttrain ui` both use it.
+A client that disconnects before its reply is ready (a timeout, a retry) cancels its job, streaming
+or not: the engine skips it if it has not started and stops generating for it between tokens.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling)
-        return await _respond(engine, job, req, chat=True)
+        return await _respond(engine, job, req, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -134,7 +136,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(400, "prompt is empty", param="prompt")
         sampling = _sampling(req, req.max_tokens or 16, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling, strip=False)
-        return await _respond(engine, job, req, chat=False)
+        return await _respond(engine, job, req, request, chat=False)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -144,7 +146,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         messages = [Message("user", req.prompt)] if req.prompt is not None else [m.to_message() for m in req.messages]
         job = Job([], 1, Sampling(), score=(messages, req.responses))
-        scores = await _wait(engine, job)
+        scores = await _wait(engine, job, request)
         return {"object": "list", "model": engine.name, "score_type": engine.score_kind,
                 "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
 
@@ -196,12 +198,30 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, engine: Engine, limi
                     stop=tuple(req.stop or ()))
 
 
-async def _wait(engine: Engine, job: Job):
+async def _wait(engine: Engine, job: Job, request: Request):
+    """The job's result. If the client disconnects first, the job is cancelled (the worker skips it,
+    or stops it between tokens) and the handler ends with a 499 that nobody reads."""
     try:
         future = engine.submit(job)
     except EngineClosed as err:
         raise ApiError(503, str(err), "server_error", code="shutting_down") from err
-    return await asyncio.wrap_future(future)
+    result = asyncio.wrap_future(future)
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not result.done():
+        job.cancelled = True
+        raise ApiError(499, "the client closed the connection before its reply was ready",
+                       code="client_closed_request")
+    return result.result()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected: with the body read, receive() waits for just that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt_len: int, gens) -> dict:
@@ -209,14 +229,14 @@ def _usage(prompt_len: int, gens) -> dict:
     return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
 
-async def _respond(engine: Engine, job: Job, req, *, chat: bool):
+async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": engine.name}
     if req.stream:
         return StreamingResponse(_stream(engine, job, req, head, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    gens = await _wait(engine, job)
+    gens = await _wait(engine, job, request)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
                     "logprobs": None} for i, g in enumerate(gens)]

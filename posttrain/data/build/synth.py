@@ -183,6 +183,7 @@ def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0,
     """Generate `n` new instruction rows; resumes from `<out>.partial.jsonl` when it exists."""
     out = Path(out)
     partial = side_path(out, "partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     seed_tasks = load_seeds(seeds)
     made = [json.loads(line) for line in partial.open()] if partial.exists() else []
     pool_tokens = [_tokens(t) for t in seed_tasks + [r["instruction"] for r in made]]

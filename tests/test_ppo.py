@@ -278,7 +278,7 @@ def _learning_run(tmp_path, tiny_dir, name, **extra):
         "reward.function": f"{tmp_path / 'upper.py'}:count_upper", "train.micro_batch_size": 4,
         # full fine-tuning: under LoRA a random model's frozen lm_head can barely move its logits
         "method.type": "full", "optim.lr": 0.01, "optim.scheduler": "constant", "train.max_steps": 20,
-        "ppo.kl_coef": 0.2, "ppo.ptx_datasets": [{"path": str(tmp_path / "ptx.jsonl")}], "ppo.ptx_val_size": 8,
+        "ppo.kl_coef": 0.15, "ppo.ptx_datasets": [{"path": str(tmp_path / "ptx.jsonl")}], "ppo.ptx_val_size": 8,
         "output.dir": str(tmp_path / name)} | extra
     return _write_run(tmp_path, tiny_dir, **overrides)
 

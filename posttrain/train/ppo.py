@@ -269,7 +269,7 @@ def plot_reward_kl(history: list[dict], path: Path, kl_target: float | None = No
     fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
     ax_r.plot(steps, raw, alpha=0.5, label="reward (raw score)")
     ax_r.plot(steps, trailing, color="tab:blue", linewidth=2, label="reward, mean of last 4 steps")
-    ax_r.plot(steps, [r["reward_with_kl"] for r in rows], label="shaped reward - beta * KL")
+    ax_r.plot(steps, [r["reward_with_kl"] for r in rows], label="reward - beta * KL (shaped)")
     ax_k.plot(steps, [r["kl"] for r in rows], color="tab:red", label="KL to reference (per response)")
     if kl_target is not None:
         ax_k.axhline(kl_target, color="gray", linestyle="--", label="adaptive KL target")

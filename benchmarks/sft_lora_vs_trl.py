@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS, ROOT, llama_flops, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb,
-    run_worker, versions)
+    run_worker, sample_lengths, versions)
 
 DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/alpaca_en_demo.json")
 FALLBACK_DATA = ROOT / "examples" / "data" / "general.jsonl"
@@ -61,7 +61,6 @@ def load_rows(path: Path, start: int, count: int) -> list[dict]:
 
 
 def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
-    import torch
 
     import posttrain.train.sft as sft_mod
     from posttrain.config import load_config
@@ -89,10 +88,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
         counts["padded"] += batch["input_ids"].numel()
         counts["real"] += int(batch["real_mask"].sum())
         counts["loss"] += int((batch["weights"][:, 1:] != 0).sum())
-        pos, real = batch["position_ids"], batch["real_mask"]
-        next_starts = torch.ones_like(real)  # (B, T) the next token starts a new sample or is padding
-        next_starts[:, :-1] = ~real[:, 1:] | (pos[:, 1:] == 0)
-        lengths = (pos[real & next_starts] + 1).double()  # one length per sample
+        lengths = sample_lengths(batch["position_ids"], batch["real_mask"]).double()
         counts["sum_sq_len"] += float((lengths ** 2).sum())
         return real_forward(model, batch, normalizer, **kw)
 

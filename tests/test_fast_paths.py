@@ -1,24 +1,28 @@
-"""The optimised SFT paths give the losses and gradients of the naive ones.
+"""The optimised training paths give the losses and gradients of the naive ones.
 
-Naive = what a plain HF causal LM does: padded rows with an attention mask, full-vocabulary
-logits at every position, `labels` with -100 on prompt and padding. Optimised = posttrain's
-packed rows (block-diagonal attention from position ids), LM head only at supervised positions,
-chunked cross-entropy with recomputation. Benchmarks switch these off to show before/after.
+Naive = what a plain HF causal LM with PEFT does: padded rows with an attention mask, PEFT's own
+LoRA forward, full-vocabulary logits at every position, `labels` with -100 on prompt and padding.
+Optimised = posttrain's packed rows (block-diagonal attention from position ids), fused LoRA
+linears (models/fast_lora.py), the LM head only at supervised positions with log-probs and their
+gradient formed chunk by chunk (train/head_logps.py). Benchmarks switch these off for before/after.
 """
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
 from posttrain.data.collate import collate
+from posttrain.models.fast_lora import disable_fast_lora, enable_fast_lora
 from posttrain.models.methods import apply_method
+from posttrain.train.head_logps import token_logps
 from posttrain.train.lm_forward import sft_forward
 from test_loop import make_data
 
 
-def lora_model(tiny_dir, tmp_path):
-    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4"], **{"data.datasets": [{"path": "x.jsonl"}]})
+def lora_model(tiny_dir, tmp_path, *extra):
+    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", *extra], **{"data.datasets": [{"path": "x.jsonl"}]})
     torch.manual_seed(0)
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
     for name, p in model.named_parameters():  # LoRA B starts at zero: perturb so A gets gradients too
@@ -27,7 +31,9 @@ def lora_model(tiny_dir, tmp_path):
     return model
 
 
-def grads_of(model, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+def grads_of(model, loss_fn, fast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients with the fused LoRA forward switched on or off."""
+    enable_fast_lora(model) if fast else disable_fast_lora(model)
     model.zero_grad(set_to_none=True)
     loss = loss_fn()
     loss.backward()
@@ -58,28 +64,109 @@ def assert_same(a, b, tol=1e-5):
         assert err <= tol * max(1.0, scale), (name, err, scale)
 
 
-@pytest.mark.parametrize("chunk", [1024, 7])  # 7: several chunks, each recomputed in backward
-def test_packed_supervised_head_matches_hf_naive(tiny_dir, tmp_path, chunk):
+@pytest.mark.parametrize("chunk", [1024, 7])  # 7: several chunks of the head
+def test_packed_fused_path_matches_hf_naive(tiny_dir, tmp_path, chunk):
     ids, weights = make_data(6, seed=3)
     model = lora_model(tiny_dir, tmp_path)
     norm = float(sum(sum(1 for w in ws[1:] if w) for ws in weights))
     packed = collate([[0, 1, 2], [3, 4], [5]], ids, weights, pad_id=0)
-    naive = grads_of(model, lambda: hf_naive_loss(model, ids, weights))
-    fast = grads_of(model, lambda: sft_forward(model, packed, norm, chunk=chunk)[0])
+    naive = grads_of(model, lambda: hf_naive_loss(model, ids, weights), fast=False)
+    fast = grads_of(model, lambda: sft_forward(model, packed, norm, chunk=chunk)[0], fast=True)
     assert_same(naive, fast)
 
 
+@pytest.mark.parametrize("fused", [False, True])  # plain head path (chunks recomputed) and the fused one
 @pytest.mark.parametrize("packing", [False, True])
-def test_supervised_head_matches_all_positions(tiny_dir, tmp_path, packing):
+def test_supervised_head_matches_all_positions(tiny_dir, tmp_path, packing, fused):
     ids, weights = make_data(5, seed=4)
     weights[0] = [w * 0.5 for w in weights[0]]  # non-unit loss weights take the same path
     model = lora_model(tiny_dir, tmp_path)
     norm = float(sum(sum(1 for w in ws[1:] if w) for ws in weights))
     units = [[0, 1], [2, 3, 4]] if packing else [[i] for i in range(5)]
     batch = collate(units, ids, weights, pad_id=0)
-    full = grads_of(model, lambda: sft_forward(model, batch, norm, head_positions="all")[0])
-    fast = grads_of(model, lambda: sft_forward(model, batch, norm, head_positions="supervised")[0])
+    full = grads_of(model, lambda: sft_forward(model, batch, norm, head_positions="all", fused=False)[0], fast=False)
+    fast = grads_of(model, lambda: sft_forward(model, batch, norm, chunk=9, fused=fused)[0], fast=fused)
     assert_same(full, fast)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_logps_match_log_softmax(bias):
+    torch.manual_seed(1)
+    head = nn.Linear(8, 11, bias=bias).requires_grad_(False)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (13,))
+    upstream = torch.randn(13)  # any loss above the log-probs (DPO weights rows differently)
+    expected = torch.log_softmax(head(hidden), dim=-1).gather(-1, targets[:, None])[:, 0]
+    (grad_expected,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+    for chunk in (4, 100):
+        got = token_logps(head, hidden, targets, chunk=chunk)
+        (grad_got,) = torch.autograd.grad((got * upstream).sum(), hidden)
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-6)
+    with torch.no_grad():  # inference: the same values, no gradient rows formed
+        torch.testing.assert_close(token_logps(head, hidden, targets, chunk=4), expected.detach(), rtol=0, atol=1e-6)
+    head.weight.requires_grad_(True)  # a trainable head takes the plain autograd path, same values
+    torch.testing.assert_close(token_logps(head, hidden, targets, chunk=4), expected, rtol=0, atol=1e-6)
+
+
+def test_fast_lora_switches_plain_lora_only_and_respects_adapter_state(tiny_dir, tmp_path):
+    model = lora_model(tiny_dir, tmp_path)
+    lora_linears = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    assert enable_fast_lora(model) == len(lora_linears) > 0  # apply_method switched them already: idempotent
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        with model.disable_adapter():  # the DPO reference: adapters off must mean the base model
+            torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        fast = model(input_ids=ids).logits
+        disable_fast_lora(model)
+        torch.testing.assert_close(fast, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    dropout = lora_model(tiny_dir, tmp_path, "lora.dropout=0.1")  # dropout and DoRA keep PEFT's forward
+    dora = lora_model(tiny_dir, tmp_path, "lora.use_dora=true")
+    assert enable_fast_lora(dropout) == 0 and enable_fast_lora(dora) == 0
+    unfused = lora_model(tiny_dir, tmp_path, "train.fused=false")
+    assert not any("forward" in m.__dict__ for m in unfused.modules())
+
+
+def test_dpo_response_logps_fused_match_plain(tiny_dir, tmp_path):
+    from posttrain.train.dpo import response_logps
+
+    ids, weights = make_data(4, seed=5)
+    model = lora_model(tiny_dir, tmp_path)
+    batch = collate([[i] for i in range(4)], ids, weights, pad_id=0)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0])  # per-row weights, as the DPO loss gives them
+
+    def loss(fused):
+        return lambda: (response_logps(model, batch, chunk=5, fused=fused)[0] * upstream).sum()
+
+    assert_same(grads_of(model, loss(False), fast=False), grads_of(model, loss(True), fast=True))
+
+
+def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_path, monkeypatch):
+    from posttrain.train.lm_forward import hidden_states
+
+    ids, weights = make_data(5, seed=6)
+    model = lora_model(tiny_dir, tmp_path)
+    units = [[0, 1, 2], [3]]  # 3 samples; 1 sample + right padding
+    batch = collate(units, ids, weights, pad_id=0)
+    real_sdpa, lengths = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counting_sdpa(query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    upstream = torch.randn(batch["input_ids"].shape + (64,), generator=torch.Generator().manual_seed(0))
+    fast = grads_of(model, lambda: (hidden_states(model, batch, fused=True) * upstream).sum(), fast=False)
+    width, sizes = batch["input_ids"].shape[1], []
+    for unit in units:  # padding continues the row's last sample
+        sizes += [len(ids[i]) for i in unit[:-1]] + [width - sum(len(ids[i]) for i in unit[:-1])]
+    assert len(sizes) == 4 and lengths == sizes * 2  # one causal call per sample in each of the 2 layers
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+    lengths.clear()
+    masked = grads_of(model, lambda: (hidden_states(model, batch, fused=False) * upstream).sum(), fast=False)
+    assert len(lengths) == 2  # the reference: one masked call per layer
+    assert_same(masked, fast, tol=1e-4)  # a sum over (B, T, H): absolute error scales with it
 
 
 def test_head_positions_key_is_validated(tmp_path):

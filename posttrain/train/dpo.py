@@ -13,7 +13,6 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from posttrain.config import RunConfig
 from posttrain.data.preference import PrefSample, build_preference_data
@@ -21,6 +20,7 @@ from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method, count_parameters, lm_head_and_backbone
 from posttrain.models.run import save_model
+from posttrain.train.head_logps import token_logps
 from posttrain.train.lm_forward import hidden_states, supervised_targets
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.reward import to_batches
@@ -28,39 +28,29 @@ from posttrain.train.reward import to_batches
 log = logging.getLogger("posttrain")
 
 
-def response_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(R,) summed log-prob of each row's response tokens, and (R,) their counts."""
     _, head = lm_head_and_backbone(model)
-    hidden = hidden_states(model, batch)  # (R, T, H)
+    hidden = hidden_states(model, batch, fused)  # (R, T, H)
     index, targets, _ = supervised_targets(batch)  # (N, 2), (N,)
-    selected = hidden[index[:, 0], index[:, 1]]  # (N, H)
-
-    def token_logps(h, t):
-        return torch.log_softmax(head(h).float(), dim=-1).gather(-1, t[:, None])[:, 0]  # (n,)
-
-    parts = []
-    for start in range(0, selected.shape[0], chunk):
-        args = (selected[start:start + chunk], targets[start:start + chunk])
-        # recompute each chunk's logits in backward instead of keeping (N, V) alive
-        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if selected.shape[0] > chunk
-                     else token_logps(*args))
+    flat = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
     rows = batch["input_ids"].shape[0]
-    flat = torch.cat(parts) if parts else hidden.new_zeros(0)
     logps = hidden.new_zeros(rows, dtype=torch.float32).index_add(0, index[:, 0], flat)
     lengths = torch.bincount(index[:, 0], minlength=rows).float()
     return logps, lengths
 
 
-def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=None, chunk: int = 1024):
+def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=None, chunk: int = 1024,
+                fused: bool = True):
     """Policy (and reference) log-probs of every response -> the chosen loss over the batch's pairs."""
-    logps, lengths = response_logps(model, batch, chunk)
+    logps, lengths = response_logps(model, batch, chunk, fused)
     better, worse = batch["pair_better"], batch["pair_worse"]
     ref = None
     if dpo_cfg.loss not in REFERENCE_FREE:
         ref = batch.get("ref_logps")
         if ref is None:
             with torch.no_grad(), (model.disable_adapter() if ref_model is None else nullcontext()):
-                ref = response_logps(ref_model if ref_model is not None else model, batch, chunk)[0]
+                ref = response_logps(ref_model if ref_model is not None else model, batch, chunk, fused)[0]
     lp = PairLogps(logps[better], logps[worse], None if ref is None else ref[better],
                    None if ref is None else ref[worse], lengths[better], lengths[worse])
     return preference_loss(dpo_cfg.loss, lp, batch["pair_weight"], normalizer, beta=dpo_cfg.beta,
@@ -111,7 +101,8 @@ def run(cfg: RunConfig) -> dict:
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
-    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk)
+    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
+                                fused=cfg.train.fused)
     loop = Loop(cfg, model, to_batches(data.train, pad_id), loss_fn,
                 eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,

@@ -1,7 +1,7 @@
 """DPO with LoRA on SmolLM2-135M-Instruct: posttrain vs TRL's DPOTrainer, fp32 on CPU.
 
-    python benchmarks/dpo_lora_vs_trl.py                  # 3 alternating runs per side
-    python benchmarks/dpo_lora_vs_trl.py --repeats 1 --steps 1 --micro 1 --accum 1 --rows 8   # a quick look
+    python benchmarks/dpo_lora_vs_trl.py                  # 3 alternating runs per side + ablation
+    python benchmarks/dpo_lora_vs_trl.py --repeats 1 --steps 1 --micro 1 --accum 1 --ablations ""   # a quick look
 
 Both sides get the same preference pairs (a fixed slice of LLaMA-Factory's dpo_en_demo set, rows
 whose prompt + longer answer fit in max length 512 under the model's chat template, so neither tool
@@ -10,6 +10,7 @@ every linear but the head, sigmoid DPO with beta 0.1, the reference = the base w
 AdamW at a constant lr, the same number of optimizer steps. Each run is its own process; sides
 alternate (A B A B ...) and medians are reported. A sanity check runs each tool's own reference
 log-prob code on the same first pairs before training: the numbers must agree across tools.
+The ablation `posttrain-unfused` (train.fused=false) is the "before" of posttrain's fast paths.
 Writes benchmarks/results/<name>.{json,md}.
 """
 
@@ -31,7 +32,11 @@ DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/dpo_en_demo.json")
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-POSTTRAIN_VARIANTS = {"posttrain": []}  # config overrides per posttrain side (ablations plug in here)
+# posttrain variants: config overrides on top of the shared settings
+POSTTRAIN_VARIANTS = {
+    "posttrain": [],
+    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
+}
 
 
 # ---------------------------------------------------------------- data
@@ -274,11 +279,14 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="preference json/jsonl (default: %(default)s)")
     ap.add_argument("--start", type=int, default=0, help="first row of the slice")
-    ap.add_argument("--rows", type=int, default=64, help="pairs in the slice")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="pairs in the slice (default steps x micro x accum: one epoch, both tools see the same pairs)")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
     ap.add_argument("--micro", type=int, default=2, help="pairs per forward pass")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
+    ap.add_argument("--ablations", default="posttrain-unfused",
+                    help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--sanity-pairs", type=int, default=2, help="pairs in the before-training sanity check")
     ap.add_argument("--name", default="dpo_lora_vs_trl", help="results file stem")
     args = ap.parse_args()
@@ -293,13 +301,13 @@ def main() -> None:
     if not data.is_file():
         print(f"{data} not found; using {FALLBACK_DATA}", file=sys.stderr)
         data = FALLBACK_DATA
-    pairs, skipped = load_pairs(data, args.start, args.rows, 512)
+    pairs, skipped = load_pairs(data, args.start, args.rows or args.steps * args.micro * args.accum, 512)
     spec = {"data": str(data), "start": args.start, "rows": len(pairs), "skipped": skipped, "pairs": pairs,
             "max_length": 512, "lora_r": 8, "lora_alpha": 16, "lr": 5e-5, "beta": 0.1, "steps": args.steps,
             "micro": args.micro, "accum": args.accum, "seed": 42,
             "sanity_pairs": min(args.sanity_pairs, len(pairs))}
     script = Path(__file__).resolve()
-    order = ["posttrain", "trl"] * args.repeats
+    order = ["posttrain", "trl"] * args.repeats + [a for a in args.ablations.split(",") if a]
     before = matmul_peak_gflops()
     runs: dict[str, list[dict]] = {}
     for side in order:
@@ -314,6 +322,9 @@ def main() -> None:
     ratios = {"tokens/s posttrain/TRL": pt["tokens_per_s"] / trl["tokens_per_s"],
               "supervised tokens/s posttrain/TRL": pt["loss_tokens_per_s"] / trl["loss_tokens_per_s"],
               "peak RSS posttrain/TRL": pt["peak_rss_mb"] / trl["peak_rss_mb"]}
+    for variant in medians:
+        if variant.startswith("posttrain-"):
+            ratios[f"tokens/s posttrain/{variant}"] = pt["tokens_per_s"] / medians[variant]["tokens_per_s"]
     result = {"machine": machine(), "versions": versions("torch", "transformers", "peft", "trl", "posttrain"),
               "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
               "matmul_gflops_before": before, "matmul_gflops_after": after, "matmul_peak_gflops": max(before, after),

@@ -35,6 +35,7 @@ POSTTRAIN_VARIANTS = {
     "posttrain": [],
     "posttrain-full-head": ["train.head_positions=all"],  # before: logits at every position
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
+    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
 }
 
 
@@ -233,7 +234,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="packed rows per forward pass")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
-    ap.add_argument("--ablations", default="posttrain-full-head,posttrain-no-packing",
+    ap.add_argument("--ablations", default="posttrain-full-head,posttrain-no-packing,posttrain-unfused",
                     help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--no-trl-packing", action="store_true", help="TRL without packing/padding-free")
     ap.add_argument("--name", default="sft_lora_vs_trl", help="results file stem")

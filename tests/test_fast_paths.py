@@ -128,18 +128,29 @@ def test_fast_lora_switches_plain_lora_only_and_respects_adapter_state(tiny_dir,
     assert not any("forward" in m.__dict__ for m in unfused.modules())
 
 
-def test_dpo_response_logps_fused_match_plain(tiny_dir, tmp_path):
+def test_dpo_packed_fused_logps_match_padded_plain(tiny_dir, tmp_path):
+    from posttrain.data.preference import PrefSample, collate_preferences
     from posttrain.train.dpo import response_logps
 
-    ids, weights = make_data(4, seed=5)
+    ids, weights = make_data(6, seed=5)
+    samples = [PrefSample(ids[k:k + 2], weights[k:k + 2], [(0, 1)]) for k in (0, 2, 4)]
     model = lora_model(tiny_dir, tmp_path)
-    batch = collate([[i] for i in range(4)], ids, weights, pad_id=0)
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0])  # per-row weights, as the DPO loss gives them
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])  # per-sequence weights, as the DPO loss gives them
+    results = {}
+    for pack in (False, True):
+        batch = collate_preferences([[0], [1, 2]], samples, pad_id=0, pack=pack)
+        assert batch["input_ids"].shape[0] == (1 if pack else 6) and int(batch["n_samples"]) == 6
 
-    def loss(fused):
-        return lambda: (response_logps(model, batch, chunk=5, fused=fused)[0] * upstream).sum()
+        def loss(batch=batch, pack=pack):
+            logps, lengths = response_logps(model, batch, chunk=5, fused=pack)
+            results[pack] = (logps.detach(), lengths)
+            return (logps * upstream).sum()
 
-    assert_same(grads_of(model, loss(False), fast=False), grads_of(model, loss(True), fast=True))
+        grads = grads_of(model, loss, fast=pack)  # padded rows + plain paths vs one packed row + fused paths
+        results[pack] += grads
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-4)
+    assert torch.equal(results[True][1], results[False][1])
+    assert_same(results[False][2:], results[True][2:], tol=1e-4)
 
 
 def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_path, monkeypatch):

@@ -211,9 +211,12 @@ def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefD
     return PrefData(train_s, eval_s or None, dict(drops), n_rows)
 
 
-def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_id: int) -> dict:
-    """Every response of every prompt in the micro-batch becomes one row; pairs index those rows.
+def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_id: int, pack: bool = False) -> dict:
+    """Every response of every prompt in the micro-batch becomes one sequence; pairs index those sequences.
 
+    pack=False: one right-padded row per sequence (what a sequence-classification reward model reads).
+    pack=True: all sequences in one row, position ids restarting per sequence, so no compute goes to
+    padding; attention never crosses sequences. `sample_index` (B, T) names each token's sequence.
     pair_weight = 1 / (pairs of the prompt), so a K-response prompt counts once whatever K is.
     """
     import torch
@@ -232,8 +235,14 @@ def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_i
                 margin.append(s.margin)
                 weight.append(1.0 / len(s.pairs))
             ref += s.ref_logps or []
-    batch = collate([[k] for k in range(len(flat_ids))], input_ids=flat_ids, weights=flat_w, pad_id=pad_id)
-    batch.update(pair_better=torch.tensor(better), pair_worse=torch.tensor(worse),  # (P,) row indices
+    rows = [list(range(len(flat_ids)))] if pack else [[k] for k in range(len(flat_ids))]
+    batch = collate(rows, input_ids=flat_ids, weights=flat_w, pad_id=pad_id)
+    sample_index = torch.full_like(batch["input_ids"], -1)  # (B, T) -1 on padding
+    for b, row in enumerate(rows):
+        sample_index[b, :sum(len(flat_ids[k]) for k in row)] = torch.repeat_interleave(
+            torch.tensor(row), torch.tensor([len(flat_ids[k]) for k in row]))
+    batch.update(sample_index=sample_index, n_samples=torch.tensor(len(flat_ids)),
+                 pair_better=torch.tensor(better), pair_worse=torch.tensor(worse),  # (P,) sequence indices
                  pair_margin=torch.tensor(margin), pair_weight=torch.tensor(weight))  # (P,)
     if ref:
         if len(ref) != len(flat_ids):

@@ -1,7 +1,8 @@
 """DPO-family stage, read top to bottom: config -> preference data -> policy (+ reference) -> loop.
 
-Chosen and rejected responses of a micro-batch go through the policy in one forward pass; the
-LM head runs only at response positions. The reference is the LoRA base with adapters off, a
+Chosen and rejected responses of a micro-batch go through the policy in one forward pass, packed
+into one row where attention keeps them apart (no padding); the LM head runs only at response
+positions. The reference is the LoRA base with adapters off, a
 frozen copy, or log-probs precomputed once before training (no second model in memory).
 """
 
@@ -29,14 +30,15 @@ log = logging.getLogger("posttrain")
 
 
 def response_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,) summed log-prob of each row's response tokens, and (R,) their counts."""
+    """(R,) summed log-prob of each sequence's response tokens, and (R,) their counts (rows may be packed)."""
     _, head = lm_head_and_backbone(model)
-    hidden = hidden_states(model, batch, fused)  # (R, T, H)
+    hidden = hidden_states(model, batch, fused)  # (B, T, H)
     index, targets, _ = supervised_targets(batch)  # (N, 2), (N,)
     flat = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
-    rows = batch["input_ids"].shape[0]
-    logps = hidden.new_zeros(rows, dtype=torch.float32).index_add(0, index[:, 0], flat)
-    lengths = torch.bincount(index[:, 0], minlength=rows).float()
+    sequence = batch["sample_index"][index[:, 0], index[:, 1]]  # (N,) which sequence each target belongs to
+    n = int(batch["n_samples"])
+    logps = hidden.new_zeros(n, dtype=torch.float32).index_add(0, sequence, flat)
+    lengths = torch.bincount(sequence, minlength=n).float()
     return logps, lengths
 
 
@@ -59,19 +61,28 @@ def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=Non
 
 
 @torch.no_grad()
-def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: int, device, chunk: int) -> None:
+def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: int, device, chunk: int,
+                         pack: bool = False) -> None:
     """Store each response's reference log-prob on its sample (run before any training step)."""
     was_training = model.training
     model.eval()
-    batches = to_batches(samples, pad_id)
+    batches = to_batches(samples, pad_id, pack)
     for start in range(0, len(samples), micro):
         units = [[i] for i in range(start, min(start + micro, len(samples)))]
         batch = {k: v.to(device) for k, v in batches.collate(units).items()}
-        logps = response_logps(model, batch, chunk)[0].tolist()
+        logps = response_logps(model, batch, chunk, fused=pack)[0].tolist()
         for (i,) in units:
             k = len(samples[i].input_ids)
             samples[i].ref_logps, logps = logps[:k], logps[k:]
     model.train(was_training)
+
+
+def packs_rows(cfg: RunConfig) -> bool:
+    """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample."""
+    from posttrain.models.methods import PROMPT_METHODS
+
+    # virtual-token methods ignore position ids, so packed sequences would see each other
+    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def reference_mode(cfg: RunConfig) -> str:
@@ -89,13 +100,13 @@ def run(cfg: RunConfig) -> dict:
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
+    mode, pad_id, chunk, pack = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk, packs_rows(cfg)
     ref_model = None
     if mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     elif mode == "precompute":  # before training, the policy is the reference
         for samples in (data.train, data.eval or []):
-            precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, dist_ctx.device, chunk)
+            precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, dist_ctx.device, chunk, pack)
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
@@ -103,8 +114,8 @@ def run(cfg: RunConfig) -> dict:
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
                                 fused=cfg.train.fused)
-    loop = Loop(cfg, model, to_batches(data.train, pad_id), loss_fn,
-                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
+    loop = Loop(cfg, model, to_batches(data.train, pad_id, pack), loss_fn,
+                eval_data=to_batches(data.eval, pad_id, pack) if data.eval else None, dist_ctx=dist_ctx)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}

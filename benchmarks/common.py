@@ -103,6 +103,12 @@ def sample_lengths(position_ids, real_mask):
     return position_ids[real_mask & next_starts] + 1
 
 
+def chat_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a conversation rendered by the model's own chat template (what both tools train on)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def machine() -> dict:
     import torch
 

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS, ROOT, llama_flops, llama_forward_flops, machine, markdown_table, matmul_peak_gflops, median_of,
-    peak_rss_mb, run_worker, sample_lengths, versions)
+    RESULTS, ROOT, chat_length, llama_flops, llama_forward_flops, machine, markdown_table, matmul_peak_gflops,
+    median_of, peak_rss_mb, run_worker, versions)
 
 DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/dpo_en_demo.json")
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
@@ -63,8 +63,7 @@ def load_pairs(path: Path, start: int, count: int, max_length: int) -> tuple[lis
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
 
     def length(messages):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_length(tokenizer, messages)
 
     pairs, skipped = [], 0
     for row in list(read_rows(str(path)))[start:]:
@@ -84,7 +83,9 @@ def load_pairs(path: Path, start: int, count: int, max_length: int) -> tuple[lis
 
 
 def new_counts() -> dict:
-    return {"real": 0, "padded": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": [], "losses": []}
+    # real: tokens of the chosen/rejected sequences as rendered (the prompt once per response, the same for both
+    # tools); computed: positions the model ran (rows x width); stored: non-padding positions among them
+    return {"real": 0, "computed": 0, "stored": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": [], "losses": []}
 
 
 def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
@@ -109,10 +110,11 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
     real_forward = dpo_mod.dpo_forward
 
     def counting_forward(model, batch, normalizer, **kw):
-        counts["padded"] += batch["input_ids"].numel()
-        counts["real"] += int(batch["real_mask"].sum())
-        counts["loss"] += int((batch["weights"][:, 1:] != 0).sum())
-        counts["sum_sq_len"] += float((sample_lengths(batch["position_ids"], batch["real_mask"]).double() ** 2).sum())
+        counts["computed"] += batch["input_ids"].numel()
+        counts["stored"] += int(batch["real_mask"].sum())  # shared prompts are stored once
+        counts["real"] += int(batch["seq_lengths"].sum())
+        counts["loss"] += batch["target_ids"].numel()
+        counts["sum_sq_len"] += float((batch["seq_lengths"].double() ** 2).sum())
         return real_forward(model, batch, normalizer, **kw)
 
     class SanityLoop(Loop):
@@ -123,7 +125,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
             batch = data.collate([[i] for i in range(spec["sanity_pairs"])])  # rows: chosen, rejected, ...
             with torch.no_grad(), model.disable_adapter():
                 logps, _ = dpo_mod.response_logps(model, batch)
-            tokens = batch["real_mask"].sum(1)
+            tokens = batch["seq_lengths"]  # per sequence as rendered (rows may be packed, prompts shared)
             counts["sanity"] = {"chosen_logps": logps[0::2].tolist(), "rejected_logps": logps[1::2].tolist(),
                                 "chosen_tokens": tokens[0::2].tolist(), "rejected_tokens": tokens[1::2].tolist()}
 
@@ -167,8 +169,9 @@ def worker_trl(spec: dict) -> dict:
     class CountingTrainer(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             lengths = inputs["attention_mask"].sum(1)  # rows: chosen..., rejected... (right-padded)
-            counts["padded"] += inputs["input_ids"].numel()
+            counts["computed"] += inputs["input_ids"].numel()
             counts["real"] += int(lengths.sum())
+            counts["stored"] += int(lengths.sum())
             counts["loss"] += int(inputs["completion_mask"][:, 1:].sum())
             counts["sum_sq_len"] += float((lengths.double() ** 2).sum())
             return super().training_step(model, inputs, num_items_in_batch)
@@ -204,8 +207,9 @@ def finish(counts: dict) -> dict:
     # policy forward + backward (LoRA-aware) and the reference forward (adapters off, no gradient)
     flops = llama_flops(config, lora_r=SPEC["lora_r"], **sizes)["total_flops"] + llama_forward_flops(config, **sizes)
     return {"train_s": round(train_s, 2), "steps": len(counts["step_times"]), "tokens": counts["real"],
-            "loss_tokens": counts["loss"], "computed_tokens": counts["padded"],
-            "padding_fraction": round(1 - counts["real"] / max(counts["padded"], 1), 4),
+            "loss_tokens": counts["loss"], "computed_tokens": counts["computed"],
+            "padding_fraction": round(1 - counts["stored"] / max(counts["computed"], 1), 4),
+            "computed_per_token": round(counts["computed"] / max(counts["real"], 1), 4),
             "tokens_per_s": counts["real"] / train_s, "loss_tokens_per_s": counts["loss"] / train_s,
             "first_loss": counts["losses"][0] if counts["losses"] else None,
             "final_loss": counts["losses"][-1] if counts["losses"] else None,
@@ -237,10 +241,10 @@ def sanity_rows(runs: dict[str, list[dict]]) -> tuple[list[list], float]:
 def render_markdown(result: dict) -> str:
     med, peak, s = result["medians"], result["matmul_peak_gflops"], result["spec"]
     headers = ["side", "runs", "tokens/s", "supervised tok/s", "train s", "process s", "peak RSS MB",
-               "first loss", "final loss", "padding", "model GFLOP/s", "MFU"]
+               "first loss", "final loss", "padding", "positions run / token", "model GFLOP/s", "MFU"]
     rows = [[side, len(result["runs"][side]), m["tokens_per_s"], m["loss_tokens_per_s"], m["train_s"],
              m["process_wall_s"], m["peak_rss_mb"], m["first_loss"], m["final_loss"],
-             f"{100 * m['padding_fraction']:.1f}%", m["model_gflops_per_s"],
+             f"{100 * m['padding_fraction']:.1f}%", m["computed_per_token"], m["model_gflops_per_s"],
              f"{100 * m['model_gflops_per_s'] / peak:.1f}%"] for side, m in med.items()]
     sanity, worst = sanity_rows(result["runs"])
     return "\n\n".join([
@@ -260,15 +264,18 @@ def render_markdown(result: dict) -> str:
         f"(log 2 = 0.693 while LoRA B = 0). Largest log-prob difference between the tools: {worst:.4f}.",
         markdown_table(["side", "chosen logp", "rejected logp", "tokens", "first loss", "max |diff| vs TRL"],
                        sanity),
-        "Tokens count chosen and rejected rows (the prompt twice, as both tools compute it); supervised tokens "
-        "are the response tokens. Model FLOPs: policy forward + backward (LoRA-aware, head at response "
-        "positions) plus the reference forward, identical for both tools; MFU = model FLOP/s / matmul peak.",
+        "Tokens count the chosen and rejected sequences as rendered (the prompt once per response), the same "
+        "for both tools; supervised tokens are the response tokens. Positions run / token: positions the model "
+        "computed per such token (above 1: padding; below 1: posttrain stores a prompt once for its responses). "
+        "Model FLOPs: policy forward + backward (LoRA-aware, head at response positions) plus the reference "
+        "forward over those tokens, identical for both tools (a shared prompt does less than this work); "
+        "MFU = model FLOP/s / matmul peak.",
     ]) + "\n"
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
     keys = ["tokens_per_s", "loss_tokens_per_s", "train_s", "process_wall_s", "peak_rss_mb", "first_loss",
-            "final_loss", "padding_fraction", "model_gflops_per_s", "tokens", "loss_tokens"]
+            "final_loss", "padding_fraction", "computed_per_token", "model_gflops_per_s", "tokens", "loss_tokens"]
     return {side: {k: median_of(rs, k) for k in keys} for side, rs in runs.items()}
 
 

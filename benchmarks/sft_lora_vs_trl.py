@@ -58,6 +58,19 @@ def load_rows(path: Path, start: int, count: int) -> list[dict]:
     return pairs
 
 
+def keep_fitting(pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """The pairs whose rendered conversation fits max_length (posttrain would drop the others, TRL truncate
+    them, so the tools would train on different data); (kept, skipped)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import chat_length
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    kept = [p for p in pairs if chat_length(tokenizer, [{"role": "user", "content": p["prompt"]},
+                                                        {"role": "assistant", "content": p["answer"]}]) <= max_length]
+    return kept, len(pairs) - len(kept)
+
+
 # ---------------------------------------------------------------- workers (one process each)
 
 
@@ -95,9 +108,9 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
 
     real_step = Loop._step
 
-    def timed_step(self, plan):
+    def timed_step(self, plan, step=0):
         start = time.perf_counter()
-        out = real_step(self, plan)
+        out = real_step(self, plan, step)
         counts["step_times"].append(time.perf_counter() - start)
         counts.setdefault("losses", []).append(out["loss"])
         return out
@@ -210,7 +223,8 @@ def render_markdown(result: dict) -> str:
         f"# SFT-LoRA: posttrain vs TRL SFTTrainer ({result['machine']['date']})",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
         f"{result['machine']['torch_threads']}. Versions: {result['versions']}.",
-        f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']}; model SmolLM2-135M-Instruct fp32; "
+        f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']} ({s.get('skipped', 0)} longer than "
+        f"max length skipped); model SmolLM2-135M-Instruct fp32; "
         f"max length {s['max_length']}; LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear; "
         f"{s['steps']} optimizer steps of {s['micro']}x{s['accum']} packed rows; order {result['order']}.",
         f"fp32 matmul peak (2048^3, best of 8, measured before and after the runs): {peak:.1f} GFLOP/s "
@@ -253,7 +267,8 @@ def main() -> None:
     if not data.is_file():
         print(f"{data} not found; using {FALLBACK_DATA}", file=sys.stderr)
         data = FALLBACK_DATA
-    spec = {"data": str(data), "start": args.start, "rows": args.rows, "pairs": load_rows(data, args.start, args.rows),
+    pairs, skipped = keep_fitting(load_rows(data, args.start, args.rows), 512)
+    spec = {"data": str(data), "start": args.start, "rows": args.rows, "skipped": skipped, "pairs": pairs,
             "max_length": 512, "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "steps": args.steps, "micro": args.micro,
             "accum": args.accum, "seed": 42, "trl_packing": not args.no_trl_packing}
     script = Path(__file__).resolve()

@@ -128,29 +128,50 @@ def test_fast_lora_switches_plain_lora_only_and_respects_adapter_state(tiny_dir,
     assert not any("forward" in m.__dict__ for m in unfused.modules())
 
 
-def test_dpo_packed_fused_logps_match_padded_plain(tiny_dir, tmp_path):
-    from posttrain.data.preference import PrefSample, collate_preferences
+def preference_samples(seed: int) -> list:
+    """Prompts of 4..9 tokens (no loss) with 2 or 3 responses of 2..7 tokens each (loss), ranked pairs."""
+    from posttrain.data.preference import PrefSample
+
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for k in (2, 3, 2):
+        prompt = torch.randint(3, 300, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+        answers = [torch.randint(3, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(k)]
+        weights = [[0.0] * len(prompt) + [1.0] * len(a) for a in answers]
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        samples.append(PrefSample([prompt + a for a in answers], weights, pairs))
+    return samples
+
+
+def test_dpo_packed_shared_prompt_logps_match_padded_plain(tiny_dir, tmp_path):
+    from posttrain.data.preference import collate_preferences, shared_prefix
     from posttrain.train.dpo import response_logps
 
-    ids, weights = make_data(6, seed=5)
-    samples = [PrefSample(ids[k:k + 2], weights[k:k + 2], [(0, 1)]) for k in (0, 2, 4)]
+    samples = preference_samples(5)
     model = lora_model(tiny_dir, tmp_path)
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])  # per-sequence weights, as the DPO loss gives them
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0])  # per-sequence weights, as DPO's loss gives them
     results = {}
-    for pack in (False, True):
-        batch = collate_preferences([[0], [1, 2]], samples, pad_id=0, pack=pack)
-        assert batch["input_ids"].shape[0] == (1 if pack else 6) and int(batch["n_samples"]) == 6
+    for layout in ("padded", "packed", "shared"):
+        batch = collate_preferences([[0], [1, 2]], samples, pad_id=0, pack=layout != "padded",
+                                    share_prompt=layout == "shared")
+        lengths = sum(len(x) for s in samples for x in s.input_ids)
+        saved = sum((len(s.input_ids) - 1) * shared_prefix(s) for s in samples) if layout == "shared" else 0
+        assert batch["real_mask"].sum() == lengths - saved and int(batch["n_samples"]) == 7
+        fused = layout != "padded"
 
-        def loss(batch=batch, pack=pack):
-            logps, lengths = response_logps(model, batch, chunk=5, fused=pack)
-            results[pack] = (logps.detach(), lengths)
+        def loss(batch=batch, fused=fused, layout=layout):
+            logps, counts = response_logps(model, batch, chunk=5, fused=fused)
+            results[layout] = (logps.detach(), counts)
             return (logps * upstream).sum()
 
-        grads = grads_of(model, loss, fast=pack)  # padded rows + plain paths vs one packed row + fused paths
-        results[pack] += grads
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-4)
-    assert torch.equal(results[True][1], results[False][1])
-    assert_same(results[False][2:], results[True][2:], tol=1e-4)
+        grads = grads_of(model, loss, fast=fused)  # padded + plain paths vs packed rows + fused paths
+        results[layout] += grads
+    assert all(shared_prefix(s) == len(s.input_ids[0]) - int(s.weights[0].count(1.0)) for s in samples)
+    for layout in ("packed", "shared"):
+        torch.testing.assert_close(results[layout][0], results["padded"][0], rtol=0, atol=1e-4)
+        assert torch.equal(results[layout][1], results["padded"][1])
+        assert_same(results["padded"][2:], results[layout][2:], tol=1e-4)
 
 
 def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_path, monkeypatch):

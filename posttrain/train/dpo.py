@@ -1,9 +1,10 @@
 """DPO-family stage, read top to bottom: config -> preference data -> policy (+ reference) -> loop.
 
-Chosen and rejected responses of a micro-batch go through the policy in one forward pass, packed
-into one row where attention keeps them apart (no padding); the LM head runs only at response
-positions. The reference is the LoRA base with adapters off, a
-frozen copy, or log-probs precomputed once before training (no second model in memory).
+Chosen and rejected responses of a micro-batch go through the policy in one forward pass: packed
+into one row where attention keeps them apart (no padding), the responses of a prompt sharing one
+copy of its prompt tokens; the LM head runs only at response positions. The reference is the LoRA
+base with adapters off, a frozen copy, or log-probs precomputed once before training (no second
+model in memory).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method, count_parameters, lm_head_and_backbone
 from posttrain.models.run import save_model
 from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import hidden_states, supervised_targets
+from posttrain.train.lm_forward import hidden_states
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.reward import to_batches
 
@@ -32,11 +33,10 @@ log = logging.getLogger("posttrain")
 def response_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(R,) summed log-prob of each sequence's response tokens, and (R,) their counts (rows may be packed)."""
     _, head = lm_head_and_backbone(model)
-    hidden = hidden_states(model, batch, fused)  # (B, T, H)
-    index, targets, _ = supervised_targets(batch)  # (N, 2), (N,)
-    flat = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
-    sequence = batch["sample_index"][index[:, 0], index[:, 1]]  # (N,) which sequence each target belongs to
-    n = int(batch["n_samples"])
+    hidden = hidden_states(model, batch, fused, shared_prefix=bool(batch.get("shared_prompt", False)))  # (B, T, H)
+    selected = hidden[batch["target_row"], batch["target_pos"]]  # (N, H) the positions that predict the targets
+    flat = token_logps(head, selected, batch["target_ids"], chunk, fused)  # (N,)
+    sequence, n = batch["target_seq"], int(batch["n_samples"])  # (N,) which sequence each target belongs to
     logps = hidden.new_zeros(n, dtype=torch.float32).index_add(0, sequence, flat)
     lengths = torch.bincount(sequence, minlength=n).float()
     return logps, lengths
@@ -66,7 +66,7 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
     """Store each response's reference log-prob on its sample (run before any training step)."""
     was_training = model.training
     model.eval()
-    batches = to_batches(samples, pad_id, pack)
+    batches = to_batches(samples, pad_id, pack, share_prompt=pack)
     for start in range(0, len(samples), micro):
         units = [[i] for i in range(start, min(start + micro, len(samples)))]
         batch = {k: v.to(device) for k, v in batches.collate(units).items()}
@@ -114,8 +114,9 @@ def run(cfg: RunConfig) -> dict:
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
                                 fused=cfg.train.fused)
-    loop = Loop(cfg, model, to_batches(data.train, pad_id, pack), loss_fn,
-                eval_data=to_batches(data.eval, pad_id, pack) if data.eval else None, dist_ctx=dist_ctx)
+    loop = Loop(cfg, model, to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn,
+                eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None,
+                dist_ctx=dist_ctx)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}

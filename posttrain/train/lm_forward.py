@@ -23,14 +23,14 @@ def supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return index, targets, next_w[index[:, 0], index[:, 1]]
 
 
-def hidden_states(model, batch: dict, fused: bool = True) -> torch.Tensor:
+def hidden_states(model, batch: dict, fused: bool = True, shared_prefix: bool = False) -> torch.Tensor:
     """Final hidden states (B, T, H); attention follows position ids (samples never see each other).
 
     fused: packed rows attend sample by sample (models/packed_attention.py) instead of through a
-    block-diagonal mask over the whole row.
+    block-diagonal mask over the whole row; shared_prefix: rows whose responses share a prompt copy.
     """
     backbone, _ = lm_head_and_backbone(model)
-    with packed_attention(unwrap(model).config, enabled=fused):
+    with packed_attention(unwrap(model).config, enabled=fused, shared_prefix=shared_prefix):
         return backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
 
 

@@ -54,12 +54,13 @@ def rm_forward(model, batch: dict, normalizer: float, center_coef: float = 0.0):
                                 batch["pair_weight"], normalizer, center_coef)
 
 
-def to_batches(samples: list[PrefSample], pad_id: int, pack: bool = False) -> Batches:
+def to_batches(samples: list[PrefSample], pad_id: int, pack: bool = False, share_prompt: bool = False) -> Batches:
     """One unit per prompt; loss_tokens=1 makes the loop's normaliser the prompt count.
 
-    pack: a micro-batch's sequences share one row (DPO; a reward model reads one row per sequence)."""
+    pack / share_prompt: see collate_preferences (DPO; a reward model reads one row per sequence)."""
     return Batches(lengths=[max(len(x) for x in s.input_ids) for s in samples], loss_tokens=[1] * len(samples),
-                   collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id, pack=pack))
+                   collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id, pack=pack,
+                                             share_prompt=share_prompt))
 
 
 def save_reward_model(model, tokenizer, out_dir: Path) -> None:

@@ -106,13 +106,20 @@ def cmd_score(args) -> int:
     _quiet_libraries()
     import json
 
-    from posttrain.train.reward import score_preferences
+    from posttrain.errors import ConfigError
+    from posttrain.train.reward_scoring import normalize_rewards, score_preferences
 
-    result = score_preferences(args.run, args.data, batch_size=args.batch_size)
-    scores = result.pop("scores")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s) + "\n" for s in scores)
+    if not args.data and not args.normalize:
+        raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
+    result = {}
+    if args.normalize:
+        result["normalized"] = normalize_rewards(args.run, args.normalize, batch_size=args.batch_size)
+    if args.data:
+        result |= score_preferences(args.run, args.data, batch_size=args.batch_size)
+        scores = result.pop("scores")
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(s) + "\n" for s in scores)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -178,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score preference data with a reward model: pairwise accuracy, margins")
     p.add_argument("run", help="reward-model run dir (stage rm) or HF sequence-classification folder")
-    p.add_argument("--data", required=True, help="preference file (.jsonl/.json/.csv/.parquet)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--data", help="preference file (.jsonl/.json/.csv/.parquet) to score")
+    p.add_argument("--normalize", metavar="FILE", help="first store reward_offset in RUN/config.json so FILE's "
+                   "reference responses (chosen / top-ranked, or conversations' last reply) score 0 on average")
+    p.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (default 8)")
     p.add_argument("--out", help="also write each row's response rewards as JSON lines here")
     p.set_defaults(func=cmd_score)
 
@@ -197,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:  # bitsandbytes warns on import, on AVX512-BF16 CPUs, about an optional bf16 kernel package
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # that fp32 runs never use
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -18,6 +18,9 @@ from posttrain import typed_config
 from posttrain.errors import ConfigError
 from posttrain.typed_config import build, opt, parse_override, set_dotted
 
+# Methods that add virtual tokens (PEFT prompt / prefix tuning) instead of changing weights.
+PROMPT_METHODS = ("prompt", "prefix")
+
 __all__ = ["RunConfig", "describe_keys", "load_config", "parse_override", "save_config", "validate"]
 
 
@@ -48,7 +51,9 @@ class DataConfig:
     eval_datasets: list[DatasetConfig] = opt([], "explicit evaluation sets (else val_size holds out)")
     val_size: float = opt(0.0, "held-out share of training rows: <1 a fraction, >=1 a count")
     max_length: int = opt(1024, "max tokens per sample; oldest turns go first, then the sample")
-    packing: bool = opt(False, "pack samples into max_length rows (attention never crosses samples)")
+    packing: bool | Literal["auto"] = opt(
+        False, "pack samples into max_length rows (attention never crosses samples); auto = pack on stage sft "
+        "unless the method cannot (prompt/prefix tuning)")
     mask: Literal["all", "last", "full"] = opt(
         "all", "loss on: every assistant turn, the last assistant turn, or the whole sequence")
     variables: dict[str, str] = opt({}, "values for {{placeholders}} in the data, e.g. {name: Aria}")
@@ -107,14 +112,20 @@ class PromptConfig:
 class MethodConfig:
     type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix"] = opt(
         "lora", "what trains: lora (+ DoRA/rsLoRA/PiSSA/LoRA+ via lora.*), qlora (LoRA on a 4-bit NF4 base), "
-        "full, freeze (last blocks), lisa (random blocks every K steps), prompt / prefix tuning (virtual tokens). "
-        "Verified on sft; stages that train a policy (dpo, ppo) reuse the same apply_method; reward models with "
-        "a value head: lora/qlora/full/freeze/lisa only (prompt/prefix change the sequence the head reads)")
+        "full, freeze (last blocks), lisa (random blocks every K steps), prompt / prefix tuning (virtual tokens); "
+        "every method works on every training stage (sft, rm, dpo, ppo)")
+
+
+# Default peak lr per method.type (SFT-scale; preference stages usually want lower, set optim.lr):
+# virtual tokens need ~100x LoRA's lr (Lester et al. 2021 used 0.3), full fine-tuning ~10x less.
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "lisa": 5e-5, "prompt": 3e-2, "prefix": 1e-2}
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    lr: float | dict[str, float] | None = opt(
+        None, "peak learning rate (AdamW): a number, or {method.type: lr} for some methods; a method not given one "
+        "uses its default: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()))
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
     betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
@@ -168,12 +179,30 @@ class MultipleChoiceConfig:
 
 
 @dataclass
+class CompareConfig:
+    models: list[str] = opt([], "models to compare (2 or more): run dirs, model folders, built-in names, hub ids")
+    prompts: str = opt("", "prompt file: {prompt, reference?, category?, id?} rows, or any SFT layout")
+    judge: str = opt("", "reward-model folder, OpenAI-compatible base URL (http...), or 'reference' "
+                         "(ROUGE-L against each prompt's reference answer)")
+    judge_model: str = opt("gpt-4o-mini", "model name sent to an LLM judge endpoint")
+    judge_max_tokens: int | None = opt(None, "reply length cap sent to an LLM judge (None: the endpoint's own)")
+    judge_prompt: str = opt("", "LLM judge prompt with {question}, {answer_a}, {answer_b} (empty: MT-Bench style)")
+    epsilon: float = opt(0.0, "tie margin: reward difference (reward model) or ROUGE-L F1 difference (reference)")
+    max_new_tokens: int = opt(256, "answer length limit (greedy decoding)")
+    rounds: int = opt(200, "bootstrap resamples for the rating intervals")
+    seed: int = opt(0, "bootstrap seed")
+
+
+@dataclass
 class EvalConfig:
-    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate")
+    task: Literal["mc", "compare"] = opt(
+        "mc", "what `posttrain eval CONFIG` runs: mc (multiple-choice benchmark) or compare (pairwise, ratings)")
+    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate (mc)")
     output_dir: str = opt("outputs/eval", "where results JSON, per-item cache and reports go")
     batch_size: int = opt(8, "prompts per forward pass")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run; auto = cuda when available")
     mc: MultipleChoiceConfig = opt(MultipleChoiceConfig(), "multiple-choice benchmark (C-Eval, CMMLU, MMLU, JSONL)")
+    compare: CompareConfig = opt(CompareConfig(), "pairwise comparison of models judged per prompt (task compare)")
 
 
 @dataclass
@@ -223,6 +252,9 @@ class PPOConfig:
 @dataclass
 class RewardModelConfig:
     center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2) to the loss")
+    normalize_data: str = opt(
+        "", "after training, store reward_offset so this file's reference responses (chosen / top-ranked, "
+        "or conversations' last reply) score 0 on average (InstructGPT's bias step); '' = off")
 
 
 @dataclass
@@ -236,6 +268,9 @@ class DPOConfig:
     reference: Literal["auto", "adapter", "copy", "precompute"] = opt(
         "auto", "reference model: LoRA base with adapters off, a frozen copy, or log-probs precomputed once; "
         "auto = adapter with LoRA, else precompute")
+    reference_cache: bool = opt(
+        True, "precompute: keep the reference log-probs in $POSTTRAIN_CACHE/ref_logps, keyed by the tokenized "
+        "data, the model and its settings; a later run with the same key loads them")
 
 
 @dataclass
@@ -284,14 +319,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         if ds.path and not Path(ds.path).is_absolute() and (base_dir / ds.path).exists():
             ds.path = str(base_dir / ds.path)
-    mc = cfg.eval.mc
-    if mc.data and not Path(mc.data).is_absolute() and (base_dir / mc.data).exists():
-        mc.data = str(base_dir / mc.data)
+    cfg.rm.normalize_data = _beside_config(cfg.rm.normalize_data, base_dir)
+    mc, cmp = cfg.eval.mc, cfg.eval.compare
+    mc.data = _beside_config(mc.data, base_dir)
+    cmp.prompts = _beside_config(cmp.prompts, base_dir)
+    cmp.models = [_beside_config(m, base_dir) for m in cmp.models]
+    cmp.judge = _beside_config(cmp.judge, base_dir)
     file_ref, sep, fn_name = cfg.reward.function.rpartition(":")
     if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
         cfg.reward.function = f"{base_dir / file_ref}:{fn_name}"
+    resolve_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def _beside_config(path: str, base_dir: Path) -> str:
+    """A relative path that exists next to the config file means that file; anything else is kept."""
+    if path and not Path(path).is_absolute() and (base_dir / path).exists():
+        return str(base_dir / path)
+    return path
+
+
+def resolve_defaults(cfg: RunConfig) -> None:
+    """Fill the per-method defaults (optim.lr, data.packing=auto), so the saved config spells out what ran."""
+    kind, lr = cfg.method.type, cfg.optim.lr
+    if isinstance(lr, dict):
+        unknown = sorted(set(lr) - set(METHOD_LR))
+        if unknown:
+            raise ConfigError(f"optim.lr: {unknown[0]!r} is not a method.type (one of {', '.join(METHOD_LR)})")
+        lr = lr.get(kind)
+    cfg.optim.lr = METHOD_LR[kind] if lr is None else float(lr)
+    if cfg.data.packing == "auto":
+        cfg.data.packing = cfg.stage == "sft" and kind not in PROMPT_METHODS
+
+
+def adapter_off_is_base(cfg: RunConfig) -> bool:
+    """True when the model with its adapter disabled is the loaded base model, the DPO / PPO reference (as a
+    copy or precomputed log-probs would be): LoRA-family and virtual-token adapters, but not PiSSA, whose
+    initialisation rewrites the base weights."""
+    kind = cfg.method.type
+    return kind in PROMPT_METHODS or (kind in ("lora", "qlora") and cfg.lora.init != "pissa")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -318,6 +385,8 @@ def validate(cfg: RunConfig) -> None:
     _validate_method(cfg)
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    if not isinstance(cfg.optim.lr, float) or cfg.optim.lr < 0:  # 0 is allowed: a run that only evaluates
+        raise ConfigError(f"optim.lr must be a number >= 0, got {cfg.optim.lr!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
@@ -326,8 +395,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError("dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5)")
-    if cfg.stage == "dpo" and cfg.dpo.reference == "adapter" and cfg.method.type != "lora":
-        raise ConfigError("dpo.reference=adapter needs method.type=lora; use copy or precompute")
+    if cfg.stage == "dpo" and cfg.dpo.reference == "adapter" and not adapter_off_is_base(cfg):
+        pissa = " with lora.init=pissa" if cfg.lora.init == "pissa" else ""
+        raise ConfigError(f"dpo.reference=adapter needs an adapter whose removal gives the base model (lora, qlora, "
+                          f"prompt, prefix; not PiSSA), not method.type={cfg.method.type}{pissa}; "
+                          "use dpo.reference=copy or precompute")
 
 
 def _validate_ppo(cfg: RunConfig) -> None:
@@ -351,12 +423,27 @@ def _validate_ppo(cfg: RunConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig) -> None:
+    if ev.batch_size < 1:
+        raise ConfigError("eval.batch_size must be >= 1")
+    if ev.task == "compare":
+        cmp = ev.compare
+        if len(cmp.models) < 2 or len(set(cmp.models)) < len(cmp.models):
+            raise ConfigError("eval.compare.models needs two or more different models")
+        if not cmp.prompts or not cmp.judge:
+            raise ConfigError("eval.compare needs prompts (a prompt file) and judge (RM folder, URL or 'reference')")
+        short_judge = cmp.judge_max_tokens is not None and cmp.judge_max_tokens < 1
+        if cmp.rounds < 1 or cmp.max_new_tokens < 1 or cmp.epsilon < 0 or short_judge:
+            raise ConfigError("eval.compare.rounds, max_new_tokens and judge_max_tokens must be >= 1, epsilon >= 0")
+        if cmp.judge_max_tokens is not None and not cmp.judge.startswith(("http://", "https://")):
+            raise ConfigError("eval.compare.judge_max_tokens applies to an LLM judge only (judge: http...)")
+        fields = ("{question}", "{answer_a}", "{answer_b}")
+        if cmp.judge_prompt and not all(f in cmp.judge_prompt for f in fields):
+            raise ConfigError(f"eval.compare.judge_prompt must contain {', '.join(fields)}")
+        return
     if not ev.mc.data:
         raise ConfigError("eval.mc.data is empty: give a benchmark folder (e.g. C-Eval) or a .jsonl file")
     if not 0 <= ev.mc.shots <= 5:
         raise ConfigError("eval.mc.shots must be between 0 and 5")
-    if ev.batch_size < 1:
-        raise ConfigError("eval.batch_size must be >= 1")
 
 
 def _validate_method(cfg: RunConfig) -> None:
@@ -370,7 +457,7 @@ def _validate_method(cfg: RunConfig) -> None:
         raise ConfigError("lora.init=pissa needs the full-precision base: use method.type=lora")
     if kind == "lisa" and (cfg.lisa.layers < 1 or cfg.lisa.interval < 1):
         raise ConfigError("lisa.layers and lisa.interval must be >= 1")
-    if kind in ("prompt", "prefix"):
+    if kind in PROMPT_METHODS:
         if cfg.prompt.num_virtual_tokens < 1:
             raise ConfigError("prompt.num_virtual_tokens must be >= 1")
         # PEFT drops position ids for virtual tokens, so packed rows would attend across samples.

@@ -19,3 +19,14 @@ class TemplateError(PosttrainError):
 
 class ModelSourceError(PosttrainError):
     """A model name or path that cannot be resolved or loaded."""
+
+
+def http_error_text(err) -> str:
+    """'HTTP 404: <message>' from an OpenAI-style error body (a urllib HTTPError), else 'HTTP 404'."""
+    import json
+
+    try:
+        message = json.loads(err.read())["error"]["message"]
+    except Exception:  # noqa: BLE001 - any body that is not OpenAI's error shape
+        return f"HTTP {err.code}"
+    return f"HTTP {err.code}: {message}"

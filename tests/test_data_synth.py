@@ -84,7 +84,7 @@ def test_rouge_l_hand_values():
 
 
 def test_synth_filters_and_generates(teacher, seeds, tmp_path):
-    out = tmp_path / "synth.jsonl"
+    out = tmp_path / "new" / "synth.jsonl"  # a folder that does not exist yet is created
     report = synth.synth(seeds, out, teacher, 5, concurrency=2, log=lambda m: None)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and report["heuristic"] >= 1 and report["similar"] >= 1
@@ -93,7 +93,7 @@ def test_synth_filters_and_generates(teacher, seeds, tmp_path):
     assert cls["is_classification"] and cls["output"] == "positive" and cls["input"].startswith("A joyful")
     assert rows[1] == {"instruction": PROPOSALS[3], "input": "", "output": "Here is an answer.",
                        "is_classification": False}
-    assert not (tmp_path / "synth.partial.jsonl").exists()
+    assert not (tmp_path / "new" / "synth.partial.jsonl").exists()
     for i, a in enumerate(rows):
         assert all(synth.rouge_l(a["instruction"], b["instruction"]) < 0.7 for b in rows[i + 1:])
 

@@ -9,7 +9,10 @@ from posttrain.errors import DataError
 from posttrain.eval import ratings
 from posttrain.eval.mc_data import load_split, read_csv_items
 from posttrain.eval.metrics import corpus_bleu, reference_scores, rouge_l, rouge_n, tokenize
-from posttrain.eval.multiple_choice import build_prompt, summarize
+from posttrain.eval.judges import ReferenceJudge
+from posttrain.eval.multiple_choice import CEVAL_CATEGORIES, build_prompt, summarize
+
+from conftest import SHARED_ASSETS
 
 
 def test_tokenize_words_and_chinese_characters():
@@ -127,5 +130,41 @@ def test_summarize_subjects_categories_overall():
     s = summarize(results, {"Humanities": ["law", "logic"]})
     assert s["subjects"]["law"]["accuracy"] == 0.5
     assert s["categories"]["Humanities"] == {"n": 3, "accuracy": 2 / 3}
-    assert s["categories"]["Other"]["n"] == 1
+    assert s["categories"]["uncategorized"]["n"] == 1 and "Other" not in s["categories"]
     assert s["overall"]["accuracy"] == 0.5 and s["overall"]["macro_accuracy"] == pytest.approx(0.5)
+
+
+def test_ceval_categories_match_the_official_mapping():
+    """hkust-nlp/ceval subject_mapping.json: 52 subjects, STEM 20, Social Science 10, Humanities 11,
+    Other 11 (a few assignments that are easy to misremember are checked by name)."""
+    counts = {c: len(s) for c, s in CEVAL_CATEGORIES.items()}
+    assert counts == {"STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}
+    category = {s: c for c, subjects in CEVAL_CATEGORIES.items() for s in subjects}
+    assert len(category) == 52  # no subject in two categories
+    assert category["veterinary_medicine"] == "STEM" and category["clinical_medicine"] == "Other"
+    assert category["logic"] == "Humanities" and category["teacher_qualification"] == "Social Science"
+    assert category["civil_servant"] == "Other" and category["modern_chinese_history"] == "Humanities"
+    val = SHARED_ASSETS / "data" / "ceval" / "val"
+    if not val.is_dir():
+        pytest.skip("C-Eval data not present")
+    assert set(load_split(val.parent, "val")) == set(category)
+
+
+def test_win_matrix_from_win_rates():
+    votes = [{"model_a": "x", "model_b": "y", "winner": w} for w in ("model_a", "model_a", "tie", "model_b")]
+    votes += [{"model_a": "y", "model_b": "z", "winner": "model_a"}]
+    m = ratings.win_matrix(ratings.win_rates(votes))
+    assert m == {"x": {"y": 0.5}, "y": {"x": 0.25, "z": 1.0}, "z": {"y": 0.0}}
+
+
+def test_reference_judge_hand_computed():
+    judge = ReferenceJudge(epsilon=0.15, segment="char")
+    # ref 4 words; a: LCS 3 of 3 words -> F1 2*1*0.75/1.75; b: LCS 1 of 2 -> F1 2*0.5*0.25/0.75
+    ref = "I am Aria today"
+    assert judge.score("I am Aria", ref) == pytest.approx(6 / 7)
+    assert judge.score("I SmolLM", ref) == pytest.approx(1 / 3)
+    vote = judge.compare([], "I SmolLM", "I am Aria", reference=ref)
+    assert vote["winner"] == "model_b" and vote["score_b"] == pytest.approx(6 / 7)
+    assert judge.compare([], "I am Aria", "I am Aria!", reference=ref)["winner"] == "tie"  # 6/7 vs 3/4: within 0.15
+    with pytest.raises(DataError, match="reference answer"):
+        judge.compare([], "a", "b", reference=None)

@@ -106,7 +106,10 @@ class _FakeJudgeAPI(BaseHTTPRequestHandler):
         type(self).seen.append((body["model"], self.headers["Authorization"]))
         first = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
         verdict = "A" if self.bias or "good" in first else "B"
-        reply = {"choices": [{"message": {"role": "assistant", "content": f"Reasoning... [[{verdict}]]"}}]}
+        content = f"Reasoning... [[{verdict}]]"
+        if body.get("max_tokens", 1000) < 8:  # a short cap cuts the reply before its verdict
+            content = "Reasoning..."
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -140,6 +143,7 @@ def test_mc_item_letters():
 
 
 def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
+    from posttrain.config import load_config
     from posttrain.eval import compare
 
     prompts = tmp_path / "p.jsonl"
@@ -147,13 +151,73 @@ def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
     server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "j", api_key="k")
-        result = compare.run([str(tiny_dir), str(tiny_dir)], str(prompts), str(tmp_path / "cmp"), judge,
-                             max_new_tokens=4, rounds=5, device="cpu")
+        cfg = load_config(None, [], stage="eval", **{
+            "eval.task": "compare", "eval.output_dir": str(tmp_path / "cmp"), "eval.device": "cpu",
+            "eval.compare.models": [str(tiny_dir), str(tiny_dir) + "/"], "eval.compare.prompts": str(prompts),
+            "eval.compare.judge": f"http://127.0.0.1:{server.server_port}/v1", "eval.compare.judge_model": "j",
+            "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5})
+        result = compare.run(cfg)
     finally:
         server.shutdown()
     assert result["votes"] == 2 and list(result["models"]) == ["model", "model-2"]
+    assert result["judge"].startswith("llm:j@http://127.0.0.1")
     votes = compare.read_votes(tmp_path / "cmp" / "votes.jsonl")
     assert all(v["winner"] == "tie" for v in votes)  # identical answers: "B" both ways is not a verdict
     for name in ("report.md", "ratings.json", "ratings_bt.png", "win_matrix.png", "answers/model-2.jsonl"):
         assert (tmp_path / "cmp" / name).is_file()
+
+
+def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
+    """A judge cut short (judge_max_tokens) gives no verdict: votes kept with winner None, cached (not
+    re-asked), left out of ratings, reported; another judge_max_tokens is another judge and asks again."""
+    from posttrain.eval import compare
+    from posttrain.eval.generation import PromptItem
+    from posttrain.eval.report import write_compare_report
+
+    prompts = [PromptItem("p0", [Message("user", "q0")], None, None),
+               PromptItem("p1", [Message("user", "q1")], None, None)]
+    answers = {"x": {"p0": {"prediction": "good one"}, "p1": {"prediction": "good two"}},
+               "y": {"p0": {"prediction": "bad one"}, "p1": {"prediction": "bad two"}}}
+    votes_path = tmp_path / "votes.jsonl"
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    _FakeJudgeAPI.seen = []
+    try:
+        short = OpenAIJudge(url, "j", max_tokens=4)
+        votes = compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path)
+        assert [(v["winner"], v["verdicts"]) for v in votes] == [(None, ["unparsed", "unparsed"])] * 2
+        assert len(_FakeJudgeAPI.seen) == 4  # two prompts, asked in both orders
+        assert compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path) == votes
+        assert len(_FakeJudgeAPI.seen) == 4  # cached, not re-asked
+        long = OpenAIJudge(url, "j", max_tokens=64)
+        assert long.id != short.id and short.id.endswith(":max_tokens=4")
+        decided = compare.judge_pairs(long, ["x", "y"], prompts, answers, votes_path)
+        assert len(_FakeJudgeAPI.seen) == 8 and [v["winner"] for v in decided] == ["model_a", "model_a"]
+    finally:
+        server.shutdown()
+    meta = {"models": {"x": "x", "y": "y"}, "prompts": "p.jsonl", "judge": short.id}
+    none = {**meta, **compare.ratings_from_votes(votes, rounds=5)}
+    assert (none["votes"], none["no_verdict"], none["bradley_terry"], none["win_matrix"]) == (0, 2, [], {})
+    text = write_compare_report(tmp_path, none).read_text()
+    assert "2 judged pairs got a judge reply without a verdict" in text and "No vote has a winner" in text
+    mixed = {**meta, **compare.ratings_from_votes([votes[0], decided[1]], rounds=5)}
+    assert (mixed["votes"], mixed["no_verdict"]) == (1, 1)
+    assert [(r["model"], r["n"], r["win_rate"]) for r in mixed["win_rates"]] == [("x", 1, 1.0)]
+    text = write_compare_report(tmp_path, mixed).read_text()
+    assert "1 judged pairs got a judge reply without a verdict" in text and "| x | y | 1 | 1.00 |" in text
+
+
+def test_judge_max_tokens_is_a_typed_compare_key(tmp_path):
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
+
+    base = {"eval.task": "compare", "eval.compare.models": ["a", "b"], "eval.compare.prompts": "p.jsonl",
+            "eval.compare.judge": "http://127.0.0.1:1/v1"}
+    assert load_config(None, [], stage="eval", **base).eval.compare.judge_max_tokens is None
+    cfg = load_config(None, ["eval.compare.judge_max_tokens=16"], stage="eval", **base)
+    assert cfg.eval.compare.judge_max_tokens == 16
+    with pytest.raises(ConfigError, match="judge_max_tokens must be >= 1"):
+        load_config(None, ["eval.compare.judge_max_tokens=0"], stage="eval", **base)
+    with pytest.raises(ConfigError, match="LLM judge only"):
+        load_config(None, ["eval.compare.judge_max_tokens=16"], stage="eval", **{**base, "eval.compare.judge": "ref"})

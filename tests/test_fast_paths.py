@@ -109,6 +109,37 @@ def test_fused_head_logps_match_log_softmax(bias):
     torch.testing.assert_close(token_logps(head, hidden, targets, chunk=4), expected, rtol=0, atol=1e-6)
 
 
+def test_fused_lora_alone_matches_peft_lora(tiny_dir, tmp_path):
+    """Only the LoRA forward differs (same padded batch, same full-logits head): same loss and gradients."""
+    ids, weights = make_data(4, seed=6)
+    model = lora_model(tiny_dir, tmp_path)
+    norm = float(sum(sum(1 for w in ws[1:] if w) for ws in weights))
+    batch = collate([[i] for i in range(4)], ids, weights, pad_id=0)
+
+    def loss():
+        return sft_forward(model, batch, norm, head_positions="all", fused=False)[0]
+
+    assert_same(grads_of(model, loss, fast=False), grads_of(model, loss, fast=True), tol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_function_matches_autograd(bias):
+    """The autograd Function against the five-op formula PEFT uses: output and x, A, B gradients."""
+    from posttrain.models.fast_lora import _LoraLinearFn
+
+    torch.manual_seed(2)
+    x = torch.randn(10, 6, requires_grad=True)
+    weight, b = torch.randn(7, 6), (torch.randn(7) if bias else None)
+    lora_a, lora_b = torch.randn(3, 6, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    upstream = torch.randn(10, 7)
+    expected = nn.functional.linear(x, weight, b) + (x @ lora_a.t() @ lora_b.t()) * 0.5
+    want = torch.autograd.grad((expected * upstream).sum(), (x, lora_a, lora_b))
+    got = _LoraLinearFn.apply(x, weight, b, lora_a, lora_b, 0.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for g, w in zip(torch.autograd.grad((got * upstream).sum(), (x, lora_a, lora_b)), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
 def test_fast_lora_switches_plain_lora_only_and_respects_adapter_state(tiny_dir, tmp_path):
     model = lora_model(tiny_dir, tmp_path)
     lora_linears = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
@@ -206,3 +237,23 @@ def test_head_positions_key_is_validated(tmp_path):
 
     with pytest.raises(ConfigError, match="head_positions"):
         load_config(None, ["train.head_positions=some"], **{"data.datasets": [{"path": "x.jsonl"}]})
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
+    """The whole DPO loss (policy + adapter-off reference): padded rows on PEFT's path vs packed rows,
+    a shared prompt copy, fused LoRA and the fused head; same loss and same LoRA gradients."""
+    from posttrain.data.preference import collate_preferences
+    from posttrain.train.dpo import dpo_forward
+
+    cfg = load_config(None, [f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],
+                      **{"data.datasets": [{"path": "x.jsonl"}]})
+    samples = preference_samples(7)
+    model = lora_model(tiny_dir, tmp_path)
+    runs = {}
+    for fused in (False, True):
+        batch = collate_preferences([[0, 1], [2]], samples, pad_id=0, pack=fused, share_prompt=fused)
+        runs[fused] = grads_of(model, lambda b=batch, f=fused: dpo_forward(model, b, 3.0, dpo_cfg=cfg.dpo, chunk=6,
+                                                                           fused=f)[0], fast=fused)
+    assert runs[False][0] != 0.0
+    assert_same(runs[False], runs[True], tol=1e-5)

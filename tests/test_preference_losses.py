@@ -86,3 +86,23 @@ def test_sft_weight_adds_chosen_nll():
     base, _ = preference_loss("sigmoid", lp, torch.ones(3), 3.0, beta=0.1)
     with_sft, _ = preference_loss("sigmoid", lp, torch.ones(3), 3.0, beta=0.1, sft_weight=1.0)
     assert abs(float(with_sft - base) - (0.5 + 5.0 + 0.25) / 3) < 1e-6
+
+
+def test_reward_moments_summed_over_micro_batches_give_mean_and_std():
+    """Reward mean/std reported per micro-batch, summed as the loop sums them, equal torch's over all rewards."""
+    from posttrain.losses.moments import fold_moments
+
+    rewards = torch.tensor([0.3, -1.2, 2.0, 0.7, 5.0, -0.4, 1.1])
+    # three micro-batches of 2, 4 and 1 response rows; pairs index rows within each
+    micro = [([0, 1], [0], [1]), ([2, 3, 4, 5], [0, 2], [1, 3]), ([6], [], [])]
+    summed: dict[str, float] = {}
+    for rows, better, worse in micro:
+        _, m = pairwise_reward_loss(rewards[rows], torch.tensor(better, dtype=torch.long),
+                                    torch.tensor(worse, dtype=torch.long), torch.zeros(len(better)),
+                                    torch.ones(len(better)), 3.0)
+        for key, value in m.items():
+            summed[key] = summed.get(key, 0.0) + value
+    folded = fold_moments(summed)
+    assert folded["rewards/mean"] == pytest.approx(float(rewards.mean()), abs=1e-6)
+    assert folded["rewards/std"] == pytest.approx(float(rewards.std()), abs=1e-6)
+    assert not any(":" in key for key in folded) and folded["accuracy"] == pytest.approx(1.0)

@@ -77,7 +77,9 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
     wait_text(driver, "chat-status", lambda t: t == "done")
     engine = engine_model.engines[str(tiny_dir)]
     want = generate_reply(engine.model, engine.tokenizer, [Message("user", "Who are you?")], max_new_tokens=128)
-    assert f"assistant: {want}" in el(driver, "log-a").text
+    # textContent, not .text: the browser's rendered text turns a bare \r of random-model output into a line
+    # break and folds tabs and the like
+    assert f"assistant: {want}" in el(driver, "log-a").get_attribute("textContent")
 
     el(driver, "clear").click()
     el(driver, "arena").click()
@@ -94,10 +96,14 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
     assert vote["time"]
 
 
+TURTLES = "I like\r\nturtles."
+
+
 def test_rank_polish_skip_and_export(ui, tmp_path):
     driver, _, workdir, _ = ui
     prompts = tmp_path / "cands.jsonl"
-    rows = [{"prompt": "Name a colour.", "responses": ["Blue.", "I like turtles.", "Red is a colour."]},
+    # a \r\n shows as \n in a textarea; left untouched it is not an edit and stays as it was
+    rows = [{"prompt": "Name a colour.", "responses": ["Blue.", TURTLES, "Red is a colour."]},
             {"prompt": "2+2?", "responses": ["4", "5"]}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
@@ -117,15 +123,58 @@ def test_rank_polish_skip_and_export(ui, tmp_path):
     assert "exported 1 ranked items, 3 pairs" in out
     ranked = [json.loads(x) for x in Path(out.splitlines()[1]).read_text().splitlines()]
     assert ranked == [{"prompt": "Name a colour.", "responses": ["Red is a colour.", "Blue is a colour.",
-                                                                 "I like turtles."], "ranks": [0, 1, 2],
+                                                                 TURTLES], "ranks": [0, 1, 2],
                        "id": "0", "annotator": "alice"}]
     pairs = [json.loads(x) for x in Path(out.splitlines()[2]).read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", "I like turtles."),
-        ("Blue is a colour.", "I like turtles.")]
-    labels = (workdir / "annotations").glob("*.labels.jsonl")
-    statuses = [json.loads(x)["status"] for f in labels for x in f.read_text().splitlines()]
-    assert statuses == ["ranked", "skipped"]
+        ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", TURTLES),
+        ("Blue is a colour.", TURTLES)]
+    labels = (workdir / "annotations").glob("cands-*.labels.jsonl")
+    records = [json.loads(x) for f in labels for x in f.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ranked", "skipped"] and records[0]["edited"] == [0]
+
+
+def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir, tmp_path):
+    driver, _, workdir, _ = ui
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "q1", "prompt": "Name a colour."}\n{"id": "q2", "prompt": "Who are you?"}\n')
+    driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
+    assert el(driver, "gen-model-0").is_selected() and not el(driver, "gen-model-1").is_selected()
+    fill(driver, "gen-prompts", str(prompts))
+    fill(driver, "gen-k", "3")
+    fill(driver, "gen-temp", "1.0")
+    fill(driver, "gen-max-tokens", "12")
+    el(driver, "gen-start").click()
+    wait_text(driver, "gen-status", lambda t: t.startswith("done: 2/2 prompts"))
+    wait_text(driver, "ann-progress", lambda t: t.startswith("0/2"))  # loaded by itself when generation ended
+    out = Path(el(driver, "ann-file").get_attribute("value"))
+    assert out.parent == workdir / "candidates"
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    assert all(len(r["responses"]) == 3 and r["models"] == [str(tiny_dir)] * 3 for r in rows)
+    assert "Name a colour." in el(driver, "ann-item").text
+    shown = [r.replace("\r\n", "\n").replace("\r", "\n") for r in rows[0]["responses"]]  # a textarea's value
+    assert [el(driver, f"resp-{i}").get_attribute("value") for i in range(3)] == shown
+
+    driver.refresh()  # the server kept the generation; the page finds the file again
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
+    assert el(driver, "gen-status").text.startswith("done: 2/2 prompts")
+    assert el(driver, "ann-file").get_attribute("value") == str(out)
+    el(driver, "ann-load").click()
+    wait_text(driver, "ann-progress", lambda t: t.startswith("0/2"))
+    for i, rank in enumerate([2, 3, 1]):
+        fill(driver, f"rank-{i}", str(rank))
+    screenshot(driver, "ui-annotate-generated.png")
+    el(driver, "ann-submit").click()
+    wait_text(driver, "ann-progress", lambda t: t.startswith("1/2"))
+    el(driver, "ann-export").click()
+    export = wait_text(driver, "ann-export-out", lambda t: f"/{out.stem}-" in t, timeout=30)
+    assert "exported 1 ranked items, 3 pairs" in export
+    ranked = [json.loads(x) for x in Path(export.splitlines()[1]).read_text().splitlines()]
+    best_first = [rows[0]["responses"][i] for i in (2, 0, 1)]
+    assert ranked == [{"prompt": "Name a colour.", "responses": best_first, "ranks": [0, 1, 2], "id": "q1",
+                       "annotator": "alice", "models": [str(tiny_dir)] * 3}]
 
 
 def test_train_tab_preview_and_run_shows_loss(ui, tiny_dir, tmp_path):

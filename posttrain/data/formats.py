@@ -78,13 +78,13 @@ def row_to_conversation(
     row = rename_columns(row, columns)
     if fmt == "auto":
         fmt = detect_format(row.keys(), source)
-    ctx = _Ctx(source, columns)
+    ctx = RowContext(source, columns)
     if fmt == "alpaca":
         conv = parse_alpaca(row, ctx)
     elif fmt == "sharegpt":
-        conv = parse_sharegpt(row, ctx, _role_map(role_tags))
+        conv = parse_sharegpt(row, ctx, role_map(role_tags))
     elif fmt == "openai":
-        conv = parse_openai(row, ctx, _role_map(role_tags))
+        conv = parse_openai(row, ctx, role_map(role_tags))
     elif fmt == "text":
         conv = Conversation(text=ctx.text(row.get("text"), "text"))
     else:
@@ -97,7 +97,7 @@ def row_to_conversation(
     return conv
 
 
-class _Ctx:
+class RowContext:
     """Where a row came from, so every check can name file, line and field (with its file column)."""
 
     def __init__(self, source: str, columns: Mapping[str, str]):
@@ -135,7 +135,8 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _role_map(role_tags: Mapping[str, str] | None) -> dict[str, str]:
+def role_map(role_tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The default role tags (user/human/gpt/...) plus a dataset's `role_tags`, each checked."""
     tags = dict(DEFAULT_ROLE_TAGS)
     for tag, role in (role_tags or {}).items():
         if role not in ROLE_TARGETS:
@@ -144,7 +145,7 @@ def _role_map(role_tags: Mapping[str, str] | None) -> dict[str, str]:
     return tags
 
 
-def _role(tag, tags: Mapping[str, str], ctx: _Ctx, field: str) -> str:
+def _role(tag, tags: Mapping[str, str], ctx: RowContext, field: str) -> str:
     if tag not in tags:
         raise ctx.fail(
             field, f"has unknown role {tag!r}; accepted: {', '.join(sorted(tags))}. Map it with `role_tags` "
@@ -161,7 +162,7 @@ def _drop_nulls(value):
     return value
 
 
-def _tools(value, ctx: _Ctx) -> list[dict] | None:
+def _tools(value, ctx: RowContext) -> list[dict] | None:
     """`tools` as a JSON string or a list of function schemas; empty means none."""
     if value is None or value == "" or value == []:
         return None
@@ -177,7 +178,7 @@ def _tools(value, ctx: _Ctx) -> list[dict] | None:
     return _drop_nulls(value) or None
 
 
-def _tool_call(call, ctx: _Ctx, field: str) -> dict:
+def _tool_call(call, ctx: RowContext, field: str) -> dict:
     """Normalise one call to {"type": "function", "function": {"name", "arguments": dict}}.
 
     Arguments become a dict when given as a JSON string: HF chat templates render them with
@@ -204,7 +205,7 @@ def _system_first(conv: Conversation, system: str | None) -> Conversation:
     return conv
 
 
-def parse_alpaca(row: Mapping, ctx: _Ctx) -> Conversation:
+def parse_alpaca(row: Mapping, ctx: RowContext) -> Conversation:
     """instruction (+ "\\n" + input) -> output, after optional history pairs and system."""
     prompt = ctx.text(row.get("instruction"), "instruction")
     extra = ctx.optional_text(row.get("input"), "input")
@@ -222,7 +223,7 @@ def parse_alpaca(row: Mapping, ctx: _Ctx) -> Conversation:
     return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
 
 
-def parse_sharegpt(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversation:
+def parse_sharegpt(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conversation:
     """conversations: [{from, value}], with optional system and tools columns."""
     messages = []
     for i, turn in enumerate(ctx.items(row.get("conversations"), "conversations")):
@@ -240,7 +241,7 @@ def parse_sharegpt(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversa
     return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
 
 
-def _function_call(value, ctx: _Ctx, field: str) -> Message:
+def _function_call(value, ctx: RowContext, field: str) -> Message:
     """A sharegpt function_call turn: JSON {name, arguments} (or a list of them for parallel calls)."""
     if isinstance(value, str):
         try:
@@ -252,7 +253,7 @@ def _function_call(value, ctx: _Ctx, field: str) -> Message:
     return Message("assistant", "", tool_calls=tool_calls)
 
 
-def parse_openai(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversation:
+def parse_openai(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conversation:
     """messages: [{role, content, loss_weight?, tool_calls?}], with optional tools."""
     messages = []
     for i, raw in enumerate(ctx.items(row.get("messages"), "messages")):
@@ -278,7 +279,7 @@ def parse_openai(row: Mapping, ctx: _Ctx, tags: Mapping[str, str]) -> Conversati
     return Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
 
 
-def _weight(value, ctx: _Ctx, field: str) -> float | None:
+def _weight(value, ctx: RowContext, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

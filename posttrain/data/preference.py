@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.data.formats import _Ctx, _role_map, fill_variables, parse_openai, parse_sharegpt, rename_columns
+from posttrain.data.formats import RowContext, fill_variables, parse_openai, parse_sharegpt, rename_columns, role_map
 from posttrain.data.reading import read_rows, source_of
 from posttrain.data.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
@@ -25,10 +25,10 @@ from posttrain.errors import DataError, PosttrainError
 MAX_RANKED = 9
 
 
-class _Field(_Ctx):
-    """A _Ctx whose errors name our field (`chosen[1].role`) where the reused parser says `messages[1]`."""
+class _Field(RowContext):
+    """A RowContext whose errors name our field (`chosen[1].role`) where the reused parser says `messages[1]`."""
 
-    def __init__(self, ctx: _Ctx, name: str, inner: str):
+    def __init__(self, ctx: RowContext, name: str, inner: str):
         super().__init__(ctx.source, ctx.columns)
         self.name, self.inner = name, inner
 
@@ -36,14 +36,14 @@ class _Field(_Ctx):
         return super().fail(self.name + field[len(self.inner):] if field.startswith(self.inner) else field, problem)
 
 
-def _messages(value, ctx: _Ctx, name: str, tags) -> list[Message]:
+def _messages(value, ctx: RowContext, name: str, tags) -> list[Message]:
     """A string (one message of `default_role`) or an OpenAI message list."""
     if isinstance(value, str):
         return [Message("user", ctx.text(value, name))]
     return parse_openai({"messages": value}, _Field(ctx, name, "messages"), tags).messages
 
 
-def _response(value, ctx: _Ctx, name: str, tags, sharegpt: bool = False) -> Message:
+def _response(value, ctx: RowContext, name: str, tags, sharegpt: bool = False) -> Message:
     """One assistant response: a string, a {from, value} / {role, content} turn, or a one-turn list."""
     if isinstance(value, str):
         return Message("assistant", ctx.text(value, name))
@@ -59,7 +59,7 @@ def _response(value, ctx: _Ctx, name: str, tags, sharegpt: bool = False) -> Mess
     return msgs[0]
 
 
-def _split_implicit(chosen: list[Message], rejected: list[Message], ctx: _Ctx) -> tuple[list, Message, Message]:
+def _split_implicit(chosen: list[Message], rejected: list[Message], ctx: RowContext) -> tuple[list, Message, Message]:
     """The shared leading messages are the prompt; each side must then add one assistant message."""
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -71,7 +71,7 @@ def _split_implicit(chosen: list[Message], rejected: list[Message], ctx: _Ctx) -
     return chosen[:n], chosen[-1], rejected[-1]
 
 
-def _margin(value, ctx: _Ctx) -> float:
+def _margin(value, ctx: RowContext) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -79,7 +79,7 @@ def _margin(value, ctx: _Ctx) -> float:
     return float(value)
 
 
-def _ranked(row: Mapping, ctx: _Ctx, tags) -> RankedResponses:
+def _ranked(row: Mapping, ctx: RowContext, tags) -> RankedResponses:
     responses = ctx.items(row.get("responses"), "responses")
     ranks = row.get("ranks")
     if not 2 <= len(responses) <= MAX_RANKED:
@@ -98,7 +98,7 @@ def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] |
     """One file row in any supported layout -> RankedResponses (a pair is K = 2)."""
     columns = columns or {}
     row = rename_columns(row, columns)
-    ctx, tags = _Ctx(source, columns), _role_map(role_tags)
+    ctx, tags = RowContext(source, columns), role_map(role_tags)
     if row.get("responses") is not None:
         rec = _ranked(row, ctx, tags)
     elif row.get("chosen") is None or row.get("rejected") is None:

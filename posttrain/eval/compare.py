@@ -1,18 +1,22 @@
 """Pairwise comparison: answers from 2+ models on one prompt set, judged pair by pair, then ratings.
 
 Outputs in one folder: answers/<model>.jsonl (cached per prompt), votes.jsonl (one vote per
-prompt and pair, cached too, and the same format human votes will use), ratings.json and a
-Markdown report with plots. Rerunning with more models only does the new work.
+prompt, pair and judge, cached too, in the format human votes can use), ratings.json and a
+Markdown report with plots. Votes whose LLM judge gave no verdict are kept, cached and counted
+as no_verdict, but not rated. A rerun only generates and judges what is missing, and its results
+equal those of an uninterrupted run: votes are rated in a fixed (pair, prompt) order.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 from pathlib import Path
 
-from posttrain.errors import ConfigError
+from posttrain.errors import DataError
+from posttrain.eval.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +33,37 @@ def model_names(refs: list[str]) -> list[str]:
     return names
 
 
-def generate_answers(refs: list[str], names: list[str], prompts, out_dir: Path, **gen_kwargs) -> dict[str, dict]:
-    """name -> {prompt id -> answer row}; one model in memory at a time."""
+def make_judge(cmp_cfg, device: str | None = None):
+    """The judge named by eval.compare.judge: 'reference', an http(s) URL, or a reward-model folder."""
+    from posttrain.eval.judges import DEFAULT_JUDGE_PROMPT, OpenAIJudge, ReferenceJudge, RewardModelJudge
+
+    if cmp_cfg.judge == "reference":
+        return ReferenceJudge(epsilon=cmp_cfg.epsilon)
+    if cmp_cfg.judge.startswith(("http://", "https://")):
+        return OpenAIJudge(cmp_cfg.judge, cmp_cfg.judge_model, prompt=cmp_cfg.judge_prompt or DEFAULT_JUDGE_PROMPT,
+                           max_tokens=cmp_cfg.judge_max_tokens)
+    return RewardModelJudge(cmp_cfg.judge, epsilon=cmp_cfg.epsilon, device=device)
+
+
+def generate_answers(refs: list[str], names: list[str], prompts, out_dir: Path, *, device: str | None = None,
+                     **gen_kwargs) -> dict[str, dict]:
+    """name -> {prompt id -> answer row}; one model in memory at a time, loaded only if answers are missing."""
     from posttrain.eval.generation import generate_file
-    from posttrain.models.run import load_model_for_inference
+    from posttrain.models.run import load_model_for_inference, run_config_of
 
     answers = {}
     for ref, name in zip(refs, names):
-        log.info("answers from %s (%s)", name, ref)
-        model, tokenizer, cfg = load_model_for_inference(ref, device=gen_kwargs.pop("device", None))
-        system = cfg.template.system if cfg is not None else None
-        rows = generate_file(model, tokenizer, prompts, out_dir / "answers" / f"{name}.jsonl", system=system,
-                             **gen_kwargs)
+        cfg, loaded = run_config_of(ref), []
+
+        def load(ref=ref, loaded=loaded):
+            loaded.append(ref)
+            return load_model_for_inference(ref, device=device)[:2]
+
+        rows = generate_file(load, prompts, out_dir / "answers" / f"{name}.jsonl", model_ref=ref,
+                             system=cfg.template.system if cfg is not None else None, **gen_kwargs)
         answers[name] = {r["id"]: r for r in rows}
-        del model
-        gc.collect()
+        if loaded:  # that model is garbage now: free it (cycles included) before the next one loads
+            gc.collect()
     return answers
 
 
@@ -54,50 +74,90 @@ def read_votes(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _vote_key(prompt_id: str, a: str, b: str, judge_id: str, hash_a: str, hash_b: str) -> tuple:
+    """The same key for (a, b) and (b, a): a vote is reused in either orientation."""
+    return (prompt_id, judge_id, *sorted([(a, hash_a), (b, hash_b)]))
+
+
 def judge_pairs(judge, names: list[str], prompts, answers: dict[str, dict], votes_path: Path) -> list[dict]:
-    """A vote for every prompt and model pair, appending new ones to votes_path (JSONL)."""
-    votes = read_votes(votes_path)
-    seen = {(v["prompt_id"], v["model_a"], v["model_b"], v.get("judge")) for v in votes}
-    with votes_path.open("a", encoding="utf-8") as f:
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                for item in prompts:
-                    if (item.id, a, b, judge.name) in seen:
-                        continue
-                    verdict = judge.compare(item.messages, answers[a][item.id]["prediction"],
-                                            answers[b][item.id]["prediction"])
-                    vote = {"prompt_id": item.id, "model_a": a, "model_b": b, "judge": judge.name, **verdict}
-                    f.write(json.dumps(vote, ensure_ascii=False) + "\n")
-                    votes.append(vote)
-                f.flush()
-                log.info("judged %s vs %s", a, b)
-    return [v for v in votes if v["model_a"] in names and v["model_b"] in names]
+    """This judge's vote on every (pair, prompt), in that fixed order; only missing votes are asked for
+    and appended to votes_path. A cached vote counts only if both answers are still the ones judged.
+    A vote without a verdict (winner None) is cached too: the same judge at temperature 0 would most
+    likely reply the same. To ask again, change the judge (judge_max_tokens is part of its id) or
+    delete those lines from votes.jsonl."""
+    cached = {}
+    for v in read_votes(votes_path):
+        if "answer_hashes" in v:  # human or foreign votes without them are never reused here
+            cached[_vote_key(v["prompt_id"], v["model_a"], v["model_b"], v.get("judge"), *v["answer_hashes"])] = v
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    out, todo = [], []
+    for a, b in pairs:
+        for item in prompts:
+            hashes = (_text_hash(answers[a][item.id]["prediction"]), _text_hash(answers[b][item.id]["prediction"]))
+            vote = cached.get(_vote_key(item.id, a, b, judge.id, *hashes))
+            out.append(vote)
+            if vote is None:
+                todo.append((len(out) - 1, a, b, item, hashes))
+    with votes_path.open("a", encoding="utf-8") as f, \
+            Progress(len(out), f"judge ({judge.name})", "vote", done=len(out) - len(todo)) as progress:
+        for slot, a, b, item, hashes in todo:
+            verdict = judge.compare(item.messages, answers[a][item.id]["prediction"],
+                                    answers[b][item.id]["prediction"], reference=item.reference)
+            vote = {"prompt_id": item.id, "model_a": a, "model_b": b, "judge": judge.id, **verdict,
+                    "answer_hashes": list(hashes)}
+            f.write(json.dumps(vote, ensure_ascii=False) + "\n")
+            f.flush()
+            out[slot] = vote
+            progress.update()
+    return out
 
 
-def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0) -> dict:
-    from posttrain.eval.ratings import bootstrap, win_rates
+def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
+                       categories: dict[str, str] | None = None) -> dict:
+    """Win/tie/loss with intervals, the win-rate matrix, BT and Elo with bootstrap intervals, and
+    win rates per prompt category when the prompts have categories. Only votes with a winner are
+    rated; those whose judge gave no verdict (winner None) are counted as no_verdict."""
+    from posttrain.eval.ratings import bootstrap, win_matrix, win_rates
 
-    return {"votes": len(votes), "win_rates": win_rates(votes),
-            "bradley_terry": bootstrap(votes, "bt", rounds, seed), "elo": bootstrap(votes, "elo", rounds, seed)}
+    decided = [v for v in votes if v["winner"] is not None]
+    result = {"votes": len(decided), "no_verdict": len(votes) - len(decided)}
+    if not decided:
+        return {**result, "win_rates": [], "win_matrix": {}, "bradley_terry": [], "elo": []}
+    rows = win_rates(decided)
+    result.update(win_rates=rows, win_matrix=win_matrix(rows), bradley_terry=bootstrap(decided, "bt", rounds, seed),
+                  elo=bootstrap(decided, "elo", rounds, seed))
+    if categories and any(categories.values()):
+        by_cat: dict[str, list[dict]] = {}
+        for v in decided:
+            by_cat.setdefault(categories.get(v["prompt_id"]) or "(none)", []).append(v)
+        result["by_category"] = {c: win_rates(vs) for c, vs in sorted(by_cat.items())}
+    return result
 
 
-def run(refs: list[str], prompts_path: str, out_dir: str, judge, *, batch_size: int = 8, max_new_tokens: int = 256,
-        rounds: int = 200, device: str | None = None) -> dict:
-    """Answers, votes, ratings.json and report.md for `refs` on the prompt file."""
+def run(cfg) -> dict:
+    """Answers, votes, ratings.json and report.md for cfg.eval.compare, in cfg.eval.output_dir."""
     from posttrain.eval.generation import read_prompts
     from posttrain.eval.report import write_compare_report
+    from posttrain.models.load import pick_device
 
-    if len(refs) < 2:
-        raise ConfigError("compare needs at least two models (--models a,b)")
-    out = Path(out_dir)
+    ev, cmp = cfg.eval, cfg.eval.compare
+    out = Path(ev.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = model_names(refs)
-    prompts = read_prompts(prompts_path)
-    answers = generate_answers(refs, names, prompts, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               device=device)
+    names = model_names(cmp.models)
+    prompts = read_prompts(cmp.prompts)
+    if not prompts:
+        raise DataError(f"{cmp.prompts}: no prompts")
+    device = str(pick_device(ev.device))
+    judge = make_judge(cmp, device)  # before generating: a judge that cannot load fails fast
+    answers = generate_answers(cmp.models, names, prompts, out, device=device, batch_size=ev.batch_size,
+                               max_new_tokens=cmp.max_new_tokens)
     votes = judge_pairs(judge, names, prompts, answers, out / "votes.jsonl")
-    result = {"models": dict(zip(names, refs)), "prompts": prompts_path, "judge": judge.name,
-              **ratings_from_votes(votes, rounds)}
+    result = {"models": dict(zip(names, cmp.models)), "prompts": cmp.prompts, "judge": judge.id,
+              **ratings_from_votes(votes, cmp.rounds, cmp.seed, {it.id: it.category for it in prompts})}
     (out / "ratings.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_compare_report(out, result)
+    result["report"] = str(write_compare_report(out, result))
     return result

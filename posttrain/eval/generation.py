@@ -7,16 +7,15 @@ turn is the reference and the turns before it are the prompt. Rows of the form
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.data.records import Message
 from posttrain.errors import DataError
-
-log = logging.getLogger(__name__)
+from posttrain.eval.progress import Progress
 
 
 @dataclass
@@ -24,64 +23,99 @@ class PromptItem:
     id: str
     messages: list[Message]  # the conversation to answer (ends with a user turn)
     reference: str | None
+    category: str | None = None  # optional "category" field: comparisons also report win rates per category
 
 
 def read_prompts(path: str | Path, variables: dict[str, str] | None = None) -> list[PromptItem]:
+    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers."""
     from posttrain.data.formats import row_to_conversation
     from posttrain.data.reading import read_rows, source_of
 
-    items = []
+    items: list[PromptItem] = []
+    seen: set[str] = set()
     for i, row in enumerate(read_rows(path)):
         source = source_of(path, i)
+        item_id = str(row["id"] if row.get("id") is not None else i)
+        if item_id in seen:  # ids key the answer and vote caches
+            raise DataError(f"{source}: duplicate prompt id {item_id!r}")
+        seen.add(item_id)
+        category = row.get("category")
         if isinstance(row.get("prompt"), str):
             ref = row.get("reference") or row.get("output") or row.get("answer")
-            items.append(PromptItem(str(row.get("id") or i), [Message("user", row["prompt"])], ref))
+            items.append(PromptItem(item_id, [Message("user", row["prompt"])], ref, category))
             continue
-        conv = row_to_conversation({k: v for k, v in row.items() if v is not None}, "auto", source=source,
-                                   variables=variables)
+        fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
+        conv = row_to_conversation(fields, "auto", source=source, variables=variables)
         messages, ref = list(conv.messages), None
         if messages and messages[-1].role == "assistant":
             ref = messages.pop().content
         if not messages or messages[-1].role != "user":
             raise DataError(f"{source}: a prompt must end with a user turn")
-        items.append(PromptItem(str(row.get("id") or i), messages, ref))
+        items.append(PromptItem(item_id, messages, ref, category))
     return items
 
 
-def _load_cached(path: Path) -> dict[str, dict]:
+def _prompt_hash(item: PromptItem, system: str | None) -> str:
+    data = [system, [(m.role, m.content) for m in item.messages]]
+    return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def load_cached(path: Path, settings: dict, items: list[PromptItem], system: str | None) -> dict[str, dict]:
+    """id -> cached row of `path`; a row made with other settings, or for a prompt that has changed
+    under the same id, is an error rather than a silent mix of old and new answers."""
     if not path.is_file():
         return {}
-    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {r["id"]: r for r in rows}
+    hashes = {it.id: _prompt_hash(it, system) for it in items}
+    done = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        old = row.get("settings", {})
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise DataError(f"{path} line {n}: cached answers were made with other {', '.join(diff)} "
+                            f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); delete the file or write elsewhere")
+        if row["id"] in hashes and row.get("prompt_hash") != hashes[row["id"]]:
+            raise DataError(f"{path} line {n}: prompt id {row['id']!r} has changed since it was answered; "
+                            "delete the file or write elsewhere")
+        done[row["id"]] = row
+    return done
 
 
-def generate_file(model, tokenizer, items: list[PromptItem], out_path: str | Path, *, batch_size: int = 8,
-                  system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-                  seed: int | None = None) -> list[dict]:
-    """One {"id", "prompt", "prediction", "reference"} row per item, appended to out_path as it goes.
+def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_path: str | Path, *,
+                  model_ref: str, batch_size: int = 8, system: str | None = None, max_new_tokens: int = 256,
+                  temperature: float = 0.0, seed: int | None = None) -> list[dict]:
+    """One {"id", "prompt", "prediction", "reference", ...} row per item, appended to out_path as it goes.
 
-    Rows already in out_path are reused, so an interrupted run resumes; prompts go in
-    length-sorted batches (less padding), and results come back in file order.
+    Rows already in out_path are reused, so an interrupted run resumes, and `load_model()` ->
+    (model, tokenizer) is only called when something is left to generate. Prompts go in
+    length-sorted batches (less padding); results come back in file order.
     """
+    from posttrain.models.run import model_stamp
     from posttrain.serve.generate import generate_batch
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _load_cached(out_path)
-    todo = sorted((it for it in items if it.id not in done), key=lambda it: sum(len(m.content) for m in it.messages))
-    start = time.time()
-    with out_path.open("a", encoding="utf-8") as f:
+    settings = {"model": model_ref, "weights": hashlib.sha256(model_stamp(model_ref).encode()).hexdigest()[:12],
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    done = load_cached(out_path, settings, items, system)
+    todo = [it for it in items if it.id not in done]
+    todo.sort(key=lambda it: sum(len(m.content) for m in it.messages))
+    model, tokenizer = load_model() if todo else (None, None)
+    with out_path.open("a", encoding="utf-8") as f, \
+            Progress(len(items), f"generate {out_path.stem}", "answer", done=len(items) - len(todo)) as progress:
         for k in range(0, len(todo), batch_size):
             chunk = todo[k:k + batch_size]
             replies = generate_batch(model, tokenizer, [it.messages for it in chunk], system=system,
                                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
             for it, reply in zip(chunk, replies):
                 row = {"id": it.id, "prompt": it.messages[-1].content, "prediction": reply,
-                       "reference": it.reference}
+                       "reference": it.reference, "prompt_hash": _prompt_hash(it, system), "settings": settings}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[it.id] = row
             f.flush()
-            log.info("generated %d/%d (%.0f s)", min(k + batch_size, len(todo)), len(todo), time.time() - start)
+            progress.update(len(chunk))
     return [done[it.id] for it in items]
 
 
@@ -89,12 +123,12 @@ def run(model_ref: str, data: str, out: str, *, batch_size: int = 8, max_new_tok
         temperature: float = 0.0, segment: str = "auto", device: str | None = None) -> dict:
     """Generate predictions for `data` into `out` (JSONL) and write BLEU/ROUGE beside it (.scores.json)."""
     from posttrain.eval.metrics import reference_scores
-    from posttrain.models.run import load_model_for_inference
+    from posttrain.models.run import load_model_for_inference, run_config_of
 
-    model, tokenizer, cfg = load_model_for_inference(model_ref, device=device)
-    system = cfg.template.system if cfg is not None else None
+    cfg = run_config_of(model_ref)
     items = read_prompts(data)
-    rows = generate_file(model, tokenizer, items, out, batch_size=batch_size, system=system,
+    rows = generate_file(lambda: load_model_for_inference(model_ref, device=device)[:2], items, out,
+                         model_ref=model_ref, batch_size=batch_size, system=cfg.template.system if cfg else None,
                          max_new_tokens=max_new_tokens, temperature=temperature)
     scored = [r for r in rows if r["reference"] is not None]
     if not scored:

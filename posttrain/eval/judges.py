@@ -1,12 +1,18 @@
-"""Judges that pick the better of two answers: a reward model, or an LLM behind an OpenAI-compatible API.
+"""Judges that pick the better of two answers: a reward model, an LLM behind an OpenAI-compatible
+API, or closeness to the prompt's reference answer.
 
-Both return "model_a", "model_b" or "tie" for (conversation, answer_a, answer_b), the vote format
-ratings.py reads. The LLM judge asks twice with the answers swapped and keeps only a verdict
-that survives the swap (else a tie), which cancels its position bias.
+Each returns {"winner": "model_a" | "model_b" | "tie", ...} for (conversation, answer_a, answer_b,
+reference), the vote format ratings.py reads, and has an `id` naming the judge itself (which
+reward model, which LLM and its settings), so cached votes from another judge are never mixed in.
+The LLM judge asks twice with the answers swapped and keeps only a verdict that survives the swap
+(else a tie), which cancels its position bias. An LLM reply with no "[[A]]"/"[[B]]"/"[[C]]" in it
+is recorded as "unparsed" and its vote's winner is None: the vote is kept and counted (compare
+reports it as no_verdict), never quietly turned into a tie.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,7 +22,7 @@ import urllib.request
 import torch
 
 from posttrain.data.records import Conversation, Message
-from posttrain.errors import ModelSourceError, PosttrainError
+from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
 
 DEFAULT_JUDGE_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -30,6 +36,7 @@ DEFAULT_JUDGE_PROMPT = (
     "[The End of Assistant B's Answer]"
 )
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
+UNPARSED = "unparsed"  # a judge reply without a verdict
 
 
 def question_text(messages: list[Message]) -> str:
@@ -52,8 +59,10 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification
 
         from posttrain.models.load import load_tokenizer
+        from posttrain.models.run import model_stamp
         from posttrain.templates.render import apply_template
 
+        self.id = f"reward_model:{model_stamp(path)}" + (f":epsilon={epsilon}" if epsilon else "")  # path#weights
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         except OSError as err:
@@ -70,14 +79,15 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def reward(self, messages: list[Message], answer: str) -> float:
+        from posttrain.models.load import reward_offset
         from posttrain.templates.render import encode_conversation
 
         conv = Conversation(messages=[*messages, Message("assistant", answer)])
         ids = encode_conversation(conv, self.tokenizer, mask="full")[0].input_ids
         device = next(self.model.parameters()).device
-        return float(self.model(input_ids=torch.tensor([ids], device=device)).logits[0, 0])
+        return float(self.model(input_ids=torch.tensor([ids], device=device)).logits[0, 0]) - reward_offset(self.model)
 
-    def compare(self, messages: list[Message], answer_a: str, answer_b: str) -> dict:
+    def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:
         r_a, r_b = self.reward(messages, answer_a), self.reward(messages, answer_b)
         winner = "tie" if abs(r_a - r_b) <= self.epsilon else ("model_a" if r_a > r_b else "model_b")
         return {"winner": winner, "reward_a": r_a, "reward_b": r_b}
@@ -89,35 +99,71 @@ class OpenAIJudge:
     name = "llm"
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, prompt: str = DEFAULT_JUDGE_PROMPT,
-                 timeout: float = 120.0, swap: bool = True):
+                 timeout: float = 120.0, swap: bool = True, max_tokens: int | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
+        prompt_hash = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        self.id = (f"llm:{model}@{self.url}:prompt={prompt_hash}" + ("" if swap else ":no-swap")
+                   + ("" if max_tokens is None else f":max_tokens={max_tokens}"))  # a cap can cut verdicts off
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.prompt = prompt
         self.timeout = timeout
         self.swap = swap
+        self.max_tokens = max_tokens  # None: the endpoint's default reply length
 
     def _ask(self, question: str, first: str, second: str) -> str | None:
         """'A', 'B', 'C' (tie) or None when the reply holds no verdict."""
         body = {"model": self.model, "temperature": 0.0, "messages": [
             {"role": "user", "content": self.prompt.format(question=question, answer_a=first, answer_b=second)}]}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise PosttrainError(f"judge endpoint {self.url} refused the request: {http_error_text(err)}") from None
         except (urllib.error.URLError, TimeoutError) as err:
             raise PosttrainError(f"judge endpoint {self.url} failed: {err}") from None
         text = reply["choices"][0]["message"]["content"] or ""
         found = _VERDICT.findall(text)
         return found[-1] if found else None
 
-    def compare(self, messages: list[Message], answer_a: str, answer_b: str) -> dict:
+    def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:
+        """{"winner", "verdicts"}; winner None when any reply had no verdict (see the module docstring)."""
         question = question_text(messages)
-        first = self._ask(question, answer_a, answer_b)
-        votes = [{"A": "model_a", "B": "model_b"}.get(first, "tie")]
+        votes = [{"A": "model_a", "B": "model_b", "C": "tie"}.get(self._ask(question, answer_a, answer_b), UNPARSED)]
         if self.swap:  # B shown first: its "A" means model_b
             second = self._ask(question, answer_b, answer_a)
-            votes.append({"A": "model_b", "B": "model_a"}.get(second, "tie"))
-        winner = votes[0] if all(v == votes[0] for v in votes) else "tie"
+            votes.append({"A": "model_b", "B": "model_a", "C": "tie"}.get(second, UNPARSED))
+        if UNPARSED in votes:
+            winner = None
+        else:
+            winner = votes[0] if all(v == votes[0] for v in votes) else "tie"
         return {"winner": winner, "verdicts": votes}
+
+
+class ReferenceJudge:
+    """The answer closer to the prompt's reference answer wins: ROUGE-L F1 (0-1) on words, CJK text by
+    jieba or character; |s_a - s_b| <= epsilon is a tie. Cheap, offline and deterministic, and it
+    measures one thing only: how close each answer comes to the behaviour the reference spells out."""
+
+    name = "reference"
+
+    def __init__(self, epsilon: float = 0.0, segment: str = "auto"):
+        self.epsilon, self.segment = epsilon, segment
+        self.id = f"reference:rougeL:{segment}" + (f":epsilon={epsilon}" if epsilon else "")
+
+    def score(self, answer: str, reference: str) -> float:
+        from posttrain.eval.metrics import rouge_l, tokenize
+
+        return rouge_l(tokenize(answer, self.segment), tokenize(reference, self.segment))
+
+    def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:
+        if not reference:
+            raise DataError(f"the reference judge needs a reference answer for every prompt; none for "
+                            f"{question_text(messages)[:60]!r}")
+        s_a, s_b = self.score(answer_a, reference), self.score(answer_b, reference)
+        winner = "tie" if abs(s_a - s_b) <= self.epsilon else ("model_a" if s_a > s_b else "model_b")
+        return {"winner": winner, "score_a": s_a, "score_b": s_b}

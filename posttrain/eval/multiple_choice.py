@@ -13,13 +13,13 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from posttrain.errors import TemplateError
 from posttrain.eval.mc_data import LETTERS, MCItem, load_split
+from posttrain.eval.progress import Progress
 from posttrain.models.methods import lm_head_and_backbone
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ HEADERS = {
     "en": "The following are multiple choice questions (with answers) about {subject}.",
 }
 CUES = {"zh": "答案：", "en": "Answer:"}
+# C-Eval's subject -> category map, checked against hkust-nlp/ceval subject_mapping.json (52 subjects).
 CEVAL_CATEGORIES = {
     "STEM": "computer_network operating_system computer_architecture college_programming college_physics "
             "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
@@ -129,9 +130,9 @@ def letter_logps(model, prompts: list[list[int]], letter_ids: list[int], pad_id:
     return logits.log_softmax(-1)[:, letter_ids].cpu()  # (B, L)
 
 
-def _fingerprint(model_ref: str, mc_cfg) -> str:
-    keep = {k: v for k, v in asdict(mc_cfg).items() if k not in ("subjects", "max_per_subject", "categories")}
-    return hashlib.sha256(json.dumps([model_ref, keep], sort_keys=True).encode()).hexdigest()[:12]
+def _item_key(prompt_ids: list[int], letter_ids: list[int]) -> str:
+    """Cache key: the exact tokens scored, so any change of data, shots, wording or tokenizer misses."""
+    return hashlib.sha256(json.dumps([prompt_ids, letter_ids]).encode()).hexdigest()[:20]
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
@@ -146,11 +147,11 @@ def _load_cache(path: Path) -> dict[str, dict]:
 
 
 def score_items(model, tokenizer, todo: list[tuple[str, list[int], MCItem]], letter_ids: dict[int, list[int]],
-                batch_size: int, cache_file: Path) -> list[dict]:
+                batch_size: int, cache_file: Path, progress: Progress) -> list[dict]:
     """Score (key, prompt ids, item) triples in length-sorted batches, appending each result to the cache."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     todo = sorted(todo, key=lambda t: (len(t[2].options), len(t[1])))  # similar lengths pad less
-    results, start = [], time.time()
+    results = []
     with cache_file.open("a", encoding="utf-8") as cache:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]
@@ -166,13 +167,12 @@ def score_items(model, tokenizer, todo: list[tuple[str, list[int], MCItem]], let
                     cache.write(json.dumps(result, ensure_ascii=False) + "\n")
                     results.append(result)
             cache.flush()
-            done = min(i + batch_size, len(todo))
-            log.info("scored %d/%d questions (%.0f s)", done, len(todo), time.time() - start)
+            progress.update(len(chunk))
     return results
 
 
 def summarize(results: list[dict], categories: dict[str, list[str]]) -> dict:
-    """Accuracy per subject, per category (subjects not listed go to 'Other') and overall."""
+    """Accuracy per subject, per category (subjects in no category go to 'uncategorized') and overall."""
     by_subject: dict[str, list[bool]] = {}
     for r in results:
         by_subject.setdefault(r["subject"], []).append(bool(r["correct"]))
@@ -180,7 +180,7 @@ def summarize(results: list[dict], categories: dict[str, list[str]]) -> dict:
     cat_of = {s: c for c, subs in categories.items() for s in subs}
     cats: dict[str, list[bool]] = {}
     for s, v in by_subject.items():
-        cats.setdefault(cat_of.get(s, "Other"), []).extend(v)
+        cats.setdefault(cat_of.get(s, "uncategorized"), []).extend(v)
     total = [c for v in by_subject.values() for c in v]
     return {
         "subjects": subjects,
@@ -191,9 +191,13 @@ def summarize(results: list[dict], categories: dict[str, list[str]]) -> dict:
 
 
 def run(cfg) -> dict:
-    """Score cfg.eval.mc with cfg.eval.model; write results.json; return the summary."""
+    """Score cfg.eval.mc with cfg.eval.model; write results.json; return the summary.
+
+    Results already in the output folder's cache (same model weights, same prompt tokens) are
+    reused, so an interrupted run, or a larger one after a smaller one, only scores what is new.
+    """
     from posttrain.models.load import pick_device
-    from posttrain.models.run import load_model_for_inference
+    from posttrain.models.run import load_model_for_inference, model_stamp
 
     ev, mc = cfg.eval, cfg.eval.mc
     out_dir = Path(ev.output_dir)
@@ -206,28 +210,34 @@ def run(cfg) -> dict:
     language = pick_language([it for items in split.values() for it in items], mc.language)
     header = HEADERS[language] if mc.header is None else mc.header
     cue = CUES[language] if mc.answer_cue is None else mc.answer_cue
-    cache_file = out_dir / f"items-{_fingerprint(ev.model, mc)}.jsonl"
+    stamp = hashlib.sha256(model_stamp(ev.model).encode()).hexdigest()[:12]
+    cache_file = out_dir / f"items-{stamp}.jsonl"
     cached = _load_cache(cache_file)
     letters = {n: letter_token_ids(tokenizer, cue, LETTERS[:n])
                for n in {len(it.options) for items in split.values() for it in items}}
     todo, results = [], []
     for subject, items in split.items():
         shots = shots_by_subject.get(subject, [])[: mc.shots]
-        for k, item in enumerate(items[: mc.max_per_subject]):
-            key = f"{subject}/{k}"
-            if key in cached:
-                results.append(cached[key])
+        for item in items[: mc.max_per_subject]:
+            shared, ids = letters[len(item.options)]
+            prompt = encode_item(item, shots, tokenizer, mc, header, cue, shared)
+            key = _item_key(prompt, ids)
+            if key in cached:  # the pick depends on the tokens only; subject and answer key come from the data
+                pred = cached[key]["pred"]
+                results.append({**cached[key], "subject": item.subject, "answer": item.answer,
+                                "correct": pred == item.answer})
             else:
-                shared = letters[len(item.options)][0]
-                todo.append((key, encode_item(item, shots, tokenizer, mc, header, cue, shared), item))
+                todo.append((key, prompt, item))
     letter_ids = {n: ids for n, (_, ids) in letters.items()}
     log.info("%d questions in %d subjects (%d cached), %d-shot, %s prompt, language %s",
              len(todo) + len(results), len(split), len(results), mc.shots, mc.prompt, language)
     start = time.time()
-    results += score_items(model, tokenizer, todo, letter_ids, ev.batch_size, cache_file)
+    with Progress(len(todo) + len(results), "multiple choice", "question", done=len(results)) as progress:
+        results += score_items(model, tokenizer, todo, letter_ids, ev.batch_size, cache_file, progress)
     summary = summarize(results, mc.categories or CEVAL_CATEGORIES)
     summary["settings"] = {"model": ev.model, "shots": mc.shots, "prompt": mc.prompt, "language": language,
-                           "split": mc.split, "data": mc.data, "seconds": round(time.time() - start, 1)}
+                           "split": mc.split, "data": mc.data, "scored": len(todo), "cached": len(results) - len(todo),
+                           "seconds": round(time.time() - start, 1)}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return summary
 

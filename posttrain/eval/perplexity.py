@@ -14,6 +14,7 @@ import time
 import torch
 
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.eval.progress import Progress
 
 
 @torch.no_grad()
@@ -32,13 +33,15 @@ def perplexity(model, tokenizer, data_cfg: DataConfig, template_cfg: TemplateCon
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
     nll_sum = tokens = 0.0
     start = time.time()
-    for k in range(0, len(order), batch_size):
-        batch = collate([[i] for i in order[k:k + batch_size]], ids, weights, pad_id)
-        batch = {name: t.to(device) for name, t in batch.items()}
-        # normalizer 1: the loss is the weighted sum; the unweighted NLL sum comes back in metrics
-        _, metrics = sft_forward(model, batch, normalizer=1.0)
-        nll_sum += metrics["nll_sum"]
-        tokens += metrics["tokens"]
+    with Progress(len(order), "perplexity", "sample") as progress:
+        for k in range(0, len(order), batch_size):
+            batch = collate([[i] for i in order[k:k + batch_size]], ids, weights, pad_id)
+            batch = {name: t.to(device) for name, t in batch.items()}
+            # normalizer 1: the loss is the weighted sum; the unweighted NLL sum comes back in metrics
+            _, metrics = sft_forward(model, batch, normalizer=1.0)
+            nll_sum += metrics["nll_sum"]
+            tokens += metrics["tokens"]
+            progress.update(len(order[k:k + batch_size]))
     mean = nll_sum / max(tokens, 1.0)
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(tokens), "samples": len(ids),
             "dropped": data.drops, "seconds": round(time.time() - start, 1)}

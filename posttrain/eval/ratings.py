@@ -68,8 +68,19 @@ def win_rates(votes: Sequence[dict]) -> list[dict]:
                 continue
             rows.append({"model": x, "opponent": y, "n": n, "wins": w, "ties": t, "losses": lo,
                          "win_rate": w / n, "tie_rate": t / n, "loss_rate": lo / n,
-                         "win_ci": wilson_interval(w, n), "loss_ci": wilson_interval(lo, n)})
+                         "win_ci": wilson_interval(w, n), "tie_ci": wilson_interval(t, n),
+                         "loss_ci": wilson_interval(lo, n)})
     return rows
+
+
+def win_matrix(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """matrix[x][y]: x's win rate against y (ties count for neither, so matrix[x][y] + matrix[y][x] <= 1)."""
+    names = sorted({r["model"] for r in rows} | {r["opponent"] for r in rows})
+    matrix: dict[str, dict[str, float]] = {m: {} for m in names}
+    for r in rows:
+        matrix[r["model"]][r["opponent"]] = r["win_rate"]
+        matrix[r["opponent"]][r["model"]] = r["loss_rate"]
+    return matrix
 
 
 def elo(votes: Sequence[dict], names: list[str] | None = None, k: float = 4.0) -> np.ndarray:

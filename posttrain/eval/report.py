@@ -29,15 +29,11 @@ def plot_ratings(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_win_matrix(win_rows: list[dict], path: Path) -> None:
-    """Row model's win rate against the column model (ties count as neither)."""
+def plot_win_matrix(matrix: dict[str, dict[str, float]], path: Path) -> None:
+    """Heatmap of the row model's win rate against the column model (ties count as neither)."""
     plt = _plt()
-    names = sorted({r["model"] for r in win_rows} | {r["opponent"] for r in win_rows})
-    idx = {m: i for i, m in enumerate(names)}
-    grid = [[float("nan")] * len(names) for _ in names]
-    for r in win_rows:
-        grid[idx[r["model"]]][idx[r["opponent"]]] = r["win_rate"]
-        grid[idx[r["opponent"]]][idx[r["model"]]] = r["loss_rate"]
+    names = list(matrix)
+    grid = [[matrix[r].get(c, float("nan")) for c in names] for r in names]
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(names), 1 + 1.0 * len(names)))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
     for i, row in enumerate(grid):
@@ -53,26 +49,53 @@ def plot_win_matrix(win_rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _ci(pair) -> str:
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def _win_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | opponent | n | win | tie | loss | win 95% CI | tie 95% CI | loss 95% CI |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['opponent']} | {r['n']} | {r['win_rate']:.2f} | {r['tie_rate']:.2f} | "
+              f"{r['loss_rate']:.2f} | {_ci(r['win_ci'])} | {_ci(r['tie_ci'])} | {_ci(r['loss_ci'])} |" for r in rows]
+    return lines
+
+
 def write_compare_report(out: Path, result: dict) -> Path:
+    """report.md with win/tie/loss (Wilson intervals), the win-rate matrix, BT and Elo ratings
+    (bootstrap intervals), per-category win rates when present, and three PNG plots; the votes
+    without a verdict are counted at the top, and with no decided vote the report says so and stops."""
+    lines = [f"# Pairwise comparison: {result['votes']} votes", "",
+             f"Judge: `{result['judge']}`. Prompts: `{result['prompts']}`. Models: "
+             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()) + "."]
+    if result.get("no_verdict"):
+        lines += ["", f"{result['no_verdict']} judged pairs got a judge reply without a verdict (`winner: null` in "
+                  "votes.jsonl, counted as `no_verdict`); they are left out of the rates and ratings below."]
+    path = out / "report.md"
+    if not result["votes"]:
+        path.write_text("\n".join(lines + ["", "No vote has a winner, so there are no rates or ratings."]) + "\n",
+                        encoding="utf-8")
+        return path
     plot_ratings(result["bradley_terry"], out / "ratings_bt.png", "Bradley-Terry")
     plot_ratings(result["elo"], out / "ratings_elo.png", "Elo (K=4)")
-    plot_win_matrix(result["win_rates"], out / "win_matrix.png")
-    lines = [f"# Pairwise comparison ({result['votes']} votes, judge: {result['judge']})", "",
-             f"Prompts: `{result['prompts']}`. Models: "
-             + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()),
-             "", "## Win / tie / loss", "", "| model | opponent | n | win | tie | loss | win 95% CI |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["win_rates"]:
-        lines.append(f"| {r['model']} | {r['opponent']} | {r['n']} | {r['win_rate']:.2f} | {r['tie_rate']:.2f} | "
-                     f"{r['loss_rate']:.2f} | [{r['win_ci'][0]:.2f}, {r['win_ci'][1]:.2f}] |")
-    for key, title in (("bradley_terry", "Bradley-Terry"), ("elo", "Elo")):
-        lines += ["", f"## {title} ratings (95% bootstrap interval)", "", "| rank | model | rating | interval |",
-                  "|---|---|---|---|"]
+    plot_win_matrix(result["win_matrix"], out / "win_matrix.png")
+    names = list(result["win_matrix"])
+    lines += ["", "## Win / tie / loss (95% Wilson intervals)", "", *_win_table(result["win_rates"])]
+    for cat, rows in result.get("by_category", {}).items():
+        lines += ["", f"### Prompt category `{cat}`", "", *_win_table(rows)]
+    lines += ["", "## Win-rate matrix (row vs column; ties count for neither)", "",
+              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(f"{result['win_matrix'][r][c]:.2f}" if c in result["win_matrix"][r] else "-"
+                                       for c in names) + " |" for r in names]
+    lines += ["", "![win matrix](win_matrix.png)"]
+    plots = (("bradley_terry", "Bradley-Terry", "ratings_bt.png"), ("elo", "Elo (K=4)", "ratings_elo.png"))
+    for key, title, png in plots:
+        lines += ["", f"## {title} ratings (Elo scale, mean 1000; 95% bootstrap interval)", "",
+                  "| rank | model | rating | interval |", "|---|---|---|---|"]
         lines += [f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | [{r['lower']:.0f}, {r['upper']:.0f}] |"
                   for r in result[key]]
-    lines += ["", "![Bradley-Terry](ratings_bt.png)", "![Elo](ratings_elo.png)", "![win matrix](win_matrix.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+        lines += ["", f"![{title}]({png})"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from posttrain.losses.moments import moment_sums
+
 
 def bradley_terry(
     chosen_rewards: torch.Tensor,  # (P,) r(x, y_chosen)
@@ -31,7 +33,8 @@ def pairwise_reward_loss(
     """Bradley-Terry over pairs, averaged per prompt, divided by the effective batch's prompt count.
 
     Metrics are sums already divided by `normalizer`, so summing them over micro-batches gives
-    the effective batch's per-prompt mean (the loop sums every metric key).
+    the effective batch's per-prompt mean (the loop sums every metric key); the reward moments
+    are raw sums that the loop folds into the mean and std over every response row.
     """
     r_better, r_worse = rewards[better].float(), rewards[worse].float()  # (P,)
     per_pair = bradley_terry(r_better, r_worse, margin)
@@ -50,5 +53,6 @@ def pairwise_reward_loss(
             "rewards/chosen": mean(r_better),
             "rewards/rejected": mean(r_worse),
             "tokens": float(pair_weight.sum()),  # prompts in this micro-batch: the eval averaging unit
+            **moment_sums("rewards", rewards),  # -> rewards/mean and rewards/std over every response
         }
     return loss, metrics

@@ -121,7 +121,83 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
-    return (model if quantization_config is not None else model.to(device)), tokenizer
+    if quantization_config is None:
+        return model.to(device), tokenizer
+    one_4bit_kernel(model)
+    return model, tokenizer
+
+
+def one_4bit_kernel(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for a bf16 kernel on the first
+    eval-mode forward: bf16 block scales (the stored base is rounded; saving re-quantises it) and logits that
+    differ from the fp32 training path (max gap 0.99 on a 64-token SmolLM2 input), so PPO ratios, DPO
+    reference log-probs and eval losses would mix the two. With float32 compute, every forward takes the
+    training path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and getattr(module, "compute_dtype", None) == torch.float32:
+            module.support_avx512bf16_for_cpu = False
+
+
+# ---------------------------------------------------------------- reward models
+
+# config.json key of a reward model's stored offset (InstructGPT's bias step, `rm.normalize_data`):
+# the reward is the raw score minus this. Plain transformers returns the raw score.
+REWARD_OFFSET = "reward_offset"
+REWARD_OFFSET_FILE = "reward_offset.json"  # where a virtual-token (adapter-only) reward model keeps it
+
+
+def load_reward_model(model_cfg, device: torch.device | str, tokenizer=None, quantization_config=None):
+    """(seq-classification model with one label, tokenizer) from any causal LM, a saved reward model, or a
+    saved virtual-token reward adapter; `quantization_config` loads the base in 4 bits (QLoRA)."""
+    import dataclasses
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(model_cfg.name_or_path)
+    tokenizer = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():  # prompt / prefix reward model: its base, then the adapter and trained head
+        from peft import PeftModel
+
+        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
+        base, _ = load_reward_model(dataclasses.replace(model_cfg, name_or_path=base_name), device, tokenizer)
+        offset_file = Path(path) / REWARD_OFFSET_FILE
+        if offset_file.is_file():  # an adapter folder has no config.json to hold the offset
+            setattr(base.config, REWARD_OFFSET, json.loads(offset_file.read_text())[REWARD_OFFSET])
+        return PeftModel.from_pretrained(base, path).to(device), tokenizer
+    kwargs = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                     "device_map": str(device)}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=pick_dtype(model_cfg.dtype, device),
+            attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=_hub_local_only(path, model_cfg.revision, "config.json"), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"could not load {path} as a reward model: {err}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not pad
+    if quantization_config is None:
+        return model.to(device), tokenizer
+    one_4bit_kernel(model)
+    return model, tokenizer
+
+
+def is_reward_model(folder: str | Path) -> bool:
+    """True for a saved model folder whose config.json names a one-label sequence-classification head."""
+    import json
+
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text(encoding="utf-8"))
+    archs = meta.get("architectures") or []
+    return bool(archs) and all(a.endswith("ForSequenceClassification") for a in archs) and \
+        len(meta.get("id2label") or {}) == 1
+
+
+def reward_offset(model) -> float:
+    """The offset a reward model's raw score is shifted by (0.0 when none was stored)."""
+    return float(getattr(model.config, REWARD_OFFSET, None) or 0.0)
 
 
 # ---------------------------------------------------------------- hub access

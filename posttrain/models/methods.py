@@ -16,19 +16,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from posttrain.config import PROMPT_METHODS
 from posttrain.errors import ConfigError
 
 # Attribute paths (under the causal LM's backbone) where decoder blocks live, by model family.
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
 
 
-PROMPT_METHODS = ("prompt", "prefix")
-
-
 def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model.
 
-    task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters.
+    task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters
+    (LoRA family and virtual tokens alike).
     """
     kind = cfg.method.type
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
@@ -49,7 +48,7 @@ def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Modu
 
         return apply_lisa(model)
     if kind in PROMPT_METHODS:
-        return _apply_virtual_tokens(model, cfg)
+        return _apply_virtual_tokens(model, cfg, task_type)
     raise ConfigError(f"method.type {kind!r} is not one of lora, qlora, full, freeze, lisa, prompt, prefix")
 
 
@@ -129,23 +128,23 @@ def _keep_pissa_init(model: nn.Module) -> None:
     model.posttrain_pissa_init = init_dir
 
 
-def _apply_virtual_tokens(model: nn.Module, cfg) -> nn.Module:
+def _apply_virtual_tokens(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Prompt tuning (Lester et al. 2021) or prefix tuning (Li & Liang 2021) through PEFT."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    p = cfg.prompt
+    p, task = cfg.prompt, TaskType[task_type]
     if cfg.method.type == "prefix":
-        peft_cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
+        peft_cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
                                       prefix_projection=p.prefix_projection)
     elif p.init_text:
         from posttrain.models.sources import resolve_model
 
         peft_cfg = PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
+            task_type=task, num_virtual_tokens=p.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
             tokenizer_name_or_path=resolve_model(cfg.model.name_or_path))
     else:
-        peft_cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens)
+        peft_cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
     return get_peft_model(model, peft_cfg)
 
 
@@ -194,9 +193,18 @@ def _apply_freeze(model: nn.Module, freeze_cfg) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied tensors count once (parameters() de-duplicates)."""
+    """(trainable, total) parameter counts; tied tensors count once (parameters() de-duplicates).
+
+    A 4-bit (bitsandbytes) weight packs two values per byte: it counts as its original shape.
+    """
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(_n_values(p) for p in params)
+
+
+def _n_values(param: torch.Tensor) -> int:
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

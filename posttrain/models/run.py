@@ -8,6 +8,7 @@ run folder, a checkpoint inside one, a plain HF model folder, a built-in name or
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def find_run_config(folder: Path) -> Path | None:
     return None
 
 
+def run_config_of(ref: str | Path) -> RunConfig | None:
+    """The RunConfig a model reference was trained with, or None for anything but a run folder."""
+    folder = Path(ref).expanduser()
+    cfg_path = find_run_config(folder) if folder.is_dir() else None
+    # A parent's config.yaml only counts when this folder holds weights of its own (a checkpoint).
+    has_weights = (folder / ADAPTER_CONFIG).is_file() or _has_full_model(folder)
+    if cfg_path is not None and cfg_path.parent != folder and not has_weights:
+        cfg_path = None
+    return load_config(cfg_path) if cfg_path is not None else None
+
+
 def load_model_for_inference(ref: str | Path, device: str | None = None,
                              dequantize: bool = False) -> tuple[nn.Module, object, RunConfig | None]:
     """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference.
@@ -59,11 +71,7 @@ def load_model_for_inference(ref: str | Path, device: str | None = None,
 
     folder = Path(ref).expanduser()
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
-    cfg_path = find_run_config(folder) if folder.is_dir() else None
-    # A parent's config.yaml only counts when this folder holds weights of its own (a checkpoint).
-    if cfg_path is not None and cfg_path.parent != folder and not (is_adapter or _has_full_model(folder)):
-        cfg_path = None
-    cfg = load_config(cfg_path) if cfg_path is not None else None
+    cfg = run_config_of(ref)
 
     if is_adapter:
         model = _load_adapter(folder, cfg, device, dequantize)
@@ -77,6 +85,17 @@ def load_model_for_inference(ref: str | Path, device: str | None = None,
         model, tokenizer = load_base(ModelConfig(name_or_path=str(ref)), device=device)
     model.eval()
     return model, tokenizer, cfg
+
+
+def model_stamp(ref: str | Path) -> str:
+    """What identifies a model reference for result caches: a local folder's absolute path and the
+    size and mtime of its weight files (retraining in place changes them); otherwise the name itself."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return str(ref)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return f"{folder.resolve()}#{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]}"
 
 
 def _has_full_model(folder: Path) -> bool:

@@ -1,10 +1,12 @@
-"""`tiny-random`: a 2-layer random Llama with a BPE tokenizer trained on posttrain's own text.
+"""`tiny-random`: a 2-layer random Llama with a BPE tokenizer trained on a frozen text corpus.
 
 Built offline in about a second, deterministic for a seed; used by tests and smoke runs.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 CHATML = (
@@ -17,12 +19,13 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
-    """The project's own text: source files and docstrings give English, plus a few CJK lines."""
-    root = Path(__file__).resolve().parents[1]
-    texts = [p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.py"))]
-    texts.append("你好，我是一个人工智能助手。请问有什么可以帮您？谁是你的作者？我由开发者训练。")
-    texts.append("Who are you? I am an AI assistant. Hello! What is the capital of France? Paris.")
-    return texts
+    """The tokenizer's training text: a frozen snapshot of posttrain's source plus a few CJK lines.
+
+    Frozen (resources/tiny_corpus.json.gz) so the tiny model's tokens, and every test built on
+    them, do not change whenever a source file is edited.
+    """
+    path = Path(__file__).resolve().parents[1] / "resources" / "tiny_corpus.json.gz"
+    return json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
 
 
 def build_tokenizer(vocab_size: int = 512):

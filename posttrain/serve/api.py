@@ -3,6 +3,8 @@
 Handlers validate, render prompts with the training templates (`encode_prompt`), and hand the work to
 an `Engine` (one worker thread per model, batched). Errors use OpenAI's body:
 {"error": {"message", "type", "param", "code"}}. `posttrain serve` and `posttrain ui` both use it.
+A client that disconnects before its reply is ready (a timeout, a retry) cancels its job, streaming
+or not: the engine skips it if it has not started and stops generating for it between tokens.
 """
 
 from __future__ import annotations
@@ -114,17 +116,17 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await _parse(request, ChatRequest, limits)
-        engine = await models.get(req.model)
+        engine = _generator(await models.get(req.model))
         messages = [m.to_message() for m in req.messages]
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling)
-        return await _respond(engine, job, req, chat=True)
+        return await _respond(engine, job, req, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await _parse(request, CompletionRequest, limits)
-        engine = await models.get(req.model)
+        engine = _generator(await models.get(req.model))
         if not isinstance(req.prompt, str):
             if len(req.prompt) != 1:
                 raise ApiError(400, "this server takes one prompt per request", param="prompt")
@@ -134,7 +136,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(400, "prompt is empty", param="prompt")
         sampling = _sampling(req, req.max_tokens or 16, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling, strip=False)
-        return await _respond(engine, job, req, chat=False)
+        return await _respond(engine, job, req, request, chat=False)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -144,11 +146,17 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         messages = [Message("user", req.prompt)] if req.prompt is not None else [m.to_message() for m in req.messages]
         job = Job([], 1, Sampling(), score=(messages, req.responses))
-        scores = await _wait(engine, job)
+        scores = await _wait(engine, job, request)
         return {"object": "list", "model": engine.name, "score_type": engine.score_kind,
                 "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
 
     return app
+
+
+def _generator(engine: Engine) -> Engine:
+    if engine.score_kind == "reward":
+        raise ApiError(400, f"model {engine.name!r} is a reward model: it answers /v1/score only", param="model")
+    return engine
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -190,12 +198,30 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, engine: Engine, limi
                     stop=tuple(req.stop or ()))
 
 
-async def _wait(engine: Engine, job: Job):
+async def _wait(engine: Engine, job: Job, request: Request):
+    """The job's result. If the client disconnects first, the job is cancelled (the worker skips it,
+    or stops it between tokens) and the handler ends with a 499 that nobody reads."""
     try:
         future = engine.submit(job)
     except EngineClosed as err:
         raise ApiError(503, str(err), "server_error", code="shutting_down") from err
-    return await asyncio.wrap_future(future)
+    result = asyncio.wrap_future(future)
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not result.done():
+        job.cancelled = True
+        raise ApiError(499, "the client closed the connection before its reply was ready",
+                       code="client_closed_request")
+    return result.result()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected: with the body read, receive() waits for just that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt_len: int, gens) -> dict:
@@ -203,14 +229,14 @@ def _usage(prompt_len: int, gens) -> dict:
     return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
 
-async def _respond(engine: Engine, job: Job, req, *, chat: bool):
+async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": engine.name}
     if req.stream:
         return StreamingResponse(_stream(engine, job, req, head, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    gens = await _wait(engine, job)
+    gens = await _wait(engine, job, request)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
                     "logprobs": None} for i, g in enumerate(gens)]
@@ -266,11 +292,33 @@ def load_engine(ref: str, name: str | None = None, device: str | None = None) ->
     """Load any model reference (run, folder, built-in, hub id) into a started engine."""
     from pathlib import Path
 
+    from posttrain.models.load import is_reward_model
     from posttrain.models.run import load_model_for_inference
 
-    model, tokenizer, cfg = load_model_for_inference(ref, device=device)
+    if is_reward_model(ref):  # a reward-model folder serves /v1/score with its head, not as a causal LM
+        model, tokenizer, cfg = _load_reward_engine_model(ref, device)
+    else:
+        model, tokenizer, cfg = load_model_for_inference(ref, device=device)
     system = cfg.template.system if cfg is not None else None  # render exactly as the run trained
     return Engine(model, tokenizer, name or Path(ref).name or ref, system=system)
+
+
+def _load_reward_engine_model(ref: str, device: str | None):
+    """(reward model in eval mode, tokenizer, the run's config or None), rendering as the run trained."""
+    from pathlib import Path
+
+    from posttrain.config import ModelConfig, load_config
+    from posttrain.models.load import load_reward_model, pick_device
+    from posttrain.models.run import find_run_config
+    from posttrain.templates.render import apply_template
+
+    cfg_path = find_run_config(Path(ref).expanduser())
+    cfg = load_config(cfg_path) if cfg_path is not None else None
+    model_cfg = ModelConfig(name_or_path=str(ref), **({"dtype": cfg.model.dtype} if cfg is not None else {}))
+    model, tokenizer = load_reward_model(model_cfg, pick_device(device or "auto"))
+    if cfg is not None:
+        apply_template(tokenizer, cfg.template.name)
+    return model.eval(), tokenizer, cfg
 
 
 def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -4,10 +4,16 @@ HTTP handlers never touch the model. They submit a `Job` and wait on its Future,
 clients become a few `generate` calls of up to `max_batch` rows instead of 32 racing threads.
 Jobs with equal sampling settings share a batch; a seeded job runs alone so its seed means the
 same thing whatever else is queued. Streaming jobs run one at a time with a token callback.
+A job whose client went away (`cancelled`) is skipped if it has not started, and a generate call
+stops between tokens once every job in it is cancelled, so abandoned requests (a client that timed
+out and retried) do not pile up work the server can never catch up with.
+torch's sampling RNG is one per process, so sampling runs of all engines (the UI may hold several)
+take turns on `_RNG_LOCK`; otherwise one engine's draws would shift another's seeded samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,11 +26,13 @@ import torch
 from torch import nn
 
 from posttrain.data.records import Conversation, Message
+from posttrain.models.load import reward_offset
 from posttrain.serve.chat import _CallbackStreamer
 from posttrain.serve.generate import Generation, generate_from_ids
 from posttrain.templates.render import encode_conversation
 
 log = logging.getLogger(__name__)
+_RNG_LOCK = threading.Lock()  # held by every sampling (temperature > 0) generate call, across engines
 
 
 class EngineClosed(RuntimeError):
@@ -52,7 +60,7 @@ class Job:
     on_text: Callable[[int, str], None] | None = None  # set: stream (choice index, piece), on the worker thread
     score: tuple[list[Message], list[str]] | None = None  # set: a scoring job, not generation
     future: Future = field(default_factory=Future)
-    cancelled: bool = False  # a streaming client went away: stop generating for it
+    cancelled: bool = False  # the client went away: skip the job, or stop generating for it
 
 
 class _Halt(Exception):
@@ -97,6 +105,8 @@ class Engine:
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.closing = False
         self.batches_run = 0  # generate calls made; tests read it to see that batching happened
+        self.jobs_skipped = 0  # cancelled before they started: never run
+        self.batches_stopped = 0  # generate calls ended early because all their jobs were cancelled
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -151,7 +161,14 @@ class Engine:
             self._guarded(self._run_batch, chunk)
 
     def _guarded(self, fn, jobs: list[Job]) -> None:
-        """Run and deliver; a failure goes to the waiting clients instead of killing the worker."""
+        """Run and deliver, skipping cancelled jobs; a failure goes to the waiting clients instead of
+        killing the worker."""
+        for job in [j for j in jobs if j.cancelled]:
+            job.future.cancel()  # nobody waits for it; never set_running, so the cancel always takes
+            self.jobs_skipped += 1
+        jobs = [j for j in jobs if not j.cancelled]
+        if not jobs:
+            return
         try:
             fn(jobs)
         except Exception as err:  # noqa: BLE001 - any model error belongs to these requests only
@@ -160,17 +177,29 @@ class Engine:
                 if not job.future.done():
                     job.future.set_exception(err)
 
-    def _generate(self, prompts: list[list[int]], sampling: Sampling, strip: bool, streamer=None) -> list[Generation]:
+    def _generate(self, prompts: list[list[int]], sampling: Sampling, strip: bool, streamer=None,
+                  jobs: list[Job] = ()) -> list[Generation]:
+        """generate_from_ids; with `jobs`, it stops between tokens once all of them are cancelled."""
         self.batches_run += 1
-        return generate_from_ids(
-            self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            stop=list(sampling.stop), strip=strip, streamer=streamer,
-        )
+        stopped: list[bool] = []
+
+        def abandoned() -> bool:
+            if not stopped and all(job.cancelled for job in jobs):
+                stopped.append(True)
+            return bool(stopped)
+
+        with _RNG_LOCK if sampling.temperature > 0 else contextlib.nullcontext():  # greedy draws nothing
+            gens = generate_from_ids(
+                self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                stop=list(sampling.stop), strip=strip, streamer=streamer, should_stop=abandoned if jobs else None,
+            )
+        self.batches_stopped += len(stopped)
+        return gens
 
     def _run_batch(self, jobs: list[Job]) -> None:
         prompts = [job.prompt_ids for job in jobs for _ in range(job.n)]
-        gens = self._generate(prompts, jobs[0].sampling, jobs[0].strip)
+        gens = self._generate(prompts, jobs[0].sampling, jobs[0].strip, jobs=jobs)
         start = 0
         for job in jobs:
             job.future.set_result(gens[start:start + job.n])
@@ -181,7 +210,7 @@ class Engine:
         if job.score is not None:
             job.future.set_result(self._score(*job.score))
         elif job.on_text is None:
-            job.future.set_result(self._generate([job.prompt_ids] * job.n, job.sampling, job.strip))
+            job.future.set_result(self._generate([job.prompt_ids] * job.n, job.sampling, job.strip, jobs=jobs))
         else:
             job.future.set_result([self._stream_one(job, i) for i in range(job.n)])
 
@@ -219,8 +248,8 @@ class Engine:
             enc = encode_conversation(conv, self.tokenizer, mask="last", system=self.system)[0]
             ids = torch.tensor([enc.input_ids], device=device)  # (1, T)
             logits = self.model(input_ids=ids).logits  # (1, T, V) or (1, 1) for a reward head
-            if logits.dim() == 2:
-                scores.append(float(logits[0, -1]))
+            if logits.dim() == 2:  # a reward head: raw score minus the stored offset (rm.normalize_data)
+                scores.append(float(logits[0, -1]) - reward_offset(self.model))
                 continue
             token_logps = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]  # (T-1,)
             weights = torch.tensor(enc.weights[1:], device=device)

@@ -7,11 +7,12 @@ Prompts are rendered by `encode_prompt` (the training path), so a batched answer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.data.records import Message
 from posttrain.models.run import stop_token_ids
@@ -35,11 +36,12 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 def generate_from_ids(
     model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-    strip: bool = True, streamer=None,
+    strip: bool = True, streamer=None, should_stop: Callable[[], bool] | None = None,
 ) -> list[Generation]:
     """One generation per prompt (token ids); temperature 0 is greedy, `seed` makes sampling repeatable.
 
-    `streamer` (a transformers streamer, batch of one prompt only) sees tokens as they come.
+    `streamer` (a transformers streamer, batch of one prompt only) sees tokens as they come;
+    `should_stop`, asked after every token, ends the whole batch early when it returns True.
     """
     if not prompts:
         return []
@@ -58,8 +60,9 @@ def generate_from_ids(
     )
     if seed is not None:
         torch.manual_seed(seed)
+    criteria = StoppingCriteriaList([_AskEachStep(should_stop)] if should_stop is not None else [])
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
-                            streamer=streamer)
+                            streamer=streamer, stopping_criteria=criteria)
     results = []
     for row in output[:, width:].tolist():  # (B, N) new tokens
         end = next((i for i, t in enumerate(row) if t in stops), None)
@@ -69,6 +72,16 @@ def generate_from_ids(
         reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
         results.append(Generation(text.strip() if strip else text, ids, reason))
     return results
+
+
+class _AskEachStep(StoppingCriteria):
+    """Stops every row once `should_stop()` says so (checked between tokens)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def generate_batch(

@@ -2,9 +2,11 @@
 
 Chosen and rejected responses of a micro-batch go through the policy in one forward pass: packed
 into one row where attention keeps them apart (no padding), the responses of a prompt sharing one
-copy of its prompt tokens; the LM head runs only at response positions. The reference is the LoRA
-base with adapters off, a frozen copy, or log-probs precomputed once before training (no second
-model in memory).
+copy of its prompt tokens; the LM head runs only at response positions. The reference is the model
+with its adapter off (LoRA, QLoRA, prompt / prefix tuning), a frozen copy, or log-probs precomputed
+once before training (no second model in memory; the default for full, freeze, LISA and PiSSA, which
+change the base) and cached on disk, so the next run on the same data and model loads them
+(train/reference_cache.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from contextlib import nullcontext
 
 import torch
 
-from posttrain.config import RunConfig
+from posttrain.config import RunConfig, adapter_off_is_base
 from posttrain.data.preference import PrefSample, build_preference_data
 from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
-from posttrain.models.methods import apply_method, count_parameters, lm_head_and_backbone
+from posttrain.models.methods import (apply_method, count_parameters, lm_head_and_backbone, optimizer_groups,
+                                      quantization_config, step_hook)
 from posttrain.models.run import save_model
 from posttrain.train.head_logps import token_logps
 from posttrain.train.lm_forward import hidden_states
@@ -85,30 +88,51 @@ def packs_rows(cfg: RunConfig) -> bool:
     return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
+def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:
+    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened."""
+    from posttrain.train import reference_cache
+
+    if not samples:
+        return "none"
+    pack = packs_rows(cfg)  # packed and padded rows round differently, so the cache key names the layout
+    path = reference_cache.cache_file(samples, model, cfg.model, device, pack) if cfg.dpo.reference_cache else None
+    if path is not None and reference_cache.load_reference(path, samples):
+        log.info("reference log-probs of %d prompts loaded from %s", len(samples), path)
+        return "loaded"
+    precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, device, cfg.train.loss_chunk, pack)
+    if path is not None:
+        reference_cache.save_reference(path, samples)
+        log.info("reference log-probs of %d prompts computed and cached in %s", len(samples), path)
+    return "computed"
+
+
 def reference_mode(cfg: RunConfig) -> str:
     if cfg.dpo.loss in REFERENCE_FREE:
         return "none"
     if cfg.dpo.reference == "auto":
-        return "adapter" if cfg.method.type == "lora" else "precompute"
+        return "adapter" if adapter_off_is_base(cfg) else "precompute"
     return cfg.dpo.reference
 
 
 def run(cfg: RunConfig) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
-    model, tokenizer = load_base(cfg.model, dist_ctx.device)
+    model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
     mode, pad_id, chunk, pack = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk, packs_rows(cfg)
-    ref_model = None
+    ref_model, cached = None, {}
     if mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     elif mode == "precompute":  # before training, the policy is the reference
-        for samples in (data.train, data.eval or []):
-            precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, dist_ctx.device, chunk, pack)
+        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx.device)
+                  for split, samples in (("train", data.train), ("eval", data.eval or []))}
     model = apply_method(model, cfg)
+    hook = step_hook(model, cfg)
     trainable, total = count_parameters(model)
+    if hook is not None:  # LISA: what trains in one step (the frozen blocks take turns)
+        trainable = hook.trainable_per_step(model)
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
@@ -116,8 +140,9 @@ def run(cfg: RunConfig) -> dict:
                                 fused=cfg.train.fused)
     loop = Loop(cfg, model, to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn,
                 eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None,
-                dist_ctx=dist_ctx)
+                dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
-             "dropped": data.drops, "trainable_params": trainable, "total_params": total}
+             "dropped": data.drops, "trainable_params": trainable, "total_params": total,
+             "reference_logps": cached}
     return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)

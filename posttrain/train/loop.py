@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from posttrain.config import OptimConfig, RunConfig
 from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
+from posttrain.losses.moments import fold_moments, is_moment
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from posttrain.train.reporting import RunReport
 
@@ -112,8 +113,9 @@ def evaluate_lm(model: torch.nn.Module, data: Batches, loss_fn: LossFn, micro: i
     keys = sorted(extra)
     loss_sum, n_tokens, *values = dist_ctx.sum([loss_sum, n_tokens, *(extra[k] for k in keys)])
     loss = loss_sum / max(n_tokens, 1.0)
-    if keys:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses)
-        return {"loss": loss} | {k: v / max(n_tokens, 1.0) for k, v in zip(keys, values, strict=True)}
+    if keys:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses); moments as is
+        stage = {k: v if is_moment(k) else v / max(n_tokens, 1.0) for k, v in zip(keys, values, strict=True)}
+        return {"loss": loss} | fold_moments(stage)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
@@ -165,7 +167,8 @@ class Loop:
             sums["nll_sum"] += metrics.get("nll_sum", 0.0)
             sums["tokens"] += metrics.get("tokens", 0.0)
             sums["real_tokens"] += float(batch["real_mask"].sum())
-            for key in metrics.keys() - _CORE_METRICS:  # stage metrics arrive pre-divided by the normalizer
+            # stage metrics arrive pre-divided by the normalizer (moments: raw sums, folded after the step)
+            for key in metrics.keys() - _CORE_METRICS:
                 sums[key] = sums.get(key, 0.0) + metrics[key]
         self._sync_grads()
         clip = self.cfg.optim.max_grad_norm
@@ -180,7 +183,7 @@ class Loop:
         out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "_tokens": real, "_loss_tokens": tokens}
         if not extra or nll:  # token NLL only for stages that report one
             out["token_nll"] = nll / max(tokens, 1.0)
-        return out | dict(zip(extra, values))
+        return out | fold_moments(dict(zip(extra, values)))
 
     def _sync_grads(self) -> None:
         """Sum gradients over processes: each loss is already divided by the global token count."""

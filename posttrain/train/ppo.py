@@ -3,7 +3,8 @@ config -> prompts (+ ptx data) -> models -> per step: rollout, rewards and advan
 mini-batches (with the ptx LM loss in the same optimizer step) -> log, checkpoint.
 
 Objective (Ouyang et al. 2022, eq. 2): E[r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x))] + gamma * E_ptx[log pi(x)].
-The reference pi_SFT is the policy with its LoRA adapters disabled: no second copy of the weights.
+The reference pi_SFT is the policy with its adapter disabled (LoRA, QLoRA, prompt / prefix tuning): no
+second copy of the weights; full, freeze, LISA and PiSSA change the base, so they keep a frozen copy.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from posttrain.config import RunConfig, save_config
+from posttrain.config import RunConfig, adapter_off_is_base, save_config
 from posttrain.data.pipeline import build_sft_data
 from posttrain.losses.ppo import gae, kl_per_token, masked_mean, policy_loss, value_loss, whiten, explained_variance
 from posttrain.models.load import load_base, pick_device
-from posttrain.models.methods import apply_method, count_parameters
+from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
+                                      step_hook)
 from posttrain.models.run import save_model, stop_token_ids
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from posttrain.train.lm_forward import sft_forward
@@ -43,13 +45,16 @@ def run(cfg: RunConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
 
-    # models: policy (+ adapters), value head, reference = adapters off (or a frozen copy for full)
-    base, tokenizer = load_base(cfg.model, device)
-    ref_model = None if cfg.method.type == "lora" else copy.deepcopy(base).requires_grad_(False).eval()
+    # models: policy (+ adapter), value head, reference = adapter off (or a frozen copy taken before training)
+    base, tokenizer = load_base(cfg.model, device, quantization_config(cfg, device))
+    ref_model = None if adapter_off_is_base(cfg) else copy.deepcopy(base).requires_grad_(False).eval()
     policy = apply_method(base, cfg)
     critic = apply_method(load_base(cfg.model, device)[0], cfg) if p.value_model == "separate" else None
     pv = PolicyAndValue(policy, base.config.hidden_size, critic)
+    hook = step_hook(policy, cfg)  # LISA re-draws its blocks before optimizer updates
     trainable, total = count_parameters(pv)
+    if hook is not None:
+        trainable -= count_parameters(policy)[0] - hook.trainable_per_step(policy)
 
     # data: prompts to sample from; optional ptx (SFT / pre-training) data with a held-out split
     prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
@@ -64,8 +69,10 @@ def run(cfg: RunConfig) -> dict:
     stops = stop_token_ids(policy, tokenizer)
 
     # optimizer and schedule over every PPO optimizer step of the run
-    params = [q for q in pv.parameters() if q.requires_grad]
-    optimizer = make_optimizer(params, cfg.optim)
+    groups = optimizer_groups(policy, cfg) + [{"params": [q for n, q in pv.named_parameters() if q.requires_grad
+                                                          and not n.startswith("policy.")]}]
+    params = [q for g in groups for q in g["params"]]
+    optimizer = make_optimizer(groups, cfg.optim)
     updates_per_step = p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
     total_updates = cfg.train.max_steps * updates_per_step
     warmup = int(cfg.optim.warmup_ratio * total_updates)
@@ -98,7 +105,8 @@ def run(cfg: RunConfig) -> dict:
                                                moments, stops)
         kl_ctl.update(metrics["kl"], p.rollout_batch_size)
         gen.manual_seed(cfg.train.seed * 7919 + step)  # per-step stream: resume replays the same mini-batches
-        metrics |= ppo_update(pv, rollout, optimizer, scheduler, params, cfg, ptx_train, gen)
+        metrics |= ppo_update(pv, rollout, optimizer, scheduler, params, cfg, ptx_train, gen, hook,
+                              first_update=step * updates_per_step)
         step += 1
         metrics |= {"kl_coef": kl_ctl.coef, "loss": metrics["policy_loss"] + p.vf_coef * metrics["value_loss"]}
         report.step(step, metrics, tokens=int(rollout.attention_mask.sum()),
@@ -109,7 +117,8 @@ def run(cfg: RunConfig) -> dict:
             report.eval(step, ptx_eval_fn())
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save_checkpoint(ckpt_dir, model=pv, optimizer=optimizer, scheduler=scheduler, keep_last=cfg.train.keep_last,
-                            position={"global_step": step, "kl_coef": kl_ctl.coef, "moments": moments.state()})
+                            params=params, position={"global_step": step, "kl_coef": kl_ctl.coef,
+                                                     "moments": moments.state()})
 
     summary["ptx_eval_after"] = ptx_eval_fn()
     if summary["ptx_eval_after"]:
@@ -170,8 +179,11 @@ def make_rollout(pv: PolicyAndValue, ref_model, tokenizer, prompts, cfg: RunConf
 
 
 def ppo_update(pv: PolicyAndValue, rollout: Rollout, optimizer, scheduler, params, cfg: RunConfig, ptx_train,
-               gen: torch.Generator) -> dict:
-    """PPO epochs over shuffled mini-batches; each mini-batch is one optimizer step (micro-batched)."""
+               gen: torch.Generator, hook=None, first_update: int = 0) -> dict:
+    """PPO epochs over shuffled mini-batches; each mini-batch is one optimizer step (micro-batched).
+
+    `hook(update_index, optimizer)` runs before each optimizer step's backward passes (LISA's schedule).
+    """
     p, micro = cfg.ppo, cfg.train.micro_batch_size
     pv.train()
     sums: dict[str, float] = {}
@@ -180,6 +192,8 @@ def ppo_update(pv: PolicyAndValue, rollout: Rollout, optimizer, scheduler, param
         order = torch.randperm(p.rollout_batch_size, generator=gen)
         for start in range(0, p.rollout_batch_size, p.mini_batch_size):
             mini = order[start:start + p.mini_batch_size]
+            if hook is not None:
+                hook(first_update + n_updates, optimizer)
             for chunk in mini.split(micro):  # gradient accumulation: weight each micro-batch by its share
                 metrics = ppo_micro_step(pv, rollout.select(chunk.to(rollout.input_ids.device)), p,
                                          len(chunk) / len(mini))

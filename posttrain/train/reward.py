@@ -2,50 +2,47 @@
 
 The model is transformers' own `*ForSequenceClassification` (num_labels=1): a linear `score` head
 on the last non-pad token. The run folder is saved as a plain HF sequence-classification model
-(LoRA merged in), so `posttrain score`, the PPO stage and plain transformers all load it.
+(LoRA merged in; a QLoRA base de-quantised first), so `posttrain score`, the PPO stage and plain
+transformers all load it. Prompt / prefix tuning cannot be merged: those runs save a PEFT adapter
+(virtual tokens + head) that `load_reward_model` puts back on its base. With `rm.normalize_data`, a
+reward offset is stored too (see train/reward_scoring.py).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from posttrain.config import RunConfig
 from posttrain.data.preference import PrefSample, build_preference_data, collate_preferences
-from posttrain.errors import ModelSourceError
 from posttrain.losses import pairwise_reward_loss
-from posttrain.models.methods import apply_method, count_parameters
+from posttrain.models.load import REWARD_OFFSET, REWARD_OFFSET_FILE, load_reward_model
+from posttrain.models.methods import (apply_method, count_parameters, is_prompt_learning, optimizer_groups,
+                                      quantization_config, step_hook, unwrap)
 from posttrain.train.loop import Batches, Loop, start_run
+from posttrain.train.reward_scoring import fit_offset, reference_ids
 
 log = logging.getLogger("posttrain")
 
 
-def load_reward_model(model_cfg, device, tokenizer=None):
-    """(seq-classification model with one label, tokenizer) from any causal LM or a saved reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    from posttrain.models.load import _hub_local_only, load_tokenizer, pick_dtype
-    from posttrain.models.sources import resolve_model
-
-    path = resolve_model(model_cfg.name_or_path)
-    tokenizer = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=pick_dtype(model_cfg.dtype, device),
-            attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
-            local_files_only=_hub_local_only(path, model_cfg.revision, "config.json"))
-    except (OSError, ValueError) as err:
-        raise ModelSourceError(f"could not load {path} as a reward model: {err}") from None
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not pad
-    return model.to(device), tokenizer
-
-
 def sequence_rewards(model, batch: dict) -> torch.Tensor:
     """(R,) scalar reward of each right-padded row, exactly as plain transformers computes it."""
-    return model(input_ids=batch["input_ids"], use_cache=False).logits[:, 0].float()
+    input_ids = batch["input_ids"]  # (R, T)
+    if not is_prompt_learning(model):
+        return model(input_ids=input_ids, use_cache=False).logits[:, 0].float()
+    # Prompt tuning feeds embeddings, so transformers' head would read the last (padding) position:
+    # take each row's last non-pad token ourselves, by the rule transformers uses for input ids.
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -input_ids.shape[1]:]  # (R, T, H) the real positions
+    inner = unwrap(model)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = ((input_ids != inner.config.pad_token_id) * positions).argmax(-1)  # (R,)
+    return inner.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def rm_forward(model, batch: dict, normalizer: float, center_coef: float = 0.0):
@@ -63,20 +60,46 @@ def to_batches(samples: list[PrefSample], pad_id: int, pack: bool = False, share
                                              share_prompt=share_prompt))
 
 
-def save_reward_model(model, tokenizer, out_dir: Path) -> None:
-    """A plain HF folder: LoRA merged into the base, the trained head under `score`."""
+def save_reward_model(model, tokenizer, out_dir: Path, cfg: RunConfig | None = None) -> None:
+    """A plain HF folder (LoRA merged into the base, the trained head under `score`), or for prompt /
+    prefix tuning the PEFT adapter with its head."""
     from posttrain.models.run import is_peft_model
 
-    if is_peft_model(model):
-        model = model.merge_and_unload()  # the end of the run: merging in place is fine
+    offset = getattr(unwrap(model).config, REWARD_OFFSET, None)
+    if is_peft_model(model) and not is_prompt_learning(model):
+        if cfg is not None and cfg.method.type == "qlora":
+            model = _merge_on_dequantized_base(model, tokenizer, cfg)
+        else:
+            model = model.merge_and_unload()  # the end of the run: merging in place is fine
+    if offset is not None:
+        setattr(unwrap(model).config, REWARD_OFFSET, offset)
+        if is_prompt_learning(model):
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / REWARD_OFFSET_FILE).write_text(json.dumps({REWARD_OFFSET: offset}) + "\n")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _merge_on_dequantized_base(model, tokenizer, cfg: RunConfig):
+    """Merging into 4-bit weights would round the update away: reload the base, de-quantise it to the
+    NF4-rounded float weights the adapter trained on, and merge there."""
+    import tempfile
+
+    from peft import PeftModel
+
+    device = next(model.parameters()).device
+    log.warning("QLoRA reward model: the 4-bit base is de-quantised to float before the adapter is merged")
+    with tempfile.TemporaryDirectory(prefix="posttrain-qlora-rm-") as tmp:
+        model.save_pretrained(tmp)
+        base, _ = load_reward_model(cfg.model, device, tokenizer, quantization_config(cfg, device))
+        return PeftModel.from_pretrained(base.dequantize(), tmp).merge_and_unload()
 
 
 def run(cfg: RunConfig) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
-    model, tokenizer = load_reward_model(cfg.model, dist_ctx.device)
+    model, tokenizer = load_reward_model(cfg.model, dist_ctx.device,
+                                         quantization_config=quantization_config(cfg, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
@@ -84,60 +107,32 @@ def run(cfg: RunConfig) -> dict:
     for name, param in model.named_parameters():  # the head always trains (freeze/full too)
         if ".score." in f".{name}" and "original_module" not in name:
             param.requires_grad_(True)
+    hook = step_hook(model, cfg)
     trainable, total = count_parameters(model)
+    if hook is not None:  # LISA: what trains in one step (the frozen blocks take turns)
+        trainable = hook.trainable_per_step(model)
     n_pairs = sum(len(sample.pairs) for sample in data.train)
     log.info("prompts: %d train (%d ranked pairs), %d eval; trainable parameters %d of %d", len(data.train),
              n_pairs, len(data.eval or []), trainable, total)
 
     pad_id = tokenizer.pad_token_id
+    reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
+    if cfg.rm.normalize_data:
+        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter())
     loop = Loop(cfg, model, to_batches(data.train, pad_id),
                 functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
-                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx)
+                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx,
+                param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train), "train_pairs": n_pairs,
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,
              "trainable_params": trainable, "total_params": total}
-    return loop.run(lambda d: save_reward_model(model, tokenizer, d), extra_summary=extra)
 
+    def save(out: Path) -> None:  # the loop calls this once, after the final eval and before the summary
+        if reference is not None:  # InstructGPT's bias step: the reference responses now score 0 on average
+            extra["reward_offset"] = fit_offset(model, reference, pad_id, cfg.train.micro_batch_size, dist_ctx.device)
+            log.info("reward_offset %.6f: mean raw reward of %d reference responses in %s", extra["reward_offset"],
+                     len(reference), cfg.rm.normalize_data)
+        save_reward_model(model, tokenizer, out, cfg)
 
-@torch.no_grad()
-def score_preferences(run_dir: str, data_path: str, batch_size: int = 8, device: str | None = None) -> dict:
-    """Score every response of a preference file with a saved reward model; pairwise accuracy etc.
+    return loop.run(save, extra_summary=extra)
 
-    Rendering (template, system, max_length) follows the run's config.yaml when there is one.
-    """
-    from collections import Counter
-
-    from posttrain.config import DatasetConfig, ModelConfig, RunConfig, load_config
-    from posttrain.data.preference import encode_all, read_preferences
-    from posttrain.models.load import pick_device
-    from posttrain.models.run import find_run_config
-    from posttrain.templates.render import apply_template
-
-    cfg_path = find_run_config(Path(run_dir)) if Path(run_dir).is_dir() else None
-    cfg = load_config(cfg_path) if cfg_path is not None else RunConfig()
-    dev = pick_device(device or cfg.train.device)
-    model_cfg = ModelConfig(name_or_path=str(run_dir), dtype=cfg.model.dtype,
-                            attn_implementation=cfg.model.attn_implementation)
-    model, tokenizer = load_reward_model(model_cfg, dev)
-    model.eval()
-    apply_template(tokenizer, cfg.template.name)
-    drops: Counter = Counter()
-    samples = encode_all(read_preferences(DatasetConfig(path=data_path), cfg.data.variables), tokenizer,
-                         cfg.data.max_length, cfg.template.system, drops)
-    batches = to_batches(samples, tokenizer.pad_token_id)
-    rewards: list[float] = []
-    for start in range(0, len(samples), batch_size):
-        units = [[i] for i in range(start, min(start + batch_size, len(samples)))]
-        batch = {k: v.to(dev) for k, v in batches.collate(units).items()}
-        rewards += sequence_rewards(model, batch).tolist()
-    per_sample, pos = [], 0
-    for s in samples:
-        per_sample.append(rewards[pos:pos + len(s.input_ids)])
-        pos += len(s.input_ids)
-    gaps = [r[b] - r[w] for s, r in zip(samples, per_sample) for b, w in s.pairs]
-    all_r = torch.tensor(rewards) if rewards else torch.zeros(1)
-    return {"prompts": len(samples), "pairs": len(gaps), "dropped": dict(drops),
-            "accuracy": sum(g > 0 for g in gaps) / max(len(gaps), 1),
-            "mean_margin": sum(gaps) / max(len(gaps), 1),
-            "reward_mean": float(all_r.mean()), "reward_std": float(all_r.std()) if len(rewards) > 1 else 0.0,
-            "scores": [{"source": s.source, "rewards": r} for s, r in zip(samples, per_sample)]}

@@ -2,7 +2,8 @@
 
 A reward source is a callable `(prompts, responses) -> list[float]`: a Python function named
 `module:function` (or `file.py:function`), a trained reward model (a transformers
-sequence-classification folder with one label, optionally a PEFT adapter), or an HTTP endpoint.
+sequence-classification folder with one label, optionally a PEFT adapter; its stored
+`reward_offset` is subtracted), or an HTTP endpoint.
 """
 
 from __future__ import annotations
@@ -64,29 +65,23 @@ class RewardModel:
     """
 
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification
-
-        from posttrain.models.load import load_tokenizer
+        from posttrain.config import ModelConfig
+        from posttrain.models.load import load_reward_model, reward_offset
 
         folder = Path(path)
         if not folder.is_dir():
             raise ConfigError(f"reward.model: {path} is not a folder")
-        adapter = folder / "adapter_config.json"
-        if adapter.is_file():
-            from peft import PeftModel
+        if (folder / "config.json").is_file():  # a full model (an adapter folder has none): check its head
+            from transformers import AutoConfig
 
-            base_path = json.loads(adapter.read_text())["base_model_name_or_path"]
-            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
-            model = PeftModel.from_pretrained(base, str(folder))
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(str(folder))
-        if model.config.num_labels != 1:
-            raise ConfigError(f"reward.model {path}: expected num_labels=1, found {model.config.num_labels}")
-        self.tokenizer = load_tokenizer(str(folder))
+            num_labels = AutoConfig.from_pretrained(str(folder)).num_labels
+            if num_labels != 1:
+                raise ConfigError(f"reward.model {path}: expected num_labels=1, found {num_labels}")
+        model, self.tokenizer = load_reward_model(ModelConfig(name_or_path=str(folder)), device)
         self.tokenizer.padding_side = "right"
-        model.config.pad_token_id = self.tokenizer.pad_token_id  # the head reads the last non-pad token
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.batch_size = torch.device(device), batch_size
+        self.offset = reward_offset(model)  # `rm.normalize_data`: raw score - offset is the reward
 
     def _encode(self, prompt: str, response: str) -> list[int]:
         from posttrain.data.records import Conversation, Message
@@ -99,12 +94,14 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from posttrain.train.reward import sequence_rewards
+
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
             ids = [self._encode(p, r) for p, r in zip(prompts[start:start + self.batch_size],
                                                       responses[start:start + self.batch_size])]
             batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-            scores += self.model(**batch).logits[:, 0].float().tolist()
+            scores += (sequence_rewards(self.model, batch) - self.offset).tolist()
         return scores
 
 

@@ -48,9 +48,10 @@ def _synth(a) -> int:
     from posttrain.data.build.synth import LocalTeacher, OpenAITeacher, synth
 
     if a.teacher.startswith(("http://", "https://")):
-        teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps)
+        teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps, max_tokens=a.max_tokens)
     else:
-        teacher, a.concurrency = LocalTeacher(a.teacher), 1  # one local model generates one reply at a time
+        # one local model generates one reply at a time
+        teacher, a.concurrency = LocalTeacher(a.teacher, max_tokens=a.max_tokens), 1
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _print(synth(a.seeds, a.out, teacher, a.n, seed=a.seed, concurrency=a.concurrency,
                  max_rounds=a.max_rounds, log=log))
@@ -130,6 +131,7 @@ def add_data_parser(sub) -> None:
     p.add_argument("--rps", type=float, help="requests per second limit (default: none)")
     p.add_argument("--retries", type=int, default=4)
     p.add_argument("--max-rounds", type=int, help="give up (keeping progress) after this many rounds")
+    p.add_argument("--max-tokens", type=int, help="cap on each teacher reply's length (default: 512 per request)")
     p.add_argument("--seed", type=int, default=0)
     p = cmd("dedup", _dedup, "remove exact, near (MinHash) and semantic duplicates, keep-first")
     p.add_argument("--out", required=True)

@@ -5,7 +5,9 @@ asks the teacher for more, keeps a new instruction only if it passes the paper's
 filters and its ROUGE-L to every instruction kept so far is below 0.7, then asks whether it
 is a classification task and generates an instance (output-first for classification, as in
 the paper). Kept rows are appended to `<out>.partial.jsonl` as they come, so an interrupted
-run resumes where it stopped; the finished file is renamed onto `out`.
+run resumes where it stopped; the finished file is renamed onto `out`. Every proposed
+instruction ends up kept or counted under one drop reason: heuristic, similar, no_instance, or
+surplus (novel, but `n` rows were already kept).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from posttrain.data.build.stream import iter_rows, side_path
 from posttrain.eval import metrics
-from posttrain.errors import DataError, PosttrainError
+from posttrain.errors import DataError, PosttrainError, http_error_text
 
 ROUGE_LIMIT = 0.7  # the paper's novelty threshold
 BLOCKED = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -56,13 +58,26 @@ def heuristic_reject(instruction: str) -> str | None:
     return None
 
 
+class SynthIncomplete(PosttrainError):
+    """`max_rounds` ran out before `n` rows were kept; `report` has the same counts as a finished run."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 class OpenAITeacher:
-    """POST /chat/completions with retries (exponential backoff) and a requests-per-second limit."""
+    """POST /chat/completions with retries (exponential backoff) and a requests-per-second limit.
+
+    `max_tokens` (optional) caps every request's reply length, e.g. to bound a paid API's cost.
+    """
 
     def __init__(self, base_url: str, model: str = "teacher", api_key: str | None = None, retries: int = 4,
-                 rps: float | None = None, timeout: float = 120.0, backoff: float = 1.0):
+                 rps: float | None = None, timeout: float = 120.0, backoff: float = 1.0,
+                 max_tokens: int | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.retries, self.timeout, self.backoff = model, retries, timeout, backoff
+        self.max_tokens = max_tokens
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "")
         self.interval = 1.0 / rps if rps else 0.0
         self._lock, self._next = threading.Lock(), 0.0
@@ -75,6 +90,7 @@ class OpenAITeacher:
         time.sleep(max(0.0, start - now))
 
     def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
+        max_tokens = min(max_tokens, self.max_tokens or max_tokens)
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "max_tokens": max_tokens, "temperature": temperature}).encode()
         headers = {"Content-Type": "application/json"}
@@ -88,7 +104,7 @@ class OpenAITeacher:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
+                last = http_error_text(err)
                 if err.code not in (408, 409, 429) and err.code < 500:
                     raise PosttrainError(f"teacher {self.url} refused the request: {last}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as err:
@@ -100,14 +116,17 @@ class OpenAITeacher:
 class LocalTeacher:
     """A local model through posttrain's own generation (run dir, model folder or built-in)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, max_tokens: int | None = None):
         from posttrain.models.run import load_model_for_inference
 
         self.model, self.tokenizer, _ = load_model_for_inference(model)
+        self.max_tokens = max_tokens
 
     def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
         from posttrain.data.records import Message
         from posttrain.serve.chat import generate_reply
+
+        max_tokens = min(max_tokens, self.max_tokens or max_tokens)
 
         return generate_reply(self.model, self.tokenizer, [Message("user", prompt)], system=None,
                               max_new_tokens=max_tokens, temperature=temperature, top_p=1.0)
@@ -164,18 +183,21 @@ def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0,
     """Generate `n` new instruction rows; resumes from `<out>.partial.jsonl` when it exists."""
     out = Path(out)
     partial = side_path(out, "partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     seed_tasks = load_seeds(seeds)
     made = [json.loads(line) for line in partial.open()] if partial.exists() else []
     pool_tokens = [_tokens(t) for t in seed_tasks + [r["instruction"] for r in made]]
     rng = random.Random(seed + len(made))  # resumed runs draw fresh examples, still deterministically
-    stats = {"proposed": 0, "similar": 0, "heuristic": 0, "no_instance": 0, "resumed": len(made)}
+    stats = {"proposed": 0, "kept": 0, "similar": 0, "heuristic": 0, "no_instance": 0, "surplus": 0,
+             "resumed": len(made)}
     rounds = 0
     with ThreadPoolExecutor(concurrency) as pool, partial.open("a", encoding="utf-8") as sink:
         while len(made) < n:
             rounds += 1
             if max_rounds is not None and rounds > max_rounds:
-                raise PosttrainError(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}); "
-                                     f"progress is kept in {partial}, rerun to continue")
+                raise SynthIncomplete(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}); "
+                                      f"progress is kept in {partial}, rerun to continue",
+                                      {"rows": len(made), "rounds": max_rounds, **stats, "out": str(partial)})
             prompts = []
             for _ in range(concurrency):
                 machine = [r["instruction"] for r in made]
@@ -197,8 +219,11 @@ def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0,
             for instruction, inst in zip(accepted, pool.map(lambda i: make_instance(teacher, i), accepted)):
                 if inst is None:
                     stats["no_instance"] += 1
-                elif len(made) < n:
+                elif len(made) >= n:
+                    stats["surplus"] += 1
+                else:
                     made.append({"instruction": instruction, **inst})
+                    stats["kept"] += 1
                     sink.write(json.dumps(made[-1], ensure_ascii=False) + "\n")
                     sink.flush()
             log(f"synth: round {rounds}: {len(made)}/{n} kept ({stats})")

@@ -1,8 +1,10 @@
 """Ranking annotation: prompts with K candidate responses -> labels -> ranked and pairwise data.
 
-Input rows: {"prompt": str, "responses": [str, ...]} (optional "id"), read by data.reading like any
-dataset. Every label is appended to `<task>.labels.jsonl` the moment it is given (the last label of
-an item wins), so a refresh or a crash loses nothing. Items being shown to one annotator are held
+Input rows: {"prompt": str, "responses": [str, ...]} (optional "id", and "models": who wrote each
+response, as the UI's candidate generation records it), read by data.reading like any dataset; a
+file that grows (candidates still being generated) is read again. Every label is appended to
+`<task>.labels.jsonl` the moment it is given (the last label of an item wins), so a refresh or a
+crash loses nothing. Items being shown to one annotator are held
 for a few minutes so several annotators can work at once without labelling the same item.
 """
 
@@ -28,6 +30,7 @@ class Item:
     id: str
     prompt: str
     responses: list[str]
+    models: list[str] | None = None  # the model behind each response, when known (never shown to annotators)
 
 
 def load_items(path: str | Path) -> list[Item]:
@@ -36,7 +39,9 @@ def load_items(path: str | Path) -> list[Item]:
         prompt, responses = row.get("prompt"), row.get("responses")
         if not isinstance(prompt, str) or not isinstance(responses, list) or len(responses) < 2:
             raise DataError(f"{source_of(path, i)}: needs 'prompt' (text) and 'responses' (a list of 2 or more)")
-        items.append(Item(str(row.get("id") or i), prompt, [str(r) for r in responses]))
+        models = row.get("models")
+        models = [str(m) for m in models] if isinstance(models, list) and len(models) == len(responses) else None
+        items.append(Item(str(row.get("id") or i), prompt, [str(r) for r in responses], models))
     return items
 
 
@@ -45,8 +50,8 @@ class AnnotationTask:
 
     def __init__(self, source: str | Path, workdir: str | Path):
         self.source = Path(source)
-        self.items = load_items(self.source)
-        self.by_id = {item.id: item for item in self.items}
+        self.stamp: tuple[int, int] | None = None
+        self.refresh()
         key = hashlib.sha1(str(self.source.resolve()).encode()).hexdigest()[:8]
         self.name = f"{self.source.stem}-{key}"
         self.dir = Path(workdir) / "annotations"
@@ -54,6 +59,15 @@ class AnnotationTask:
         self.labels_path = self.dir / f"{self.name}.labels.jsonl"
         self.lock = threading.Lock()
         self.claims: dict[str, tuple[str, float]] = {}  # item id -> (annotator, until)
+
+    def refresh(self) -> None:
+        """(Re)read the items when the file changed since the last read."""
+        stat = self.source.stat() if self.source.is_file() else None
+        stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
+        if stamp is None or stamp != self.stamp:
+            self.items = load_items(self.source)
+            self.by_id = {item.id: item for item in self.items}
+            self.stamp = stamp
 
     def labels(self) -> dict[str, dict]:
         """The latest label of each item (the file is append-only)."""
@@ -68,6 +82,7 @@ class AnnotationTask:
     def next_item(self, annotator: str) -> tuple[Item | None, dict]:
         """The first item nobody labelled and nobody else holds; claims it for `annotator`."""
         with self.lock:
+            self.refresh()
             done = self.labels()
             now = time.time()
             for item in self.items:
@@ -121,6 +136,9 @@ class AnnotationTask:
                 order = sorted(range(len(lab["responses"])), key=lambda i: lab["ranking"][i])
                 best_first = [lab["responses"][i] for i in order]
                 meta = {"id": lab["item"], "annotator": lab["annotator"]}
+                item = self.by_id.get(lab["item"])
+                if item is not None and item.models:
+                    meta["models"] = [item.models[i] for i in order]  # best first, like responses
                 # `ranks` (0 = best) makes the file the ranked-list layout the rm and dpo stages read
                 row = {"prompt": lab["prompt"], "responses": best_first, "ranks": list(range(len(best_first)))}
                 rf.write(json.dumps(row | meta, ensure_ascii=False) + "\n")

@@ -1,11 +1,13 @@
 """`posttrain ui`: one FastAPI app serving a plain HTML/JS page (no build step) and its JSON routes.
 
 Chat and arena talk to the same OpenAI-compatible routes as `posttrain serve` (/v1/...), with
-models loaded on first use. Votes, annotation labels and UI-started runs live under `workdir`.
+models loaded on first use; the Annotate tab's candidate generation uses those same engines.
+Votes, generated candidates, annotation labels and UI-started runs live under `workdir`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,6 +20,7 @@ from fastapi.responses import HTMLResponse
 from posttrain.errors import PosttrainError
 from posttrain.serve.api import ApiError, Models, create_app, load_engine
 from posttrain.serve.ui.annotate import AnnotationTask
+from posttrain.serve.ui.candidates import CandidateJob, GenSettings
 from posttrain.serve.ui.training import TrainJob, build_config, choices, preview
 
 WINNERS = ("model_a", "model_b", "tie")
@@ -29,6 +32,7 @@ class UIState:
         self.votes_path = workdir / "votes.jsonl"
         self.tasks: dict[str, AnnotationTask] = {}
         self.train_job: TrainJob | None = None
+        self.gen_job: CandidateJob | None = None
         self.lock = threading.Lock()
 
 
@@ -39,6 +43,7 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
     state = UIState(workdir, list(models), annotator)
     app = create_app(Models(loader=lambda ref: load_engine(ref, name=ref, device=device)))
     app.state.ui = state
+    gen_lock = asyncio.Lock()
 
     @app.exception_handler(PosttrainError)
     async def _user_error(request, err: PosttrainError):
@@ -92,6 +97,34 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
     @app.post("/ui/annotate/export")
     def annotate_export(body: dict = Body(...)):
         return task(body["task"]).export()
+
+    @app.post("/ui/annotate/generate")
+    async def annotate_generate(body: dict = Body(...)):
+        """Start generating K candidates per prompt with the chosen models (loaded here if need be)."""
+        try:
+            settings = GenSettings(k=int(body.get("k") or 3), temperature=float(body.get("temperature", 0.8)),
+                                   top_p=float(body.get("top_p", 1.0)), max_tokens=int(body.get("max_tokens") or 128),
+                                   seed=None if body.get("seed") in (None, "") else int(body["seed"]))
+        except (TypeError, ValueError):
+            raise ApiError(400, "K, temperature, top_p, max tokens and seed must be numbers") from None
+        names = list(dict.fromkeys(str(m).strip() for m in body.get("models") or [] if str(m).strip()))
+        async with gen_lock:  # one generation at a time
+            if state.gen_job is not None and state.gen_job.status()["running"]:
+                raise ApiError(409, "candidates are being generated; stop that first", code="generation_in_progress")
+            engines = {name: await app.state.models.get(name) for name in names}
+            state.gen_job = await asyncio.to_thread(CandidateJob, body.get("prompts") or "", engines, settings,
+                                                    workdir)
+        return state.gen_job.status()
+
+    @app.get("/ui/annotate/generate/status")
+    def annotate_generate_status():
+        return state.gen_job.status() if state.gen_job else {"running": False}
+
+    @app.post("/ui/annotate/generate/stop")
+    def annotate_generate_stop():
+        if state.gen_job:
+            state.gen_job.stop()
+        return annotate_generate_status()
 
     @app.post("/ui/train/preview")
     def train_preview(body: dict = Body(...)):

@@ -83,6 +83,32 @@ def llama_flops(config: dict, *, real_tokens: int, head_tokens: int, sum_sq_len:
             "flops_per_token": total / max(real_tokens, 1)}
 
 
+def llama_forward_flops(config: dict, *, real_tokens: int, head_tokens: int, sum_sq_len: float) -> float:
+    """Forward-only FLOPs of the frozen model (a DPO reference pass): linears, causal attention, head."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    linear = layers * sum(i * o for i, o in [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h), (h, inter),
+                                              (h, inter), (inter, h)])
+    attention = layers * 4 * q_out * sum_sq_len / 2
+    return 2 * linear * real_tokens + attention + 2 * h * config["vocab_size"] * head_tokens
+
+
+def sample_lengths(position_ids, real_mask):
+    """(S,) length of every sample in a (B, T) batch whose position ids restart at 0 per packed sample."""
+    import torch
+
+    next_starts = torch.ones_like(real_mask)  # (B, T) the next token starts a new sample or is padding
+    next_starts[:, :-1] = ~real_mask[:, 1:] | (position_ids[:, 1:] == 0)
+    return position_ids[real_mask & next_starts] + 1
+
+
+def chat_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a conversation rendered by the model's own chat template (what both tools train on)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def machine() -> dict:
     import torch
 

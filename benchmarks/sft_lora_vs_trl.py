@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS, ROOT, llama_flops, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb,
-    run_worker, versions)
+    run_worker, sample_lengths, versions)
 
 DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/alpaca_en_demo.json")
 FALLBACK_DATA = ROOT / "examples" / "data" / "general.jsonl"
@@ -35,6 +35,7 @@ POSTTRAIN_VARIANTS = {
     "posttrain": [],
     "posttrain-full-head": ["train.head_positions=all"],  # before: logits at every position
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
+    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
 }
 
 
@@ -57,11 +58,23 @@ def load_rows(path: Path, start: int, count: int) -> list[dict]:
     return pairs
 
 
+def keep_fitting(pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """The pairs whose rendered conversation fits max_length (posttrain would drop the others, TRL truncate
+    them, so the tools would train on different data); (kept, skipped)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import chat_length
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    kept = [p for p in pairs if chat_length(tokenizer, [{"role": "user", "content": p["prompt"]},
+                                                        {"role": "assistant", "content": p["answer"]}]) <= max_length]
+    return kept, len(pairs) - len(kept)
+
+
 # ---------------------------------------------------------------- workers (one process each)
 
 
 def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
-    import torch
 
     import posttrain.train.sft as sft_mod
     from posttrain.config import load_config
@@ -89,18 +102,15 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
         counts["padded"] += batch["input_ids"].numel()
         counts["real"] += int(batch["real_mask"].sum())
         counts["loss"] += int((batch["weights"][:, 1:] != 0).sum())
-        pos, real = batch["position_ids"], batch["real_mask"]
-        next_starts = torch.ones_like(real)  # (B, T) the next token starts a new sample or is padding
-        next_starts[:, :-1] = ~real[:, 1:] | (pos[:, 1:] == 0)
-        lengths = (pos[real & next_starts] + 1).double()  # one length per sample
+        lengths = sample_lengths(batch["position_ids"], batch["real_mask"]).double()
         counts["sum_sq_len"] += float((lengths ** 2).sum())
         return real_forward(model, batch, normalizer, **kw)
 
     real_step = Loop._step
 
-    def timed_step(self, plan):
+    def timed_step(self, plan, step=0):
         start = time.perf_counter()
-        out = real_step(self, plan)
+        out = real_step(self, plan, step)
         counts["step_times"].append(time.perf_counter() - start)
         counts.setdefault("losses", []).append(out["loss"])
         return out
@@ -213,7 +223,8 @@ def render_markdown(result: dict) -> str:
         f"# SFT-LoRA: posttrain vs TRL SFTTrainer ({result['machine']['date']})",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
         f"{result['machine']['torch_threads']}. Versions: {result['versions']}.",
-        f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']}; model SmolLM2-135M-Instruct fp32; "
+        f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']} ({s.get('skipped', 0)} longer than "
+        f"max length skipped); model SmolLM2-135M-Instruct fp32; "
         f"max length {s['max_length']}; LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear; "
         f"{s['steps']} optimizer steps of {s['micro']}x{s['accum']} packed rows; order {result['order']}.",
         f"fp32 matmul peak (2048^3, best of 8, measured before and after the runs): {peak:.1f} GFLOP/s "
@@ -237,7 +248,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="packed rows per forward pass")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
-    ap.add_argument("--ablations", default="posttrain-full-head,posttrain-no-packing",
+    ap.add_argument("--ablations", default="posttrain-full-head,posttrain-no-packing,posttrain-unfused",
                     help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--no-trl-packing", action="store_true", help="TRL without packing/padding-free")
     ap.add_argument("--name", default="sft_lora_vs_trl", help="results file stem")
@@ -256,7 +267,8 @@ def main() -> None:
     if not data.is_file():
         print(f"{data} not found; using {FALLBACK_DATA}", file=sys.stderr)
         data = FALLBACK_DATA
-    spec = {"data": str(data), "start": args.start, "rows": args.rows, "pairs": load_rows(data, args.start, args.rows),
+    pairs, skipped = keep_fitting(load_rows(data, args.start, args.rows), 512)
+    spec = {"data": str(data), "start": args.start, "rows": args.rows, "skipped": skipped, "pairs": pairs,
             "max_length": 512, "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "steps": args.steps, "micro": args.micro,
             "accum": args.accum, "seed": 42, "trl_packing": not args.no_trl_packing}
     script = Path(__file__).resolve()

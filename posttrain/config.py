@@ -150,6 +150,9 @@ class TrainConfig:
     loss_chunk: int = opt(1024, "positions per chunk of the LM head + cross-entropy (bounds logits memory)")
     head_positions: Literal["supervised", "all"] = opt(
         "supervised", "LM head at supervised positions only (fast), or at all (naive reference, for benchmarks)")
+    fused: bool = opt(
+        True, "fused LoRA linears and LM-head log-probs (same maths, fewer passes over memory); false = plain "
+        "PEFT/autograd path (the reference for tests and benchmarks)")
 
 
 @dataclass

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from posttrain.losses import sft_loss
+from posttrain.losses import sft_loss, sft_loss_from_logps
 
 
 def test_sft_loss_hand_computed():
@@ -17,3 +17,11 @@ def test_sft_loss_hand_computed():
     loss, metrics = sft_loss(logits, targets, weights, normalizer=4.0)
     assert abs(float(loss) - (nll0 + 0.5 * nll1) / 4.0) < 1e-6
     assert abs(metrics["nll_sum"] - (nll0 + nll1)) < 1e-6 and metrics["tokens"] == 2
+
+
+def test_sft_loss_from_logps_hand_computed():
+    logps = torch.tensor([-0.5, -2.0, -1.0])
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    loss, metrics = sft_loss_from_logps(logps, weights, normalizer=2.0)
+    assert abs(float(loss) - (0.5 + 0.5 * 2.0) / 2.0) < 1e-6
+    assert abs(metrics["nll_sum"] - 3.5) < 1e-6 and metrics["tokens"] == 3

@@ -18,6 +18,15 @@ def sft_loss(
     makes gradient accumulation exact: 8 micro-batches of 1 give the gradient of 1 batch of 8.
     """
     nll = F.cross_entropy(logits.float(), target_ids, reduction="none")  # (N,)
-    weighted = (nll * weights).sum()
-    metrics = {"nll_sum": float(nll.detach().sum()), "tokens": float(target_ids.numel())}
+    return sft_loss_from_logps(-nll, weights, normalizer)
+
+
+def sft_loss_from_logps(
+    token_logps: torch.Tensor,  # (N,) log p(y_i) at the N positions that carry loss
+    weights: torch.Tensor,  # (N,) per-token loss weight
+    normalizer: float,  # supervised tokens in the whole effective batch
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The same loss from log-probs already gathered (the fused LM-head path never forms logits)."""
+    weighted = -(token_logps * weights).sum()
+    metrics = {"nll_sum": float(-token_logps.detach().sum()), "tokens": float(token_logps.numel())}
     return weighted / normalizer, metrics

@@ -31,7 +31,12 @@ def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Modu
     """
     kind = cfg.method.type
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
-        return _apply_lora(model, cfg.lora, task_type)
+        model = _apply_lora(model, cfg.lora, task_type)
+        if cfg.train.fused:  # same maths in one autograd op per linear (models/fast_lora.py)
+            from posttrain.models.fast_lora import enable_fast_lora
+
+            enable_fast_lora(model)
+        return model
     if kind == "full":
         for param in model.parameters():
             param.requires_grad_(True)

@@ -1,10 +1,12 @@
 """DPO-family stage, read top to bottom: config -> preference data -> policy (+ reference) -> loop.
 
-Chosen and rejected responses of a micro-batch go through the policy in one forward pass; the
-LM head runs only at response positions. The reference is the model with its adapter off (LoRA,
-QLoRA, prompt / prefix tuning), a frozen copy, or log-probs precomputed once before training (no
-second model in memory; the default for full, freeze, LISA and PiSSA, which change the base) and
-cached on disk, so the next run on the same data and model loads them (train/reference_cache.py).
+Chosen and rejected responses of a micro-batch go through the policy in one forward pass: packed
+into one row where attention keeps them apart (no padding), the responses of a prompt sharing one
+copy of its prompt tokens; the LM head runs only at response positions. The reference is the model
+with its adapter off (LoRA, QLoRA, prompt / prefix tuning), a frozen copy, or log-probs precomputed
+once before training (no second model in memory; the default for full, freeze, LISA and PiSSA, which
+change the base) and cached on disk, so the next run on the same data and model loads them
+(train/reference_cache.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from posttrain.config import RunConfig, adapter_off_is_base
 from posttrain.data.preference import PrefSample, build_preference_data
@@ -24,46 +25,37 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import (apply_method, count_parameters, lm_head_and_backbone, optimizer_groups,
                                       quantization_config, step_hook)
 from posttrain.models.run import save_model
-from posttrain.train.lm_forward import hidden_states, supervised_targets
+from posttrain.train.head_logps import token_logps
+from posttrain.train.lm_forward import hidden_states
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.reward import to_batches
 
 log = logging.getLogger("posttrain")
 
 
-def response_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,) summed log-prob of each row's response tokens, and (R,) their counts."""
+def response_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) summed log-prob of each sequence's response tokens, and (R,) their counts (rows may be packed)."""
     _, head = lm_head_and_backbone(model)
-    hidden = hidden_states(model, batch)  # (R, T, H)
-    index, targets, _ = supervised_targets(batch)  # (N, 2), (N,)
-    selected = hidden[index[:, 0], index[:, 1]]  # (N, H)
-
-    def token_logps(h, t):
-        return torch.log_softmax(head(h).float(), dim=-1).gather(-1, t[:, None])[:, 0]  # (n,)
-
-    parts = []
-    for start in range(0, selected.shape[0], chunk):
-        args = (selected[start:start + chunk], targets[start:start + chunk])
-        # recompute each chunk's logits in backward instead of keeping (N, V) alive
-        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if selected.shape[0] > chunk
-                     else token_logps(*args))
-    rows = batch["input_ids"].shape[0]
-    flat = torch.cat(parts) if parts else hidden.new_zeros(0)
-    logps = hidden.new_zeros(rows, dtype=torch.float32).index_add(0, index[:, 0], flat)
-    lengths = torch.bincount(index[:, 0], minlength=rows).float()
+    hidden = hidden_states(model, batch, fused, shared_prefix=bool(batch.get("shared_prompt", False)))  # (B, T, H)
+    selected = hidden[batch["target_row"], batch["target_pos"]]  # (N, H) the positions that predict the targets
+    flat = token_logps(head, selected, batch["target_ids"], chunk, fused)  # (N,)
+    sequence, n = batch["target_seq"], int(batch["n_samples"])  # (N,) which sequence each target belongs to
+    logps = hidden.new_zeros(n, dtype=torch.float32).index_add(0, sequence, flat)
+    lengths = torch.bincount(sequence, minlength=n).float()
     return logps, lengths
 
 
-def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=None, chunk: int = 1024):
+def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=None, chunk: int = 1024,
+                fused: bool = True):
     """Policy (and reference) log-probs of every response -> the chosen loss over the batch's pairs."""
-    logps, lengths = response_logps(model, batch, chunk)
+    logps, lengths = response_logps(model, batch, chunk, fused)
     better, worse = batch["pair_better"], batch["pair_worse"]
     ref = None
     if dpo_cfg.loss not in REFERENCE_FREE:
         ref = batch.get("ref_logps")
         if ref is None:
             with torch.no_grad(), (model.disable_adapter() if ref_model is None else nullcontext()):
-                ref = response_logps(ref_model if ref_model is not None else model, batch, chunk)[0]
+                ref = response_logps(ref_model if ref_model is not None else model, batch, chunk, fused)[0]
     lp = PairLogps(logps[better], logps[worse], None if ref is None else ref[better],
                    None if ref is None else ref[worse], lengths[better], lengths[worse])
     return preference_loss(dpo_cfg.loss, lp, batch["pair_weight"], normalizer, beta=dpo_cfg.beta,
@@ -72,19 +64,28 @@ def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, ref_model=Non
 
 
 @torch.no_grad()
-def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: int, device, chunk: int) -> None:
+def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: int, device, chunk: int,
+                         pack: bool = False) -> None:
     """Store each response's reference log-prob on its sample (run before any training step)."""
     was_training = model.training
     model.eval()
-    batches = to_batches(samples, pad_id)
+    batches = to_batches(samples, pad_id, pack, share_prompt=pack)
     for start in range(0, len(samples), micro):
         units = [[i] for i in range(start, min(start + micro, len(samples)))]
         batch = {k: v.to(device) for k, v in batches.collate(units).items()}
-        logps = response_logps(model, batch, chunk)[0].tolist()
+        logps = response_logps(model, batch, chunk, fused=pack)[0].tolist()
         for (i,) in units:
             k = len(samples[i].input_ids)
             samples[i].ref_logps, logps = logps[:k], logps[k:]
     model.train(was_training)
+
+
+def packs_rows(cfg: RunConfig) -> bool:
+    """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample."""
+    from posttrain.models.methods import PROMPT_METHODS
+
+    # virtual-token methods ignore position ids, so packed sequences would see each other
+    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:
@@ -93,11 +94,12 @@ def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_i
 
     if not samples:
         return "none"
-    path = reference_cache.cache_file(samples, model, cfg.model, device) if cfg.dpo.reference_cache else None
+    pack = packs_rows(cfg)  # packed and padded rows round differently, so the cache key names the layout
+    path = reference_cache.cache_file(samples, model, cfg.model, device, pack) if cfg.dpo.reference_cache else None
     if path is not None and reference_cache.load_reference(path, samples):
         log.info("reference log-probs of %d prompts loaded from %s", len(samples), path)
         return "loaded"
-    precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, device, cfg.train.loss_chunk)
+    precompute_reference(model, samples, pad_id, cfg.train.micro_batch_size, device, cfg.train.loss_chunk, pack)
     if path is not None:
         reference_cache.save_reference(path, samples)
         log.info("reference log-probs of %d prompts computed and cached in %s", len(samples), path)
@@ -119,7 +121,7 @@ def run(cfg: RunConfig) -> dict:
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
+    mode, pad_id, chunk, pack = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk, packs_rows(cfg)
     ref_model, cached = None, {}
     if mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -134,10 +136,11 @@ def run(cfg: RunConfig) -> dict:
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
-    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk)
-    loop = Loop(cfg, model, to_batches(data.train, pad_id), loss_fn,
-                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx,
-                param_groups=optimizer_groups(model, cfg), on_step_start=hook)
+    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
+                                fused=cfg.train.fused)
+    loop = Loop(cfg, model, to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn,
+                eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None,
+                dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total,

@@ -3,8 +3,9 @@
 The key covers everything that shapes the numbers: the tokenized samples themselves (token ids
 and loss weights, so data files, template, system prompt, max_length and variables all count),
 the reference model's identity (its resolved source and the names, sizes and mtimes of its files,
-as `datasets` fingerprints local files), dtype, attention implementation, device type, library
-versions and the code that computes log-probs. Files: $POSTTRAIN_CACHE/ref_logps/<key>.pt.
+as `datasets` fingerprints local files), dtype, attention implementation, row layout (packed or
+padded rows round differently), device type, library versions and the code that computes log-probs.
+Files: $POSTTRAIN_CACHE/ref_logps/<key>.pt.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from posttrain.data.preference import PrefSample
 
-_CODE = ("train/dpo.py", "train/lm_forward.py", "models/methods.py")  # files whose edits may change log-probs
+# files whose edits may change log-probs
+_CODE = ("train/dpo.py", "train/lm_forward.py", "train/head_logps.py", "models/methods.py",
+         "models/fast_lora.py", "models/packed_attention.py")
 
 
 def data_fingerprint(samples: list[PrefSample]) -> str:
@@ -55,8 +58,8 @@ def model_fingerprint(model_cfg) -> dict:
             "files": files}
 
 
-def cache_file(samples: list[PrefSample], model, model_cfg, device) -> Path:
-    """The cache path for these samples' reference log-probs under this model and these settings."""
+def cache_file(samples: list[PrefSample], model, model_cfg, device, packed: bool = False) -> Path:
+    """The cache path for these samples' reference log-probs under this model, these settings and row layout."""
     import transformers
 
     from posttrain.models.sources import cache_dir
@@ -65,7 +68,7 @@ def cache_file(samples: list[PrefSample], model, model_cfg, device) -> Path:
     key = {
         "data": data_fingerprint(samples), "model": model_fingerprint(model_cfg),
         "dtype": str(next(model.parameters()).dtype), "device": torch.device(device).type,
-        "attn": getattr(model.config, "_attn_implementation", None),
+        "attn": getattr(model.config, "_attn_implementation", None), "packed": packed,
         "versions": [torch.__version__, transformers.__version__],
         "code": hashlib.sha256(b"".join((root / f).read_bytes() for f in _CODE)).hexdigest(),
     }

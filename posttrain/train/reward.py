@@ -51,10 +51,13 @@ def rm_forward(model, batch: dict, normalizer: float, center_coef: float = 0.0):
                                 batch["pair_weight"], normalizer, center_coef)
 
 
-def to_batches(samples: list[PrefSample], pad_id: int) -> Batches:
-    """One unit per prompt; loss_tokens=1 makes the loop's normaliser the prompt count."""
+def to_batches(samples: list[PrefSample], pad_id: int, pack: bool = False, share_prompt: bool = False) -> Batches:
+    """One unit per prompt; loss_tokens=1 makes the loop's normaliser the prompt count.
+
+    pack / share_prompt: see collate_preferences (DPO; a reward model reads one row per sequence)."""
     return Batches(lengths=[max(len(x) for x in s.input_ids) for s in samples], loss_tokens=[1] * len(samples),
-                   collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id))
+                   collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id, pack=pack,
+                                             share_prompt=share_prompt))
 
 
 def save_reward_model(model, tokenizer, out_dir: Path, cfg: RunConfig | None = None) -> None:

@@ -47,7 +47,7 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     loop = Loop(cfg, model, to_batches(data.train, pad_id),
                 functools.partial(sft_forward, chunk=cfg.train.loss_chunk,
-                                  head_positions=cfg.train.head_positions),
+                                  head_positions=cfg.train.head_positions, fused=cfg.train.fused),
                 eval_data=to_batches(data.eval, pad_id) if data.eval is not None and len(data.eval) else None,
                 dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "sft", "method": cfg.method.type, "train_samples": len(data.train),

@@ -1,0 +1,346 @@
+"""DPO with LoRA on SmolLM2-135M-Instruct: posttrain vs TRL's DPOTrainer, fp32 on CPU.
+
+    python benchmarks/dpo_lora_vs_trl.py                  # 3 alternating runs per side + ablation
+    python benchmarks/dpo_lora_vs_trl.py --repeats 1 --steps 1 --micro 1 --accum 1 --ablations ""   # a quick look
+
+Both sides get the same preference pairs (a fixed slice of LLaMA-Factory's dpo_en_demo set, rows
+whose prompt + longer answer fit in max length 512 under the model's chat template, so neither tool
+truncates or drops), the same effective batch (micro x accumulation pairs), LoRA r=8 / alpha=16 on
+every linear but the head, sigmoid DPO with beta 0.1, the reference = the base with adapters off,
+AdamW at a constant lr, the same number of optimizer steps. Each run is its own process; sides
+alternate (A B A B ...) and medians are reported. A sanity check runs each tool's own reference
+log-prob code on the same first pairs before training: the numbers must agree across tools.
+The ablation `posttrain-unfused` (train.fused=false) is the "before" of posttrain's fast paths.
+Writes benchmarks/results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS, ROOT, chat_length, llama_flops, llama_forward_flops, machine, markdown_table, matmul_peak_gflops,
+    median_of, peak_rss_mb, run_worker, versions)
+
+DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/dpo_en_demo.json")
+FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
+MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# posttrain variants: config overrides on top of the shared settings
+POSTTRAIN_VARIANTS = {
+    "posttrain": [],
+    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
+}
+
+
+# ---------------------------------------------------------------- data
+
+
+def to_pair(row: dict) -> dict:
+    """{prompt: messages, chosen: str, rejected: str} from a sharegpt or prompt/chosen/rejected row."""
+    def text(v):
+        return v if isinstance(v, str) else v.get("value", v.get("content"))
+
+    if "conversations" in row:
+        prompt = [{"role": ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]
+    else:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+    return {"prompt": prompt, "chosen": text(row["chosen"]), "rejected": text(row["rejected"])}
+
+
+def load_pairs(path: Path, start: int, count: int, max_length: int) -> tuple[list[dict], int]:
+    """The first `count` pairs from row `start` whose both conversations fit in max_length; (pairs, skipped)."""
+    from transformers import AutoTokenizer
+
+    from posttrain.data.reading import read_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+
+    def length(messages):
+        return chat_length(tokenizer, messages)
+
+    pairs, skipped = [], 0
+    for row in list(read_rows(str(path)))[start:]:
+        pair = to_pair(row)
+        fits = all(length(pair["prompt"] + [{"role": "assistant", "content": pair[side]}]) <= max_length
+                   for side in ("chosen", "rejected"))
+        if fits and pair["chosen"] != pair["rejected"]:
+            pairs.append(pair)
+        else:
+            skipped += 1
+        if len(pairs) == count:
+            break
+    return pairs, skipped
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+
+def new_counts() -> dict:
+    # real: tokens of the chosen/rejected sequences as rendered (the prompt once per response, the same for both
+    # tools); computed: positions the model ran (rows x width); stored: non-padding positions among them
+    return {"real": 0, "computed": 0, "stored": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": [], "losses": []}
+
+
+def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
+    import torch
+
+    import posttrain.train.dpo as dpo_mod
+    from posttrain.config import load_config
+    from posttrain.train.loop import Loop
+
+    data_path = Path(spec["tmp"]) / "prefs.jsonl"
+    data_path.write_text("".join(json.dumps(p) + "\n" for p in spec["pairs"]), encoding="utf-8")
+    cfg = load_config(None, [
+        "stage=dpo", "model.name_or_path=smollm2-135m-instruct", "model.dtype=float32",
+        "model.attn_implementation=sdpa", f"data.max_length={spec['max_length']}", "data.val_size=0",
+        "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
+        "dpo.loss=sigmoid", f"dpo.beta={spec['beta']}", "dpo.reference=adapter", f"optim.lr={spec['lr']}",
+        "optim.scheduler=constant", "optim.max_grad_norm=1.0", f"train.micro_batch_size={spec['micro']}",
+        f"train.grad_accum={spec['accum']}", f"train.max_steps={spec['steps']}", "train.device=cpu",
+        f"train.seed={spec['seed']}", "output.tensorboard=false", f"output.dir={spec['tmp']}/out", *overrides,
+    ], **{"data.datasets": [{"path": str(data_path)}]})
+    counts = new_counts()
+    real_forward = dpo_mod.dpo_forward
+
+    def counting_forward(model, batch, normalizer, **kw):
+        counts["computed"] += batch["input_ids"].numel()
+        counts["stored"] += int(batch["real_mask"].sum())  # shared prompts are stored once
+        counts["real"] += int(batch["seq_lengths"].sum())
+        counts["loss"] += batch["target_ids"].numel()
+        counts["sum_sq_len"] += float((batch["seq_lengths"].double() ** 2).sum())
+        return real_forward(model, batch, normalizer, **kw)
+
+    class SanityLoop(Loop):
+        """Before training: the reference log-probs of the first pairs, by posttrain's own code path."""
+
+        def __init__(self, cfg, model, data, loss_fn, **kw):
+            super().__init__(cfg, model, data, loss_fn, **kw)
+            batch = data.collate([[i] for i in range(spec["sanity_pairs"])])  # rows: chosen, rejected, ...
+            with torch.no_grad(), model.disable_adapter():
+                logps, _ = dpo_mod.response_logps(model, batch)
+            tokens = batch["seq_lengths"]  # per sequence as rendered (rows may be packed, prompts shared)
+            counts["sanity"] = {"chosen_logps": logps[0::2].tolist(), "rejected_logps": logps[1::2].tolist(),
+                                "chosen_tokens": tokens[0::2].tolist(), "rejected_tokens": tokens[1::2].tolist()}
+
+        def _step(self, plan, step=0):
+            start = time.perf_counter()
+            out = super()._step(plan, step)
+            counts["step_times"].append(time.perf_counter() - start)
+            counts["losses"].append(out["loss"])
+            return out
+
+    dpo_mod.dpo_forward, dpo_mod.Loop = counting_forward, SanityLoop
+    summary = dpo_mod.run(cfg)
+    if summary.get("dropped"):
+        raise RuntimeError(f"posttrain dropped pairs: {summary['dropped']} (the slice should fit max_length)")
+    return finish(counts)
+
+
+def worker_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa")
+    data = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in spec["pairs"]])
+    args = DPOConfig(
+        output_dir=f"{spec['tmp']}/out", max_steps=spec["steps"], per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=True, max_length=spec["max_length"], beta=spec["beta"],
+        loss_type=["sigmoid"], logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"],
+        dataloader_num_workers=0, disable_tqdm=True)
+    peft_cfg = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+    counts = new_counts()
+
+    class CountingTrainer(DPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            lengths = inputs["attention_mask"].sum(1)  # rows: chosen..., rejected... (right-padded)
+            counts["computed"] += inputs["input_ids"].numel()
+            counts["real"] += int(lengths.sum())
+            counts["stored"] += int(lengths.sum())
+            counts["loss"] += int(inputs["completion_mask"][:, 1:].sum())
+            counts["sum_sq_len"] += float((lengths.double() ** 2).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            counts["step_times"].append(time.perf_counter() - self.start)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                counts["losses"].append(logs["loss"])
+
+    trainer = CountingTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                              peft_config=peft_cfg)
+    k = spec["sanity_pairs"]  # TRL's own collator and reference log-prob code on the same first pairs
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(k)])
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, inputs)
+    tokens = inputs["attention_mask"].sum(1)
+    counts["sanity"] = {"chosen_logps": chosen.tolist(), "rejected_logps": rejected.tolist(),
+                        "chosen_tokens": tokens[:k].tolist(), "rejected_tokens": tokens[k:].tolist()}
+    trainer.add_callback(Timer())
+    trainer.train()
+    return finish(counts)
+
+
+def finish(counts: dict) -> dict:
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    train_s = sum(counts["step_times"])
+    sizes = {"real_tokens": counts["real"], "head_tokens": counts["loss"], "sum_sq_len": counts["sum_sq_len"]}
+    # policy forward + backward (LoRA-aware) and the reference forward (adapters off, no gradient)
+    flops = llama_flops(config, lora_r=SPEC["lora_r"], **sizes)["total_flops"] + llama_forward_flops(config, **sizes)
+    return {"train_s": round(train_s, 2), "steps": len(counts["step_times"]), "tokens": counts["real"],
+            "loss_tokens": counts["loss"], "computed_tokens": counts["computed"],
+            "padding_fraction": round(1 - counts["stored"] / max(counts["computed"], 1), 4),
+            "computed_per_token": round(counts["computed"] / max(counts["real"], 1), 4),
+            "tokens_per_s": counts["real"] / train_s, "loss_tokens_per_s": counts["loss"] / train_s,
+            "first_loss": counts["losses"][0] if counts["losses"] else None,
+            "final_loss": counts["losses"][-1] if counts["losses"] else None,
+            "model_flops": flops, "model_gflops_per_s": flops / train_s / 1e9,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "sanity": counts["sanity"]}
+
+
+SPEC: dict = {}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def sanity_rows(runs: dict[str, list[dict]]) -> tuple[list[list], float]:
+    """Per side: first run's reference log-probs and token counts of the first pairs; max |diff| vs TRL."""
+    rows, ref = [], runs["trl"][0]["sanity"]
+    worst = 0.0
+    for side, rs in runs.items():
+        s = rs[0]["sanity"]
+        diff = max(abs(a - b) for key in ("chosen_logps", "rejected_logps") for a, b in zip(s[key], ref[key]))
+        worst = max(worst, diff)
+        rows.append([side, " / ".join(f"{v:.3f}" for v in s["chosen_logps"]),
+                     " / ".join(f"{v:.3f}" for v in s["rejected_logps"]),
+                     " / ".join(str(int(v)) for v in s["chosen_tokens"] + s["rejected_tokens"]),
+                     rs[0]["first_loss"], diff])
+    return rows, worst
+
+
+def render_markdown(result: dict) -> str:
+    med, peak, s = result["medians"], result["matmul_peak_gflops"], result["spec"]
+    headers = ["side", "runs", "tokens/s", "supervised tok/s", "train s", "process s", "peak RSS MB",
+               "first loss", "final loss", "padding", "positions run / token", "model GFLOP/s", "MFU"]
+    rows = [[side, len(result["runs"][side]), m["tokens_per_s"], m["loss_tokens_per_s"], m["train_s"],
+             m["process_wall_s"], m["peak_rss_mb"], m["first_loss"], m["final_loss"],
+             f"{100 * m['padding_fraction']:.1f}%", m["computed_per_token"], m["model_gflops_per_s"],
+             f"{100 * m['model_gflops_per_s'] / peak:.1f}%"] for side, m in med.items()]
+    sanity, worst = sanity_rows(result["runs"])
+    return "\n\n".join([
+        f"# DPO-LoRA: posttrain vs TRL DPOTrainer ({result['machine']['date']})",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
+        f"{result['machine']['torch_threads']}. Versions: {result['versions']}.",
+        f"Data: {s['data']} from row {s['start']}: {s['rows']} pairs that fit max length {s['max_length']} "
+        f"({s['skipped']} longer rows skipped); SmolLM2-135M-Instruct fp32; LoRA r={s['lora_r']} "
+        f"alpha={s['lora_alpha']} all-linear; sigmoid DPO beta={s['beta']}, reference = base with adapters off; "
+        f"{s['steps']} optimizer steps of {s['micro']}x{s['accum']} pairs; order {result['order']}.",
+        f"fp32 matmul peak (2048^3, best of 8, measured before and after the runs): {peak:.1f} GFLOP/s "
+        f"(before {result['matmul_gflops_before']:.1f}, after {result['matmul_gflops_after']:.1f}).",
+        "Medians per side:", markdown_table(headers, rows), "Ratios (medians):",
+        markdown_table(["ratio", "value"], [[k, f"{v:.2f}x"] for k, v in result["ratios"].items()]),
+        f"Sanity (first run of each side, before training): reference log-probs of the first {s['sanity_pairs']} "
+        f"pairs by each tool's own code, their token counts (chosen... / rejected...), and the first step's loss "
+        f"(log 2 = 0.693 while LoRA B = 0). Largest log-prob difference between the tools: {worst:.4f}.",
+        markdown_table(["side", "chosen logp", "rejected logp", "tokens", "first loss", "max |diff| vs TRL"],
+                       sanity),
+        "Tokens count the chosen and rejected sequences as rendered (the prompt once per response), the same "
+        "for both tools; supervised tokens are the response tokens. Positions run / token: positions the model "
+        "computed per such token (above 1: padding; below 1: posttrain stores a prompt once for its responses). "
+        "Model FLOPs: policy forward + backward (LoRA-aware, head at response positions) plus the reference "
+        "forward over those tokens, identical for both tools (a shared prompt does less than this work); "
+        "MFU = model FLOP/s / matmul peak.",
+    ]) + "\n"
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    keys = ["tokens_per_s", "loss_tokens_per_s", "train_s", "process_wall_s", "peak_rss_mb", "first_loss",
+            "final_loss", "padding_fraction", "computed_per_token", "model_gflops_per_s", "tokens", "loss_tokens"]
+    return {side: {k: median_of(rs, k) for k in keys} for side, rs in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="preference json/jsonl (default: %(default)s)")
+    ap.add_argument("--start", type=int, default=0, help="first row of the slice")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="pairs in the slice (default steps x micro x accum: one epoch, both tools see the same pairs)")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
+    ap.add_argument("--micro", type=int, default=2, help="pairs per forward pass")
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
+    ap.add_argument("--ablations", default="posttrain-unfused",
+                    help="comma-separated posttrain variants run once each after the main runs")
+    ap.add_argument("--sanity-pairs", type=int, default=2, help="pairs in the before-training sanity check")
+    ap.add_argument("--name", default="dpo_lora_vs_trl", help="results file stem")
+    args = ap.parse_args()
+
+    if args.worker:
+        SPEC.update(json.loads(Path(args.spec).read_text()))
+        result = worker_trl(SPEC) if args.worker == "trl" else worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"{data} not found; using {FALLBACK_DATA}", file=sys.stderr)
+        data = FALLBACK_DATA
+    pairs, skipped = load_pairs(data, args.start, args.rows or args.steps * args.micro * args.accum, 512)
+    spec = {"data": str(data), "start": args.start, "rows": len(pairs), "skipped": skipped, "pairs": pairs,
+            "max_length": 512, "lora_r": 8, "lora_alpha": 16, "lr": 5e-5, "beta": 0.1, "steps": args.steps,
+            "micro": args.micro, "accum": args.accum, "seed": 42,
+            "sanity_pairs": min(args.sanity_pairs, len(pairs))}
+    script = Path(__file__).resolve()
+    order = ["posttrain", "trl"] * args.repeats + [a for a in args.ablations.split(",") if a]
+    before = matmul_peak_gflops()
+    runs: dict[str, list[dict]] = {}
+    for side in order:
+        result = run_worker(script, side, spec)
+        runs.setdefault(side, []).append(result)
+        print(f"{side}: {result['tokens_per_s']:.1f} tok/s, {result['loss_tokens_per_s']:.1f} supervised tok/s, "
+              f"rss {result['peak_rss_mb']:.0f} MB, first/final loss {result['first_loss']}/{result['final_loss']}",
+              flush=True)
+    after = matmul_peak_gflops()
+    medians = summarise(runs)
+    pt, trl = medians["posttrain"], medians["trl"]
+    ratios = {"tokens/s posttrain/TRL": pt["tokens_per_s"] / trl["tokens_per_s"],
+              "supervised tokens/s posttrain/TRL": pt["loss_tokens_per_s"] / trl["loss_tokens_per_s"],
+              "peak RSS posttrain/TRL": pt["peak_rss_mb"] / trl["peak_rss_mb"]}
+    for variant in medians:
+        if variant.startswith("posttrain-"):
+            ratios[f"tokens/s posttrain/{variant}"] = pt["tokens_per_s"] / medians[variant]["tokens_per_s"]
+    result = {"machine": machine(), "versions": versions("torch", "transformers", "peft", "trl", "posttrain"),
+              "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
+              "matmul_gflops_before": before, "matmul_gflops_after": after, "matmul_peak_gflops": max(before, after),
+              "runs": runs, "medians": medians, "ratios": ratios}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(render_markdown(result))
+    print(render_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

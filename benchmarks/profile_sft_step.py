@@ -1,0 +1,125 @@
+"""Where posttrain's SFT-LoRA step spends its time: torch.profiler over a few real steps.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/profile_sft_step.py --steps 2 --micro 2
+
+Same model, data and settings as benchmarks/sft_lora_vs_trl.py (SmolLM2-135M-Instruct fp32,
+alpaca slice, packed 512-token rows, LoRA r=8 on every linear). One warm-up step, then `--steps`
+profiled optimizer steps; prints the ops with the most self CPU time and a breakdown by phase
+(collate, forward, backward, optimizer). Extra `--set key=value` overrides try variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.sft_lora_vs_trl import DEFAULT_DATA, FALLBACK_DATA, load_rows  # noqa: E402
+
+
+def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
+    """(loop, plans) exactly as `posttrain train` builds them for the benchmark's settings."""
+    import functools
+
+    from posttrain.config import load_config
+    from posttrain.data.pipeline import build_sft_data
+    from posttrain.models.load import load_base
+    from posttrain.models.methods import apply_method
+    from posttrain.train.lm_forward import sft_forward
+    from posttrain.train.loop import Loop
+    from posttrain.train.sft import to_batches
+
+    path = Path(tmp) / "messages.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["answer"]}]}) + "\n"
+                            for r in rows))
+    cfg = load_config(None, [
+        "model.name_or_path=smollm2-135m-instruct", "model.dtype=float32", "data.max_length=512",
+        "data.packing=true", "method.type=lora", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "optim.scheduler=constant", f"train.micro_batch_size={micro}", "train.grad_accum=1", "train.device=cpu",
+        "train.max_steps=100", f"output.dir={tmp}/out", "output.tensorboard=false", *overrides,
+    ], **{"data.datasets": [{"path": str(path), "format": "openai"}]})
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = load_base(cfg.model, torch.device("cpu"))
+    data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
+    model = apply_method(model, cfg)
+    forward = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=cfg.train.head_positions)
+    loop = Loop(cfg, model, to_batches(data.train, tokenizer.pad_token_id), forward)
+    return loop, loop._plans(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps (after one warm-up step)")
+    ap.add_argument("--micro", type=int, default=2, help="packed rows per step")
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--top", type=int, default=30, help="ops listed")
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. train.head_positions=all")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--by-shape", action="store_true", help="also list ops grouped by input shapes")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    data = DEFAULT_DATA if DEFAULT_DATA.is_file() else FALLBACK_DATA
+    with tempfile.TemporaryDirectory() as tmp:
+        loop, plans = build(load_rows(data, 0, args.rows), tmp, args.micro, args.set)
+        loop._step(plans[0])  # warm-up: allocator, lazy inits, AdamW state
+        real = loop.data.collate
+        forward = loop.loss_fn
+
+        def timed_collate(units):
+            with record_function("phase:collate"):
+                return real(units)
+
+        def timed_forward(model, batch, normalizer):
+            with record_function("phase:forward+loss"):
+                loss, metrics = forward(model, batch, normalizer)
+            return _BackwardMarked(loss), metrics
+
+        loop.data.collate, loop.loss_fn = timed_collate, timed_forward
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
+            for plan in plans[1:1 + args.steps]:
+                with record_function("phase:step"):
+                    loop._step(plan)
+        wall = time.perf_counter() - start
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.by_shape:
+        shaped = prof.key_averages(group_by_input_shape=True)
+        print(shaped.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=30,
+                           max_shapes_column_width=70))
+    phases = {e.key: e.cpu_time_total / 1e6 for e in table if e.key.startswith("phase:")}
+    print(f"wall {wall:.2f} s for {args.steps} steps (profiler overhead included); phases (s): "
+          + ", ".join(f"{k[6:]} {v:.2f}" for k, v in sorted(phases.items())))
+
+
+class _BackwardMarked:
+    """A loss whose .backward() shows up as its own phase in the profile."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def backward(self):
+        from torch.profiler import record_function
+
+        with record_function("phase:backward"):
+            self.loss.backward()
+
+    def detach(self):
+        return self.loss.detach()
+
+
+if __name__ == "__main__":
+    main()

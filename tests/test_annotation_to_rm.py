@@ -27,3 +27,5 @@ def test_exported_rankings_train_a_reward_model(tmp_path, tiny_dir):
     assert main(["train", str(tmp_path / "rm.yaml")]) == 0
     summary = json.loads((tmp_path / "rm" / "train_summary.json").read_text())
     assert summary["stage"] == "rm" and summary["train_prompts"] == 3 and summary["train_pairs"] == 9
+    # each step trains the 3 prompts (micro-batch 3): pair weights of 1/3 must count as whole prompts
+    assert summary["loss_tokens"] == 3 * summary["steps"]

@@ -226,7 +226,8 @@ class Loop:
             for i in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, len(plans)):
                 metrics = self._step(plans[i], step)
                 step += 1
-                tokens, loss_tokens = int(metrics.pop("_tokens")), int(metrics.pop("_loss_tokens"))
+                # sums of float weights (rm: 1/3 per pair) land just under the integer: round, never truncate
+                tokens, loss_tokens = round(metrics.pop("_tokens")), round(metrics.pop("_loss_tokens"))
                 report.step(step, metrics | {"epoch": epoch + (i + 1) / len(plans)}, tokens=tokens,
                             loss_tokens=loss_tokens, log=step % t.log_every == 0 or step == self.total_steps)
                 last = metrics

@@ -152,3 +152,57 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def finish_vs_trl(name: str, runs: dict, spec: dict, order: list[str], before: float, summarise, render) -> None:
+    """Medians, ratios posttrain/TRL (and posttrain/ablations), machine and versions -> results/<name>.json + .md."""
+    after = matmul_peak_gflops()
+    medians = summarise(runs)
+    pt, trl = medians["posttrain"], medians["trl"]
+    ratios = {"tokens/s posttrain/TRL": pt["tokens_per_s"] / trl["tokens_per_s"],
+              "supervised tokens/s posttrain/TRL": pt["loss_tokens_per_s"] / trl["loss_tokens_per_s"],
+              "peak RSS posttrain/TRL": pt["peak_rss_mb"] / trl["peak_rss_mb"]}
+    for variant in medians:
+        if variant.startswith("posttrain-"):
+            ratios[f"tokens/s posttrain/{variant}"] = pt["tokens_per_s"] / medians[variant]["tokens_per_s"]
+    result = {"machine": machine(), "versions": versions("torch", "transformers", "peft", "trl", "posttrain"),
+              "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
+              "matmul_gflops_before": before, "matmul_gflops_after": after, "matmul_peak_gflops": max(before, after),
+              "runs": runs, "medians": medians, "ratios": ratios}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(render(result))
+    print(render(result))
+
+
+def trl_step_timer(counts: dict):
+    """A transformers callback that appends each optimizer step's seconds to counts['step_times']
+    and each logged loss to counts['losses'] (TRL's side of the step timers)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            counts["step_times"].append(time.perf_counter() - self.start)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                counts["losses"].append(logs["loss"])
+
+    return Timer()
+
+
+def run_alternating(script: Path, spec: dict, repeats: int, ablations: str) -> tuple[list[str], float, dict]:
+    """posttrain, TRL, posttrain, TRL ... then the ablations, each in its own process -> (order, peak, runs)."""
+    order = ["posttrain", "trl"] * repeats + [a for a in ablations.split(",") if a]
+    before = matmul_peak_gflops()
+    runs: dict[str, list[dict]] = {}
+    for side in order:
+        result = run_worker(script, side, spec)
+        runs.setdefault(side, []).append(result)
+        first = f"first/final loss {result['first_loss']}/" if "first_loss" in result else "final loss "
+        print(f"{side}: {result['tokens_per_s']:.1f} tok/s, {result['loss_tokens_per_s']:.1f} supervised tok/s, "
+              f"rss {result['peak_rss_mb']:.0f} MB, {first}{result['final_loss']}", flush=True)
+    return order, before, runs

@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS, ROOT, chat_length, llama_flops, llama_forward_flops, machine, markdown_table, matmul_peak_gflops,
-    median_of, peak_rss_mb, run_worker, versions)
+    run_alternating,
+    trl_step_timer,
+    finish_vs_trl,
+    ROOT, chat_length, llama_flops, llama_forward_flops, markdown_table, median_of, peak_rss_mb)
 
 DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/dpo_en_demo.json")
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
@@ -147,7 +149,7 @@ def worker_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(spec["seed"])
@@ -176,17 +178,6 @@ def worker_trl(spec: dict) -> dict:
             counts["sum_sq_len"] += float((lengths.double() ** 2).sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            counts["step_times"].append(time.perf_counter() - self.start)
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                counts["losses"].append(logs["loss"])
-
     trainer = CountingTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                               peft_config=peft_cfg)
     k = spec["sanity_pairs"]  # TRL's own collator and reference log-prob code on the same first pairs
@@ -195,7 +186,7 @@ def worker_trl(spec: dict) -> dict:
     tokens = inputs["attention_mask"].sum(1)
     counts["sanity"] = {"chosen_logps": chosen.tolist(), "rejected_logps": rejected.tolist(),
                         "chosen_tokens": tokens[:k].tolist(), "rejected_tokens": tokens[k:].tolist()}
-    trainer.add_callback(Timer())
+    trainer.add_callback(trl_step_timer(counts))
     trainer.train()
     return finish(counts)
 
@@ -314,32 +305,8 @@ def main() -> None:
             "micro": args.micro, "accum": args.accum, "seed": 42,
             "sanity_pairs": min(args.sanity_pairs, len(pairs))}
     script = Path(__file__).resolve()
-    order = ["posttrain", "trl"] * args.repeats + [a for a in args.ablations.split(",") if a]
-    before = matmul_peak_gflops()
-    runs: dict[str, list[dict]] = {}
-    for side in order:
-        result = run_worker(script, side, spec)
-        runs.setdefault(side, []).append(result)
-        print(f"{side}: {result['tokens_per_s']:.1f} tok/s, {result['loss_tokens_per_s']:.1f} supervised tok/s, "
-              f"rss {result['peak_rss_mb']:.0f} MB, first/final loss {result['first_loss']}/{result['final_loss']}",
-              flush=True)
-    after = matmul_peak_gflops()
-    medians = summarise(runs)
-    pt, trl = medians["posttrain"], medians["trl"]
-    ratios = {"tokens/s posttrain/TRL": pt["tokens_per_s"] / trl["tokens_per_s"],
-              "supervised tokens/s posttrain/TRL": pt["loss_tokens_per_s"] / trl["loss_tokens_per_s"],
-              "peak RSS posttrain/TRL": pt["peak_rss_mb"] / trl["peak_rss_mb"]}
-    for variant in medians:
-        if variant.startswith("posttrain-"):
-            ratios[f"tokens/s posttrain/{variant}"] = pt["tokens_per_s"] / medians[variant]["tokens_per_s"]
-    result = {"machine": machine(), "versions": versions("torch", "transformers", "peft", "trl", "posttrain"),
-              "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
-              "matmul_gflops_before": before, "matmul_gflops_after": after, "matmul_peak_gflops": max(before, after),
-              "runs": runs, "medians": medians, "ratios": ratios}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
+    finish_vs_trl(args.name, runs, spec, order, before, summarise, render_markdown)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
-
-from scripts.ui_screenshots import Page, browser, start_ui
+from scripts.ui_screenshots import Page, ui_page
 
 PROMPTS = [
     "Give me one tip for sleeping better.",
@@ -74,12 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = start_ui(workdir, args.port)
-    driver = browser()
-    try:
-        driver.get(f"http://127.0.0.1:{args.port}/")
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-        p = Page(driver)
+    with ui_page(workdir, args.port) as p:
         generate(p, workdir)
         if not args.ranks:
             show_candidates(workdir)
@@ -88,10 +80,6 @@ def main() -> None:
         ranked = Path(rank_all(p, groups))
         print(ranked)
         print(ranked.read_text())
-    finally:
-        driver.quit()
-        proc.terminate()
-        proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from selenium import webdriver
@@ -125,6 +126,21 @@ def annotate(p: Page, run_dir: str, workdir: Path, out: Path) -> None:
     print("ranked row:", Path(export.splitlines()[1]).read_text().strip())
 
 
+@contextmanager
+def ui_page(workdir: Path, port: int):
+    """`posttrain ui` in its own process and a headless Chromium on its page; both stopped afterwards."""
+    proc = start_ui(workdir, port)
+    driver = browser()
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        yield Page(driver)
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs"))
@@ -134,19 +150,10 @@ def main() -> None:
     args = parser.parse_args()
     workdir, out = Path(args.workdir), Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = start_ui(workdir, args.port)
-    driver = browser()
-    try:
-        driver.get(f"http://127.0.0.1:{args.port}/")
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-        p = Page(driver)
+    with ui_page(workdir, args.port) as p:
         run_dir = args.run or train(p, out)
         chat(p, run_dir, out)
         annotate(p, run_dir, workdir, out)
-    finally:
-        driver.quit()
-        proc.terminate()
-        proc.wait(60)
 
 
 if __name__ == "__main__":

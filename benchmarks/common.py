@@ -206,3 +206,22 @@ def run_alternating(script: Path, spec: dict, repeats: int, ablations: str) -> t
         print(f"{side}: {result['tokens_per_s']:.1f} tok/s, {result['loss_tokens_per_s']:.1f} supervised tok/s, "
               f"rss {result['peak_rss_mb']:.0f} MB, {first}{result['final_loss']}", flush=True)
     return order, before, runs
+
+
+def vs_trl_parser(doc: str, data: str, data_help: str, micro_help: str, ablations: str, name: str):
+    """The arguments every posttrain-vs-TRL benchmark takes (each script adds its own)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    for hidden in ("--worker", "--spec", "--out"):  # the worker process's side of run_worker
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=data, help=f"{data_help} (default: %(default)s)")
+    ap.add_argument("--start", type=int, default=0, help="first row of the slice")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
+    ap.add_argument("--micro", type=int, default=2, help=micro_help)
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
+    ap.add_argument("--ablations", default=ablations,
+                    help="comma-separated posttrain variants run once each after the main runs")
+    ap.add_argument("--name", default=name, help="results file stem")
+    return ap

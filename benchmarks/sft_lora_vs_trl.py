@@ -14,7 +14,6 @@ Writes benchmarks/results/sft_lora_vs_trl.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    vs_trl_parser,
     run_alternating,
     trl_step_timer,
     finish_vs_trl,
@@ -228,21 +228,10 @@ def render_markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="alpaca-style json/jsonl (default: %(default)s)")
-    ap.add_argument("--start", type=int, default=0, help="first row of the slice")
+    ap = vs_trl_parser(__doc__, str(DEFAULT_DATA), "alpaca-style json/jsonl", "packed rows per forward pass",
+                       "posttrain-full-head,posttrain-no-packing,posttrain-unfused", "sft_lora_vs_trl")
     ap.add_argument("--rows", type=int, default=200, help="rows in the slice")
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
-    ap.add_argument("--micro", type=int, default=2, help="packed rows per forward pass")
-    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per main side")
-    ap.add_argument("--ablations", default="posttrain-full-head,posttrain-no-packing,posttrain-unfused",
-                    help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--no-trl-packing", action="store_true", help="TRL without packing/padding-free")
-    ap.add_argument("--name", default="sft_lora_vs_trl", help="results file stem")
     args = ap.parse_args()
 
     if args.worker:

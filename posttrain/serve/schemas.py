@@ -10,17 +10,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from posttrain.data.records import Message
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes; beyond it, it overflows
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         """Plain text; list content keeps only its text parts (this server has no image input)."""
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text for p in self.content if p.type == "text")
         return self.content or ""
 
     def to_message(self) -> Message:
@@ -34,7 +41,7 @@ class Sampled(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None

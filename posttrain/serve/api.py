@@ -28,7 +28,7 @@ from posttrain.data.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
-from posttrain.serve.schemas import ChatRequest, CompletionRequest, ScoreRequest
+from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json
 from posttrain.templates.render import encode_prompt
 
 
@@ -41,16 +41,6 @@ class Limits:
 
 
 INTERNAL_ERROR = "The server had an error while processing your request"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
 
 
 class Models:
@@ -169,56 +159,6 @@ def _generator(engine: Engine) -> Engine:
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
     return JSONResponse(ApiError(status, message, type_, param, code).body, status_code=status)
-
-
-async def read_json(request: Request) -> dict:
-    """The body as a JSON object of strict JSON (no NaN or Infinity) whose strings are all valid Unicode.
-
-    The guard has capped the body's size already. JSON may spell a lone surrogate (\\ud800), which no
-    UTF-8 text can hold: refused here, naming where, before it reaches a tokenizer or a reply.
-    """
-    body = await request.body()
-    try:
-        data = json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        where = _lone_surrogate(data)
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    if where is not None:
-        param = ".".join(str(p) for p in where) or None
-        raise ApiError(400, f"Invalid value for '{param}': text holds a lone surrogate (like \\ud800), which is "
-                       "not valid Unicode", param=param)
-    return data
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _lone_surrogate(value, where: tuple = ()) -> tuple | None:
-    """Where the first string (or key) that cannot be encoded as UTF-8 sits, or None."""
-    if isinstance(value, str):
-        return None if value.isascii() or _encodable(value) else where
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if isinstance(key, str) and not _encodable(key):
-            return where
-        found = _lone_surrogate(item, (*where, key))
-        if found is not None:
-            return found
-    return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _parse(request: Request, schema: type[BaseModel], limits: Limits):

@@ -25,6 +25,8 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from posttrain.serve.schemas import ApiError
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MIN_TOKEN_CHARS = 16
@@ -90,8 +92,7 @@ def _same(given: str | None, secret: str) -> bool:
 
 
 def _error(status: int, message: str, type_: str, code: str) -> JSONResponse:
-    """OpenAI's error body, like every other error of these servers."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status)
+    return ApiError(status, message, type_, code=code).response()
 
 
 class BodyTooLarge(Exception):

@@ -41,9 +41,16 @@ def cmd_train(args) -> int:
     from posttrain.train import dpo, ppo, reward, sft
 
     summary = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
-    if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
-        print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)
+    if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.get("already_complete"):
+        print(f"{cfg.output.dir}: already complete ({summary['steps']} of {summary['total_steps']} steps); "
+              "nothing to train, train_summary.json left as it was", file=sys.stderr)
+        return 0
+    loss = summary["final_train_loss"]
+    print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss "
+          f"{'n/a' if loss is None else format(loss, '.4f')}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['wall_time_s']:.0f} s", file=sys.stderr)
     return 0
 
 

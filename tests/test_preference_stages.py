@@ -29,18 +29,20 @@ def _history(out):
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
 
 
-def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys):
+@pytest.mark.parametrize("seed", [42, 6])  # 6: the highest first loss of train.seed 0-9
+def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys, seed):
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.cli import main
     from posttrain.train import reward
 
     out = tmp_path / "rm"
-    reward.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=6"))
+    reward.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=6", f"train.seed={seed}"))
     train, evals = _history(out)
-    assert train[-1]["loss"] < train[0]["loss"] < 0.8 and evals[-1]["accuracy"] == 1.0
+    # last / first loss 0.01-0.03 over train.seed 0-9 (the first one, near log 2, varies with the random head)
+    assert train[-1]["loss"] < 0.25 * train[0]["loss"] and evals[-1]["accuracy"] == 1.0
     # only the LoRA-merged weights and the head changed: embeddings are never adapted
-    torch.manual_seed(42)  # the stage seeds before loading: the same initial head
+    torch.manual_seed(seed)  # the stage seeds before loading: the same initial head
     base = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
     saved = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
     assert torch.equal(base.model.embed_tokens.weight, saved.model.embed_tokens.weight)

@@ -136,13 +136,14 @@ def test_method_trains_on_stage(tmp_path, tiny_dir, files, monkeypatch, stage, m
     ({"stage": "sft", "optim.lr": {"lora": 1e-3, "lisaa": 1e-5}}, "'lisaa' is not a method.type"),
 ])
 def test_unsupported_combinations_are_config_errors(overrides, message):
-    base = {"data.datasets": [{"path": "x.jsonl"}], "reward.function": "m:f", "train.max_steps": 1}
+    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "reward.function": "m:f",
+            "train.max_steps": 1}
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [], **(base | overrides))
 
 
 def test_per_method_learning_rate_and_packing_auto():
-    base = {"data.datasets": [{"path": "x.jsonl"}], "data.packing": "auto"}
+    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "data.packing": "auto"}
     by_method = {"lora": 1e-3, "qlora": 1e-3}
     lora = load_config(None, [], **base, **{"optim.lr": by_method})
     assert lora.optim.lr == 1e-3 and lora.data.packing is True

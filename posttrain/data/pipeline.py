@@ -78,10 +78,10 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
 def _read(ds_cfg, seed: int, salt: tuple[int, int]) -> _Source:
     """Read one file and pick its rows: all, or `max_samples` of them after a seeded shuffle."""
     rows = read_rows(ds_cfg.path)
-    rows = rows.add_column(ROW_COLUMN, np.arange(len(rows), dtype=np.int64))
     fmt = ds_cfg.format
-    if fmt == "auto":
+    if fmt == "auto":  # before ROW_COLUMN exists: messages name the file's own columns only
         fmt = detect_format(rename_columns(dict.fromkeys(rows.column_names), ds_cfg.columns), str(ds_cfg.path))
+    rows = rows.add_column(ROW_COLUMN, np.arange(len(rows), dtype=np.int64))
     idx = np.arange(len(rows), dtype=np.int64)
     if ds_cfg.max_samples is not None and ds_cfg.max_samples < len(rows):
         if ds_cfg.max_samples < 0:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.data.formats import RowContext, fill_variables, parse_openai, parse_sharegpt, rename_columns, role_map
+from posttrain.data.formats import (RowContext, fill_variables, parse_openai, parse_sharegpt, refuse_media,
+                                    rename_columns, role_map)
 from posttrain.data.reading import read_rows, source_of
 from posttrain.data.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
@@ -99,6 +100,7 @@ def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] |
     columns = columns or {}
     row = rename_columns(row, columns)
     ctx, tags = RowContext(source, columns), role_map(role_tags)
+    refuse_media(row, ctx)
     if row.get("responses") is not None:
         rec = _ranked(row, ctx, tags)
     elif row.get("chosen") is None or row.get("rejected") is None:

@@ -19,7 +19,7 @@ from posttrain.config import OptimConfig, RunConfig
 from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
 from posttrain.losses.moments import fold_moments, is_moment
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from posttrain.train.reporting import RunReport
+from posttrain.train.reporting import RunReport, already_complete
 
 _CORE_METRICS = {"nll_sum", "tokens"}  # what every loss may report; any other key is summed as a stage metric
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
@@ -217,6 +217,9 @@ class Loop:
         resume = find_resume(t.resume, ckpt_dir)
         if resume is not None:
             position = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            done = already_complete(self.out_dir, position["global_step"], self.total_steps)
+            if done is not None:
+                return done | {"processes": self.dist.world}
         report = RunReport(self.out_dir, self.total_steps, enabled=self.dist.main,
                            tensorboard=self.cfg.output.tensorboard, start_step=position["global_step"])
         step, last = position["global_step"], {}
@@ -246,6 +249,8 @@ class Loop:
             report.eval(step, final_eval)
         if self.dist.main:
             save_model(self.out_dir)
-        summary = {"steps": step, "total_steps": self.total_steps, "final_train_loss": last.get("loss"),
+        # no step ran when resuming at the final checkpoint: the last logged loss is the final one
+        final_loss = last["loss"] if "loss" in last else report.last_train("loss")
+        summary = {"steps": step, "total_steps": self.total_steps, "final_train_loss": final_loss,
                    "final_eval_loss": final_eval.get("loss"), "processes": self.dist.world, **(extra_summary or {})}
         return report.finish(summary)

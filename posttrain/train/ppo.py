@@ -29,7 +29,7 @@ from posttrain.models.run import save_model, stop_token_ids
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from posttrain.train.lm_forward import sft_forward
 from posttrain.train.loop import Dist, evaluate_lm, lr_factor, make_optimizer
-from posttrain.train.reporting import RunReport
+from posttrain.train.reporting import RunReport, already_complete
 from posttrain.train.rewards import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
 from posttrain.train.rollout import PolicyAndValue, Rollout, load_prompts, prompt_indices, sample
 from posttrain.train.sft import to_batches
@@ -94,6 +94,8 @@ def run(cfg: RunConfig) -> dict:
         position = load_checkpoint(resume, model=pv, optimizer=optimizer, scheduler=scheduler)
         step, kl_ctl.coef, moments = position["global_step"], position["kl_coef"], RunningMoments(**position["moments"])
         start = position.get("start")
+        if (done := already_complete(out_dir, step, cfg.train.max_steps)) is not None:
+            return done
     report = RunReport(out_dir, cfg.train.max_steps, enabled=True, tensorboard=cfg.output.tensorboard,
                        start_step=step)
     if start is None:

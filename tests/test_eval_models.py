@@ -37,8 +37,8 @@ def test_mc_scoring_matches_hand_logprobs_and_picks_max(tiny):
 
 
 def test_generate_batch_matches_single_greedy(tiny):
-    from posttrain.serve.chat import generate_reply
-    from posttrain.serve.generate import generate_batch
+    from posttrain.models.generate import generate_reply
+    from posttrain.models.generate import generate_batch
 
     model, tok = tiny
     convs = [[Message("user", "Hello there, how are you today?")], [Message("user", "Hi")]]

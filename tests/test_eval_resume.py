@@ -39,7 +39,7 @@ def other_tiny(tiny_dir, tmp_path_factory) -> Path:
 def counted(monkeypatch):
     """Counts what really runs: MC prompts scored, conversations generated, judge calls."""
     counts = {"scored": 0, "generated": 0, "judged": 0, "loads": 0}
-    import posttrain.serve.generate as gen_module
+    import posttrain.models.generate as gen_module
 
     real_logps, real_gen, real_judge = multiple_choice.letter_logps, gen_module.generate_batch, ReferenceJudge.compare
 

@@ -13,7 +13,8 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method
 from posttrain.models.run import is_peft_model, load_model_for_inference, save_model
 from posttrain.serve import chat
-from posttrain.serve.chat import generate_reply, run_repl
+from posttrain.models.generate import generate_reply
+from posttrain.serve.chat import run_repl
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])  # (1, T)
 

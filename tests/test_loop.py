@@ -15,7 +15,8 @@ from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.methods import apply_method
 from posttrain.train.lm_forward import sft_forward
-from posttrain.train.loop import Batches, Loop
+from posttrain.train.loop import Dist, Loop
+from posttrain.train.steps import Batches, DataSteps
 
 
 def make_data(n=16, seed=0, vocab=300, learnable=False):
@@ -45,6 +46,13 @@ def config(tmp_path, *overrides):
                        **{"data.datasets": [{"path": "unused.jsonl"}]})
 
 
+def make_loop(cfg, model, data, dist_ctx=None):
+    dist_ctx = dist_ctx or Dist()
+    steps = DataSteps(data, sft_forward, train=cfg.train, packing=cfg.data.packing, max_length=cfg.data.max_length,
+                      dist_ctx=dist_ctx)
+    return Loop(cfg, model, steps, dist_ctx=dist_ctx)
+
+
 def model_for(tiny_dir, cfg):
     torch.manual_seed(0)
     return apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
@@ -68,8 +76,8 @@ def grads_after_one_step(tiny_dir, tmp_path, micro, accum):
     cfg = config(tmp_path, "method.type=full", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
                  "train.max_steps=1", "optim.max_grad_norm=0")
     model = model_for(tiny_dir, cfg)
-    loop = Loop(cfg, model, batches(ids, weights), sft_forward)
-    plan = loop._plans(0)[0]
+    loop = make_loop(cfg, model, batches(ids, weights))
+    plan = loop.steps.plans(0)[0]
     saved = {}
     real_step = loop.optimizer.step
 
@@ -78,7 +86,7 @@ def grads_after_one_step(tiny_dir, tmp_path, micro, accum):
         real_step()
 
     loop.optimizer.step = capture_then_step
-    metrics = loop._step(plan)
+    metrics = loop.update(loop.steps.micro_batches(plan))
     return metrics["loss"], saved
 
 
@@ -95,7 +103,7 @@ def run_loop(tiny_dir, out, *overrides, learnable=False, data_seed=0):
     cfg = config(out, "method.type=lora", "lora.r=4", "train.micro_batch_size=2", "train.grad_accum=2",
                  "train.epochs=2", *overrides)
     model = model_for(tiny_dir, cfg)
-    summary = Loop(cfg, model, batches(ids, weights), sft_forward).run(lambda d: None)
+    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda d: None)
     return model, summary
 
 
@@ -133,16 +141,15 @@ def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
 WORKER = r'''
 import functools, json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_loop import batches, config, make_data, model_for, trainable
-from posttrain.train.loop import Dist, Loop
-from posttrain.train.lm_forward import sft_forward
+from test_loop import batches, config, make_data, make_loop, model_for, trainable
+from posttrain.train.loop import Dist
 from pathlib import Path
 out = Path(sys.argv[1])
 cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "train.max_steps=3")
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
 dist_ctx = Dist.from_environment("cpu")
-Loop(cfg, model, batches(ids, weights), sft_forward, dist_ctx=dist_ctx).run(lambda d: None)
+make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda d: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
 '''

@@ -118,7 +118,7 @@ def test_qlora_base_is_4bit_and_export_dequantises(tmp_path, tiny_dir):
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_virtual_tokens_split_head_chat_and_no_export(tmp_path, tiny_dir, kind):
     from posttrain.data.records import Message
-    from posttrain.serve.chat import generate_reply
+    from posttrain.models.generate import generate_reply
 
     cfg = make_cfg(tiny_dir, {"method.type": kind, "prompt.num_virtual_tokens": 3})
     model, tokenizer = load_base(cfg.model, "cpu")

@@ -16,9 +16,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from posttrain.data.records import Message  # noqa: E402
 from posttrain.serve.api import Limits, Models, create_app, load_engine  # noqa: E402
-from posttrain.serve.chat import generate_reply  # noqa: E402
+from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.engine import Job, Sampling, StopFilter, _Halt  # noqa: E402
-from posttrain.serve.generate import generate_batch, generate_from_ids  # noqa: E402
+from posttrain.models.generate import generate_batch, generate_from_ids  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPTS = ["hi", "Who are you?", "What is the capital of France?", "你好", "def run(cfg)", "Hello! tell me more"]

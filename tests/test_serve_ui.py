@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from posttrain.data.records import Message  # noqa: E402
 from posttrain.models.tiny import build_tiny  # noqa: E402
-from posttrain.serve.chat import generate_reply  # noqa: E402
+from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402
 from test_serve_api import LiveServer  # noqa: E402
 

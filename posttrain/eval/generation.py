@@ -93,7 +93,7 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
     length-sorted batches (less padding); results come back in file order.
     """
     from posttrain.models.run import model_stamp
-    from posttrain.serve.generate import generate_batch
+    from posttrain.models.generate import generate_batch
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

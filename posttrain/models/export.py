@@ -12,7 +12,8 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.models.methods import is_prompt_learning
-from posttrain.models.run import is_peft_model, load_model_for_inference, stop_token_ids
+from posttrain.models.generate import stop_token_ids
+from posttrain.models.run import is_peft_model, load_model_for_inference
 
 log = logging.getLogger(__name__)
 

@@ -157,15 +157,3 @@ def _load_tokenizer(folder: Path, cfg: RunConfig | None, trust_remote_code: bool
     from posttrain.models.sources import resolve_model
 
     return load_tokenizer(resolve_model(cfg.model.name_or_path), trust_remote_code=trust_remote_code)
-
-
-def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the generation config's eos, the tokenizer's eos,
-    and common end-of-turn markers present in the vocabulary (ChatML, Llama 3, Gemma)."""
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.extend(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>") if t in vocab)
-    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -28,8 +28,7 @@ from torch import nn
 
 from posttrain.data.records import Conversation, Message
 from posttrain.models.load import reward_offset
-from posttrain.serve.chat import _CallbackStreamer
-from posttrain.serve.generate import Generation, generate_from_ids
+from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
 from posttrain.templates.render import Encoded, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -234,7 +233,7 @@ class Engine:
                 raise _Halt
             stop_filter.feed(text)
 
-        streamer = _CallbackStreamer(self.tokenizer, on_piece)
+        streamer = CallbackStreamer(self.tokenizer, on_piece)
         try:
             gen = self._generate([job.prompt_ids], job.sampling, strip=False, streamer=streamer)[0]
             stop_filter.flush()

@@ -28,6 +28,7 @@ from posttrain.models.run import save_model
 from posttrain.train.head_logps import token_logps
 from posttrain.train.lm_forward import hidden_states
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.steps import DataSteps
 from posttrain.train.reward import to_batches
 
 log = logging.getLogger("posttrain")
@@ -138,9 +139,10 @@ def run(cfg: RunConfig) -> dict:
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
                                 fused=cfg.train.fused)
-    loop = Loop(cfg, model, to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn,
-                eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None,
-                dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
+    steps = DataSteps(to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
+                      packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
+                      eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)
+    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total,

@@ -24,7 +24,8 @@ from posttrain.losses import pairwise_reward_loss
 from posttrain.models.load import REWARD_OFFSET, REWARD_OFFSET_FILE, load_reward_model
 from posttrain.models.methods import (apply_method, count_parameters, is_prompt_learning, optimizer_groups,
                                       quantization_config, step_hook, unwrap)
-from posttrain.train.loop import Batches, Loop, start_run
+from posttrain.train.loop import Loop, start_run
+from posttrain.train.steps import Batches, DataSteps
 from posttrain.train.reward_scoring import fit_offset, reference_ids
 
 log = logging.getLogger("posttrain")
@@ -119,10 +120,10 @@ def run(cfg: RunConfig) -> dict:
     reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
     if cfg.rm.normalize_data:
         reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter())
-    loop = Loop(cfg, model, to_batches(data.train, pad_id),
-                functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
-                eval_data=to_batches(data.eval, pad_id) if data.eval else None, dist_ctx=dist_ctx,
-                param_groups=optimizer_groups(model, cfg), on_step_start=hook)
+    steps = DataSteps(to_batches(data.train, pad_id), functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
+                      train=cfg.train, packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
+                      eval_data=to_batches(data.eval, pad_id) if data.eval else None)
+    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train), "train_pairs": n_pairs,
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,
              "trainable_params": trainable, "total_params": total}

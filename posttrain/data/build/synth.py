@@ -124,7 +124,7 @@ class LocalTeacher:
 
     def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
         from posttrain.data.records import Message
-        from posttrain.serve.chat import generate_reply
+        from posttrain.models.generate import generate_reply
 
         max_tokens = min(max_tokens, self.max_tokens or max_tokens)
 

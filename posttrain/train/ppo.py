@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from posttrain.config import RunConfig, adapter_off_is_base
 from posttrain.data.pipeline import build_sft_data
+from posttrain.data.policy import drop_summary
 from posttrain.errors import ConfigError
 from posttrain.losses.ppo import explained_variance, gae, kl_per_token, masked_mean, policy_loss, value_loss, whiten
 from posttrain.models.generate import generate_reply
@@ -60,14 +61,15 @@ def run(cfg: RunConfig) -> dict:
         trainable -= count_parameters(policy)[0] - hook.trainable_per_step(policy)
 
     # data: prompts to sample from; optional ptx (SFT / pre-training) data with a held-out split
-    prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
+    prompts, drops = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
     ptx_train = ptx_eval = None
     if p.ptx_datasets:
         ptx_cfg = dataclasses.replace(cfg.data, datasets=p.ptx_datasets, eval_datasets=[], val_size=p.ptx_val_size)
         ptx = build_sft_data(ptx_cfg, cfg.template, tokenizer, cfg.train.seed)
         ptx_train = to_batches(ptx.train, tokenizer.pad_token_id)
         ptx_eval = to_batches(ptx.eval, tokenizer.pad_token_id) if ptx.eval is not None else None
-    log.info("prompts: %d (%d dropped); trainable parameters %d of %d", len(prompts), dropped, trainable, total)
+    log.info("prompts: %d (dropped: %s); trainable parameters %d of %d", len(prompts), drop_summary(drops) or "none",
+             trainable, total)
 
     steps = PPOSteps(cfg, pv, ref_model, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,
                      ptx_train, ptx_eval)

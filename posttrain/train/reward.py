@@ -119,7 +119,7 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
     if cfg.rm.normalize_data:
-        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter())
+        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter(), cfg.data.strict)
     steps = DataSteps(to_batches(data.train, pad_id), functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
                       train=cfg.train, packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=to_batches(data.eval, pad_id) if data.eval else None)

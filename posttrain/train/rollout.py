@@ -10,6 +10,7 @@ logits. Every tensor field is named with its shape.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from posttrain.data.formats import row_to_conversation
+from posttrain.data.policy import ContentProblem, count_problem, drop_or_raise, drop_summary
 from posttrain.data.reading import read_rows, source_of
 from posttrain.data.records import Message
 from posttrain.errors import PosttrainError
@@ -75,34 +77,41 @@ class Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], int]:
+def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], dict[str, int]]:
     """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
 
-    Returns (prompts, dropped): prompts whose ids leave no room for max_new_tokens within
-    data.max_length are dropped and counted.
+    Returns (prompts, drops by reason): rows with content problems (data/policy.py: a blank turn, no
+    user turn, ids leaving no room for max_new_tokens within data.max_length) are dropped and counted,
+    or fatal under data.strict.
     """
-    prompts, dropped = [], 0
+    prompts, drops = [], Counter()
     for ds in data_cfg.datasets:
         rows = read_rows(ds.path)
         limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
         for i in range(limit):
-            conv = row_to_conversation(rows[i], ds.format, source=source_of(ds.path, i), columns=ds.columns,
-                                       role_tags=ds.role_tags, variables=data_cfg.variables)
+            source = source_of(ds.path, i)
+            try:
+                conv = row_to_conversation(rows[i], ds.format, source=source, columns=ds.columns,
+                                           role_tags=ds.role_tags, variables=data_cfg.variables)
+            except ContentProblem as problem:
+                count_problem(drops, problem, data_cfg.strict)
+                continue
             messages = list(conv.messages)
             while messages and messages[-1].role == "assistant":
                 messages.pop()
             if not any(m.role == "user" for m in messages):
-                dropped += 1
+                drop_or_raise(drops, "no_user_turn", source, data_cfg.strict)
                 continue
             ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
             if len(ids) + max_new_tokens > data_cfg.max_length:
-                dropped += 1
+                drop_or_raise(drops, "too_long", source, data_cfg.strict, f"prompt of {len(ids)} tokens leaves no room "
+                              f"for ppo.max_new_tokens={max_new_tokens} within data.max_length={data_cfg.max_length}")
                 continue
             prompts.append(Prompt(messages, ids))
     if not prompts:
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets ({dropped} dropped: no user turn "
-                             "or too long for data.max_length - ppo.max_new_tokens)")
-    return prompts, dropped
+        dropped = drop_summary(drops) or "none"
+        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets (dropped: {dropped})")
+    return prompts, dict(drops)
 
 
 def prompt_indices(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:

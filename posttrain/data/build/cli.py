@@ -6,6 +6,10 @@ import json
 import sys
 
 
+STRICT_HELP = ("a row with a content problem (blank reply or prompt) counts as bad instead of being dropped and "
+               "counted by reason, as training does")
+
+
 def _quiet(func):
     """Silence datasets' per-file progress bars (our own bar shows rows), then run the command."""
     def run(args) -> int:
@@ -24,7 +28,7 @@ def _print(report: dict) -> None:
 def _validate(a) -> int:
     from posttrain.data.build.validate import format_report, validate
 
-    report = validate(a.path, a.format, a.max_errors)
+    report = validate(a.path, a.format, a.max_errors, a.strict)
     print(format_report(report))
     return 1 if report["invalid"] else 0
 
@@ -32,7 +36,7 @@ def _validate(a) -> int:
 def _convert(a) -> int:
     from posttrain.data.build.convert import convert
 
-    _print(convert(a.path, a.out, a.to, a.format, a.skip_bad))
+    _print(convert(a.path, a.out, a.to, a.format, a.skip_bad, a.strict))
     return 0
 
 
@@ -110,10 +114,12 @@ def add_data_parser(sub) -> None:
 
     p = cmd("validate", _validate, "lint a file: counts, formats, roles, bad rows by line and field")
     p.add_argument("--max-errors", type=int, default=20, help="bad rows to list (default 20)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("convert", _convert, "convert between alpaca, sharegpt and openai messages")
     p.add_argument("--to", required=True, help="alpaca, sharegpt or openai")
     p.add_argument("--out", required=True)
     p.add_argument("--skip-bad", action="store_true", help="reject unparseable rows to <out>.rejected.jsonl")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("from-task", _from_task, "turn labelled task rows into instruction data", path=False)
     p.add_argument("path", help="task rows (.csv, .jsonl, ...)")
     p.add_argument("--task", required=True, help="sentiment, classification, nli, paraphrase, qa, translation, ...")

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from posttrain.data.build.stream import AtomicJsonl, FileParser, iter_rows, progress, side_path
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.data.records import Conversation
 from posttrain.errors import DataError
 
@@ -103,8 +104,11 @@ def metadata(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in FORMAT_COLUMNS}
 
 
-def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False) -> dict:
-    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}."""
+def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False,
+            strict: bool = False) -> dict:
+    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     if to not in WRITERS:
         raise DataError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
     lost, rejected = Counter(), Counter()
@@ -119,6 +123,9 @@ def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_
             except CannotCarry as err:
                 rejected[str(err)] += 1
                 rejects.write({"source": source, "reason": str(err), "row": row})
+            except ContentProblem as problem:
+                count_problem(rejected, problem, strict)
+                rejects.write({"source": source, "reason": str(problem), "row": row})
             except DataError as err:
                 if not skip_bad:
                     raise

@@ -1,4 +1,7 @@
-"""`posttrain data validate`: lint a file: row counts, formats, roles, columns, and every bad row by line."""
+"""`posttrain data validate`: lint a file: row counts, formats, roles, columns, and every bad row by line.
+
+Rows with content problems (data/policy.py: a blank reply or prompt) are what training would drop
+and count: reported by reason, not as invalid, unless `strict`."""
 
 from __future__ import annotations
 
@@ -6,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 from posttrain.data.build.stream import FileParser, iter_rows, progress
+from posttrain.data.policy import ContentProblem
 from posttrain.errors import DataError
 
 
-def validate(path: str | Path, fmt: str = "auto", max_errors: int = 20) -> dict:
+def validate(path: str | Path, fmt: str = "auto", max_errors: int = 20, strict: bool = False) -> dict:
     """Parse every row with the spine's parser; collect (not raise) row errors, up to `max_errors` shown."""
-    formats, roles, columns, turns = Counter(), Counter(), Counter(), Counter()
+    formats, roles, columns, turns, dropped = Counter(), Counter(), Counter(), Counter(), Counter()
     errors: list[str] = []
     rows = bad = 0
     parse = FileParser(fmt)
@@ -21,6 +25,14 @@ def validate(path: str | Path, fmt: str = "auto", max_errors: int = 20) -> dict:
         try:
             conv = parse(row, source)
             formats[parse.fmt] += 1
+        except ContentProblem as problem:
+            if not strict:
+                dropped[problem.reason] += 1
+                continue
+            bad += 1
+            if len(errors) < max_errors:
+                errors.append(str(problem))
+            continue
         except DataError as err:
             bad += 1
             if len(errors) < max_errors:
@@ -28,13 +40,15 @@ def validate(path: str | Path, fmt: str = "auto", max_errors: int = 20) -> dict:
             continue
         roles.update(m.role for m in conv.messages)
         turns[len(conv.messages)] += 1
-    return {"file": str(path), "rows": rows, "valid": rows - bad, "invalid": bad, "errors": errors,
+    return {"file": str(path), "rows": rows, "valid": rows - bad - sum(dropped.values()), "invalid": bad,
+            "dropped": dict(dropped), "errors": errors,
             "formats": dict(formats), "roles": dict(roles), "columns": dict(columns),
             "messages_per_row": dict(sorted(turns.items()))}
 
 
 def format_report(report: dict) -> str:
     lines = [f"{report['file']}: {report['rows']} rows, {report['valid']} valid, {report['invalid']} invalid",
+             f"  dropped (content problems; training drops and counts them): {report['dropped'] or 'none'}",
              f"  formats: {report['formats']}", f"  roles: {report['roles']}",
              f"  columns (rows having each): {report['columns']}",
              f"  messages per row: {report['messages_per_row']}"]

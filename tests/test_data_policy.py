@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
-from posttrain.data.build import convert, validate
+from posttrain.data.build import convert, dedup, filter, mix, stats, validate
 from posttrain.data.pipeline import build_sft_data
 from posttrain.data.preference import build_preference_data
 from posttrain.errors import DataError
@@ -112,6 +112,25 @@ def test_data_validate_and_convert_report_drops_and_take_strict(tmp_path, capsys
     assert main(["data", "convert", str(path), "--to", "openai", "--out", str(tmp_path / "s.jsonl"), "--strict"]) == 2
     assert "sft.jsonl line 2: field 'output' is empty" in capsys.readouterr().err
     assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_other_data_commands_set_content_problems_aside(tmp_path):
+    """A blank reply ('  ' passed the old parser) is rejected / removed / left out by reason, never fatal."""
+    path = _jsonl(tmp_path, "sft.jsonl", [SFT_ROWS[0], {"instruction": "Say hello.", "output": "  "}, SFT_ROWS[2]])
+    (tmp_path / "rules.yaml").write_text("rules:\n  - empty_output: true\n")
+    report = filter.filter_file(path, tmp_path / "f.jsonl", tmp_path / "rules.yaml")
+    assert (report["kept"], report["dropped"]) == (2, {"empty_response": 1})
+    report = dedup.dedup(path, tmp_path / "d.jsonl")
+    assert (report["kept"], report["removed"]) == (2, {"empty_response": 1})
+    assert stats.collect(path)["dropped"] == {"empty_response": 1}
+    (tmp_path / "mix.yaml").write_text(f"sources:\n  - path: {path}\n")
+    assert mix.mix(tmp_path / "mix.yaml", tmp_path / "m.jsonl")["rejected"] == {"empty_response": 1}
+    for run in (lambda: filter.filter_file(path, tmp_path / "g.jsonl", tmp_path / "rules.yaml", strict=True),
+                lambda: dedup.dedup(path, tmp_path / "e.jsonl", strict=True),
+                lambda: stats.collect(path, strict=True),
+                lambda: mix.mix(tmp_path / "mix.yaml", tmp_path / "n.jsonl", strict=True)):
+        with pytest.raises(DataError, match=r"sft.jsonl line 2: field 'output' is empty \[empty_response\]"):
+            run()
 
 
 def test_score_counts_drops_and_strict_stops(tmp_path, tiny_dir, capsys):

@@ -66,21 +66,21 @@ def _dedup(a) -> int:
     from posttrain.data.build.dedup import dedup
 
     _print(dedup(a.path, a.out, near=a.near, semantic=a.semantic, key=a.key, fmt=a.format, num_perm=a.num_perm,
-                 ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed))
+                 ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed, strict=a.strict))
     return 0
 
 
 def _filter(a) -> int:
     from posttrain.data.build.filter import filter_file
 
-    _print(filter_file(a.path, a.out, a.rules, a.format))
+    _print(filter_file(a.path, a.out, a.rules, a.format, a.strict))
     return 0
 
 
 def _mix(a) -> int:
     from posttrain.data.build.mix import mix
 
-    _print(mix(a.mix, a.out, a.seed))
+    _print(mix(a.mix, a.out, a.seed, a.strict))
     return 0
 
 
@@ -94,7 +94,7 @@ def _split(a) -> int:
 def _stats(a) -> int:
     from posttrain.data.build.stats import stats
 
-    report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by)
+    report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by, a.strict)
     print(f"wrote {report['report']} and {', '.join(report['plots'])}", file=sys.stderr)
     return 0
 
@@ -149,13 +149,16 @@ def add_data_parser(sub) -> None:
     p.add_argument("--ngram", type=int, default=5, help="shingle size (default 5)")
     p.add_argument("--unit", default="word", choices=["word", "char"], help="shingle unit (default word)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("filter", _filter, "drop rows by declarative rules; scrub PII")
     p.add_argument("--out", required=True)
     p.add_argument("--rules", required=True, help="rules YAML (see posttrain/data/build/filter.py)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("mix", _mix, "combine sources with weights and caps", path=False)
     p.add_argument("mix", help="mix YAML: seed, to, sources [{path, weight, cap, variables, name}]")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, help="override the mix file's seed")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("split", _split, "train/val/test split, optionally grouped by a key")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--val", type=float, default=0.05)
@@ -166,3 +169,4 @@ def add_data_parser(sub) -> None:
     p.add_argument("--report", required=True, help="folder for stats.md, stats.json and PNGs")
     p.add_argument("--tokenizer", help="count tokens with this model's tokenizer (e.g. smollm2-135m-instruct)")
     p.add_argument("--group-by", default="source", help="column for the source/task mix table (default source)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)

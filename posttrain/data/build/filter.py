@@ -31,6 +31,7 @@ import yaml
 
 from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
                                          response_text, side_path)
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
 
@@ -172,8 +173,11 @@ def load_rules(path: str | Path) -> list[tuple[str, object]]:
     return rules
 
 
-def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto") -> dict:
-    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms."""
+def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto",
+                strict: bool = False) -> dict:
+    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     rules = load_rules(rules_path)
     dropped, changed = Counter(), Counter()
     rows = 0
@@ -181,7 +185,12 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
     with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
         for source, row in progress(iter_rows(path), "filter"):
             rows += 1
-            conv = parse(row, source)
+            try:
+                conv = parse(row, source)
+            except ContentProblem as problem:
+                count_problem(dropped, problem, strict)
+                rejects.write({"source": source, "rule": problem.reason, "reason": str(problem), "row": row})
+                continue
             reason = None
             for name, rule in rules:
                 if name == "pii":

@@ -20,7 +20,7 @@ import torch
 from posttrain.errors import TemplateError
 from posttrain.eval.mc_data import LETTERS, MCItem, load_split
 from posttrain.eval.progress import Progress
-from posttrain.models.methods import lm_head_and_backbone
+from posttrain.models.anatomy import lm_head_and_backbone
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def letter_token_ids(tokenizer, context: str, letters: str) -> tuple[list[int], 
 def encode_item(item: MCItem, shots: list[MCItem], tokenizer, mc_cfg, header: str, cue: str,
                 shared: list[int] = ()) -> list[int]:
     """Prompt ids (+ the letters' shared tokens), dropping shots from the end until it fits mc_cfg.max_length."""
-    from posttrain.data.records import Message
+    from posttrain.records import Message
     from posttrain.templates.render import encode_prompt
 
     shots = list(shots)

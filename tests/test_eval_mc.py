@@ -167,11 +167,16 @@ def test_cloze_golden_against_naive_per_option_logprobs(tiny, tiny_dir, tmp_path
         assert row["pred"] == "ABCD"[best] and row["correct"] == (row["pred"] == answer)
 
 
-def test_calibrated_golden_letter_minus_content_free_prior(tiny, tiny_dir, tmp_path):
+def test_calibrated_golden_letter_minus_content_free_prior(tiny, tiny_dir, tmp_path, monkeypatch):
     model, tok = tiny
     bench = _bench(tmp_path / "b", "mmlu", ["anatomy"])
     out = tmp_path / "out"
+    prompts_scored = []
+    real = multiple_choice.next_token_logps
+    monkeypatch.setattr(multiple_choice, "next_token_logps",
+                        lambda m, groups, ids, *a: prompts_scored.append(len(ids)) or real(m, groups, ids, *a))
     multiple_choice.run(_cfg(tiny_dir, bench, out, **{"eval.mc.scoring": "calibrated"}))
+    assert prompts_scored == [3 + 1, 1]  # 2 batches of one subject: its content-free prompt scored once
     rows = list(_rows(out).values())
     header = "以下是中国关于anatomy考试的单项选择题，请选出其中的正确答案。\n\n"
     shot = "Pick the largest number.\nA. 1\nB. 10\nC. 100\nD. 1000\n答案：D\n\n"

@@ -102,27 +102,28 @@ def _row(entry: Entry, scores: list[float | None], extra: dict) -> dict:
             "correct": pred == entry.item.answer, "scoring": entry.scoring, "scores": scores, **extra}
 
 
-def _score_letters(model, entries: list[Entry], packed: bool, pad_id: int) -> list[dict]:
-    """Letter and calibrated scoring: a subject's prompts (and its content-free prompts) share one prefix."""
+def _score_letters(model, entries: list[Entry], packed: bool, pad_id: int, priors: dict) -> list[dict]:
+    """Letter and calibrated scoring: a subject's prompts (and its content-free prompts not yet in
+    `priors`, the run's memo: content-free prompt -> letter log-probs) share one prefix."""
     by_subject: dict[str, list[Entry]] = {}
     for e in entries:
         by_subject.setdefault(e.item.subject, []).append(e)
     plan, groups, token_ids = [], [], []
     for group in by_subject.values():
-        priors = {tuple(e.prior): e.targets for e in group if e.prior is not None}
-        plan.append((group, list(priors)))
-        groups.append(split_common_prefix([e.prompt for e in group] + [list(p) for p in priors]))
-        token_ids += [e.targets for e in group] + list(priors.values())
+        new = {tuple(e.prior): e.targets for e in group if e.prior is not None and tuple(e.prior) not in priors}
+        plan.append((group, list(new)))
+        groups.append(split_common_prefix([e.prompt for e in group] + [list(p) for p in new]))
+        token_ids += [e.targets for e in group] + list(new.values())
     flat = iter(next_token_logps(model, groups, token_ids, packed, pad_id))
     rows = []
-    for group, priors in plan:
+    for group, new in plan:
         logps = [next(flat) for _ in group]
-        prior_logps = {p: next(flat) for p in priors}
+        priors.update({p: next(flat) for p in new})
         for e, lp in zip(group, logps):
             if e.prior is None:
                 rows.append(_row(e, lp, {"logps": lp}))
                 continue
-            prior = prior_logps[tuple(e.prior)]
+            prior = priors[tuple(e.prior)]
             rows.append(_row(e, [a - b for a, b in zip(lp, prior)], {"logps": lp, "prior": prior}))
     return rows
 
@@ -140,11 +141,11 @@ def _score_cloze(model, entries: list[Entry], packed: bool, pad_id: int) -> list
     return rows
 
 
-def score_batch(model, entries: list[Entry], packed: bool, pad_id: int) -> list[dict]:
+def score_batch(model, entries: list[Entry], packed: bool, pad_id: int, priors: dict) -> list[dict]:
     """One batch of questions (one forward) -> their result rows, as the cache stores them."""
     if entries[0].scoring == "cloze":
         return _score_cloze(model, entries, packed, pad_id)
-    return _score_letters(model, entries, packed, pad_id)
+    return _score_letters(model, entries, packed, pad_id, priors)
 
 
 def score_items(model, todo: list[Entry], packed: bool, pad_id: int, batch_size: int, cache_file: Path,
@@ -155,10 +156,10 @@ def score_items(model, todo: list[Entry], packed: bool, pad_id: int, batch_size:
         todo = sorted(todo, key=lambda e: (e.item.subject, len(e.prompt)))
     else:
         todo = sorted(todo, key=lambda e: (len(e.item.options), len(e.prompt)))
-    results = []
+    results, priors = [], {}  # calibrated: each content-free prompt is scored once per run
     with cache_file.open("a", encoding="utf-8") as cache:
         for i in range(0, len(todo), batch_size):
-            rows = score_batch(model, todo[i: i + batch_size], packed, pad_id)
+            rows = score_batch(model, todo[i: i + batch_size], packed, pad_id, priors)
             for row in rows:
                 cache.write(json.dumps(row, ensure_ascii=False) + "\n")
             cache.flush()

@@ -81,7 +81,8 @@ def _logps_at(hidden, head, spots: list[tuple[int, int]], targets: list[list[int
     out = []
     for i in range(0, len(spots), HEAD_CHUNK):
         rows, cols = zip(*spots[i: i + HEAD_CHUNK])
-        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()  # (N, V)
+        index = torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)
+        logits = head(hidden[index]).float()  # (N, V)
         logps = logits.log_softmax(-1).cpu()
         out += [logps[j, t].tolist() for j, t in enumerate(targets[i: i + HEAD_CHUNK])]
     return out

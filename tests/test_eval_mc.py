@@ -201,12 +201,13 @@ def test_calibrated_golden_letter_minus_content_free_prior(tiny, tiny_dir, tmp_p
         assert row["pred"] == "ABCD"[int(match.argmax())]
 
 
-@pytest.mark.parametrize("scoring", ["letter", "cloze", "calibrated"])
-def test_packed_shared_prefix_run_equals_one_row_per_prompt(tiny_dir, tmp_path, scoring):
+@pytest.mark.parametrize("scoring,prompt", [("letter", "plain"), ("cloze", "plain"), ("calibrated", "plain"),
+                                            ("cloze", "chat"), ("calibrated", "chat")])
+def test_packed_shared_prefix_run_equals_one_row_per_prompt(tiny_dir, tmp_path, scoring, prompt):
     bench = _bench(tmp_path / "b", "ceval", ["law", "logic"])
-    packed = multiple_choice.run(_cfg(tiny_dir, bench, tmp_path / "packed", **{"eval.mc.scoring": scoring}))
-    padded = multiple_choice.run(_cfg(tiny_dir, bench, tmp_path / "padded", **{"eval.mc.scoring": scoring,
-                                                                             "eval.mc.shared_prefix": False}))
+    keys = {"eval.mc.scoring": scoring, "eval.mc.prompt": prompt}
+    packed = multiple_choice.run(_cfg(tiny_dir, bench, tmp_path / "packed", **keys))
+    padded = multiple_choice.run(_cfg(tiny_dir, bench, tmp_path / "padded", **keys, **{"eval.mc.shared_prefix": False}))
     assert packed["settings"]["path"] == "packed" and padded["settings"]["path"] == "padded"
     a, b = _rows(tmp_path / "packed"), _rows(tmp_path / "padded")
     assert a.keys() == b.keys() and len(a) == 8

@@ -52,7 +52,6 @@ def _packed_inputs(groups: list[Group]) -> tuple[list[int], list[int], list[tupl
     return ids, pos, places
 
 
-@torch.no_grad()
 def _hidden(model, groups: list[Group], packed: bool, pad_id: int):
     """Final hidden states (R, T, H) and, per child in group order, (row, prefix-end column, child column)."""
     backbone, head = lm_head_and_backbone(model)
@@ -88,6 +87,7 @@ def _logps_at(hidden, head, spots: list[tuple[int, int]], targets: list[list[int
     return out
 
 
+@torch.no_grad()
 def next_token_logps(model, groups: list[Group], token_ids: list[list[int]], packed: bool,
                      pad_id: int = 0) -> list[list[float]]:
     """Per child (group order): log-probabilities of token_ids[i] as the next token after prefix + child."""
@@ -97,6 +97,7 @@ def next_token_logps(model, groups: list[Group], token_ids: list[list[int]], pac
     return _logps_at(hidden, head, spots, token_ids)
 
 
+@torch.no_grad()
 def continuation_logps(model, groups: list[Group], packed: bool, pad_id: int = 0) -> list[list[float]]:
     """Per child (group order): the log-probability of each of its tokens after the prefix and the child's
     own earlier tokens. Prefixes must be non-empty (their last token predicts each child's first)."""

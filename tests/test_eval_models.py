@@ -12,7 +12,8 @@ from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
 from posttrain.records import Message
 from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 from posttrain.eval.mc_data import MCItem
-from posttrain.eval.multiple_choice import letter_logps, letter_token_ids
+from posttrain.eval.mc_prompts import letter_token_ids
+from posttrain.eval.mc_scoring import next_token_logps
 from posttrain.models.run import load_model_for_inference
 
 
@@ -27,13 +28,14 @@ def test_mc_scoring_matches_hand_logprobs_and_picks_max(tiny):
     shared, ids = letter_token_ids(tok, "答案：", "ABCD")
     assert shared == [] and len(set(ids)) == 4
     prompts = [tok("Question one?\nA. x\nB. y\n答案：")["input_ids"], tok("Q?\n答案：")["input_ids"]]
-    batched = letter_logps(model, prompts, ids, pad_id=0)  # (2, 4), the second row padded
-    for b, p in enumerate(prompts):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p])).logits[0, -1]
-        expected = logits.log_softmax(-1)[ids]
-        assert torch.allclose(batched[b], expected, atol=1e-5)
-        assert int(batched[b].argmax()) == int(expected.argmax())
+    for packed in (False, True):  # one padded row per prompt; one packed row, each prompt its own run
+        batched = torch.tensor(next_token_logps(model, [([], prompts)], [ids, ids], packed, pad_id=0))  # (2, 4)
+        for b, p in enumerate(prompts):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p])).logits[0, -1]
+            expected = logits.log_softmax(-1)[ids]
+            assert torch.allclose(batched[b], expected, atol=1e-5)
+            assert int(batched[b].argmax()) == int(expected.argmax())
 
 
 def test_generate_batch_matches_single_greedy(tiny):

@@ -42,11 +42,11 @@ def counted(monkeypatch):
     counts = {"scored": 0, "generated": 0, "judged": 0, "loads": 0}
     import posttrain.models.generate as gen_module
 
-    real_logps, real_gen, real_judge = multiple_choice.letter_logps, gen_module.generate_batch, ReferenceJudge.compare
+    real_score, real_gen, real_judge = multiple_choice.score_batch, gen_module.generate_batch, ReferenceJudge.compare
 
-    def logps(model, prompts, *args, **kwargs):
-        counts["scored"] += len(prompts)
-        return real_logps(model, prompts, *args, **kwargs)
+    def score(model, entries, *args, **kwargs):
+        counts["scored"] += len(entries)
+        return real_score(model, entries, *args, **kwargs)
 
     def gen(model, tokenizer, convs, **kwargs):
         counts["generated"] += len(convs)
@@ -56,7 +56,7 @@ def counted(monkeypatch):
         counts["judged"] += 1
         return real_judge(self, *args, **kwargs)
 
-    monkeypatch.setattr(multiple_choice, "letter_logps", logps)
+    monkeypatch.setattr(multiple_choice, "score_batch", score)
     monkeypatch.setattr(gen_module, "generate_batch", gen)
     monkeypatch.setattr(ReferenceJudge, "compare", judge)
     return counts

@@ -177,8 +177,18 @@ class MultipleChoiceConfig:
         "plain", "plain text (works for base and chat models) or wrapped as a user turn of the chat template")
     header: str | None = opt(None, "first line; {subject} is filled in (None: the language's default)")
     answer_cue: str | None = opt(None, "text before the letter, e.g. 'Answer:' (None: the language's default)")
-    categories: dict[str, list[str]] = opt({}, "category -> subjects (empty: C-Eval's four categories)")
+    categories: dict[str, list[str]] = opt({}, "category -> subjects (empty: the built-in map category_map picks)")
     max_length: int = opt(2048, "prompt token limit; shots are dropped from the end until it fits")
+    scoring: Literal["letter", "cloze", "calibrated"] = opt(
+        "letter", "letter: option-letter log-prob after the cue; cloze: log-prob of each option's text after the "
+                  "question (options not listed), per character; calibrated: letter log-prob minus the letter's "
+                  "log-prob after a content-free 'N/A' prompt")
+    category_map: Literal["auto", "ceval", "mmlu", "cmmlu", "none"] = opt(
+        "auto", "built-in subject -> category map; auto: the detected layout's (C-Eval, MMLU, CMMLU), else the one "
+                "holding the most subjects")
+    shared_prefix: bool = opt(
+        True, "score prompts that share a prefix (a subject's header and shots, a question's options) after one "
+              "copy of it in packed rows; false: one padded row per prompt or option")
 
 
 @dataclass

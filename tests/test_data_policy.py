@@ -10,12 +10,11 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
-from posttrain.data.build import convert, dedup, filter, mix, stats, validate
+from posttrain.curate import convert, dedup, filter, mix, stats, validate
 from posttrain.data.pipeline import build_sft_data
 from posttrain.data.preference import build_preference_data
 from posttrain.errors import DataError
-from posttrain.eval.generation import read_prompts
-from posttrain.train.rollout import load_prompts
+from posttrain.data.prompts import load_prompts, read_prompts
 
 LONG = "word " * 200
 SFT_ROWS = [{"instruction": "Say hi.", "output": "Hi!"},

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from posttrain.data.policy import ContentProblem
-from posttrain.data.records import ROLES, Conversation, Message
+from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")

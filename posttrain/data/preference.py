@@ -25,9 +25,10 @@ from posttrain.data.formats import (EMPTY_RESPONSE, RowContext, fill_variables, 
                                     refuse_media, rename_columns, role_map)
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
-from posttrain.data.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.data.transcripts import transcript_pair
+from posttrain.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
+from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
 MAX_RANKED = 9
 
@@ -161,8 +162,6 @@ class PrefData:
 
 def encode_preference(rec: RankedResponses, tokenizer, *, max_length: int | None, system: str | None) -> PrefSample:
     """Tokenize each prompt + response with the one template path; raises DropSample to drop."""
-    from posttrain.templates.render import DropSample, encode_conversation
-
     if len({(m.content, str(m.tool_calls)) for m in rec.responses}) < len(rec.responses):
         raise DropSample("chosen_equals_rejected", rec.source)
     pairs = rec.pairs()
@@ -197,8 +196,6 @@ def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None, drops: 
 
 def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops: Counter,
                strict: bool = False) -> list[PrefSample]:
-    from posttrain.templates.render import DropSample
-
     out = []
     for rec in recs:
         try:
@@ -210,8 +207,6 @@ def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops
 
 def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefData:
     """Read, hold out (val_size or eval_datasets), and encode preference files."""
-    from posttrain.templates.render import apply_template
-
     apply_template(tokenizer, template_cfg.name)
     drops: Counter = Counter()
     strict = data_cfg.strict

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from posttrain.data.formats import EMPTY_RESPONSE, RowContext
-from posttrain.data.records import Message
+from posttrain.records import Message
 
 SPEAKERS = {"Human": "user", "Assistant": "assistant"}
 _MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")

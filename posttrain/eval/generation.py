@@ -1,76 +1,18 @@
 """Generate answers for a prompt file (batched, cached, resumable) and score them against references.
 
-A prompt file is JSONL/JSON/CSV in any SFT layout (alpaca, sharegpt, openai): the last assistant
-turn is the reference and the turns before it are the prompt. Rows of the form
-{"prompt": ..., "reference": ...} work too (reference optional: comparisons need none).
+Prompt files are read by data/prompts.py (any SFT layout, or {"prompt", "reference"?} rows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data.formats import RowContext, row_to_conversation
-from posttrain.data.policy import ContentProblem, count_problem, drop_summary
-from posttrain.data.records import Message
+from posttrain.data.prompts import PromptItem, read_prompts
 from posttrain.errors import DataError
 from posttrain.eval.progress import Progress
-
-log = logging.getLogger("posttrain")
-
-
-@dataclass
-class PromptItem:
-    id: str
-    messages: list[Message]  # the conversation to answer (ends with a user turn)
-    reference: str | None
-    category: str | None = None  # optional "category" field: comparisons also report win rates per category
-
-
-def read_prompts(path: str | Path, variables: dict[str, str] | None = None, strict: bool = False) -> list[PromptItem]:
-    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers.
-
-    Rows with content problems (a blank prompt or turn) are dropped, counted and logged by reason,
-    or fatal with `strict` (data/policy.py); structural problems always are."""
-    from posttrain.data.reading import read_rows, source_of
-
-    items: list[PromptItem] = []
-    seen: set[str] = set()
-    drops: Counter = Counter()
-    for i, row in enumerate(read_rows(path)):
-        source = source_of(path, i)
-        item_id = str(row["id"] if row.get("id") is not None else i)
-        if item_id in seen:  # ids key the answer and vote caches
-            raise DataError(f"{source}: duplicate prompt id {item_id!r}")
-        seen.add(item_id)
-        try:
-            items.append(_prompt_item(row, item_id, source, variables))
-        except ContentProblem as problem:
-            count_problem(drops, problem, strict)
-    if drops:
-        log.warning("%s: dropped %d prompts (%s)", path, sum(drops.values()), drop_summary(drops))
-    return items
-
-
-def _prompt_item(row: dict, item_id: str, source: str, variables: dict[str, str] | None) -> PromptItem:
-    category = row.get("category")
-    if isinstance(row.get("prompt"), str):
-        ref = row.get("reference") or row.get("output") or row.get("answer")
-        text = RowContext(source, {}).text(row["prompt"], "prompt")
-        return PromptItem(item_id, [Message("user", text)], ref, category)
-    fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
-    conv = row_to_conversation(fields, "auto", source=source, variables=variables)
-    messages, ref = list(conv.messages), None
-    if messages and messages[-1].role == "assistant":
-        ref = messages.pop().content
-    if not messages or messages[-1].role != "user":
-        raise DataError(f"{source}: a prompt must end with a user turn")
-    return PromptItem(item_id, messages, ref, category)
 
 
 def _prompt_hash(item: PromptItem, system: str | None) -> str:

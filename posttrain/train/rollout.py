@@ -1,4 +1,4 @@
-"""RL experience: prompts from data files, sampled responses with their log-probs, values and rewards.
+"""RL experience: sampled responses with their log-probs, values and rewards.
 
 `collect` samples this process's share of a rollout batch (through the one generation layer, each
 row with its own seed, so the draw does not depend on how the batch is split over processes) and
@@ -10,33 +10,16 @@ logits. Every tensor field is named with its shape.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.data.formats import row_to_conversation
-from posttrain.data.policy import ContentProblem, count_problem, drop_or_raise, drop_summary
-from posttrain.data.reading import read_rows, source_of
-from posttrain.data.records import Message
-from posttrain.errors import PosttrainError
+from posttrain.data.prompts import Prompt
 from posttrain.losses.ppo import entropy_from_logits
 from posttrain.models.generate import sample_ids
-from posttrain.models.methods import lm_head_and_backbone
-from posttrain.templates.render import encode_prompt
-
-
-@dataclass
-class Prompt:
-    messages: list[Message]  # the conversation up to (not including) the reply to generate
-    ids: list[int]  # encode_prompt(messages): template + generation header, as in training
-
-    @property
-    def text(self) -> str:
-        """The last user message: what rule rewards and reward models read as the prompt."""
-        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+from posttrain.models.anatomy import lm_head_and_backbone
 
 
 @dataclass
@@ -75,43 +58,6 @@ class Rollout:
     def select(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (a mini-batch)."""
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], dict[str, int]]:
-    """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
-
-    Returns (prompts, drops by reason): rows with content problems (data/policy.py: a blank turn, no
-    user turn, ids leaving no room for max_new_tokens within data.max_length) are dropped and counted,
-    or fatal under data.strict.
-    """
-    prompts, drops = [], Counter()
-    for ds in data_cfg.datasets:
-        rows = read_rows(ds.path)
-        limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
-        for i in range(limit):
-            source = source_of(ds.path, i)
-            try:
-                conv = row_to_conversation(rows[i], ds.format, source=source, columns=ds.columns,
-                                           role_tags=ds.role_tags, variables=data_cfg.variables)
-            except ContentProblem as problem:
-                count_problem(drops, problem, data_cfg.strict)
-                continue
-            messages = list(conv.messages)
-            while messages and messages[-1].role == "assistant":
-                messages.pop()
-            if not any(m.role == "user" for m in messages):
-                drop_or_raise(drops, "no_user_turn", source, data_cfg.strict)
-                continue
-            ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
-            if len(ids) + max_new_tokens > data_cfg.max_length:
-                drop_or_raise(drops, "too_long", source, data_cfg.strict, f"prompt of {len(ids)} tokens leaves no room "
-                              f"for ppo.max_new_tokens={max_new_tokens} within data.max_length={data_cfg.max_length}")
-                continue
-            prompts.append(Prompt(messages, ids))
-    if not prompts:
-        dropped = drop_summary(drops) or "none"
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets (dropped: {dropped})")
-    return prompts, dict(drops)
 
 
 def prompt_indices(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:

@@ -148,3 +148,26 @@ def test_score_counts_drops_and_strict_stops(tmp_path, tiny_dir, capsys):
     assert capsys.readouterr().err.strip().endswith(
         "p.jsonl line 2: field 'chosen' is empty [empty_response]; data.strict / --strict is on; turn it off to "
         "drop and count such rows instead")
+
+
+def test_kto_rows_follow_the_policy_in_data_validate(tmp_path):
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    rows = [{"messages": turn, "label": True},
+            {"messages": [turn[0], {"role": "assistant", "content": " "}], "label": False},  # blank reply
+            {"messages": turn[:1], "label": True},  # nothing to label
+            {"messages": turn, "label": "yes"}]  # structural: not a bool
+    report = validate.validate(_jsonl(tmp_path, "kto.jsonl", rows))
+    assert report["formats"] == {"kto": 1} and report["dropped"] == {"empty_response": 1, "no_final_reply": 1}
+    assert report["invalid"] == 1 and report["errors"][0].endswith(
+        "kto.jsonl line 4: field 'label' must be true or false (is the final reply desirable?), got 'yes'")
+    assert validate.validate(tmp_path / "kto.jsonl", strict=True)["invalid"] == 3
+
+
+@pytest.mark.parametrize("command", [["eval", "generate", "--model", "tiny-random", "--out", "o.jsonl", "--data"],
+                                     ["eval", "compare", "--models", "a,b", "--judge", "reference", "--out", "c",
+                                      "--prompts"]])
+def test_eval_prompt_commands_take_strict(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    path = _jsonl(tmp_path, "q.jsonl", [{"prompt": "What is 2+2?"}, {"prompt": " "}])
+    assert main([*command, str(path), "--strict"]) == 2  # before any model loads
+    assert "q.jsonl line 2: field 'prompt' is empty [empty_prompt]; data.strict" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.curate.validate import validate
 from posttrain.data.formats import RowContext
 from posttrain.data.policy import ContentProblem
 from posttrain.data.preference import build_preference_data, read_preferences, row_to_preference
@@ -81,3 +82,11 @@ def test_plain_strings_without_a_prompt_are_a_structural_error():
     assert not isinstance(err.value, ContentProblem)  # fatal even without data.strict
     with pytest.raises(DataError, match=r"field 'rejected' must be a transcript string like the other side, got int"):
         row_to_preference({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": 3}, source="p.jsonl line 1")
+
+
+def test_data_validate_reads_the_raw_file_as_preference_rows():
+    report = validate(RAW)
+    assert report["formats"] == {"preference": 4} and report["invalid"] == 0
+    assert report["dropped"] == {"empty_response": 1, "prefix_differs": 1, "chosen_equals_rejected": 1}
+    strict = validate(RAW, strict=True)
+    assert strict["invalid"] == 3 and "hh_rlhf_raw.jsonl line 3: field 'chosen'" in strict["errors"][0]

@@ -148,7 +148,7 @@ def run(cfg) -> dict:
     out = Path(ev.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = model_names(cmp.models)
-    prompts = read_prompts(cmp.prompts)
+    prompts = read_prompts(cmp.prompts, strict=cfg.data.strict)
     if not prompts:
         raise DataError(f"{cmp.prompts}: no prompts")
     device = str(pick_device(ev.device))

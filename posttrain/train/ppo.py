@@ -82,7 +82,8 @@ def run(cfg: RunConfig) -> dict:
         save_file({k: v.contiguous().cpu() for k, v in pv.value_head.state_dict().items()},
                   out / "value_head.safetensors")
 
-    extra = {"stage": "ppo", "prompts": len(prompts), "trainable_params": trainable, "total_params": total}
+    extra = {"stage": "ppo", "prompts": len(prompts), "dropped": drops, "trainable_params": trainable,
+             "total_params": total}
     return loop.run(save, extra_summary=extra)
 
 

@@ -1,6 +1,6 @@
 """Reward models on Anthropic hh-rlhf's raw harmless-base transcripts: the README's efficacy figure.
 
-    python scripts/hh_rlhf_rm_efficacy.py --hh harmless-base/test.jsonl.gz --work outputs/hh [--train-pairs 400]
+    python scripts/hh_rlhf_rm_efficacy.py --hh harmless-base/test.jsonl.gz --work outputs/hh [--train-pairs 200]
 
 hh-rlhf (github.com/anthropics/hh-rlhf, MIT) is read as it comes: no conversion. The first
 --eval-rows rows of the file are the held-out pairs; training rows come after them, skipping any
@@ -8,7 +8,8 @@ row whose first human turn also opens a held-out row (disjoint prompts). Two rew
 same recipe (examples/rm_lora.yaml: SmolLM2-135M-Instruct, LoRA r=8, 1 epoch, max_length 256),
 differ only in their data: the shipped style pairs (examples/data/prefs_train.jsonl) vs
 --train-pairs hh-rlhf rows. Both are scored with `posttrain score` on the held-out rows; the
-figures go to WORK/results.json. Each step is skipped when its output is already there.
+figures go to WORK/results.json. A model already trained (WORK/rm-shipped, WORK/rm-hh-N for N
+training rows) is scored again, not retrained.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def main() -> None:
     ap.add_argument("--hh", required=True, type=Path, help="harmless-base/test.jsonl(.gz) from hh-rlhf")
     ap.add_argument("--work", default=Path("outputs/hh"), type=Path)
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows at the start of the file")
-    ap.add_argument("--train-pairs", type=int, default=400, help="hh-rlhf rows to train on (after the held-out)")
+    ap.add_argument("--train-pairs", type=int, default=200, help="hh-rlhf rows to train on (after the held-out)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     held, train, info = split(args.hh, args.work, args.eval_rows, args.train_pairs)
     runs = {"shipped (examples/data/prefs_train.jsonl)": (args.work / "rm-shipped", []),
-            f"hh-rlhf harmless-base ({info['train_rows']} rows)": (args.work / "rm-hh",
+            f"hh-rlhf harmless-base ({info['train_rows']} rows)": (args.work / f"rm-hh-{info['train_rows']}",
                                                                    [f"data.datasets=[{{path: {train}}}]"])}
     results = {"data": info, "models": {}}
     for name, (out, overrides) in runs.items():

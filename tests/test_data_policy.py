@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from posttrain.cli import main
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.curate import convert, dedup, filter, mix, stats, validate
 from posttrain.data.pipeline import build_sft_data
 from posttrain.data.preference import build_preference_data

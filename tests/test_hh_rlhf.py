@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.curate.validate import validate
 from posttrain.data.formats import RowContext
 from posttrain.data.policy import ContentProblem

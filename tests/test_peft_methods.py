@@ -174,11 +174,12 @@ def test_pissa_init_folder_goes_away_with_the_model_and_at_exit(tmp_path, tiny_d
     import sys
     from pathlib import Path
 
-    model = apply_method(load_base(make_cfg(tiny_dir, {}).model, "cpu")[0], make_cfg(tiny_dir, METHODS["pissa"][0]))
+    base, tokenizer = load_base(make_cfg(tiny_dir, {}).model, "cpu")
+    model = apply_method(base, make_cfg(tiny_dir, METHODS["pissa"][0]).methods)
     init_dir = Path(model.posttrain_pissa_init)
-    save_model(model, load_base(make_cfg(tiny_dir, {}).model, "cpu")[1], tmp_path / "saved")
+    save_model(model, tokenizer, tmp_path / "saved")
     assert init_dir.is_dir()  # still there for later saves (checkpoints, then the final model)
-    del model
+    del model, base
     gc.collect()
     assert not init_dir.exists()
     # a process that never drops its model (a training run) removes it at exit

@@ -54,7 +54,7 @@ def _synth(a) -> int:
         teacher, a.concurrency = LocalTeacher(a.teacher, max_tokens=a.max_tokens), 1
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _print(synth(a.seeds, a.out, teacher, a.n, seed=a.seed, concurrency=a.concurrency,
-                 max_rounds=a.max_rounds, log=log))
+                 max_rounds=a.max_rounds, lang=a.lang, log=log))
     return 0
 
 
@@ -139,6 +139,9 @@ def add_data_parser(sub) -> None:
     p.add_argument("--retries", type=int, default=4)
     p.add_argument("--max-rounds", type=int, help="give up (keeping progress) after this many rounds")
     p.add_argument("--max-tokens", type=int, help="cap on each teacher reply's length (default: 512 per request)")
+    p.add_argument("--lang", default="auto", choices=["auto", "en", "zh"],
+                   help="prompt language: auto (default) = each request in its seeds' language (mixed seed files "
+                        "work), en or zh = every prompt in that language")
     p.add_argument("--seed", type=int, default=0)
     p = cmd("dedup", _dedup, "remove exact, near (MinHash) and semantic duplicates, keep-first")
     p.add_argument("--out", required=True)

@@ -58,7 +58,8 @@ def test_convert_errors(tmp_path):
         convert.convert(FIX / "bad.jsonl", tmp_path / "x.jsonl", "openai")
     assert not (tmp_path / "x.jsonl").exists()  # atomic: no half-written output
     report = convert.convert(FIX / "bad.jsonl", tmp_path / "x.jsonl", "openai", skip_bad=True)
-    assert report["written"] == 1 and report["rejected"] == {"unparseable row": 2}
+    assert report["written"] == 1  # rejected rows counted by reason, without file, line or value
+    assert report["rejected"] == {"field 'output' is missing/empty": 1, "field 'output' must be a string": 1}
 
 
 def test_from_task_nli_labels_and_seeding(tmp_path):
@@ -112,7 +113,7 @@ def test_minhash_estimates_jaccard():
     a = " ".join(f"w{i}" for i in range(200))
     b = " ".join(f"w{i}" for i in range(40, 240))  # word 5-gram Jaccard = 156 / 244 = 0.639
     lsh = dedup.MinHashLSH(0.5, num_perm=256, seed=1)
-    sa, sb = lsh.signatures([a, b])
+    sa, sb = lsh.signatures([lsh.shingle_hashes(a), lsh.shingle_hashes(b)])
     true = len(dedup.shingles(a) & dedup.shingles(b)) / len(dedup.shingles(a) | dedup.shingles(b))
     assert abs(float(np.mean(sa == sb)) - true) < 0.1
     assert dedup.lsh_bands(0.8, 64)[0] * dedup.lsh_bands(0.8, 64)[1] <= 64

@@ -40,7 +40,10 @@ def _from_task(a) -> int:
     from posttrain.data.build.from_task import from_task
 
     labels = a.labels.split(",") if a.labels else None
-    _print(from_task(a.path, a.out, a.task, a.templates, a.seed, labels))
+    fields = [f.strip() for f in a.fields.split(",")] if a.fields else None
+    columns = dict(pair.split("=", 1) for pair in a.columns.split(",")) if a.columns else None
+    _print(from_task(a.path, a.out, a.task, a.templates, a.seed, labels, lang=a.lang, fields=fields,
+                     columns=columns, answer=a.answer, skip_bad=a.skip_bad))
     return 0
 
 
@@ -123,10 +126,20 @@ def add_data_parser(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="reject unparseable rows to <out>.rejected.jsonl")
     p = cmd("from-task", _from_task, "turn labelled task rows into instruction data", path=False)
     p.add_argument("path", help="task rows (.csv, .jsonl, ...)")
-    p.add_argument("--task", required=True, help="sentiment, classification, nli, paraphrase, qa, translation, ...")
+    p.add_argument("--task", required=True, help="sentiment, classification, nli, paraphrase, qa, translation, "
+                   "summarization, data_to_text, multiple_choice, reading_comprehension (or one from --templates)")
     p.add_argument("--out", required=True)
     p.add_argument("--templates", help="YAML with extra templates/tasks")
     p.add_argument("--labels", help="comma-separated label words for --task classification")
+    p.add_argument("--lang", default="auto", choices=["auto", "en", "zh"],
+                   help="template language: auto (default) = Chinese templates for rows whose text is mostly CJK")
+    p.add_argument("--fields", help="data_to_text: columns that make up {data}, e.g. 品牌,型号,颜色 (default: a dict "
+                   "or text column `data`)")
+    p.add_argument("--columns", help="template field=your column pairs, e.g. text=描述,question=问题")
+    p.add_argument("--answer", default="letter", choices=["letter", "text", "both"],
+                   help="multiple choice output: the letter (default), the option text, or both")
+    p.add_argument("--skip-bad", action="store_true", help="reject rows that cannot be rendered to "
+                   "<out>.rejected.jsonl (counted by reason) instead of stopping at the first")
     p.add_argument("--seed", type=int, default=0)
     p = cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False)
     p.add_argument("--seeds", required=True, help="seed tasks (instruction column), e.g. seed_tasks.jsonl")

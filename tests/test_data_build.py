@@ -152,6 +152,16 @@ def test_filter_rule_errors(tmp_path):
     assert filt.script_of("你好世界 hi") == "cjk" and filt.repetition_ratio("a b c a b c a b c") == pytest.approx(4 / 7)
 
 
+def test_pii_phone_needs_a_phone_shape():
+    scrub = filt.PiiScrubber(["phone"])
+    for text in ("call +1 415 555 0100.", "(555) 123-4567", "+14155550100", "+44 20 7946 0958"):
+        assert "<phone>" in scrub(text), text
+    # years, sums, decimals and calendar rows are not phone numbers (the old pattern took all of these)
+    for text in ("Marie Curie (1867-1934)", "c = 12 - 1 - 2 = 9", "0.762848570174394", " 4    5    6    7    8    9",
+                 "2020-01-01", "from 2000-2015."):
+        assert scrub(text) == text, text
+
+
 def test_mix_weights_caps_and_seed(tmp_path):
     shutil.copy(FIX / "mix.yaml", tmp_path)
     for name in ("alpaca.jsonl", "sharegpt.jsonl"):

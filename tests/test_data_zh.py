@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.data.build import convert, filter as filt, from_task, stats, validate
-from posttrain.data.build.lang import units
+from posttrain.data.build.lang import is_cjk, lang_of, script_of, units
 from posttrain.errors import DataError
 
 ZH = Path(__file__).parent / "data" / "build" / "zh"
@@ -18,6 +18,13 @@ ZH = Path(__file__).parent / "data" / "build" / "zh"
 
 def rows(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_language_by_share_of_cjk_letters():
+    mixed = "OPPO Find X7影像能力出色，夜景拍摄清晰明亮。"  # more Latin letters than CJK characters
+    assert script_of(mixed) == "latin" and is_cjk(mixed) and lang_of(mixed) == "zh"
+    assert not is_cjk("Translate 你好 into French, please.") and lang_of("") == "en"
+    assert units("将85华氏度转换为摄氏度。") == ["将", "85", "华", "氏", "度", "转", "换", "为", "摄", "氏", "度"]
 
 
 def test_seed_records_list_input_and_input_only_rows(tmp_path):

@@ -15,10 +15,11 @@ that rule's name and written to `<out>.rejected.jsonl` with the reason. Example:
       - pii: {scrub: [email, phone, id, name], names: [张伟, Alice Smith]}  # a transform, see PII below
 
 Lengths count characters (a Chinese character is one) or tokens of a tokenizer. PII scrubbing
-rewrites matches as <email>, <phone>, <id>, <name>: emails; phone numbers, Chinese mobile
-(+86 138 1234 5678) and landline (010-12345678) numbers included; US SSNs, card-like numbers and
-18-digit Chinese resident ID numbers (身份证) whose birth date and ISO 7064 check digit are valid;
-person names only from the list you give (`names:` or `names_file:`, one per line).
+rewrites matches as <email>, <phone>, <id>, <name>: emails; phone numbers (digit groups such
+as +1 415 555 0100 or +14155550100 with 9-15 digits, Chinese mobile 13812345678 and landline
+010-12345678); US SSNs, card-like numbers and 18-digit Chinese resident ID numbers (身份证)
+whose birth date and ISO 7064 check digit are valid; person names only from the list you give
+(`names:` or `names_file:`, one per line).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ PII_PATTERNS = {
                         r"(?![0-9A-Za-z])"),
     "cn_phone": re.compile(r"(?<![\d+])(?:(?:\+|00)?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}(?!\d)"  # mobile
                            r"|(?<!\d)0\d{2,3}-\d{7,8}(?!\d)"),  # landline with area code
-    "phone": re.compile(r"(?<!\w)\+?\d[\d\s().-]{7,}\d(?!\w)"),
+    # +E.164, or digit groups with single separators ("+1 415 555 0100", "(555) 123-4567"), 9-15 digits:
+    # years (1867-1934), sums (12 - 1 - 2), decimals and calendar grids do not read as phone numbers
+    "phone": re.compile(r"(?<![\w.+])(?:\+\d{9,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"
+                        r"(?:[ .-]\d{2,4}){1,4})(?!\w|\.\d)"),
 }
 PII_KINDS = ("email", "phone", "id", "name")  # applied in this order: an ID number never reads as a phone
 
@@ -59,6 +63,10 @@ def cn_id_valid(number: str) -> bool:
     """The ISO 7064 MOD 11-2 check digit of an 18-digit Chinese resident ID number."""
     total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS))
     return "10X98765432"[total % 11] == number[17].upper()
+
+
+def phone_digits(number: str) -> bool:
+    return 9 <= sum(c.isdigit() for c in number) <= 15  # E.164 allows at most 15 digits
 
 
 def repetition_ratio(text: str, n: int = 3, char_n: int = 6) -> float:
@@ -103,7 +111,7 @@ class PiiScrubber:
                 text = self._sub("id", PII_PATTERNS["id"], text)
             elif kind == "phone":
                 text = self._sub("phone", PII_PATTERNS["cn_phone"], text)
-                text = self._sub("phone", PII_PATTERNS["phone"], text)
+                text = self._sub("phone", PII_PATTERNS["phone"], text, keep=phone_digits)
             else:
                 text = self._sub("name", self.names, text)
         return text

@@ -2,7 +2,10 @@
 
 Chinese has no spaces, so every rule that counted space-separated words (synth's length
 heuristic, repetition, verb-noun pairs, near-dedup shingles) counts characters for CJK text
-instead. A text is CJK when CJK characters are the most common letters in it (`script_of`).
+instead. A text counts as CJK when at least a third of its letters are CJK characters: a
+Chinese character carries about as much as a short English word, so Chinese text with a brand
+name or an English phrase in it ("OPPO Find X7影像能力出色") is still Chinese. `script_of`, the
+script-mix statistic and the `script` filter rule, names the most common script instead.
 """
 
 from __future__ import annotations
@@ -40,8 +43,13 @@ def _char_script(ch: str) -> str:
     return "other"
 
 
+CJK_SHARE = 1 / 3
+
+
 def is_cjk(text: str) -> bool:
-    return script_of(text) == "cjk"
+    """At least CJK_SHARE of the letters (in the first 2000 characters) are CJK characters."""
+    letters = [ch for ch in text[:2000] if ch.isalpha()]
+    return bool(letters) and sum(CJK_CHAR.match(ch) is not None for ch in letters) >= CJK_SHARE * len(letters)
 
 
 def lang_of(text: str) -> str:

@@ -21,7 +21,7 @@ def rows(path):
 
 
 def test_language_by_share_of_cjk_letters():
-    mixed = "OPPO Find X7影像能力出色，夜景拍摄清晰明亮。"  # more Latin letters than CJK characters
+    mixed = "Apple iPhone 15粉色款很好看"  # 11 Latin letters, 6 CJK characters
     assert script_of(mixed) == "latin" and is_cjk(mixed) and lang_of(mixed) == "zh"
     assert not is_cjk("Translate 你好 into French, please.") and lang_of("") == "en"
     assert units("将85华氏度转换为摄氏度。") == ["将", "85", "华", "氏", "度", "转", "换", "为", "摄", "氏", "度"]

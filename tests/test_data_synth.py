@@ -128,6 +128,19 @@ def test_heuristics_count_chinese_characters():
     assert synth.heuristic_reject("Write a poem") == "length" and synth.heuristic_reject("¿Qué hora es ahora?")
 
 
+def test_instance_parsers_both_languages_and_echoes():
+    from posttrain.data.build.synth_prompts import parse_input_output, parse_label_input, parse_proposals
+
+    assert parse_input_output("输入：<无输入>\n输出：这是一个回答。") == ("", "这是一个回答。")
+    assert parse_input_output("Input: 2+2\nOutput: 4") == ("2+2", "4")
+    assert parse_label_input("类别标签：正面\n输入：很好看。") == ("正面", "很好看。")
+    # the reply format copied back (what SmolLM2-135M did with the Chinese prompt) is no instance
+    assert parse_input_output("输入：<任务的输入；不需要输入时写 <无输入>\n输出：<输出>") is None
+    assert parse_label_input("Class label: <label>\nInput: <input>") is None
+    assert parse_proposals("任务7：写一首诗。\n8. Name a fruit.\n任务 9： 列出三种颜色。") == [
+        "写一首诗。", "Name a fruit.", "列出三种颜色。"]
+
+
 def test_rouge_l_on_chinese_characters():
     # 11 tokens each ('85' and '100' are one token each), LCS 将华氏度转换为摄氏度 = 10: F1 = 10/11
     assert synth.rouge_l("将85华氏度转换为摄氏度。", "将100华氏度转换为摄氏度。") == pytest.approx(10 / 11)

@@ -185,7 +185,8 @@ def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0,
         while len(made) < n:
             rounds += 1
             if max_rounds is not None and rounds > max_rounds:
-                raise SynthIncomplete(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}); "
+                raise SynthIncomplete(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}, "
+                                      f"heuristic reasons {dict(reasons)}); "
                                       f"progress is kept in {partial}, rerun to continue",
                                       {"rows": len(made), "rounds": max_rounds, **stats,
                                        "heuristic_reasons": dict(reasons), "prompts": dict(prompt_langs),

@@ -40,6 +40,8 @@ _NUMBERING = re.compile(r"^\s*(?:Task|任务)?\s*\d+\s*[:：.．)）、]\s*")
 _LABEL_INPUT = re.compile(r"(?:Class label|类别标签)\s*[:：]\s*(.+?)\s*\n\s*(?:Input|输入)\s*[:：]\s*(.*)", re.S)
 _INPUT_OUTPUT = re.compile(r"(?:Input|输入)\s*[:：]\s*(.*?)\s*\n\s*(?:Output|输出)\s*[:：]\s*(.+)", re.S)
 NO_INPUT = ("", "<noinput>", "<无输入>", "无输入", "无")
+# a small teacher often copies the reply format back: such a field is no instance at all
+PLACEHOLDERS = ("<the input", "<the output>", "<label>", "<input>", "<任务的输入", "<输出>", "<标签>", "<输入>")
 
 BLOCKED = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
            "plot", "go to", "video", "audio", "music", "flowchart", "diagram")  # tasks a text model cannot do
@@ -68,16 +70,22 @@ def is_yes(answer: str) -> bool:
 def parse_label_input(text: str) -> tuple[str, str] | None:
     """(label, input) from an output-first reply."""
     m = _LABEL_INPUT.search(text)
-    return (m.group(1).strip(), m.group(2).strip()) if m else None
+    if not m or _echoed(m.group(1), m.group(2)):
+        return None
+    return m.group(1).strip(), m.group(2).strip()
 
 
 def parse_input_output(text: str) -> tuple[str, str] | None:
     """(input, output) from an input-first reply; a 'no input' marker becomes ''."""
     m = _INPUT_OUTPUT.search(text)
-    if not m:
+    if not m or _echoed(m.group(1), m.group(2)):
         return None
     inp = m.group(1).strip()
     return ("" if inp.lower() in NO_INPUT else inp), m.group(2).strip()
+
+
+def _echoed(*fields: str) -> bool:
+    return any(f.strip().startswith(PLACEHOLDERS) for f in fields)
 
 
 def heuristic_reject(instruction: str) -> str | None:

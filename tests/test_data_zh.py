@@ -102,6 +102,9 @@ def test_data_to_text_fields_and_dict_column(tmp_path, capsys):
     assert main(["data", "from-task", str(ZH / "products.jsonl"), "--task", "data_to_text", "--out", str(out),
                  "--fields", "品牌,型号,颜色", "--columns", "text=描述"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert main(["data", "from-task", str(ZH / "products.jsonl"), "--task", "data_to_text", "--out", str(out),
+                 "--columns", "text"]) == 2
+    assert "--columns must be field=column pairs" in capsys.readouterr().err
     got = rows(out)
     assert report["langs"] == {"zh": 3} and report["empty_fields"] == {"颜色": 1}
     assert "品牌：华为；型号：Mate 60；颜色：雅川青" in got[0]["instruction"] + got[0]["input"]

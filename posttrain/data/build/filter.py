@@ -165,7 +165,11 @@ def build_rule(name: str, spec) -> Check:
         return lambda conv: "empty output" if not response_text(conv).strip() else None
     if name == "refusal":
         phrases = _phrases(spec, REFUSALS)
-        return lambda conv: next((f"refusal {p!r}" for p in phrases if p in response_text(conv).lower()), None)
+
+        def refusal(conv):
+            text = response_text(conv).lower()
+            return next((f"refusal {p!r}" for p in phrases if p in text), None)
+        return refusal
     if name == "repetition":
         n, char_n, limit = spec.get("n", 3), spec.get("char_n", 6), spec.get("max_ratio", 0.3)
         return lambda conv: (f"repetition {r:.3f} > {limit}"

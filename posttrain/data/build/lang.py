@@ -18,16 +18,21 @@ SCRIPTS = ("latin", "cjk", "kana", "hangul", "cyrillic", "arabic", "greek", "dev
 LANGS = ("auto", "en", "zh")
 _CJK_CLASS = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 CJK_CHAR = re.compile(f"[{_CJK_CLASS}]")
+_LETTER = re.compile(r"[^\W\d_]")  # what str.isalpha() calls a letter, CJK characters included
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_OTHER_LETTER = re.compile(f"[^\\W\\d_A-Za-z{_CJK_CLASS}]")
 # a CJK character, or a run of other word characters (a Latin word, a number)
 _UNIT = re.compile(f"[{_CJK_CLASS}]|[^\\W{_CJK_CLASS}]+")
 
 
 def script_of(text: str) -> str:
     """The most common Unicode script among the letters of `text` ('none' when it has no letters)."""
-    counts: Counter = Counter()
-    for ch in text[:2000]:  # a prefix is enough to tell, and bounds the cost on long rows
-        if ch.isalpha():
-            counts[_char_script(ch)] += 1
+    prefix = text[:2000]  # a prefix is enough to tell, and bounds the cost on long rows
+    # ASCII letters and CJK characters counted in C; only the other letters need a name lookup
+    counts = Counter({"latin": len(_ASCII_LETTER.findall(prefix)), "cjk": len(CJK_CHAR.findall(prefix))})
+    for ch in _OTHER_LETTER.findall(prefix):
+        counts[_char_script(ch)] += 1
+    counts = +counts  # drop zero counts
     return counts.most_common(1)[0][0] if counts else "none"
 
 
@@ -48,8 +53,10 @@ CJK_SHARE = 1 / 3
 
 def is_cjk(text: str) -> bool:
     """At least CJK_SHARE of the letters (in the first 2000 characters) are CJK characters."""
-    letters = [ch for ch in text[:2000] if ch.isalpha()]
-    return bool(letters) and sum(CJK_CHAR.match(ch) is not None for ch in letters) >= CJK_SHARE * len(letters)
+    if not CJK_CHAR.search(text, 0, 2000):  # the common case in English data, decided in C
+        return False
+    letters = len(_LETTER.findall(text, 0, 2000))
+    return len(CJK_CHAR.findall(text, 0, 2000)) >= CJK_SHARE * letters
 
 
 def lang_of(text: str) -> str:

@@ -2,7 +2,7 @@
 
 The file has distinct rows of unrelated words, case/whitespace variants (exact duplicates after
 normalising) and copies with 1-3 output words changed, so the planted pairs spread over Jaccard
-0.6-0.9. Every planted pair at Jaccard >= threshold + 0.05 must be found in >= 95% of cases,
+0.63-0.97. Every planted pair at Jaccard >= threshold + 0.05 must be found in >= 95% of cases,
 and no pair below the threshold may be removed (candidates are verified exactly).
 """
 

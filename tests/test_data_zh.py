@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_ASSETS
 from posttrain.cli import main
-from posttrain.data.build import convert, filter as filt, from_task, stats, validate
+from posttrain.data.build import convert, dedup, filter as filt, from_task, stats, validate
 from posttrain.data.build.lang import is_cjk, lang_of, script_of, units
 from posttrain.errors import DataError
 
@@ -186,3 +187,19 @@ def test_stats_without_jieba_says_so(tmp_path, monkeypatch):
     report = stats.stats(ZH / "alpaca_zh.jsonl", tmp_path / "r")
     assert report["verb_noun_skipped"].startswith("9 Chinese instructions: install posttrain[zh]")
     assert Counter(v for v, _, _ in report["verb_noun"]) == {"give": 1}
+
+
+def test_shared_chinese_demo_dedup_and_filter(tmp_path):
+    """Integration: the shared alpaca_zh_demo (alpaca-derived, non-commercial; not in a user's clone)."""
+    demo = SHARED_ASSETS / "data" / "llamafactory" / "alpaca_zh_demo.json"
+    if not demo.is_file():
+        pytest.skip("../shared/assets not present")
+    report = dedup.dedup(demo, tmp_path / "d.jsonl", near=0.8)
+    assert report["rows"] == 1000 and report["removed"] == {"exact": 8} and report["near"]["unit"] == "auto"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - pii: {}\n  - refusal: true\n  - repetition: {max_ratio: 0.3}\n"
+                     "  - script: {allow: [cjk]}\n", encoding="utf-8")
+    report = filt.filter_file(tmp_path / "d.jsonl", tmp_path / "f.jsonl", rules)
+    # the README walk-through's counts (its rules add length limits that drop none of these rows)
+    assert report["kept"] == 889 and report["dropped"] == {"script": 65, "refusal": 34, "repetition": 4}
+    assert report["pii_matches"] == {}

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from posttrain.curate.dedup import shingles
+from posttrain.curate.stream import conversation_text, iter_rows, parse
+
 WORDS = ("data model train token loss batch step layer value reward policy sample prompt answer query score "
          "graph node edge label split mix filter dedup rule shard cache batch epoch check").split()
 
@@ -74,9 +77,6 @@ def planted(path: Path, lang: str, seed: int = 0) -> dict[int, int]:
 
 def recall(work: Path) -> None:
     """Print one table row per language: what `data dedup --near 0.8` removed of the planted rows."""
-    from posttrain.data.build.dedup import shingles
-    from posttrain.data.build.stream import conversation_text, iter_rows, parse
-
     print("| language | exact removed (of 50 variants) | one-word copies: true Jaccard | found at J >= 0.85 "
           "| other rows removed |\n|---|---|---|---|---|")
     for lang in ("en", "zh"):

@@ -122,18 +122,18 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
     class SanityLoop(Loop):
         """Before training: the reference log-probs of the first pairs, by posttrain's own code path."""
 
-        def __init__(self, cfg, model, data, loss_fn, **kw):
-            super().__init__(cfg, model, data, loss_fn, **kw)
-            batch = data.collate([[i] for i in range(spec["sanity_pairs"])])  # rows: chosen, rejected, ...
+        def __init__(self, cfg, model, steps, **kw):
+            super().__init__(cfg, model, steps, **kw)
+            batch = steps.data.collate([[i] for i in range(spec["sanity_pairs"])])  # rows: chosen, rejected, ...
             with torch.no_grad(), model.disable_adapter():
                 logps, _ = dpo_mod.response_logps(model, batch)
             tokens = batch["seq_lengths"]  # per sequence as rendered (rows may be packed, prompts shared)
             counts["sanity"] = {"chosen_logps": logps[0::2].tolist(), "rejected_logps": logps[1::2].tolist(),
                                 "chosen_tokens": tokens[0::2].tolist(), "rejected_tokens": tokens[1::2].tolist()}
 
-        def _step(self, plan, step=0):
+        def update(self, micro_batches):
             start = time.perf_counter()
-            out = super()._step(plan, step)
+            out = super().update(micro_batches)
             counts["step_times"].append(time.perf_counter() - start)
             counts["losses"].append(out["loss"])
             return out

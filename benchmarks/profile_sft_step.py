@@ -30,9 +30,10 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     from posttrain.data.pipeline import build_sft_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.lm_forward import sft_forward
-    from posttrain.train.loop import Loop
-    from posttrain.train.sft import to_batches
+    from posttrain.models.forward import sft_forward
+    from posttrain.train.loop import Dist, Loop
+    from posttrain.train.steps import DataSteps
+    from posttrain.data.batches import sft_batches
 
     path = Path(tmp) / "messages.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
@@ -51,8 +52,10 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     model = apply_method(model, cfg)
     forward = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=cfg.train.head_positions)
-    loop = Loop(cfg, model, to_batches(data.train, tokenizer.pad_token_id), forward)
-    return loop, loop._plans(0)
+    steps = DataSteps(sft_batches(data.train, tokenizer.pad_token_id), forward, train=cfg.train,
+                      packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=Dist())
+    loop = Loop(cfg, model, steps)
+    return loop, steps.plans(0)
 
 
 def main() -> None:
@@ -74,9 +77,9 @@ def main() -> None:
     data = DEFAULT_DATA if DEFAULT_DATA.is_file() else FALLBACK_DATA
     with tempfile.TemporaryDirectory() as tmp:
         loop, plans = build(load_rows(data, 0, args.rows), tmp, args.micro, args.set)
-        loop._step(plans[0])  # warm-up: allocator, lazy inits, AdamW state
-        real = loop.data.collate
-        forward = loop.loss_fn
+        loop.update(loop.steps.micro_batches(plans[0]))  # warm-up: allocator, lazy inits, AdamW state
+        real = loop.steps.data.collate
+        forward = loop.steps.loss_fn
 
         def timed_collate(units):
             with record_function("phase:collate"):
@@ -87,12 +90,12 @@ def main() -> None:
                 loss, metrics = forward(model, batch, normalizer)
             return _BackwardMarked(loss), metrics
 
-        loop.data.collate, loop.loss_fn = timed_collate, timed_forward
+        loop.steps.data.collate, loop.steps.loss_fn = timed_collate, timed_forward
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
             for plan in plans[1:1 + args.steps]:
                 with record_function("phase:step"):
-                    loop._step(plan)
+                    loop.update(loop.steps.micro_batches(plan))
         wall = time.perf_counter() - start
     table = prof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.top))

@@ -109,17 +109,17 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
         counts["sum_sq_len"] += float((lengths ** 2).sum())
         return real_forward(model, batch, normalizer, **kw)
 
-    real_step = Loop._step
+    real_step = Loop.update
 
-    def timed_step(self, plan, step=0):
+    def timed_step(self, micro_batches):
         start = time.perf_counter()
-        out = real_step(self, plan, step)
+        out = real_step(self, micro_batches)
         counts["step_times"].append(time.perf_counter() - start)
         counts.setdefault("losses", []).append(out["loss"])
         return out
 
     sft_mod.sft_forward = counting_forward
-    Loop._step = timed_step
+    Loop.update = timed_step
     sft_mod.run(cfg)
     return finish(counts, head_tokens=counts["loss"] if "train.head_positions=all" not in overrides
                   else counts["real"])

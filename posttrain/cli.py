@@ -38,12 +38,19 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from posttrain.train import dpo, ppo, reward, sft
+    from posttrain.train import dpo, ppo, rm, sft
 
-    summary = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
-    if summary.get("processes", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
-        print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss {summary['final_train_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.0f} s", file=sys.stderr)
+    summary = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
+    if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.get("already_complete"):
+        print(f"{cfg.output.dir}: already complete ({summary['steps']} of {summary['total_steps']} steps); "
+              "nothing to train, train_summary.json left as it was", file=sys.stderr)
+        return 0
+    loss = summary["final_train_loss"]
+    print(f"saved {cfg.output.dir}: {summary['steps']} steps, final loss "
+          f"{'n/a' if loss is None else format(loss, '.4f')}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['wall_time_s']:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -54,11 +61,12 @@ def _sampling(args) -> dict:
 
 def cmd_chat(args) -> int:
     _quiet_libraries()
-    from posttrain.data.records import Message
+    from posttrain.records import Message
     from posttrain.models.run import load_model_for_inference
-    from posttrain.serve.chat import generate_reply, run_repl
+    from posttrain.models.generate import generate_reply
+    from posttrain.serve.chat import run_repl
 
-    model, tokenizer, cfg = load_model_for_inference(args.model)
+    model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:
         args.system = cfg.template.system  # chat renders exactly as the run trained
     if args.prompt is not None:
@@ -73,7 +81,7 @@ def cmd_export(args) -> int:
     _quiet_libraries()
     from posttrain.models.export import export_merged
 
-    out = export_merged(args.run, args.out)
+    out = export_merged(args.run, args.out, trust_remote_code=args.trust_remote_code)
     print(f"exported {out}", file=sys.stderr)
     return 0
 
@@ -98,7 +106,8 @@ def cmd_ui(args) -> int:
     _quiet_libraries()
     from posttrain.serve.ui.app import run_ui
 
-    run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator)
+    run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
+           token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir)
     return 0
 
 
@@ -107,7 +116,7 @@ def cmd_score(args) -> int:
     import json
 
     from posttrain.errors import ConfigError
-    from posttrain.train.reward_scoring import normalize_rewards, score_preferences
+    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences
 
     if not args.data and not args.normalize:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
@@ -133,6 +142,12 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own Python code (config.json auto_map); only for folders you trust. "
+                   "A run folder's config.yaml cannot switch this on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -153,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="merge a LoRA run into a standalone HF model folder")
     p.add_argument("run", help="run dir written by posttrain train")
     p.add_argument("--out", required=True, help="folder to write (config, safetensors, tokenizer)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
@@ -168,18 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run, model folder, built-in or hub id")
     p.add_argument("model", help="run dir, HF folder, built-in name or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all: then set "
+                   "--api-key, see SECURITY.md)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; see SECURITY.md)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--model", action="append", default=[], help="model to offer (repeatable; others load on use)")
-    p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs")
+    p.add_argument("--model", action="append", default=[], help="model the UI may load (repeatable); runs inside "
+                   "--workdir are offered too, nothing else")
+    p.add_argument("--workdir", default="ui-data", help="folder for votes, annotations and UI-started runs; the UI "
+                   "reads and writes files only here and in --data-dir folders")
+    p.add_argument("--data-dir", action="append", default=[], help="another folder whose files (datasets, prompts, "
+                   "candidates) the UI may read (repeatable)")
+    p.add_argument("--token", help="the token the page and API clients must give (default: a new random one, "
+                   "printed with the URL); POSTTRAIN_UI_TOKEN also sets it, out of sight of `ps`")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
     p.set_defaults(func=cmd_ui)
 
@@ -196,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", nargs="?", help="only keys containing this text")
     p.set_defaults(func=cmd_keys)
 
-    from posttrain.data.build.cli import add_data_parser
+    from posttrain.curate.cli import add_data_parser
 
     add_data_parser(sub)
     return parser

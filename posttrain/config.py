@@ -16,7 +16,7 @@ import yaml
 
 from posttrain import typed_config
 from posttrain.errors import ConfigError
-from posttrain.typed_config import build, opt, parse_override, set_dotted
+from posttrain.typed_config import build, opt, parse_override, set_dotted, yaml_error_text
 
 # Methods that add virtual tokens (PEFT prompt / prefix tuning) instead of changing weights.
 PROMPT_METHODS = ("prompt", "prefix")
@@ -26,7 +26,8 @@ __all__ = ["RunConfig", "describe_keys", "load_config", "parse_override", "save_
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("tiny-random", "HF model folder, hub id, or built-in: smollm2-135m-instruct, tiny-random")
+    name_or_path: str = opt(
+        "", "required to train: HF model folder, hub id, or built-in: smollm2-135m-instruct, tiny-random")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "weights/compute dtype; auto = float32 on CPU (no fast bf16 there), bfloat16 on CUDA")
     attn_implementation: str = opt("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
@@ -174,8 +175,18 @@ class MultipleChoiceConfig:
         "plain", "plain text (works for base and chat models) or wrapped as a user turn of the chat template")
     header: str | None = opt(None, "first line; {subject} is filled in (None: the language's default)")
     answer_cue: str | None = opt(None, "text before the letter, e.g. 'Answer:' (None: the language's default)")
-    categories: dict[str, list[str]] = opt({}, "category -> subjects (empty: C-Eval's four categories)")
+    categories: dict[str, list[str]] = opt({}, "category -> subjects (empty: the built-in map category_map picks)")
     max_length: int = opt(2048, "prompt token limit; shots are dropped from the end until it fits")
+    scoring: Literal["letter", "cloze", "calibrated"] = opt(
+        "letter", "letter: option-letter log-prob after the cue; cloze: log-prob of each option's text after the "
+                  "question (options not listed), per character; calibrated: letter log-prob minus the letter's "
+                  "log-prob after a content-free 'N/A' prompt")
+    category_map: Literal["auto", "ceval", "mmlu", "cmmlu", "none"] = opt(
+        "auto", "built-in subject -> category map; auto: the detected layout's (C-Eval, MMLU, CMMLU), else the one "
+                "holding the most subjects")
+    shared_prefix: bool = opt(
+        True, "score prompts that share a prefix (a subject's header and shots, a question's options) after one "
+              "copy of it in packed rows; false: one padded row per prompt or option")
 
 
 @dataclass
@@ -307,7 +318,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: not valid YAML at {yaml_error_text(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         base_dir = path.parent
@@ -366,6 +377,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.stage == "eval":
         _validate_eval(cfg.eval)
         return
+    if not cfg.model.name_or_path.strip():  # no silent default: a typo'd section must not train a random model
+        raise ConfigError("model.name_or_path is required: a model folder, a hub id (org/name), or a built-in "
+                          "(smollm2-135m-instruct, or tiny-random for a quick random test model)")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one training file")
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
@@ -378,7 +392,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
-    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+    if cfg.train.max_steps < 0 or cfg.train.epochs < 0:
+        raise ConfigError(f"train.max_steps and train.epochs must be >= 0, got train.max_steps={cfg.train.max_steps}, "
+                          f"train.epochs={cfg.train.epochs}")
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
     if cfg.lora.r < 1:
         raise ConfigError("lora.r must be >= 1")

@@ -128,7 +128,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=1e-4)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML at {yaml_error_text(err)}") from None
+
+
+def yaml_error_text(err: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: 'line 4 column 15: mapping values are not allowed here' (1-based)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = f"line {mark.line + 1} column {mark.column + 1}: {problem}"
+    opened, context = getattr(err, "context_mark", None), getattr(err, "context", None)
+    if opened is not None and context:
+        text += f" ({context} started at line {opened.line + 1} column {opened.column + 1})"
+    return text
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,14 +32,22 @@ from selenium.webdriver.support.ui import WebDriverWait
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["Give me one tip for sleeping better.", "What is the capital of Italy?", "Describe a cat in one sentence."]
+TOKEN = secrets.token_urlsafe(32)  # handed to `posttrain ui` in its environment, out of sight of `ps`
+
+
+def get(url: str, timeout: float = 30):
+    """GET a UI route the way a script does: with the token as a Bearer."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def start_ui(workdir: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "ui", "--port", str(port), "--workdir",
-                             str(workdir), "--model", MODEL, "--annotator", "lead"])
+                             str(workdir), "--model", MODEL, "--annotator", "lead", "--data-dir",
+                             str(ROOT / "examples" / "data")], env={**os.environ, "POSTTRAIN_UI_TOKEN": TOKEN})
     for _ in range(240):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/info", timeout=2)
+            get(f"http://127.0.0.1:{port}/ui/info", timeout=2)
             return proc
         except OSError:
             time.sleep(0.5)
@@ -84,7 +94,7 @@ def train(p: Page, out: Path) -> str:
     state = p.wait("tr-state", lambda t: t.startswith("finished"))
     print("train:", state, "| last loss:", p.el("tr-loss").text)
     p.d.save_screenshot(str(out / "ui-train.png"))
-    return json.loads(urllib.request.urlopen(p.d.current_url + "ui/train/status").read())["dir"]
+    return json.loads(get(p.d.current_url + "ui/train/status").read())["dir"]
 
 
 def chat(p: Page, run_dir: str, out: Path) -> None:
@@ -132,7 +142,7 @@ def ui_page(workdir: Path, port: int):
     proc = start_ui(workdir, port)
     driver = browser()
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(f"http://127.0.0.1:{port}/?token={TOKEN}")
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
         yield Page(driver)
     finally:

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.models.run import load_model_for_inference
-from posttrain.serve.chat import generate_reply
+from posttrain.models.generate import generate_reply
 
 ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
         {"instruction": "Say hi.", "input": "", "output": "Hi there!"},

@@ -6,7 +6,7 @@ import yaml
 from posttrain.config import describe_keys, load_config, save_config
 from posttrain.errors import ConfigError
 
-BASE = {"data.datasets": [{"path": "train.jsonl"}]}
+BASE = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "train.jsonl"}]}
 
 
 def test_defaults_and_overrides():
@@ -18,7 +18,8 @@ def test_defaults_and_overrides():
 
 def test_yaml_file_and_relative_paths(tmp_path):
     (tmp_path / "d.jsonl").write_text("{}\n")
-    (tmp_path / "c.yaml").write_text("data:\n  datasets:\n    - path: d.jsonl\nlora:\n  r: 4\n")
+    (tmp_path / "c.yaml").write_text("model: {name_or_path: tiny-random}\ndata:\n  datasets:\n    - path: d.jsonl\n"
+                                     "lora:\n  r: 4\n")
     cfg = load_config(tmp_path / "c.yaml", ["lora.alpha=8"])
     assert cfg.lora.r == 4 and cfg.lora.alpha == 8.0
     assert cfg.data.datasets[0].path == str(tmp_path / "d.jsonl")
@@ -47,7 +48,7 @@ def test_wrong_type_names_key_and_type():
 
 def test_validate_cross_field_rules():
     with pytest.raises(ConfigError, match="data.datasets is empty"):
-        load_config(None, [])
+        load_config(None, ["model.name_or_path=tiny-random"])
     with pytest.raises(ConfigError, match="train.micro_batch_size must be >= 1"):
         load_config(None, ["train.micro_batch_size=0"], **BASE)
 

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from posttrain.cli import main
-from posttrain.data.build import dedup
+from posttrain.curate import dedup
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HANZI = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 3000))  # 3,000 CJK unified ideographs

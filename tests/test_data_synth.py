@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.data.build import synth
+from posttrain.curate import synth
+from posttrain.curate.synth_prompts import parse_input_output, parse_label_input, parse_proposals
 from posttrain.errors import PosttrainError
 
 PROPOSALS = [
@@ -129,8 +130,6 @@ def test_heuristics_count_chinese_characters():
 
 
 def test_instance_parsers_both_languages_and_echoes():
-    from posttrain.data.build.synth_prompts import parse_input_output, parse_label_input, parse_proposals
-
     assert parse_input_output("输入：<无输入>\n输出：这是一个回答。") == ("", "这是一个回答。")
     assert parse_input_output("Input: 2+2\nOutput: 4") == ("2+2", "4")
     assert parse_label_input("类别标签：正面\n输入：很好看。") == ("正面", "很好看。")

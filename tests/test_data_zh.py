@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SHARED_ASSETS
 from posttrain.cli import main
-from posttrain.data.build import convert, dedup, filter as filt, from_task, stats, validate
-from posttrain.data.build.lang import is_cjk, lang_of, script_of, units
+from posttrain.curate import convert, dedup, filter as filt, from_task, stats, validate
+from posttrain.curate.lang import is_cjk, lang_of, script_of, units
 from posttrain.errors import DataError
 
 ZH = Path(__file__).parent / "data" / "build" / "zh"

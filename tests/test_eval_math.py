@@ -15,7 +15,8 @@ from posttrain.eval import ratings
 from posttrain.eval.mc_data import load_split, read_csv_items
 from posttrain.eval.metrics import reference_scores, tokenize
 from posttrain.eval.judges import ReferenceJudge
-from posttrain.eval.multiple_choice import CEVAL_CATEGORIES, build_prompt, summarize
+from posttrain.eval.multiple_choice import build_prompt, summarize
+from posttrain.eval.mc_categories import CEVAL_CATEGORIES
 
 from conftest import SHARED_ASSETS
 
@@ -163,8 +164,10 @@ def test_prompt_golden_zero_and_k_shot(tmp_path):
 
 
 def test_summarize_subjects_categories_overall():
-    results = [{"subject": "law", "correct": True}, {"subject": "law", "correct": False},
-               {"subject": "logic", "correct": True}, {"subject": "x", "correct": False}]
+    results = [{"subject": "law", "correct": True, "pred": "A", "answer": "A"},
+               {"subject": "law", "correct": False, "pred": "A", "answer": "B"},
+               {"subject": "logic", "correct": True, "pred": "C", "answer": "C"},
+               {"subject": "x", "correct": False, "pred": "A", "answer": "D"}]
     s = summarize(results, {"Humanities": ["law", "logic"]})
     assert s["subjects"]["law"]["accuracy"] == 0.5
     assert s["categories"]["Humanities"] == {"n": 3, "accuracy": 2 / 3}

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 from posttrain.eval.mc_data import MCItem
-from posttrain.eval.multiple_choice import letter_logps, letter_token_ids
+from posttrain.eval.mc_prompts import letter_token_ids
+from posttrain.eval.mc_scoring import next_token_logps
 from posttrain.models.run import load_model_for_inference
 
 
@@ -27,18 +28,19 @@ def test_mc_scoring_matches_hand_logprobs_and_picks_max(tiny):
     shared, ids = letter_token_ids(tok, "答案：", "ABCD")
     assert shared == [] and len(set(ids)) == 4
     prompts = [tok("Question one?\nA. x\nB. y\n答案：")["input_ids"], tok("Q?\n答案：")["input_ids"]]
-    batched = letter_logps(model, prompts, ids, pad_id=0)  # (2, 4), the second row padded
-    for b, p in enumerate(prompts):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p])).logits[0, -1]
-        expected = logits.log_softmax(-1)[ids]
-        assert torch.allclose(batched[b], expected, atol=1e-5)
-        assert int(batched[b].argmax()) == int(expected.argmax())
+    for packed in (False, True):  # one padded row per prompt; one packed row, each prompt its own run
+        batched = torch.tensor(next_token_logps(model, [([], prompts)], [ids, ids], packed, pad_id=0))  # (2, 4)
+        for b, p in enumerate(prompts):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p])).logits[0, -1]
+            expected = logits.log_softmax(-1)[ids]
+            assert torch.allclose(batched[b], expected, atol=1e-5)
+            assert int(batched[b].argmax()) == int(expected.argmax())
 
 
 def test_generate_batch_matches_single_greedy(tiny):
-    from posttrain.serve.chat import generate_reply
-    from posttrain.serve.generate import generate_batch
+    from posttrain.models.generate import generate_reply
+    from posttrain.models.generate import generate_batch
 
     model, tok = tiny
     convs = [[Message("user", "Hello there, how are you today?")], [Message("user", "Hi")]]
@@ -51,7 +53,7 @@ def test_generate_batch_matches_single_greedy(tiny):
 def test_perplexity_equals_manual_masked_nll(tiny, tmp_path):
     from posttrain.eval.perplexity import perplexity
     from posttrain.templates.render import encode_conversation
-    from posttrain.data.records import Conversation
+    from posttrain.records import Conversation
 
     model, tok = tiny
     path = tmp_path / "held.jsonl"
@@ -171,7 +173,7 @@ def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
     """A judge cut short (judge_max_tokens) gives no verdict: votes kept with winner None, cached (not
     re-asked), left out of ratings, reported; another judge_max_tokens is another judge and asks again."""
     from posttrain.eval import compare
-    from posttrain.eval.generation import PromptItem
+    from posttrain.data.prompts import PromptItem
     from posttrain.eval.report import write_compare_report
 
     prompts = [PromptItem("p0", [Message("user", "q0")], None, None),

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from posttrain.config import load_config, save_config
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.models.export import EXPORT_MARKER, export_merged
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method
 from posttrain.models.run import is_peft_model, load_model_for_inference, save_model
 from posttrain.serve import chat
-from posttrain.serve.chat import generate_reply, run_repl
+from posttrain.models.generate import generate_reply
+from posttrain.serve.chat import run_repl
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])  # (1, T)
 

@@ -4,7 +4,7 @@ Naive = what a plain HF causal LM with PEFT does: padded rows with an attention 
 LoRA forward, full-vocabulary logits at every position, `labels` with -100 on prompt and padding.
 Optimised = posttrain's packed rows (block-diagonal attention from position ids), fused LoRA
 linears (models/fast_lora.py), the LM head only at supervised positions with log-probs and their
-gradient formed chunk by chunk (train/head_logps.py). Benchmarks switch these off for before/after.
+gradient formed chunk by chunk (models/head_logps.py). Benchmarks switch these off for before/after.
 """
 
 import pytest
@@ -16,13 +16,14 @@ from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.fast_lora import disable_fast_lora, enable_fast_lora
 from posttrain.models.methods import apply_method
-from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.head_logps import token_logps
+from posttrain.models.forward import sft_forward
 from test_loop import make_data
 
 
 def lora_model(tiny_dir, tmp_path, *extra):
-    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", *extra], **{"data.datasets": [{"path": "x.jsonl"}]})
+    cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", "model.name_or_path=tiny-random", *extra],
+                      **{"data.datasets": [{"path": "x.jsonl"}]})
     torch.manual_seed(0)
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
     for name, p in model.named_parameters():  # LoRA B starts at zero: perturb so A gets gradients too
@@ -206,7 +207,7 @@ def test_dpo_packed_shared_prompt_logps_match_padded_plain(tiny_dir, tmp_path):
 
 
 def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_path, monkeypatch):
-    from posttrain.train.lm_forward import hidden_states
+    from posttrain.models.forward import hidden_states
 
     ids, weights = make_data(5, seed=6)
     model = lora_model(tiny_dir, tmp_path)
@@ -247,7 +248,7 @@ def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
     from posttrain.train.dpo import dpo_forward
 
     cfg = load_config(None, [f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],
-                      **{"data.datasets": [{"path": "x.jsonl"}]})
+                      **{"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}]})
     samples = preference_samples(7)
     model = lora_model(tiny_dir, tmp_path)
     runs = {}

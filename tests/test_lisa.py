@@ -13,8 +13,8 @@ from posttrain.models.tiny import build_model
 
 
 def _setup(tiny_tokenizer, layers=1, interval=2):
-    cfg = load_config(None, [], **{"data.datasets": [{"path": "x.jsonl"}], "method.type": "lisa",
-                                   "lisa.layers": layers, "lisa.interval": interval})
+    cfg = load_config(None, ["model.name_or_path=tiny-random", "method.type=lisa"], **{
+        "data.datasets": [{"path": "x.jsonl"}], "lisa.layers": layers, "lisa.interval": interval})
     model = apply_method(build_model(tiny_tokenizer, layers=4), cfg)
     return cfg, model
 

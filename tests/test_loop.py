@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.methods import apply_method
-from posttrain.train.lm_forward import sft_forward
-from posttrain.train.loop import Batches, Loop
+from posttrain.models.forward import sft_forward
+from posttrain.train.loop import Dist, Loop
+from posttrain.data.batches import Batches
+from posttrain.train.steps import DataSteps
 
 
 def make_data(n=16, seed=0, vocab=300, learnable=False):
@@ -39,9 +42,16 @@ def batches(ids, weights):
 
 
 def config(tmp_path, *overrides):
-    return load_config(None, ["optim.lr=1e-2", "optim.scheduler=constant", "train.log_every=1",
-                              "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
+    return load_config(None, ["model.name_or_path=tiny-random", "optim.lr=1e-2", "optim.scheduler=constant",
+                              "train.log_every=1", "output.tensorboard=false", f"output.dir={tmp_path}", *overrides],
                        **{"data.datasets": [{"path": "unused.jsonl"}]})
+
+
+def make_loop(cfg, model, data, dist_ctx=None):
+    dist_ctx = dist_ctx or Dist()
+    steps = DataSteps(data, sft_forward, train=cfg.train, packing=cfg.data.packing, max_length=cfg.data.max_length,
+                      dist_ctx=dist_ctx)
+    return Loop(cfg, model, steps, dist_ctx=dist_ctx)
 
 
 def model_for(tiny_dir, cfg):
@@ -67,8 +77,8 @@ def grads_after_one_step(tiny_dir, tmp_path, micro, accum):
     cfg = config(tmp_path, "method.type=full", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
                  "train.max_steps=1", "optim.max_grad_norm=0")
     model = model_for(tiny_dir, cfg)
-    loop = Loop(cfg, model, batches(ids, weights), sft_forward)
-    plan = loop._plans(0)[0]
+    loop = make_loop(cfg, model, batches(ids, weights))
+    plan = loop.steps.plans(0)[0]
     saved = {}
     real_step = loop.optimizer.step
 
@@ -77,7 +87,7 @@ def grads_after_one_step(tiny_dir, tmp_path, micro, accum):
         real_step()
 
     loop.optimizer.step = capture_then_step
-    metrics = loop._step(plan)
+    metrics = loop.update(loop.steps.micro_batches(plan))
     return metrics["loss"], saved
 
 
@@ -89,12 +99,12 @@ def test_accumulation_8x1_equals_1x8(tiny_dir, tmp_path):
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
 
 
-def run_loop(tiny_dir, out, *overrides, learnable=False):
-    ids, weights = make_data(12, learnable=learnable)
+def run_loop(tiny_dir, out, *overrides, learnable=False, data_seed=0):
+    ids, weights = make_data(12, seed=data_seed, learnable=learnable)
     cfg = config(out, "method.type=lora", "lora.r=4", "train.micro_batch_size=2", "train.grad_accum=2",
                  "train.epochs=2", *overrides)
     model = model_for(tiny_dir, cfg)
-    summary = Loop(cfg, model, batches(ids, weights), sft_forward).run(lambda d: None)
+    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda d: None)
     return model, summary
 
 
@@ -102,13 +112,14 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_loss_falls_and_reports_are_written(tiny_dir, tmp_path):
+@pytest.mark.parametrize("seed", [0, 6])  # data and order; 6 had the highest ratio of seeds 0-9
+def test_loss_falls_and_reports_are_written(tiny_dir, tmp_path, seed):
     _, summary = run_loop(tiny_dir, tmp_path, "train.epochs=6", "output.tensorboard=true", "method.type=full",
-                          "optim.lr=3e-3", learnable=True)
+                          "optim.lr=3e-3", f"train.seed={seed}", learnable=True, data_seed=seed)
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["split"] == "train"]
     assert len(losses) == summary["steps"] == 18
-    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])  # 0.60-0.67 over data and order seeds 0-9
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert list((tmp_path / "logs").glob("events.out.tfevents*"))
     saved = json.loads((tmp_path / "train_summary.json").read_text())
@@ -131,16 +142,15 @@ def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
 WORKER = r'''
 import functools, json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_loop import batches, config, make_data, model_for, trainable
-from posttrain.train.loop import Dist, Loop
-from posttrain.train.lm_forward import sft_forward
+from test_loop import batches, config, make_data, make_loop, model_for, trainable
+from posttrain.train.loop import Dist
 from pathlib import Path
 out = Path(sys.argv[1])
 cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "train.max_steps=3")
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
 dist_ctx = Dist.from_environment("cpu")
-Loop(cfg, model, batches(ids, weights), sft_forward, dist_ctx=dist_ctx).run(lambda d: None)
+make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda d: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
 '''

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from posttrain.losses.ppo import (entropy_from_logits, explained_variance, gae, kl_per_token, policy_loss, value_loss,
                                   whiten)
-from posttrain.train.rewards import AdaptiveKL, HttpReward, RunningMoments, load_function
+from posttrain.train.reward_sources import AdaptiveKL, HttpReward, RunningMoments, load_function
 
 ONE = torch.ones(1, 1, dtype=torch.bool)
 
@@ -128,7 +128,7 @@ def test_http_reward_source():
 def test_reward_model_source(tmp_path, tiny_dir, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.train.rewards import RewardModel
+    from posttrain.models.reward_head import RewardModel
 
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, num_labels=1,
@@ -190,22 +190,26 @@ def test_ppo_run_changes_only_lora_and_value_head(tmp_path, tiny_dir):
     assert float(head["weight"].abs().sum()) > 0  # zero-initialised, so any value means it trained
 
 
+def _ppo_steps(cfg, pv, tok, prompts, **kwargs):
+    from posttrain.train.loop import Dist
+    from posttrain.train.ppo import PPOSteps
+
+    return PPOSteps(cfg, pv, None, tok, prompts, load_function(cfg.reward.function), Dist(), **kwargs)
+
+
 def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.models.run import stop_token_ids
-    from posttrain.train.ppo import make_rollout
-    from posttrain.train.rewards import FixedKL
-    from posttrain.train.rollout import PolicyAndValue, load_prompts
+    from posttrain.data.prompts import load_prompts
+    from posttrain.train.rollout import PolicyAndValue, collect
 
     cfg = _write_run(tmp_path, tiny_dir)
     base, tok = load_base(cfg.model, "cpu")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
     prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
-    torch.manual_seed(0)
-    rollout, metrics, _ = make_rollout(pv, None, tok, prompts[:3], cfg, load_function(cfg.reward.function),
-                                       FixedKL(0.1), RunningMoments(), stop_token_ids(pv.policy, tok))
+    exp, _ = collect(pv, None, tok, prompts[:3], [0, 1, 2], cfg.ppo, load_function(cfg.reward.function))
+    rollout, metrics = _ppo_steps(cfg, pv, tok, prompts).advantages(exp)
     assert torch.equal(rollout.old_token_logps, rollout.ref_token_logps)
     assert metrics["kl"] == 0.0
     logps, _, _ = pv(rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
@@ -216,28 +220,47 @@ def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
                if k in base_state)
 
 
+def test_rows_sample_the_same_whatever_batch_they_are_in(tmp_path, tiny_dir):
+    """Each row draws from its own seed: splitting a rollout batch over processes changes no sample."""
+    from posttrain.models.load import load_base
+    from posttrain.models.methods import apply_method
+    from posttrain.data.prompts import load_prompts
+    from posttrain.train.rollout import PolicyAndValue, collect
+
+    cfg = _write_run(tmp_path, tiny_dir, **{"ppo.max_new_tokens": 12})
+    base, tok = load_base(cfg.model, "cpu")
+    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
+    prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
+    reward = load_function(cfg.reward.function)
+    whole, texts = collect(pv, None, tok, prompts, [7, 8, 9], cfg.ppo, reward)
+    parts = [collect(pv, None, tok, [prompts[i]], [7 + i], cfg.ppo, reward)[1][0] for i in range(3)]
+    assert parts == texts
+    other_seeds = collect(pv, None, tok, prompts, [17, 18, 19], cfg.ppo, reward)[1]
+    assert other_seeds != texts  # the seeds do matter
+
+
 def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
     from posttrain.data.pipeline import build_sft_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.ppo import ptx_step
-    from posttrain.train.sft import to_batches
+    from posttrain.train.rollout import PolicyAndValue
+    from posttrain.data.batches import sft_batches
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 1.0, "ppo.ptx_datasets": [
         {"path": str(tmp_path / "sft.jsonl")}]})
     base, tok = load_base(cfg.model, "cpu")
-    policy = apply_method(base, cfg)
+    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
     data = build_sft_data(dataclasses.replace(cfg.data, datasets=cfg.ppo.ptx_datasets), cfg.template, tok, 0)
-    batches = to_batches(data.train, tok.pad_token_id)
+    steps = _ppo_steps(cfg, pv, tok, [], ptx_train=sft_batches(data.train, tok.pad_token_id))
     grads = {}
     for coef in (0.0, 1.0, 2.0):
-        policy.zero_grad(set_to_none=False)
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-        ptx_step(policy, batches, dataclasses.replace(cfg.ppo, ptx_coef=coef), cfg,
-                 torch.Generator().manual_seed(0))
-        grads[coef] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad]).clone()
+        steps.p = dataclasses.replace(cfg.ppo, ptx_coef=coef)
+        pv.zero_grad(set_to_none=True)
+        loss, metrics = steps.ptx_forward([0, 1, 2, 3], 20.0, pv)
+        loss.backward()
+        grads[coef] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                 for p in pv.policy.parameters() if p.requires_grad]).clone()
+        assert metrics["ptx_loss"] > 0
     assert float(grads[0.0].abs().sum()) == 0.0
     assert float(grads[1.0].abs().sum()) > 0
     assert torch.allclose(grads[2.0], 2 * grads[1.0], atol=1e-6)
@@ -247,7 +270,8 @@ def test_ppo_config_rules():
     from posttrain.config import load_config
     from posttrain.errors import ConfigError
 
-    base = ["stage=ppo", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f", "train.max_steps=1"]
+    base = ["stage=ppo", "model.name_or_path=tiny-random", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f",
+            "train.max_steps=1"]
     assert load_config(None, base).ppo.kl_coef == 0.05
     with pytest.raises(ConfigError, match="ptx_datasets"):
         load_config(None, [*base, "ppo.ptx_coef=0.1"])
@@ -292,21 +316,24 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def test_tiny_run_raises_rule_reward_with_bounded_kl_and_ptx_keeps_lm_loss(tmp_path, tiny_dir):
+@pytest.mark.parametrize("seed", [42, 1])  # a second trajectory: the margins must not fit one run's floats
+def test_tiny_run_raises_rule_reward_with_bounded_kl_and_ptx_keeps_lm_loss(tmp_path, tiny_dir, seed):
     from posttrain.train import ppo
 
     runs = {"kl": {}, "no_kl": {"ppo.kl_coef": 0.0}, "kl_ptx": {"ppo.ptx_coef": 1.0}}
-    summaries = {name: ppo.run(_learning_run(tmp_path, tiny_dir, name, **extra)) for name, extra in runs.items()}
+    summaries = {name: ppo.run(_learning_run(tmp_path, tiny_dir, name, **extra, **{"train.seed": seed}))
+                 for name, extra in runs.items()}
     rows = {name: _train_rows(tmp_path / name) for name in runs}
     reward = [r["reward_raw"] for r in rows["kl"]]
     kl, kl_free = [r["kl"] for r in rows["kl"]], [r["kl"] for r in rows["no_kl"]]
-    # about 0.5 uppercase letters per 8-token reply at the start; a few more after 20 steps
+    # margins measured over train.seed 42 and 1-9 (floats differ between CPUs, so trajectories do too):
+    # about 0.5 uppercase letters per 8-token reply at the start; 1.5 to 4.5 more after 20 steps
     assert _mean(reward[-4:]) > _mean(reward[:4]) + 0.75, reward
-    # the penalty holds the KL (nats per reply) to a few nats where the same run without it drifts far
-    assert max(kl) < 15.0, kl
-    assert _mean(kl_free[-4:]) > 2 * _mean(kl[-4:]), (kl, kl_free)
+    # the penalty holds the KL (nats per reply) to a fraction of the same run's without it: 0.19-0.46 of it
+    # over the second half (no absolute bound: the max KL ranged 10-31 over those seeds)
+    assert _mean(kl[10:]) < 0.6 * _mean(kl_free[10:]), (kl, kl_free)
     rise = {n: s["ptx_eval_after"]["loss"] - s["ptx_eval_before"]["loss"] for n, s in summaries.items()}
-    assert rise["kl"] > 0, rise  # chasing uppercase costs LM loss on the lowercase held-out set ...
+    assert rise["kl"] > 0, rise  # chasing uppercase costs LM loss on the lowercase held-out set (0.5-2.8) ...
     assert rise["kl_ptx"] < rise["kl"], rise  # ... less (here: it falls) with the ptx term on that distribution
 
 
@@ -318,7 +345,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, mon
              "ppo.ptx_datasets": [{"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_val_size": 2}
     full = ppo.run(_write_run(tmp_path, tiny_dir, **extra, **{"output.dir": str(tmp_path / "full")}))
     cut_cfg = _write_run(tmp_path, tiny_dir, **extra, **{"output.dir": str(tmp_path / "cut")})
-    real, calls = ppo.make_rollout, []
+    real, calls = ppo.collect, []
 
     def crash_at_step_4(*args, **kwargs):  # after the step-2 checkpoint and the logged step 3
         calls.append(1)
@@ -326,10 +353,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, mon
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "make_rollout", crash_at_step_4)
+    monkeypatch.setattr(ppo, "collect", crash_at_step_4)
     with pytest.raises(RuntimeError, match="interrupted"):
         ppo.run(cut_cfg)
-    monkeypatch.setattr(ppo, "make_rollout", real)
+    monkeypatch.setattr(ppo, "collect", real)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
     resumed = ppo.run(dataclasses.replace(cut_cfg, train=dataclasses.replace(cut_cfg.train, resume="auto")))
 
@@ -345,3 +372,37 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, mon
     assert rows_full[1]["kl_coef"] != 0.05 and rows_full[2]["kl"] != 0.0  # state that resume had to restore
     for key in ("before", "after", "ptx_eval_before", "ptx_eval_after", "first_reward", "last_reward"):
         assert resumed[key] == full[key], key
+
+
+def test_two_processes_match_one(tmp_path, tiny_dir):
+    """`torchrun --nproc_per_node 2 -m posttrain.cli train` shards each rollout batch and its mini-batches over
+    2 processes: same samples, same logged figures and the same adapter as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from posttrain.config import save_config
+
+    cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 0.5, "ppo.ptx_datasets": [
+        {"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_batch_size": 4, "train.max_steps": 3,
+        "reward.normalize": True, "ppo.sample_every": 1})
+    save_config(cfg, tmp_path / "ppo.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "posttrain.cli", "train", str(tmp_path / "ppo.yaml")]
+    subprocess.run([sys.executable, *cli, f"output.dir={tmp_path / 'one'}"], check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"]
+    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=1"], check=True,
+                   env=env, capture_output=True)
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("reward_raw", "reward", "kl", "response_length", "policy_loss", "value_loss", "ptx_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a[key], b[key])
+    samples = [(tmp_path / d / "logs" / "samples.jsonl").read_text() for d in ("one", "two")]
+    assert samples[0] == samples[1]
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" /
+                                                                                "adapter_model.safetensors")
+    # float sums in another order (micro-batches of 1 row per process), amplified a little by Adam: ~3e-5
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2

@@ -14,11 +14,11 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from posttrain.data.records import Message  # noqa: E402
+from posttrain.records import Message  # noqa: E402
 from posttrain.serve.api import Limits, Models, create_app, load_engine  # noqa: E402
-from posttrain.serve.chat import generate_reply  # noqa: E402
+from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.engine import Job, Sampling, StopFilter, _Halt  # noqa: E402
-from posttrain.serve.generate import generate_batch, generate_from_ids  # noqa: E402
+from posttrain.models.generate import generate_batch, generate_from_ids  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPTS = ["hi", "Who are you?", "What is the capital of France?", "你好", "def run(cfg)", "Hello! tell me more"]
@@ -207,3 +207,83 @@ def test_stop_filter_holds_back_partial_stops():
     with pytest.raises(_Halt):
         f.feed("yEN" + "D tail")
     assert "".join(out) == "abc Exy" and f.hit
+
+
+def post_raw(url: str, text: str) -> tuple[int, dict]:
+    """POST a JSON text as given (it may hold NaN, huge numbers or \\ud800 escapes)."""
+    return post(url, text.encode())
+
+
+CHAT = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, '
+BAD_BODIES = [
+    ("/v1/chat/completions", CHAT + '"seed": 1180591620717411303424}', "seed"),  # 2**70
+    ("/v1/chat/completions", CHAT + '"seed": -1180591620717411303424}', "seed"),
+    ("/v1/chat/completions", CHAT + '"seed": 1.5}', "seed"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages"),
+    ("/v1/chat/completions", '{"model": "tiny\\udfff", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ("/v1/chat/completions", CHAT + '"stop": ["\\ud800"]}', "stop"),
+    ("/v1/chat/completions", CHAT + '"n": 1180591620717411303424}', "n"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             '"max_tokens": 1180591620717411303424}', "max_tokens"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e300}',
+     "max_tokens"),
+    ("/v1/chat/completions", CHAT + '"temperature": 1180591620717411303424}', "temperature"),
+    ("/v1/chat/completions", CHAT + '"temperature": NaN}', None),
+    ("/v1/chat/completions", CHAT + '"top_p": Infinity}', None),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": 5}]}]}', "messages"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": [5]}]}', "messages"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": "hi"}', "messages"),
+    ("/v1/chat/completions", CHAT + '"stream_options": "yes"}', "stream_options"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "\\ud800", "max_tokens": 4}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "max_tokens": 4, "seed": 1180591620717411303424}', "seed"),
+    ("/v1/completions", '{"model": "tiny", "prompt": [], "max_tokens": 4}', "prompt"),
+    ("/v1/score", '{"model": "tiny", "prompt": "hi", "responses": ["\\udc00"]}', "responses"),
+    ("/v1/score", '{"model": "tiny", "prompt": "hi", "responses": [5]}', "responses"),
+    ("/v1/score", '{"model": "tiny", "messages": [{"role": "user", "content": "x\\ud800"}], "responses": ["a"]}',
+     "messages"),
+]
+
+
+@pytest.mark.parametrize(("path", "text", "param"), BAD_BODIES)
+def test_out_of_range_or_malformed_values_are_400_with_an_openai_body(served, path, text, param):
+    live, _ = served
+    status, body = post_raw(live.url + path, text)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    if param is not None:
+        assert (body["error"]["param"] or "").split(".")[0] == param
+
+
+def test_seeds_in_torch_range_still_work(served, client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         temperature=1.0, seed=2**63 - 1)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_score_checks_the_context_length(served):
+    live, engine = served
+    long = "hello " * 2500  # over the tiny model's 2048 positions
+    for body in ({"model": "tiny", "prompt": "hi", "responses": ["fine", long]},
+                 {"model": "tiny", "messages": [{"role": "user", "content": long}], "responses": ["a"]}):
+        before = engine.batches_run
+        status, out = post(live.url + "/v1/score", json.dumps(body).encode())
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+        assert "2048" in out["error"]["message"] and engine.batches_run == before
+
+
+def test_internal_errors_do_not_leak_their_text(served, client, monkeypatch):
+    live, engine = served
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /home/someone/key.txt")
+
+    monkeypatch.setattr(engine, "_generate", broken)
+    status, body = post(live.url + "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode())
+    assert status == 500 and body["error"]["type"] == "server_error" and "secret" not in json.dumps(body)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                            stream=True)
+    with pytest.raises(openai.APIError) as err:
+        list(stream)
+    assert "secret" not in str(err.value) and "secret" not in json.dumps(err.value.body or {})

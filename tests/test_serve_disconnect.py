@@ -10,7 +10,7 @@ import time
 import pytest
 from test_serve_api import LiveServer, expected, post
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.serve.api import Models, create_app, load_engine
 from posttrain.serve.engine import Job, Sampling
 from posttrain.templates.render import encode_prompt
@@ -102,3 +102,38 @@ def test_running_batch_stops_between_tokens_once_all_its_jobs_are_cancelled(engi
         handle.remove()
     assert [g.token_ids for g in gens] == [full.token_ids[:3]] * 2
     assert engine.batches_stopped == 1 and engine.jobs_skipped == 0
+
+
+def test_scoring_stops_between_responses_once_its_client_left(engine):
+    submitted, forwards = [], []
+    real_submit = engine.submit
+
+    def submit(job):
+        submitted.append(job)
+        return real_submit(job)
+
+    def on_forward(*_):  # the first response is being scored: hold the worker until the server saw the client go
+        forwards.append(1)
+        if len(forwards) == 1:
+            wait_until(lambda: submitted[0].cancelled, "the server to notice the client left")
+
+    engine.submit = submit
+    live = LiveServer(create_app(Models({"tiny": engine})))
+    handle = engine.model.register_forward_hook(on_forward)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hi", "responses": [f"answer {i}" for i in range(6)]}).encode()
+        sock = socket.create_connection(("127.0.0.1", live.port))
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_until(lambda: forwards, "scoring to start")
+        sock.close()
+        wait_until(lambda: submitted[0].future.done(), "the scoring job to end")
+        handle.remove()
+        status, reply = post(live.url + "/v1/score", json.dumps(
+            {"model": "tiny", "prompt": "hi", "responses": ["a", "b"]}).encode())  # the worker still serves
+    finally:
+        handle.remove()
+        live.stop()
+    assert len(forwards) == 1 and submitted[0].future.cancelled()  # 5 of the 6 responses were never scored
+    assert engine.batches_stopped == 1
+    assert status == 200 and len(reply["data"]) == 2

@@ -1,4 +1,6 @@
-"""The web UI in real headless Chromium: chat + arena vote, rank and export, a tiny training run.
+"""The web UI in real headless Chromium: chat + arena vote, rank and export, a tiny training run. The page
+is opened with its token (?token=...), as a person opens the URL `posttrain ui` prints; data files sit in
+a --data-dir folder.
 
 Needs Debian `chromium` + `chromium-driver` (scripts/install_browser.sh); skips only when they are
 missing. POSTTRAIN_SCREENSHOTS=docs saves a PNG of each tab (the README's pictures).
@@ -20,12 +22,13 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from posttrain.data.records import Message  # noqa: E402
+from posttrain.records import Message  # noqa: E402
 from posttrain.models.tiny import build_tiny  # noqa: E402
-from posttrain.serve.chat import generate_reply  # noqa: E402
+from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402
 from test_serve_api import LiveServer  # noqa: E402
 
+TOKEN = "browser-test-token-0123456789"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1150"]
 
@@ -33,16 +36,18 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 @pytest.fixture(scope="module")
 def ui(tiny_dir, tmp_path_factory):
     other = build_tiny(tmp_path_factory.mktemp("tiny-b") / "model-b", seed=1)
-    workdir = tmp_path_factory.mktemp("ui")
-    live = LiveServer(create_ui_app(workdir, [str(tiny_dir), str(other)], annotator="alice", device="cpu"))
+    workdir, data = tmp_path_factory.mktemp("ui"), tmp_path_factory.mktemp("data")
+    live = LiveServer(create_ui_app(workdir, [str(tiny_dir), str(other)], annotator="alice", device="cpu",
+                                    token=TOKEN, data_dirs=[data]))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.get(live.url)
+    driver.get(f"{live.url}/?token={TOKEN}")
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-    yield driver, live, workdir, Path(str(other))
+    assert "token" not in driver.current_url  # the page dropped it from the address bar; the cookie stays
+    yield driver, live, workdir, Path(str(other)), data
     driver.quit()
     live.stop()
 
@@ -70,7 +75,7 @@ def screenshot(driver, name):
 
 
 def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
-    driver, live, workdir, other = ui
+    driver, live, workdir, other, _ = ui
     engine_model = live.server.config.app.state.models
     fill(driver, "chat-input", "Who are you?")
     el(driver, "send").click()
@@ -99,9 +104,9 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
 TURTLES = "I like\r\nturtles."
 
 
-def test_rank_polish_skip_and_export(ui, tmp_path):
-    driver, _, workdir, _ = ui
-    prompts = tmp_path / "cands.jsonl"
+def test_rank_polish_skip_and_export(ui):
+    driver, _, workdir, _, data = ui
+    prompts = data / "cands.jsonl"
     # a \r\n shows as \n in a textarea; left untouched it is not an edit and stays as it was
     rows = [{"prompt": "Name a colour.", "responses": ["Blue.", TURTLES, "Red is a colour."]},
             {"prompt": "2+2?", "responses": ["4", "5"]}]
@@ -134,9 +139,9 @@ def test_rank_polish_skip_and_export(ui, tmp_path):
     assert [r["status"] for r in records] == ["ranked", "skipped"] and records[0]["edited"] == [0]
 
 
-def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir, tmp_path):
-    driver, _, workdir, _ = ui
-    prompts = tmp_path / "prompts.jsonl"
+def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir):
+    driver, _, workdir, _, data = ui
+    prompts = data / "prompts.jsonl"
     prompts.write_text('{"id": "q1", "prompt": "Name a colour."}\n{"id": "q2", "prompt": "Who are you?"}\n')
     driver.find_element(By.CSS_SELECTOR, "[data-tab=annotate]").click()
     assert el(driver, "gen-model-0").is_selected() and not el(driver, "gen-model-1").is_selected()
@@ -177,9 +182,9 @@ def test_generate_candidates_in_the_ui_then_rank_and_export(ui, tiny_dir, tmp_pa
                        "annotator": "alice", "models": [str(tiny_dir)] * 3}]
 
 
-def test_train_tab_preview_and_run_shows_loss(ui, tiny_dir, tmp_path):
-    driver, _, workdir, _ = ui
-    data = tmp_path / "sft.jsonl"
+def test_train_tab_preview_and_run_shows_loss(ui, tiny_dir):
+    driver, _, workdir, _, folder = ui
+    data = folder / "sft.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} " * 5}) + "\n" for i in range(12)))
     driver.find_element(By.CSS_SELECTOR, "[data-tab=train]").click()
     fill(driver, "tr-model", str(tiny_dir))

@@ -73,9 +73,9 @@ def stage_config(stage: str, method: str, tiny_dir, files, out, **extra):
 
 def run_and_watch(stage: str, cfg, monkeypatch) -> tuple[dict, dict, dict]:
     """(summary, parameters right after apply_method, parameters when the stage saves) for one stage run."""
-    from posttrain.train import dpo, ppo, reward, sft
+    from posttrain.train import dpo, ppo, rm, sft
 
-    module = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[stage]
+    module = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[stage]
     seen: dict = {}
     real_apply = module.apply_method
     save_name = "save_reward_model" if stage == "rm" else "save_model"
@@ -136,13 +136,14 @@ def test_method_trains_on_stage(tmp_path, tiny_dir, files, monkeypatch, stage, m
     ({"stage": "sft", "optim.lr": {"lora": 1e-3, "lisaa": 1e-5}}, "'lisaa' is not a method.type"),
 ])
 def test_unsupported_combinations_are_config_errors(overrides, message):
-    base = {"data.datasets": [{"path": "x.jsonl"}], "reward.function": "m:f", "train.max_steps": 1}
+    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "reward.function": "m:f",
+            "train.max_steps": 1}
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [], **(base | overrides))
 
 
 def test_per_method_learning_rate_and_packing_auto():
-    base = {"data.datasets": [{"path": "x.jsonl"}], "data.packing": "auto"}
+    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "data.packing": "auto"}
     by_method = {"lora": 1e-3, "qlora": 1e-3}
     lora = load_config(None, [], **base, **{"optim.lr": by_method})
     assert lora.optim.lr == 1e-3 and lora.data.packing is True
@@ -169,8 +170,8 @@ def _rm(tiny_dir, method: str, **extra):
 def test_virtual_token_reward_reads_the_last_real_token_and_reloads(tmp_path, tiny_dir, method):
     from posttrain.config import ModelConfig
     from posttrain.models.load import load_reward_model
-    from posttrain.train.reward import save_reward_model, sequence_rewards
-    from posttrain.train.rewards import RewardModel
+    from posttrain.models.reward_head import RewardModel, sequence_rewards
+    from posttrain.train.rm import save_reward_model
 
     cfg, model, tokenizer = _rm(tiny_dir, method)
     ids = torch.randint(3, 500, (2, 9))  # (R, T)
@@ -195,7 +196,8 @@ def test_qlora_reward_model_is_saved_merged_on_the_dequantised_base(tmp_path, ti
     import bitsandbytes as bnb
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.train.reward import save_reward_model, sequence_rewards
+    from posttrain.models.reward_head import sequence_rewards
+    from posttrain.train.rm import save_reward_model
 
     cfg, model, tokenizer = _rm(tiny_dir, "qlora")
     with torch.no_grad():  # a trained-looking adapter and head

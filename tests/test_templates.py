@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import SHARED_ASSETS
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.templates import DropSample, Encoded, apply_template, encode_conversation, encode_prompt
 
@@ -178,10 +178,21 @@ def test_too_long_drops_oldest_exchanges(tiny_tokenizer):
 
 
 def test_too_long_never_cuts_the_last_supervised_turn(tiny_tokenizer):
-    messages = [*SINGLE, Message("user", "A trailing question with no answer, rather long " * 4)]
+    messages = [*SINGLE, Message("user", "A later question, rather long " * 4),
+                Message("assistant", "An answer kept out of the loss.", loss_weight=0.0)]
     with pytest.raises(DropSample) as info:
         encode_conversation(Conversation(messages), tiny_tokenizer, max_length=20)
     assert info.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("mask", ["all", "last"])
+def test_conversation_ending_without_a_reply_is_dropped(tiny_tokenizer, mask):
+    messages = [*SINGLE, Message("user", "And then?")]
+    with pytest.raises(DropSample) as info:
+        encode_conversation(Conversation(messages), tiny_tokenizer, mask=mask)
+    assert info.value.reason == "no_final_reply"
+    [enc] = encode_conversation(Conversation(messages), tiny_tokenizer, mask="full")  # every token: kept
+    assert all(w == 1.0 for w in enc.weights[1:])
 
 
 # --- template selection and safety ---------------------------------------------------------------

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import ConfigError, DataError
 from posttrain.models.tiny import build_tiny
 from posttrain.serve.api import load_engine
-from posttrain.serve.generate import generate_from_ids
+from posttrain.models.generate import generate_from_ids
 from posttrain.serve.ui.annotate import AnnotationTask
 from posttrain.serve.ui.candidates import CandidateJob, GenSettings, share
 from posttrain.templates.render import encode_prompt

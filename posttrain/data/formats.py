@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
-from posttrain.data.records import ROLES, Conversation, Message
+from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")
@@ -45,7 +45,8 @@ def detect_format(columns: Iterable[str], source: str = "") -> str:
     raise DataError(
         f"{where}cannot detect the data format from columns {sorted(names)}; expected 'messages' (openai), "
         "'conversations' (sharegpt), 'instruction'+'output' or 'input'+'output' (alpaca) or 'text'. Set `format` and "
-        "`columns` (e.g. columns: {output: answer}) in the dataset config")
+        "`columns` (e.g. columns: {output: answer}) in the dataset config. Each row is one object with such "
+        "fields: a .json file holds a JSON array of them ([{...}, {...}]), a .jsonl file one object per line")
 
 
 def rename_columns(row: Mapping, columns: Mapping[str, str]) -> dict:
@@ -76,9 +77,10 @@ def row_to_conversation(
     """One file row -> Conversation: rename columns, parse `fmt` ('auto' detects), fill {{variables}}."""
     columns = columns or {}
     row = rename_columns(row, columns)
+    ctx = RowContext(source, columns)
+    refuse_media(row, ctx)
     if fmt == "auto":
         fmt = detect_format(row.keys(), source)
-    ctx = RowContext(source, columns)
     if fmt == "alpaca":
         conv = parse_alpaca(row, ctx)
     elif fmt == "sharegpt":
@@ -95,6 +97,18 @@ def row_to_conversation(
         for msg in conv.messages:
             msg.content = fill_variables(msg.content, variables)
     return conv
+
+
+MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal layout: files + <image> placeholders
+
+
+def refuse_media(row: Mapping, ctx: RowContext) -> None:
+    """Until multimodal training exists, a row with images (videos, audios) is an error: training its text
+    alone would teach replies about pictures the model never saw."""
+    for name in MEDIA_FIELDS:
+        if row.get(name):
+            raise ctx.fail(name, f"holds {name}, but posttrain trains text only (multimodal training is not "
+                                 f"supported yet); remove the rows with {name}")
 
 
 class RowContext:

@@ -2,7 +2,9 @@
 
 Reading goes through `datasets.load_dataset`, so big files are memory-mapped Arrow and later
 runs reuse the cache. When the JSON reader fails we re-scan the file ourselves: datasets'
-message names neither the file nor the line, and a user needs both to fix the file.
+message names neither the file nor the line, and a user needs both to fix the file. Text must
+be UTF-8: the JSON reader loads other bytes unchecked (a row then fails far from its file), so
+the loaded table is validated and a bad file re-scanned for its first non-UTF-8 line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 def read_rows(path: str | Path):
     """A .json (array or JSON lines), .jsonl, .csv or .parquet file -> datasets.Dataset."""
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): imported on first read, not with the module
+    import pyarrow as pa
 
     path = Path(path)
     builder = BUILDERS.get(path.suffix.lower())
@@ -28,21 +31,57 @@ def read_rows(path: str | Path):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)}")
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
+    if path.stat().st_size == 0 or (builder != "parquet" and _only_blank(path)):
+        raise DataError(f"{path}: no rows (the file is empty or only blank lines)")
+    if builder == "csv":  # the CSV reader fails on non-UTF-8 text too, but logs its own multi-line error first
+        _find_bad_utf8(path)
     try:
-        return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
+        rows = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
     except Exception as err:  # datasets raises many types here; we re-diagnose below
+        if builder != "parquet":
+            _find_bad_utf8(path)
         if builder == "json":
             _find_bad_json(path)  # raises DataError naming the line, when there is one
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: cannot be read as {builder}: {first}") from err
+    if builder != "parquet":
+        try:
+            rows.data.table.validate(full=True)  # checks that every string is valid UTF-8
+        except pa.ArrowInvalid:
+            _find_bad_utf8(path)
+            raise DataError(f"{path}: holds text that is not valid UTF-8; save it as UTF-8") from None
+    return rows
+
+
+def _only_blank(path: Path) -> bool:
+    """True for a text file of nothing but whitespace (and a BOM); stops at the first other byte."""
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            if block.replace(b"\xef\xbb\xbf", b"").strip():
+                return False
+    return True
+
+
+def _decode_line(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
+                        "of the line); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _find_bad_utf8(path: Path) -> None:
+    """Raise a DataError at the first line that is not valid UTF-8."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            _decode_line(raw, path, number)
 
 
 def iter_json_lines(path: Path):
     """Yield (line number, row) of a JSON-lines file, skipping blank lines; a bad line is a DataError."""
-    with path.open(encoding="utf-8-sig", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, number)
             if not line.strip():
                 continue
             try:

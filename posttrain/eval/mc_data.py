@@ -113,6 +113,27 @@ def subject_of(path: Path, split: str) -> str:
     return stem[: -len(split) - 1] if stem.endswith("_" + split) else stem
 
 
+def detect_layout(data: str | Path, split: str) -> str:
+    """'ceval' (header id,question,A..,answer), 'cmmlu' (header ,Question,A..,Answer), 'mmlu' (no header),
+    'csv' (another header) or 'jsonl', judged by the first row of the split's first CSV file."""
+    data = Path(data)
+    if data.is_file():
+        return "jsonl"
+    first = next(iter(sorted((data / split).glob("*.csv"))), None)
+    if first is None:
+        return "csv"
+    with first.open(encoding="utf-8-sig", newline="") as f:
+        row = next((r for r in csv.reader(f) if any(c.strip() for c in r)), [])
+    if not _is_header(row):
+        return "mmlu"
+    cells = [c.strip() for c in row]
+    if cells[:2] == ["id", "question"]:
+        return "ceval"
+    if cells[:2] == ["", "Question"]:
+        return "cmmlu"
+    return "csv"
+
+
 def load_split(data: str | Path, split: str, subjects: list[str] | None = None) -> dict[str, list[MCItem]]:
     """subject -> items for `split`: data/<split>/*.csv (C-Eval, CMMLU, MMLU) or a JSONL file."""
     data = Path(data)

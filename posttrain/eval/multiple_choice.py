@@ -1,9 +1,16 @@
-"""Multiple-choice accuracy by option-letter log-probabilities (C-Eval, CMMLU, MMLU, JSONL).
+"""Multiple-choice accuracy (C-Eval, CMMLU, MMLU, JSONL) under one of three scorings (eval.mc.scoring).
 
-Each question becomes a k-shot prompt ending in an answer cue ("答案：" / "Answer:"); one forward
-pass gives the next-token log-probabilities and the option letter with the highest one is the
-prediction (the MMLU / C-Eval standard). Per-item results are cached in the output folder, so an
-interrupted run resumes where it stopped.
+  letter      the option letter with the highest next-token log-probability after the answer cue
+              (the MMLU / C-Eval standard; for a small model it mostly measures a letter prior).
+  cloze       the option whose text, scored as the continuation of the question (options not listed),
+              has the highest log-probability per character of the option text (lighteval's
+              `acc_norm_nospace`: the space after "Answer:" is not counted).
+  calibrated  letter log-probability minus that letter's log-probability after a content-free prompt:
+              the same template, shots and header with "N/A" as question and every option (Zhao et
+              al. 2021, "Calibrate before use", with one content-free input).
+Questions sharing a header and shots, and a question's options, are scored after one shared copy of
+their prefix (mc_scoring.py). Per-item results are cached in the output folder under keys of the exact
+tokens and the scoring, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,128 +18,154 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import torch
-
-from posttrain.errors import TemplateError
-from posttrain.eval.mc_data import LETTERS, MCItem, load_split
+from posttrain.errors import DataError
+from posttrain.eval.mc_categories import choose_categories
+from posttrain.eval.mc_data import LETTERS, MCItem, detect_layout, load_split
+from posttrain.eval.mc_prompts import (CLOZE_HEADERS, CUES, HEADERS, QUESTION_LABELS, build_cloze_prompt,
+                                       build_prompt, encode_item, letter_token_ids, option_token_ids, pick_language)
+from posttrain.eval.mc_scoring import can_pack, continuation_logps, next_token_logps, split_common_prefix
 from posttrain.eval.progress import Progress
-from posttrain.models.methods import lm_head_and_backbone
 
 log = logging.getLogger(__name__)
 
-HEADERS = {
-    "zh": "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。",
-    "en": "The following are multiple choice questions (with answers) about {subject}.",
-}
-CUES = {"zh": "答案：", "en": "Answer:"}
-# C-Eval's subject -> category map, checked against hkust-nlp/ceval subject_mapping.json (52 subjects).
-CEVAL_CATEGORIES = {
-    "STEM": "computer_network operating_system computer_architecture college_programming college_physics "
-            "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
-            "electrical_engineer metrology_engineer high_school_mathematics high_school_physics "
-            "high_school_chemistry high_school_biology middle_school_mathematics middle_school_biology "
-            "middle_school_physics middle_school_chemistry veterinary_medicine".split(),
-    "Social Science": "college_economics business_administration marxism mao_zedong_thought education_science "
-                      "teacher_qualification high_school_politics high_school_geography middle_school_politics "
-                      "middle_school_geography".split(),
-    "Humanities": "modern_chinese_history ideological_and_moral_cultivation logic law "
-                  "chinese_language_and_literature art_studies professional_tour_guide legal_professional "
-                  "high_school_chinese high_school_history middle_school_history".split(),
-    "Other": "civil_servant sports_science plant_protection basic_medicine clinical_medicine "
-             "urban_and_rural_planner accountant fire_engineer environmental_impact_assessment_engineer "
-             "tax_accountant physician".split(),
-}
-_CJK = re.compile(r"[\u4e00-\u9fff]")
+CONTENT_FREE = "N/A"
+NORMALIZATION = {"letter": "none (one token per option)", "calibrated": "none (one token per option)",
+                 "cloze": "summed option-token log-prob / characters of the option text (leading space not counted)"}
 
 
-def pick_language(items: list[MCItem], setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "zh" if any(_CJK.search(it.question) for it in items[:20]) else "en"
+@dataclass
+class Entry:
+    """One question as scored: the prompt ids and what is scored after them."""
+
+    scoring: str
+    item: MCItem
+    prompt: list[int]  # ids up to the answer (letter scorings: + the letters' shared tokens)
+    targets: list  # letter ids (letter, calibrated) or each option's ids (cloze; [] for an empty option)
+    prior: list[int] | None = None  # calibrated: the content-free prompt (same subject, shots, options)
+
+    @property
+    def key(self) -> str:
+        """Cache key: the exact tokens scored and the scoring, so a change of data, shots, wording, tokenizer
+        or scoring misses. Letter keys keep their earlier form, so caches written before stay valid."""
+        if self.scoring == "letter":
+            payload = [self.prompt, self.targets]
+        elif self.scoring == "calibrated":
+            payload = ["calibrated", self.prompt, self.targets, self.prior]
+        else:  # the normaliser (characters per option) decides the pick as well as the tokens
+            payload = ["cloze", self.prompt, self.targets, [len(o) for o in self.item.options]]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
-def letter_text(cue: str, letter: str) -> str:
-    """The letter as it follows the cue: ' A' after an ASCII cue ('Answer:'), 'A' after '答案：'."""
-    return (" " if cue and cue[-1].isascii() and not cue[-1].isspace() else "") + letter
+def prepare_entries(split: dict[str, list[MCItem]], shots_by_subject: dict[str, list[MCItem]], tokenizer, mc,
+                    language: str) -> list[Entry]:
+    """Prompt ids (and letter ids, option ids or content-free prompt) of every question to score."""
+    cue = CUES[language] if mc.answer_cue is None else mc.answer_cue
+    if mc.scoring == "cloze":
+        header = CLOZE_HEADERS[language] if mc.header is None else mc.header
+        build = partial(build_cloze_prompt, header=header, label=QUESTION_LABELS[language], cue=cue)
+    else:
+        header = HEADERS[language] if mc.header is None else mc.header
+        build = partial(build_prompt, header=header, cue=cue)
+    counts = {len(it.options) for items in split.values() for it in items}
+    letters = {} if mc.scoring == "cloze" else {n: letter_token_ids(tokenizer, cue, LETTERS[:n]) for n in counts}
+    entries = []
+    for subject, items in split.items():
+        shots, priors = shots_by_subject.get(subject, [])[: mc.shots], {}
+        for item in items[: mc.max_per_subject]:
+            if mc.scoring == "cloze":
+                options = option_token_ids(tokenizer, item, cue)
+                if not any(options):
+                    raise DataError(f"{item.source}: every option is empty; cloze scoring needs option text")
+                prompt = encode_item(item, shots, tokenizer, mc, build, cue, reserve=max(map(len, options)))
+                entries.append(Entry("cloze", item, prompt, options))
+                continue
+            n = len(item.options)
+            shared, ids = letters[n]
+            if mc.scoring == "calibrated" and n not in priors:
+                blank = MCItem(CONTENT_FREE, [CONTENT_FREE] * n, "A", subject, "content-free prompt")
+                priors[n] = encode_item(blank, shots, tokenizer, mc, build, cue, shared)
+            prompt = encode_item(item, shots, tokenizer, mc, build, cue, shared)
+            entries.append(Entry(mc.scoring, item, prompt, ids, priors.get(n)))
+    return entries
 
 
-def question_block(item: MCItem, cue: str) -> str:
-    options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(item.options))
-    return f"{item.question}\n{options}\n{cue}"
+def _row(entry: Entry, scores: list[float | None], extra: dict) -> dict:
+    best = max((j for j, s in enumerate(scores) if s is not None), key=lambda j: scores[j])
+    pred = LETTERS[best]
+    return {"key": entry.key, "subject": entry.item.subject, "answer": entry.item.answer, "pred": pred,
+            "correct": pred == entry.item.answer, "scoring": entry.scoring, "scores": scores, **extra}
 
 
-def build_prompt(item: MCItem, shots: list[MCItem], header: str, cue: str) -> str:
-    """Header line, k solved examples, then the question ending at the answer cue."""
-    parts = [header.format(subject=item.subject.replace("_", " ")) + "\n\n"] if header else []
-    parts += [question_block(s, cue) + letter_text(cue, s.answer) + "\n\n" for s in shots]
-    parts.append(question_block(item, cue))
-    return "".join(parts)
+def _score_letters(model, entries: list[Entry], packed: bool, pad_id: int, priors: dict) -> list[dict]:
+    """Letter and calibrated scoring: a subject's prompts (and its content-free prompts not yet in
+    `priors`, the run's memo: content-free prompt -> letter log-probs) share one prefix."""
+    by_subject: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_subject.setdefault(e.item.subject, []).append(e)
+    plan, groups, token_ids = [], [], []
+    for group in by_subject.values():
+        new = {tuple(e.prior): e.targets for e in group if e.prior is not None and tuple(e.prior) not in priors}
+        plan.append((group, list(new)))
+        groups.append(split_common_prefix([e.prompt for e in group] + [list(p) for p in new]))
+        token_ids += [e.targets for e in group] + list(new.values())
+    flat = iter(next_token_logps(model, groups, token_ids, packed, pad_id))
+    rows = []
+    for group, new in plan:
+        logps = [next(flat) for _ in group]
+        priors.update({p: next(flat) for p in new})
+        for e, lp in zip(group, logps):
+            if e.prior is None:
+                rows.append(_row(e, lp, {"logps": lp}))
+                continue
+            prior = priors[tuple(e.prior)]
+            rows.append(_row(e, [a - b for a, b in zip(lp, prior)], {"logps": lp, "prior": prior}))
+    return rows
 
 
-def letter_token_ids(tokenizer, context: str, letters: str) -> tuple[list[int], list[int]]:
-    """(shared ids, letter ids): the tokens every letter adds after `context` in common (a lone space
-    in some tokenizers, usually none), which go into the prompt, then each letter's first own token."""
-    base = tokenizer(context, add_special_tokens=False)["input_ids"]
-    fulls = []
-    for letter in letters:
-        full = tokenizer(context + letter_text(context, letter), add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base or len(full) == len(base):
-            raise TemplateError(f"the tokenizer merges option letter {letter!r} into the answer cue {context!r}; "
-                                "set eval.mc.answer_cue to one ending in a separator")
-        fulls.append(full[len(base):])
-    shared = 0
-    while all(len(f) > shared + 1 and f[shared] == fulls[0][shared] for f in fulls):
-        shared += 1
-    ids = [f[shared] for f in fulls]
-    if len(set(ids)) != len(ids):
-        raise TemplateError(f"option letters {letters} share a first token after {context!r}")
-    return fulls[0][:shared], ids
+def _score_cloze(model, entries: list[Entry], packed: bool, pad_id: int) -> list[dict]:
+    """Cloze scoring: each question's prompt once, then its options as continuations."""
+    groups = [(e.prompt, [o for o in e.targets if o]) for e in entries]
+    flat = iter(continuation_logps(model, groups, packed, pad_id))
+    rows = []
+    for e in entries:
+        sums = [sum(next(flat)) if o else None for o in e.targets]
+        chars = [len(text) for text in e.item.options]
+        scores = [s / c if s is not None else None for s, c in zip(sums, chars)]
+        rows.append(_row(e, scores, {"logps": sums, "chars": chars, "tokens": [len(o) for o in e.targets]}))
+    return rows
 
 
-def encode_item(item: MCItem, shots: list[MCItem], tokenizer, mc_cfg, header: str, cue: str,
-                shared: list[int] = ()) -> list[int]:
-    """Prompt ids (+ the letters' shared tokens), dropping shots from the end until it fits mc_cfg.max_length."""
-    from posttrain.data.records import Message
-    from posttrain.templates.render import encode_prompt
-
-    shots = list(shots)
-    while True:
-        if mc_cfg.prompt == "chat":  # the question is the user turn; the reply starts with the cue
-            text = build_prompt(item, shots, header, cue)[: -len(cue)].rstrip()
-            ids = encode_prompt([Message("user", text)], tokenizer)
-            ids += tokenizer(cue, add_special_tokens=False)["input_ids"]
-        else:  # special tokens on: a base model gets its BOS
-            ids = tokenizer(build_prompt(item, shots, header, cue), add_special_tokens=True)["input_ids"]
-        ids = list(ids) + list(shared)
-        if len(ids) <= mc_cfg.max_length or not shots:
-            return list(ids[-mc_cfg.max_length:])
-        shots.pop()
+def score_batch(model, entries: list[Entry], packed: bool, pad_id: int, priors: dict) -> list[dict]:
+    """One batch of questions (one forward) -> their result rows, as the cache stores them."""
+    if entries[0].scoring == "cloze":
+        return _score_cloze(model, entries, packed, pad_id)
+    return _score_letters(model, entries, packed, pad_id, priors)
 
 
-@torch.no_grad()
-def letter_logps(model, prompts: list[list[int]], letter_ids: list[int], pad_id: int) -> torch.Tensor:
-    """(B, L) log-probabilities of each letter token as the next token after each prompt."""
-    backbone, head = lm_head_and_backbone(model)
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T) right-padded
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
-    for b, ids in enumerate(prompts):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention_mask[b, : len(ids)] = 1
-    hidden = backbone(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))  # (B, T, H)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,)
-    logits = head(hidden[torch.arange(len(prompts), device=device), last]).float()  # (B, V)
-    return logits.log_softmax(-1)[:, letter_ids].cpu()  # (B, L)
-
-
-def _item_key(prompt_ids: list[int], letter_ids: list[int]) -> str:
-    """Cache key: the exact tokens scored, so any change of data, shots, wording or tokenizer misses."""
-    return hashlib.sha256(json.dumps([prompt_ids, letter_ids]).encode()).hexdigest()[:20]
+def score_items(model, todo: list[Entry], packed: bool, pad_id: int, batch_size: int, cache_file: Path,
+                progress: Progress) -> list[dict]:
+    """Score entries in batches, appending each result to the cache. Packed batches follow the subjects
+    (their questions share a prefix); padded ones are length-sorted (similar lengths pad less)."""
+    if packed:
+        todo = sorted(todo, key=lambda e: (e.item.subject, len(e.prompt)))
+    else:
+        todo = sorted(todo, key=lambda e: (len(e.item.options), len(e.prompt)))
+    results, priors = [], {}  # calibrated: each content-free prompt is scored once per run
+    with cache_file.open("a", encoding="utf-8") as cache:
+        for i in range(0, len(todo), batch_size):
+            rows = score_batch(model, todo[i: i + batch_size], packed, pad_id, priors)
+            for row in rows:
+                cache.write(json.dumps(row, ensure_ascii=False) + "\n")
+            cache.flush()
+            results += rows
+            progress.update(len(rows))
+    return results
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
@@ -146,55 +179,53 @@ def _load_cache(path: Path) -> dict[str, dict]:
     return out
 
 
-def score_items(model, tokenizer, todo: list[tuple[str, list[int], MCItem]], letter_ids: dict[int, list[int]],
-                batch_size: int, cache_file: Path, progress: Progress) -> list[dict]:
-    """Score (key, prompt ids, item) triples in length-sorted batches, appending each result to the cache."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    todo = sorted(todo, key=lambda t: (len(t[2].options), len(t[1])))  # similar lengths pad less
-    results = []
-    with cache_file.open("a", encoding="utf-8") as cache:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i: i + batch_size]
-            groups: dict[int, list] = {}
-            for entry in chunk:  # one letter set per option count
-                groups.setdefault(len(entry[2].options), []).append(entry)
-            for n_opt, entries in groups.items():
-                logps = letter_logps(model, [e[1] for e in entries], letter_ids[n_opt], pad_id)
-                for (key, _, item), row in zip(entries, logps.tolist()):
-                    pred = LETTERS[max(range(n_opt), key=lambda j: row[j])]
-                    result = {"key": key, "subject": item.subject, "answer": item.answer, "pred": pred,
-                              "correct": pred == item.answer, "logps": row}
-                    cache.write(json.dumps(result, ensure_ascii=False) + "\n")
-                    results.append(result)
-            cache.flush()
-            progress.update(len(chunk))
-    return results
-
-
 def summarize(results: list[dict], categories: dict[str, list[str]]) -> dict:
-    """Accuracy per subject, per category (subjects in no category go to 'uncategorized') and overall."""
+    """Accuracy per subject, per category (a subject counts in each of its categories; subjects in none
+    go to 'uncategorized', listed) and overall, with the predicted and the correct letters counted."""
     by_subject: dict[str, list[bool]] = {}
     for r in results:
         by_subject.setdefault(r["subject"], []).append(bool(r["correct"]))
     subjects = {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(by_subject.items())}
-    cat_of = {s: c for c, subs in categories.items() for s in subs}
+    cats_of: dict[str, list[str]] = {}
+    for c, subs in categories.items():
+        for s in subs:
+            cats_of.setdefault(s, []).append(c)
     cats: dict[str, list[bool]] = {}
     for s, v in by_subject.items():
-        cats.setdefault(cat_of.get(s, "uncategorized"), []).extend(v)
+        for c in cats_of.get(s, ["uncategorized"]):
+            cats.setdefault(c, []).extend(v)
     total = [c for v in by_subject.values() for c in v]
     return {
         "subjects": subjects,
         "categories": {c: {"n": len(v), "accuracy": sum(v) / len(v)} for c, v in sorted(cats.items())},
         "overall": {"n": len(total), "accuracy": sum(total) / max(len(total), 1),
                     "macro_accuracy": sum(s["accuracy"] for s in subjects.values()) / max(len(subjects), 1)},
+        "uncategorized_subjects": sorted(s for s in by_subject if s not in cats_of),
+        "categories_overlap": any(len(c) > 1 for s, c in cats_of.items() if s in by_subject),
+        "predictions": dict(sorted(Counter(r["pred"] for r in results).items())),
+        "answers": dict(sorted(Counter(r["answer"] for r in results).items())),
     }
+
+
+def _cached_and_todo(entries: list[Entry], cached: dict[str, dict]) -> tuple[list[dict], list[Entry]]:
+    """Rows already in the cache (subject and answer key refreshed from the data) and entries to score."""
+    results, todo = [], []
+    for e in entries:
+        row = cached.get(e.key)
+        if row is None:
+            todo.append(e)
+            continue
+        # the pick depends on the tokens only; subject and answer key come from the data
+        results.append({**row, "scoring": e.scoring, "subject": e.item.subject, "answer": e.item.answer,
+                        "correct": row["pred"] == e.item.answer})
+    return results, todo
 
 
 def run(cfg) -> dict:
     """Score cfg.eval.mc with cfg.eval.model; write results.json; return the summary.
 
-    Results already in the output folder's cache (same model weights, same prompt tokens) are
-    reused, so an interrupted run, or a larger one after a smaller one, only scores what is new.
+    Results already in the output folder's cache (same model weights, same prompt tokens, same scoring)
+    are reused, so an interrupted run, or a larger one after a smaller one, only scores what is new.
     """
     from posttrain.models.load import pick_device
     from posttrain.models.run import load_model_for_inference, model_stamp
@@ -206,44 +237,44 @@ def run(cfg) -> dict:
     # A JSONL benchmark has no dev split to draw shots from: it is scored zero-shot.
     with_shots = mc.shots and Path(mc.data).is_dir()
     shots_by_subject = load_split(mc.data, mc.shots_split, mc.subjects or None) if with_shots else {}
+    layout = detect_layout(mc.data, mc.split)
+    map_name, categories = choose_categories(mc.category_map, layout, list(split), mc.categories)
     model, tokenizer, _ = load_model_for_inference(ev.model, device=str(pick_device(ev.device)))
     language = pick_language([it for items in split.values() for it in items], mc.language)
-    header = HEADERS[language] if mc.header is None else mc.header
-    cue = CUES[language] if mc.answer_cue is None else mc.answer_cue
     stamp = hashlib.sha256(model_stamp(ev.model).encode()).hexdigest()[:12]
     cache_file = out_dir / f"items-{stamp}.jsonl"
-    cached = _load_cache(cache_file)
-    letters = {n: letter_token_ids(tokenizer, cue, LETTERS[:n])
-               for n in {len(it.options) for items in split.values() for it in items}}
-    todo, results = [], []
-    for subject, items in split.items():
-        shots = shots_by_subject.get(subject, [])[: mc.shots]
-        for item in items[: mc.max_per_subject]:
-            shared, ids = letters[len(item.options)]
-            prompt = encode_item(item, shots, tokenizer, mc, header, cue, shared)
-            key = _item_key(prompt, ids)
-            if key in cached:  # the pick depends on the tokens only; subject and answer key come from the data
-                pred = cached[key]["pred"]
-                results.append({**cached[key], "subject": item.subject, "answer": item.answer,
-                                "correct": pred == item.answer})
-            else:
-                todo.append((key, prompt, item))
-    letter_ids = {n: ids for n, (_, ids) in letters.items()}
-    log.info("%d questions in %d subjects (%d cached), %d-shot, %s prompt, language %s",
-             len(todo) + len(results), len(split), len(results), mc.shots, mc.prompt, language)
+    results, todo = _cached_and_todo(prepare_entries(split, shots_by_subject, tokenizer, mc, language),
+                                     _load_cache(cache_file))
+    packed = mc.shared_prefix and can_pack(model)
+    if mc.shared_prefix and not packed:
+        log.info("this model's attention cannot run packed rows with shared prefixes: one padded row per prompt")
+    log.info("%d questions in %d subjects (%d cached), %d-shot, %s prompt, language %s, %s scoring, layout %s",
+             len(todo) + len(results), len(split), len(results), mc.shots, mc.prompt, language, mc.scoring, layout)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.time()
     with Progress(len(todo) + len(results), "multiple choice", "question", done=len(results)) as progress:
-        results += score_items(model, tokenizer, todo, letter_ids, ev.batch_size, cache_file, progress)
-    summary = summarize(results, mc.categories or CEVAL_CATEGORIES)
-    summary["settings"] = {"model": ev.model, "shots": mc.shots, "prompt": mc.prompt, "language": language,
-                           "split": mc.split, "data": mc.data, "scored": len(todo), "cached": len(results) - len(todo),
-                           "seconds": round(time.time() - start, 1)}
+        results += score_items(model, todo, packed, pad_id, ev.batch_size, cache_file, progress)
+    seconds = time.time() - start
+    summary = summarize(results, categories)
+    if summary["uncategorized_subjects"]:
+        log.warning("%d subject(s) in no category of the %s map (reported as 'uncategorized'): %s",
+                    len(summary["uncategorized_subjects"]), map_name, ", ".join(summary["uncategorized_subjects"]))
+    summary["settings"] = {
+        "model": ev.model, "shots": mc.shots, "prompt": mc.prompt, "language": language, "split": mc.split,
+        "data": mc.data, "scoring": mc.scoring, "normalization": NORMALIZATION[mc.scoring], "layout": layout,
+        "category_map": map_name, "path": "packed" if packed else "padded", "batch_size": ev.batch_size,
+        "scored": len(todo), "cached": len(results) - len(todo), "seconds": round(seconds, 1),
+        "questions_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return summary
 
 
+def letter_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def format_table(summary: dict) -> str:
-    """Per-subject, per-category and overall accuracy as an aligned text table."""
+    """Per-subject, per-category and overall accuracy as an aligned text table, then how it was scored."""
     lines = [f"{'subject':44} {'n':>5} {'acc':>7}"]
     lines += [f"{s:44} {v['n']:5d} {100 * v['accuracy']:6.1f}%" for s, v in summary["subjects"].items()]
     lines.append("-" * 58)
@@ -252,4 +283,13 @@ def format_table(summary: dict) -> str:
     o = summary["overall"]
     lines.append(f"{'overall (micro)':44} {o['n']:5d} {100 * o['accuracy']:6.1f}%")
     lines.append(f"{'overall (mean of subjects)':44} {'':5} {100 * o['macro_accuracy']:6.1f}%")
+    s = summary.get("settings", {})
+    if s:
+        overlap = "; a subject may count in two categories" if summary.get("categories_overlap") else ""
+        lines.append(f"scoring: {s['scoring']}; categories: {s['category_map']} map{overlap}")
+    lines.append(f"predicted letters: {letter_counts(summary['predictions'])} "
+                 f"(correct letters: {letter_counts(summary['answers'])})")
+    if summary["uncategorized_subjects"]:
+        lines.append(f"uncategorized subjects ({len(summary['uncategorized_subjects'])}): "
+                     + ", ".join(summary["uncategorized_subjects"]))
     return "\n".join(lines)

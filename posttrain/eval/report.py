@@ -99,7 +99,19 @@ def write_compare_report(out: Path, result: dict) -> Path:
     return path
 
 
+def _mc_category_notes(summary: dict) -> list[str]:
+    """Paragraphs (each after a blank line) on overlapping categories and uncategorized subjects."""
+    notes = []
+    if summary.get("categories_overlap"):
+        notes += ["", "A subject may count in two categories (as the benchmark's own map has it)."]
+    if summary.get("uncategorized_subjects"):
+        notes += ["", f"{len(summary['uncategorized_subjects'])} subject(s) in no category, reported as "
+                      f"`uncategorized`: {', '.join(summary['uncategorized_subjects'])}."]
+    return notes
+
+
 def write_mc_report(out: Path, summary: dict) -> Path:
+    """report.md (how it was scored, categories, predicted vs correct letters, subjects) and accuracy.png."""
     plt = _plt()
     subjects = summary["subjects"]
     fig, ax = plt.subplots(figsize=(7, 1 + 0.22 * len(subjects)))
@@ -115,8 +127,13 @@ def write_mc_report(out: Path, summary: dict) -> Path:
     lines = [f"# Multiple choice: `{s['model']}` on `{s['data']}` ({s['split']}, {s['shots']}-shot, {s['prompt']})",
              "", f"Overall accuracy {100 * o['accuracy']:.1f}% over {o['n']} questions "
              f"(mean of subjects {100 * o['macro_accuracy']:.1f}%).", "",
-             "| category | n | accuracy |", "|---|---|---|"]
+             f"Scoring: **{s['scoring']}** (length normalisation: {s['normalization']}). "
+             f"Categories: the {s['category_map']} map (file layout: {s['layout']}).", *_mc_category_notes(summary),
+             "", "| category | n | accuracy |", "|---|---|---|"]
     lines += [f"| {c} | {v['n']} | {100 * v['accuracy']:.1f}% |" for c, v in summary["categories"].items()]
+    letters = sorted(set(summary["predictions"]) | set(summary["answers"]))
+    lines += ["", "| letter | predicted | correct answer |", "|---|---|---|"]
+    lines += [f"| {k} | {summary['predictions'].get(k, 0)} | {summary['answers'].get(k, 0)} |" for k in letters]
     lines += ["", "| subject | n | accuracy |", "|---|---|---|"]
     lines += [f"| {n} | {v['n']} | {100 * v['accuracy']:.1f}% |" for n, v in subjects.items()]
     lines += ["", "![accuracy per subject](accuracy.png)", ""]

@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.models.methods import is_prompt_learning
-from posttrain.models.run import is_peft_model, load_model_for_inference, stop_token_ids
+from posttrain.models.anatomy import is_prompt_learning
+from posttrain.models.generate import stop_token_ids
+from posttrain.models.run import is_peft_model, load_model_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +21,16 @@ log = logging.getLogger(__name__)
 EXPORT_MARKER = "posttrain_export.json"
 
 
-def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Merge the run's adapter (if any) and write config, safetensors, generation config, tokenizer."""
+def export_merged(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:
+    """Merge the run's adapter (if any) and write config, safetensors, generation config, tokenizer.
+
+    `trust_remote_code` comes from the user's command line only (see models/run.py)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     replace_previous = _check_out_dir(run_dir, out_dir)
     # CPU keeps the merge exact and independent of whatever accelerator trained the run.
     # A QLoRA base is de-quantised first (to the NF4-rounded weights it trained on), then merged.
-    model, tokenizer, cfg = load_model_for_inference(str(run_dir), device="cpu", dequantize=True)
+    model, tokenizer, cfg = load_model_for_inference(str(run_dir), device="cpu", dequantize=True,
+                                                     trust_remote_code=trust_remote_code)
     dequantized = cfg is not None and cfg.method.type == "qlora"
     if dequantized:
         log.warning("QLoRA run: the 4-bit base is de-quantised to %s before merging", model.dtype)

@@ -62,7 +62,7 @@ def load_tokenizer(path_or_id: str, revision: str = "main", trust_remote_code: b
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelSourceError(f"could not load a tokenizer from {path_or_id}: {err}") from None
+        raise _load_error("a tokenizer", path_or_id, err) from None
     tokenizer = _keep_custom_pretokenizer(tokenizer, path_or_id)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -116,8 +116,8 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
     log.info("loading %s (%s, %s%s)", path, dtype, device, ", 4-bit" if quantization_config is not None else "")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelSourceError(f"could not load a model from {path}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise _load_error("a model", path, err) from None
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences a warning per generate()
@@ -125,6 +125,18 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
         return model.to(device), tokenizer
     one_4bit_kernel(model)
     return model, tokenizer
+
+
+def _load_error(what: str, path: str, err: Exception) -> ModelSourceError:
+    """One line for a failed from_pretrained; a folder that needs its own Python code says how to allow it."""
+    text = str(err)
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelSourceError(
+            f"{path} needs its own Python code to load (config.json / tokenizer_config.json auto_map); posttrain "
+            "runs a folder's code only when you ask: --trust-remote-code, or model.trust_remote_code=true in your "
+            "training config, and only for folders you trust")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return ModelSourceError(f"could not load {what} from {path}: {first}")
 
 
 def one_4bit_kernel(model) -> None:
@@ -174,7 +186,7 @@ def load_reward_model(model_cfg, device: torch.device | str, tokenizer=None, qua
             attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
             local_files_only=_hub_local_only(path, model_cfg.revision, "config.json"), **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelSourceError(f"could not load {path} as a reward model: {err}") from None
+        raise _load_error("a reward model", path, err) from None
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not pad
     if quantization_config is None:
         return model.to(device), tokenizer

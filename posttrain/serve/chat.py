@@ -1,64 +1,21 @@
-"""Chat with a model: one reply (`generate_reply`) and a multi-turn terminal REPL (`run_repl`).
+"""`posttrain chat`: a multi-turn terminal REPL over the generation layer (models/generate.py).
 
 Prompts are rendered by `encode_prompt`, the same code that builds training samples, so a chat
-sees exactly the format the model was trained on. Generation stops at eos or the template's
-end-of-turn token.
+sees exactly the format the model was trained on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
-from transformers import GenerationConfig, TextStreamer
 
-from posttrain.data.records import Message
-from posttrain.models.run import stop_token_ids
+from posttrain.records import Message
+from posttrain.models.generate import generate_reply
 from posttrain.templates.render import encode_prompt
 
 EXIT_WORDS = ("exit", "quit")
 CLEAR_WORD = "clear"
-
-
-class _CallbackStreamer(TextStreamer):
-    """Hands each decoded piece to a callback; TextStreamer holds back half-formed words."""
-
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.callback = callback
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.callback(text)
-
-
-@torch.no_grad()
-def generate_reply(
-    model: nn.Module, tokenizer, messages: list[Message], *, system: str | None = None,
-    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-    stream_to: Callable[[str], None] | None = None,
-) -> str:
-    """The assistant's next reply to `messages`; temperature 0 is greedy (deterministic)."""
-    prompt_ids = encode_prompt(messages, tokenizer, system=system)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    stops = stop_token_ids(model, tokenizer)
-    greedy = temperature <= 0
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy,
-        # Sampling knobs only when sampling: transformers warns about them under greedy decoding.
-        temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
-        eos_token_id=stops or None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [None])[0],
-    )
-    streamer = _CallbackStreamer(tokenizer, stream_to) if stream_to is not None else None
-    output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-        generation_config=gen_cfg, streamer=streamer,
-    )
-    new_ids = output[0, input_ids.shape[1]:]  # (N,)
-    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 
 def run_repl(

@@ -4,9 +4,10 @@ HTTP handlers never touch the model. They submit a `Job` and wait on its Future,
 clients become a few `generate` calls of up to `max_batch` rows instead of 32 racing threads.
 Jobs with equal sampling settings share a batch; a seeded job runs alone so its seed means the
 same thing whatever else is queued. Streaming jobs run one at a time with a token callback.
-A job whose client went away (`cancelled`) is skipped if it has not started, and a generate call
-stops between tokens once every job in it is cancelled, so abandoned requests (a client that timed
-out and retried) do not pile up work the server can never catch up with.
+A job whose client went away (`cancelled`) is skipped if it has not started, a generate call
+stops between tokens once every job in it is cancelled, and a scoring job stops between responses,
+so abandoned requests (a client that timed out and retried) do not pile up work the server can never
+catch up with.
 torch's sampling RNG is one per process, so sampling runs of all engines (the UI may hold several)
 take turns on `_RNG_LOCK`; otherwise one engine's draws would shift another's seeded samples.
 """
@@ -25,11 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.models.load import reward_offset
-from posttrain.serve.chat import _CallbackStreamer
-from posttrain.serve.generate import Generation, generate_from_ids
-from posttrain.templates.render import encode_conversation
+from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
+from posttrain.templates.render import Encoded, encode_conversation
 
 log = logging.getLogger(__name__)
 _RNG_LOCK = threading.Lock()  # held by every sampling (temperature > 0) generate call, across engines
@@ -106,7 +106,7 @@ class Engine:
         self.closing = False
         self.batches_run = 0  # generate calls made; tests read it to see that batching happened
         self.jobs_skipped = 0  # cancelled before they started: never run
-        self.batches_stopped = 0  # generate calls ended early because all their jobs were cancelled
+        self.batches_stopped = 0  # generate calls (or scoring jobs) ended early because their jobs were cancelled
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -208,7 +208,12 @@ class Engine:
     def _run_single(self, jobs: list[Job]) -> None:
         job = jobs[0]
         if job.score is not None:
-            job.future.set_result(self._score(*job.score))
+            scores = self._score(job)
+            if scores is None:  # the client left mid-way: the rest of its responses are never scored
+                job.future.cancel()
+                self.batches_stopped += 1
+            else:
+                job.future.set_result(scores)
         elif job.on_text is None:
             job.future.set_result(self._generate([job.prompt_ids] * job.n, job.sampling, job.strip, jobs=jobs))
         else:
@@ -228,7 +233,7 @@ class Engine:
                 raise _Halt
             stop_filter.feed(text)
 
-        streamer = _CallbackStreamer(self.tokenizer, on_piece)
+        streamer = CallbackStreamer(self.tokenizer, on_piece)
         try:
             gen = self._generate([job.prompt_ids], job.sampling, strip=False, streamer=streamer)[0]
             stop_filter.flush()
@@ -238,14 +243,22 @@ class Engine:
         text = "".join(pieces)
         return Generation(text, self.tokenizer(text, add_special_tokens=False)["input_ids"], reason)
 
+    def score_ids(self, messages: list[Message], response: str) -> Encoded:
+        """The tokens a scoring job runs for one response (the API checks their count first)."""
+        conv = Conversation(messages=[*messages, Message("assistant", response)])
+        return encode_conversation(conv, self.tokenizer, mask="last", system=self.system)[0]
+
     @torch.no_grad()
-    def _score(self, messages: list[Message], responses: list[str]) -> list[float]:
-        """A reward head's value for each response, or (a plain LM) its mean token log-probability."""
+    def _score(self, job: Job) -> list[float] | None:
+        """A reward head's value for each response, or (a plain LM) its mean token log-probability;
+        None once the job is cancelled (checked between responses)."""
+        messages, responses = job.score
         device = next(self.model.parameters()).device
         scores = []
         for response in responses:
-            conv = Conversation(messages=[*messages, Message("assistant", response)])
-            enc = encode_conversation(conv, self.tokenizer, mask="last", system=self.system)[0]
+            if job.cancelled:
+                return None
+            enc = self.score_ids(messages, response)
             ids = torch.tensor([enc.input_ids], device=device)  # (1, T)
             logits = self.model(input_ids=ids).logits  # (1, T, V) or (1, 1) for a reward head
             if logits.dim() == 2:  # a reward head: raw score minus the stored offset (rm.normalize_data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.templates.builtin import BUILTIN_TEMPLATES, NEEDS_EOS
 
@@ -164,6 +164,7 @@ def encode_conversation(
 
     mask: "all" trains every assistant turn (Message.loss_weight overrides 1.0), "last" only the
     final assistant turn, "full" every token. Too long: the oldest exchanges are dropped first.
+    Under "all" / "last" a conversation must end with an assistant reply (else DropSample no_final_reply).
     """
     if mask not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mask!r}; choose one of {', '.join(MASK_MODES)}")
@@ -172,6 +173,9 @@ def encode_conversation(
     if not conv.messages:
         raise DropSample("empty", conv.source)
     messages = _with_system(conv.messages, system)
+    if mask != "full" and messages[-1].role != "assistant" and _turn_weights(messages, mask):
+        # a trailing user / tool turn has no reply to learn from: a truncated or prompt-only row
+        raise DropSample("no_final_reply", conv.source)
     while True:
         encoded = _encode_messages(messages, tokenizer, conv.tools, mask, conv.source)
         if max_length is None or len(encoded.input_ids) <= max_length:

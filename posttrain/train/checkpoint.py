@@ -1,9 +1,17 @@
-"""Checkpoints for exact resume: trainable weights, optimizer, scheduler, RNG and data position."""
+"""Checkpoints for exact resume: trainable weights, optimizer, scheduler, RNG and data position.
+
+Nothing in a checkpoint is unpickled: weights are safetensors, the position is JSON, and optim_rng.pt
+holds only tensors, numbers, strings and containers (the RNG states converted to those), so it loads
+with `torch.load(weights_only=True)`. A file that needs more (a planted payload, an older pickled
+format) is refused with an error naming it.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.errors import PosttrainError
 
 STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optim_rng.pt"
 
 
 def trainable_state(model, params: list | None = None) -> dict[str, torch.Tensor]:
@@ -24,15 +33,23 @@ def trainable_state(model, params: list | None = None) -> dict[str, torch.Tensor
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers (what weights_only=True loads)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -47,7 +64,7 @@ def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: dict
     tmp.mkdir(parents=True)
     save_file(trainable_state(model, params), tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "optim_rng.pt")
+               tmp / OPTIM_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(position, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -76,6 +93,7 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore everything saved by save_checkpoint; returns the data position."""
+    state = _load_optim_state(path / OPTIM_FILE)  # first: a refused file leaves the model untouched
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -84,8 +102,21 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = torch.load(path / "optim_rng.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
     return json.loads((path / STATE_FILE).read_text())
+
+
+def _load_optim_state(file: Path) -> dict:
+    """optim_rng.pt through the weights-only unpickler: tensors and plain data load, code never runs."""
+    try:
+        return torch.load(file, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        # torch's own text advises weights_only=False; name only what the file asked to import
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        why = f"it needs {needs.group(1)}, not plain tensors and numbers" if needs else "not a checkpoint file"
+        raise PosttrainError(
+            f"{file}: cannot be loaded safely: {why}. Checkpoints load with weights_only=True, so one written by "
+            "an older posttrain (pickled RNG state) or a planted payload is refused; resume from a checkpoint this "
+            "version wrote, or start without train.resume") from None

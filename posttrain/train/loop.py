@@ -1,39 +1,35 @@
 """The one training engine every stage reuses.
 
-A stage hands over its model, a `Batches` description of its data and a loss function; the
-loop owns accumulation (normalised over the whole effective batch), gradient sync across
-processes, clipping, the schedule, evaluation, checkpoints, exact resume and reporting.
+A stage hands over its model and a `StepSource` (train/steps.py): how many steps the run has and
+what one step does. A step is one or more optimizer updates, each a list of micro-batches: for
+SFT, RM and DPO one update over a planned slice of the data; for PPO a fresh rollout, then
+several updates over it. The loop alone steps the optimizer and the schedule, syncs gradients
+across processes, clips, evaluates, checkpoints, resumes exactly and reports.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from torch import nn
 
-from posttrain.config import OptimConfig, RunConfig
-from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
-from posttrain.losses.moments import fold_moments, is_moment
+from posttrain.config import OptimConfig, RunConfig, save_config
+from posttrain.losses.moments import fold_moments
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from posttrain.train.reporting import RunReport
+from posttrain.train.reporting import RunReport, already_complete
 
-_CORE_METRICS = {"nll_sum", "tokens"}  # what every loss may report; any other key is summed as a stage metric
-LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
-# Called before every optimizer step with the 0-based global step (e.g. LISA switches blocks).
+log = logging.getLogger("posttrain")
+# One micro-batch: given the model, runs its forward pass and returns (loss to backward, metrics to sum).
+MicroBatch = Callable[[nn.Module], tuple[torch.Tensor, dict]]
+# Called before every optimizer update with the 0-based update index (e.g. LISA switches blocks).
 StepHook = Callable[[int, torch.optim.Optimizer], None]
-
-
-@dataclass
-class Batches:
-    """A tokenized dataset as the loop sees it."""
-
-    lengths: list[int]  # tokens per sample
-    loss_tokens: list[int]  # supervised tokens per sample (the accumulation normaliser counts these)
-    collate: Callable[[list[list[int]]], dict]  # units -> tensors (on CPU)
 
 
 @dataclass
@@ -51,8 +47,6 @@ class Dist:
     @classmethod
     def from_environment(cls, device: str = "auto") -> Dist:
         """Join the process group when launched by torchrun / accelerate launch (gloo on CPU)."""
-        from accelerate import PartialState
-
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         return cls(rank=state.process_index, world=state.num_processes, device=state.device)
 
@@ -63,13 +57,18 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum a metrics dict over processes; a key one process lacks counts as 0 there."""
+        if self.world == 1:
+            return dict(values)
+        names: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(names, sorted(values))
+        keys = sorted(set().union(*names))
+        return dict(zip(keys, self.sum([values.get(k, 0.0) for k in keys]), strict=True))
+
 
 def start_run(cfg: RunConfig) -> tuple[Dist, Path]:
     """What every stage does first: join the process group, seed, create the run folder, save the config."""
-    import logging
-
-    from posttrain.config import save_config
-
     dist_ctx = Dist.from_environment(cfg.train.device)
     if not dist_ctx.main:
         logging.getLogger("posttrain").setLevel(logging.WARNING)  # one process speaks for the run
@@ -96,80 +95,49 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return max(0.0, 0.5 * (1 + math.cos(math.pi * progress))) if kind == "cosine" else max(0.0, 1 - progress)
 
 
-@torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: Batches, loss_fn: LossFn, micro: int, dist_ctx: Dist) -> dict:
-    """Token-weighted mean loss over `data` (sharded over processes), and perplexity."""
-    model.eval()
-    order = [[i] for i in range(len(data.lengths))]
-    loss_sum = n_tokens = 0.0
-    extra: dict[str, float] = {}
-    for start in range(dist_ctx.rank * micro, len(order), micro * dist_ctx.world):
-        batch = {k: v.to(dist_ctx.device) for k, v in data.collate(order[start:start + micro]).items()}
-        loss, metrics = loss_fn(model, batch, 1.0)
-        loss_sum += float(loss)
-        n_tokens += metrics.get("tokens", 0.0)
-        for key in metrics.keys() - _CORE_METRICS:
-            extra[key] = extra.get(key, 0.0) + metrics[key]
-    keys = sorted(extra)
-    loss_sum, n_tokens, *values = dist_ctx.sum([loss_sum, n_tokens, *(extra[k] for k in keys)])
-    loss = loss_sum / max(n_tokens, 1.0)
-    if keys:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses); moments as is
-        stage = {k: v if is_moment(k) else v / max(n_tokens, 1.0) for k, v in zip(keys, values, strict=True)}
-        return {"loss": loss} | fold_moments(stage)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+def summed_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Micro-batch metric sums (over processes too) -> what is logged: a token NLL for LM losses (`nll_sum`
+    over `tokens`), `name/mean` and `name/std` for moments; `_tokens` / `_loss_tokens` for throughput."""
+    out = dict(sums)
+    nll, tokens = out.pop("nll_sum", 0.0), out.pop("tokens", 0.0)
+    out["_tokens"], out["_loss_tokens"] = out.pop("_tokens", 0.0), tokens
+    stage = set(out) - {"loss", "_tokens", "_loss_tokens"}
+    if not stage or nll:  # token NLL only for stages that report one
+        out["token_nll"] = nll / max(tokens, 1.0)
+    return fold_moments(out)
 
 
 class Loop:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, data: Batches, loss_fn: LossFn, *,
-                 eval_data: Batches | None = None, dist_ctx: Dist | None = None,
+    def __init__(self, cfg: RunConfig, model: nn.Module, steps, *, dist_ctx: Dist | None = None,
                  param_groups: list[dict] | None = None, on_step_start: StepHook | None = None):
-        self.cfg, self.model, self.data, self.loss_fn, self.eval_data = cfg, model, data, loss_fn, eval_data
+        self.cfg, self.model, self.steps = cfg, model, steps
         self.dist = dist_ctx or Dist()
         self.on_step_start = on_step_start
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(groups, cfg.optim)
-        self.total_steps = self._count_steps()
-        warmup = int(cfg.optim.warmup_ratio * self.total_steps)
+        self.total_steps = steps.total_steps
+        total_updates = self.total_steps * steps.updates_per_step
+        warmup = int(cfg.optim.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.optim.scheduler))
+            self.optimizer, lambda s: lr_factor(s, total_updates, warmup, cfg.optim.scheduler))
         self.out_dir = Path(cfg.output.dir)
 
-    def _plans(self, epoch: int) -> list[StepPlan]:
-        t = self.cfg.train
-        units = epoch_units(self.data.lengths, packing=self.cfg.data.packing, max_length=self.cfg.data.max_length,
-                            seed=t.seed, epoch=epoch)
-        return plan_epoch(units, self.data.loss_tokens, micro=t.micro_batch_size, accum=t.grad_accum,
-                          world=self.dist.world, rank=self.dist.rank)
+    # ------------------------------------------------------------------ one optimizer update
 
-    def _count_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps > 0:
-            return t.max_steps
-        full, frac = int(t.epochs), t.epochs - int(t.epochs)
-        steps = sum(len(self._plans(e)) for e in range(full))
-        if frac > 0:
-            steps += math.ceil(frac * len(self._plans(full)))
-        return max(1, steps)
-
-    # ------------------------------------------------------------------ one optimizer step
-
-    def _step(self, plan: StepPlan, step: int = 0) -> dict:
+    def update(self, micro_batches: list[MicroBatch]) -> dict:
+        """Backward every micro-batch (losses arrive divided by the whole update's normaliser), sync the
+        gradients, clip, step; returns the micro-batch metrics summed over processes, with lr and grad norm."""
         if self.on_step_start is not None:
-            self.on_step_start(step, self.optimizer)
+            self.on_step_start(self.scheduler.last_epoch, self.optimizer)  # updates done so far
         self.model.train()
-        sums = {"loss": 0.0, "nll_sum": 0.0, "tokens": 0.0, "real_tokens": 0.0}
-        for units in plan.micro_batches:
-            batch = {k: v.to(self.dist.device) for k, v in self.data.collate(units).items()}
-            loss, metrics = self.loss_fn(self.model, batch, plan.normalizer)
+        sums: dict[str, float] = {"loss": 0.0}
+        for micro in micro_batches:
+            loss, metrics = micro(self.model)
             loss.backward()
             sums["loss"] += float(loss.detach())
-            sums["nll_sum"] += metrics.get("nll_sum", 0.0)
-            sums["tokens"] += metrics.get("tokens", 0.0)
-            sums["real_tokens"] += float(batch["real_mask"].sum())
-            # stage metrics arrive pre-divided by the normalizer (moments: raw sums, folded after the step)
-            for key in metrics.keys() - _CORE_METRICS:
-                sums[key] = sums.get(key, 0.0) + metrics[key]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         self._sync_grads()
         clip = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
@@ -177,16 +145,10 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        extra = sorted(sums.keys() - {"loss", "nll_sum", "tokens", "real_tokens"})
-        loss, nll, tokens, real, *values = self.dist.sum(
-            [sums["loss"], sums["nll_sum"], sums["tokens"], sums["real_tokens"], *(sums[k] for k in extra)])
-        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "_tokens": real, "_loss_tokens": tokens}
-        if not extra or nll:  # token NLL only for stages that report one
-            out["token_nll"] = nll / max(tokens, 1.0)
-        return out | fold_moments(dict(zip(extra, values)))
+        return summed_metrics(self.dist.sum_dict(sums)) | {"lr": lr, "grad_norm": float(grad_norm)}
 
     def _sync_grads(self) -> None:
-        """Sum gradients over processes: each loss is already divided by the global token count."""
+        """Sum gradients over processes: each loss is already divided by the global normaliser."""
         if self.dist.world == 1:
             return
         # Frozen-this-step parameters (LISA) stay gradient-free, so AdamW leaves them alone.
@@ -201,51 +163,48 @@ class Loop:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
 
-    # ------------------------------------------------------------------ evaluation
-
-    def evaluate(self) -> dict:
-        if self.eval_data is None:
-            return {}
-        return evaluate_lm(self.model, self.eval_data, self.loss_fn, self.cfg.train.micro_batch_size, self.dist)
-
     # ------------------------------------------------------------------ the run
 
     def run(self, save_model: Callable[[Path], None], extra_summary: dict | None = None) -> dict:
         t = self.cfg.train
         ckpt_dir = self.out_dir / "checkpoints"
-        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        step = 0
         resume = find_resume(t.resume, ckpt_dir)
         if resume is not None:
             position = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            step = position["global_step"]
+            done = already_complete(self.out_dir, step, self.total_steps)
+            if done is not None:
+                return done | {"processes": self.dist.world}
+            self.steps.load_state(position)
         report = RunReport(self.out_dir, self.total_steps, enabled=self.dist.main,
-                           tensorboard=self.cfg.output.tensorboard, start_step=position["global_step"])
-        step, last = position["global_step"], {}
-        epoch = position["epoch"]
+                           tensorboard=self.cfg.output.tensorboard, start_step=step)
+        self.steps.begin(report, step)
+        last: dict = {}
         while step < self.total_steps:
-            plans = self._plans(epoch)
-            for i in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, len(plans)):
-                metrics = self._step(plans[i], step)
-                step += 1
-                # sums of float weights (rm: 1/3 per pair) land just under the integer: round, never truncate
-                tokens, loss_tokens = round(metrics.pop("_tokens")), round(metrics.pop("_loss_tokens"))
-                report.step(step, metrics | {"epoch": epoch + (i + 1) / len(plans)}, tokens=tokens,
-                            loss_tokens=loss_tokens, log=step % t.log_every == 0 or step == self.total_steps)
-                last = metrics
-                if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
-                    report.eval(step, self.evaluate())
-                if t.save_every and step % t.save_every == 0 and self.dist.main:
-                    nxt = {"epoch": epoch + (i + 1 == len(plans)), "global_step": step,
-                           "step_in_epoch": 0 if i + 1 == len(plans) else i + 1}
-                    save_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, params=self.params,
-                                    scheduler=self.scheduler, position=nxt, keep_last=t.keep_last)
-                if step >= self.total_steps:
-                    break
-            epoch += 1
-        final_eval = self.evaluate()
+            metrics = self.steps.run_step(step, self.update)
+            step += 1
+            # sums of float weights (rm: 1/3 per pair) land just under the integer: round, never truncate
+            tokens, loss_tokens = round(metrics.pop("_tokens", 0.0)), round(metrics.pop("_loss_tokens", 0.0))
+            report.step(step, metrics, tokens=tokens, loss_tokens=loss_tokens,
+                        log=step % t.log_every == 0 or step == self.total_steps)
+            last = metrics
+            if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
+                report.eval(step, self.steps.evaluate(self.model))
+            if t.save_every and step % t.save_every == 0 and self.dist.main:
+                save_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, params=self.params,
+                                scheduler=self.scheduler, position={"global_step": step, **self.steps.state(step)},
+                                keep_last=t.keep_last)
+        final_eval = self.steps.evaluate(self.model)
         if final_eval:
             report.eval(step, final_eval)
         if self.dist.main:
             save_model(self.out_dir)
-        summary = {"steps": step, "total_steps": self.total_steps, "final_train_loss": last.get("loss"),
+        # no step ran when resuming at the final checkpoint: the last logged loss is the final one
+        final_loss = last["loss"] if "loss" in last else report.last_train("loss")
+        summary = {"steps": step, "total_steps": self.total_steps, "final_train_loss": final_loss,
                    "final_eval_loss": final_eval.get("loss"), "processes": self.dist.world, **(extra_summary or {})}
-        return report.finish(summary)
+        result = report.finish(summary | self.steps.summary(report.history, final_eval))
+        if self.dist.main:
+            self.steps.finish(self.out_dir, report.history)
+        return result

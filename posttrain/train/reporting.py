@@ -11,6 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+SUMMARY_FILE = "train_summary.json"
+
+
+def already_complete(out_dir: Path, step: int, total_steps: int) -> dict | None:
+    """What a resumed run returns instead of training when nothing is left: its final step is checkpointed
+    and its summary written (a run cut between the two still finishes its tail). Else None."""
+    if step < total_steps or not (Path(out_dir) / SUMMARY_FILE).is_file():
+        return None
+    return {"already_complete": True, "steps": step, "total_steps": total_steps}
+
 
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process (Linux reports KiB), and CUDA peak allocated if used."""
@@ -68,6 +78,10 @@ class RunReport:
         if log:
             self.write(step, "train", metrics)
 
+    def last_train(self, key: str):
+        """The latest logged training value of `key` (also from before a resume), or None."""
+        return next((r[key] for r in reversed(self.history) if r["split"] == "train" and key in r), None)
+
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
@@ -99,7 +113,7 @@ class RunReport:
         if self.tb is not None:
             self.tb.close()
         self._plot()
-        (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
 
     def _plot(self) -> None:

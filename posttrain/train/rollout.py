@@ -1,8 +1,10 @@
-"""PPO rollouts: prompts from data files, batched sampling with the KV cache, per-token log-probs and values.
+"""RL experience: sampled responses with their log-probs, values and rewards.
 
-A rollout holds one batch of sampled responses and everything PPO needs about them, each
-field named with its shape. Log-probs are taken at response positions only, so the prompt
-never materialises vocabulary-sized logits.
+`collect` samples this process's share of a rollout batch (through the one generation layer, each
+row with its own seed, so the draw does not depend on how the batch is split over processes) and
+scores it; `gather` assembles the shares of every process into the whole batch in global order.
+Log-probs are taken at response positions only, so the prompt never materialises vocabulary-sized
+logits. Every tensor field is named with its shape.
 """
 
 from __future__ import annotations
@@ -11,88 +13,66 @@ import contextlib
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from posttrain.data.formats import row_to_conversation
-from posttrain.data.reading import read_rows, source_of
-from posttrain.data.records import Message
-from posttrain.errors import PosttrainError
+from posttrain.data.prompts import Prompt
 from posttrain.losses.ppo import entropy_from_logits
-from posttrain.models.methods import lm_head_and_backbone
-from posttrain.templates.render import encode_prompt
+from posttrain.models.generate import sample_ids
+from posttrain.models.anatomy import lm_head_and_backbone
 
 
 @dataclass
-class Prompt:
-    messages: list[Message]  # the conversation up to (not including) the reply to generate
-    ids: list[int]  # encode_prompt(messages): template + generation header, as in training
-
-    @property
-    def text(self) -> str:
-        """The last user message: what rule rewards and reward models read as the prompt."""
-        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
-
-
-@dataclass
-class Rollout:
-    """One rollout batch. B rollouts, P prompt positions (left-padded), R response positions (right-padded)."""
+class Experience:
+    """Sampled responses and what the models said about them. B rows, P prompt positions (left-padded),
+    R response positions (right-padded)."""
 
     input_ids: torch.Tensor  # (B, P+R) prompt then response tokens
     attention_mask: torch.Tensor  # (B, P+R) bool, False on padding (both sides)
     response_mask: torch.Tensor  # (B, R) bool, True on sampled tokens up to and including the stop token
+    ended: torch.Tensor  # (B,) bool, the response stopped on its own within the length limit
     old_token_logps: torch.Tensor  # (B, R) log pi_old(y_t) at sampling time
     ref_token_logps: torch.Tensor  # (B, R) log pi_ref(y_t), the frozen SFT model
     old_values: torch.Tensor  # (B, R) V(s_t) at sampling time
-    advantages: torch.Tensor  # (B, R) GAE advantages (whitened when configured)
-    returns: torch.Tensor  # (B, R) value targets: advantages + values (before whitening)
+    entropy: torch.Tensor  # (B, R) policy entropy at each response position
+    scores: torch.Tensor  # (B,) raw reward of each response
 
     @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.response_mask.shape[1]
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+
+@dataclass
+class Rollout:
+    """What a PPO update reads: one rollout batch with advantages. Shapes as in Experience."""
+
+    input_ids: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R) bool
+    response_mask: torch.Tensor  # (B, R) bool
+    old_token_logps: torch.Tensor  # (B, R)
+    ref_token_logps: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R) GAE advantages (whitened when configured)
+    returns: torch.Tensor  # (B, R) value targets: advantages + values (before whitening)
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (a mini-batch)."""
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], int]:
-    """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
-
-    Returns (prompts, dropped): prompts whose ids leave no room for max_new_tokens within
-    data.max_length are dropped and counted.
-    """
-    prompts, dropped = [], 0
-    for ds in data_cfg.datasets:
-        rows = read_rows(ds.path)
-        limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
-        for i in range(limit):
-            conv = row_to_conversation(rows[i], ds.format, source=source_of(ds.path, i), columns=ds.columns,
-                                       role_tags=ds.role_tags, variables=data_cfg.variables)
-            messages = list(conv.messages)
-            while messages and messages[-1].role == "assistant":
-                messages.pop()
-            if not any(m.role == "user" for m in messages):
-                dropped += 1
-                continue
-            ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
-            if len(ids) + max_new_tokens > data_cfg.max_length:
-                dropped += 1
-                continue
-            prompts.append(Prompt(messages, ids))
-    if not prompts:
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets ({dropped} dropped: no user turn "
-                             "or too long for data.max_length - ppo.max_new_tokens)")
-    return prompts, dropped
-
-
 def prompt_indices(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:
-    """The prompts of PPO step `step` (0-based): a seeded reshuffle per pass, so resume is exact."""
+    """The prompts of RL step `step` (0-based): a seeded reshuffle per pass, so resume is exact."""
     out = []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, k = divmod(pos, n_prompts)
         perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[k]))
     return out
+
+
+def row_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of row `position` of RL step `step`: the same on whichever process samples it."""
+    return (seed * 1_000_003 + step) * 65_537 + position
 
 
 class PolicyAndValue(nn.Module):
@@ -131,39 +111,54 @@ class PolicyAndValue(nn.Module):
 
 
 @torch.no_grad()
-def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], ppo_cfg, stops: list[int]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt (KV cache, left padding).
+def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts: list[Prompt], seeds: list[int],
+            ppo_cfg, reward_fn) -> tuple[Experience, list[str]]:
+    """Sample one response per prompt (row i with seed seeds[i]), then log-probs, values, reference
+    log-probs and raw rewards. Returns the experience and the decoded responses."""
+    p = ppo_cfg
+    s = sample_ids(pv.policy, tokenizer, [q.ids for q in prompts], max_new_tokens=p.max_new_tokens,
+                   temperature=p.temperature, top_p=p.top_p, row_seeds=seeds, stop_strings=p.stop_strings or None)
+    device = next(pv.parameters()).device
+    input_ids = torch.cat([s.prompt_ids, s.response_ids], 1).to(device)  # (B, P+R)
+    attention_mask = torch.cat([s.prompt_mask, s.response_mask], 1).to(device)  # (B, P+R)
+    width = s.response_mask.shape[1]
+    pv.eval()
+    old_logps, old_values, entropy = pv(input_ids, attention_mask, width, p.temperature)
+    if ref_model is None:
+        with pv.reference():
+            ref_logps = pv(input_ids, attention_mask, width, p.temperature, values=False)[0]
+    else:
+        ref_logps = PolicyAndValue(ref_model, 1)(input_ids, attention_mask, width, p.temperature, values=False)[0]
+    responses = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(s.response_ids, s.response_mask)]
+    scores = torch.tensor(reward_fn([q.text for q in prompts], responses), dtype=torch.float32, device=device)
+    return Experience(input_ids, attention_mask, s.response_mask.to(device), s.ended.to(device), old_logps,
+                      ref_logps, old_values, entropy, scores), responses
 
-    Returns (input_ids (B, P+R), attention_mask (B, P+R), response_mask (B, R), ended (B,)):
-    ended = the response stopped on its own (stop token or stop string) within max_new_tokens.
-    """
-    from transformers import GenerationConfig
 
-    device = next(policy.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    width = max(len(p.ids) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.bool)  # (B, P)
-    for b, p in enumerate(prompts):
-        prompt_ids[b, width - len(p.ids):] = torch.tensor(p.ids)
-        prompt_mask[b, width - len(p.ids):] = True
-    gen_cfg = GenerationConfig(
-        do_sample=True, temperature=ppo_cfg.temperature, top_p=ppo_cfg.top_p, top_k=0,  # top_k=0: off
-        max_new_tokens=ppo_cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-        stop_strings=ppo_cfg.stop_strings or None)
-    policy.eval()
-    out = policy.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.long().to(device),
-                          generation_config=gen_cfg, tokenizer=tokenizer if ppo_cfg.stop_strings else None)
-    response = out[:, width:].cpu()  # (B, R)
-    is_stop = torch.isin(response, torch.tensor(stops))
-    has_stop = is_stop.any(1)
-    first_stop = torch.where(has_stop, is_stop.float().argmax(1), torch.full_like(has_stop, 10**9, dtype=torch.long))
-    # Without a stop token a row may still have ended on a stop string: generate pads it afterwards.
-    not_pad = response != pad_id
-    last_real = torch.where(not_pad.any(1), response.shape[1] - 1 - not_pad.flip(1).float().argmax(1), -1)
-    length = torch.where(has_stop, first_stop + 1, last_real + 1)  # (B,)
-    response_mask = torch.arange(response.shape[1]).unsqueeze(0) < length.unsqueeze(1)  # (B, R)
-    ended = has_stop | (length < response.shape[1])
-    input_ids = torch.cat([prompt_ids, torch.where(response_mask, response, pad_id)], 1)
-    return input_ids, torch.cat([prompt_mask, response_mask], 1), response_mask, ended
+def gather(exp: Experience, dist_ctx, pad_id: int) -> Experience:
+    """Every process's share (equal row counts) in one batch, in global order: row k of process r is
+    global row k * world + r. Prompt parts are left-padded and responses right-padded to common widths."""
+    if dist_ctx.world == 1:
+        return exp
+    widths = torch.tensor([exp.input_ids.shape[1] - exp.response_len, exp.response_len], device=exp.input_ids.device)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX)
+    prompt_w, response_w = widths.tolist()
+    out = {}
+    for f in fields(exp):
+        t = getattr(exp, f.name)
+        if f.name in ("input_ids", "attention_mask"):
+            prompt, response = t[:, :t.shape[1] - exp.response_len], t[:, t.shape[1] - exp.response_len:]
+            fill = pad_id if f.name == "input_ids" else False
+            t = torch.cat([_pad(prompt, prompt_w, fill, left=True), _pad(response, response_w, fill)], 1)
+        elif t.dim() == 2:
+            t = _pad(t, response_w, False if t.dtype == torch.bool else 0)
+        wire = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo gathers no bools
+        parts = [torch.empty_like(wire) for _ in range(dist_ctx.world)]
+        dist.all_gather(parts, wire)
+        out[f.name] = torch.stack(parts, 1).flatten(0, 1).to(t.dtype)  # (B_local, world, ...) -> global order
+    return Experience(**out)
+
+
+def _pad(t: torch.Tensor, width: int, fill, left: bool = False) -> torch.Tensor:
+    extra = torch.full((t.shape[0], width - t.shape[1]), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([extra, t] if left else [t, extra], 1)

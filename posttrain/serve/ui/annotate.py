@@ -109,10 +109,15 @@ class AnnotationTask:
         if not annotator.strip():
             raise DataError("give an annotator name: every label records who made it")
         k = len(item.responses)
-        if status == "ranked" and sorted(ranking or []) != list(range(1, k + 1)):
+        ranks_ok = isinstance(ranking, list) and all(type(r) is int for r in ranking)
+        if status == "ranked" and not (ranks_ok and sorted(ranking) == list(range(1, k + 1))):
             raise DataError(f"ranking must give each of the {k} responses a distinct rank 1..{k}")
+        edits = edits or {}
+        if not isinstance(edits, dict) or not all(str(i).isdigit() and int(i) < k and isinstance(text, str)
+                                                  for i, text in edits.items()):
+            raise DataError(f"edits must map response numbers 0..{k - 1} to their edited text")
         responses = list(item.responses)
-        polished = {int(i): text for i, text in (edits or {}).items() if text != responses[int(i)]}
+        polished = {int(i): text for i, text in edits.items() if text != responses[int(i)]}
         for i, text in polished.items():
             responses[i] = text  # the polished text is what later training sees
         label = {"item": item.id, "prompt": item.prompt, "responses": responses, "ranking": ranking,

@@ -19,7 +19,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from posttrain.data.records import Message
+from posttrain.records import Message
+from posttrain.data.prompts import read_prompts
 from posttrain.errors import ConfigError, DataError
 from posttrain.serve.engine import Engine, Job, Sampling
 from posttrain.templates.render import encode_prompt
@@ -44,8 +45,10 @@ class GenSettings:
         if self.temperature <= 0 and self.k > n_models:
             raise ConfigError(f"temperature 0 is greedy: with {n_models} model(s) and K={self.k} a model would write "
                               "the same answer twice; raise the temperature or choose K models")
-        if self.max_tokens < 1 or not 0 < self.top_p <= 1:
-            raise ConfigError("max tokens must be >= 1 and top_p in (0, 1]")
+        if self.max_tokens < 1 or not 0 < self.top_p <= 1 or not 0 <= self.temperature <= 2:
+            raise ConfigError("max tokens must be >= 1, top_p in (0, 1] and temperature in [0, 2]")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError("seed must be between 0 and 2**32 - 1")
 
 
 def share(n_models: int, k: int) -> list[int]:
@@ -60,8 +63,6 @@ def output_path(prompts: Path, models: list[str], settings: GenSettings, workdir
 
 def read_single_turn(path: Path) -> list[tuple[str, str]]:
     """(id, user text) per prompt, from {"prompt": ...} rows or any SFT layout (a trailing answer is ignored)."""
-    from posttrain.eval.generation import read_prompts
-
     out = []
     for i, item in enumerate(read_prompts(path)):
         if len(item.messages) != 1:

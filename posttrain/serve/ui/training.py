@@ -2,7 +2,9 @@
 
 The run is a subprocess of the ordinary CLI (`python -m posttrain.cli train CONFIG`), so what the UI
 starts is exactly what the command line would run; progress is read back from the run's
-`logs/metrics.jsonl` and its log file.
+`logs/metrics.jsonl` and its log file. The form's model and data file pass the UI's checks (checks.py),
+the run goes to <workdir>/runs/<plain name>, and extra overrides may set only the keys in
+`OVERRIDE_KEYS`: numbers, switches and choices, never code references, remote code or paths.
 """
 
 from __future__ import annotations
@@ -15,11 +17,38 @@ import time
 import typing
 from pathlib import Path
 
-from posttrain.config import MethodConfig, RunConfig, load_config, save_config, to_dict
+from posttrain.config import MethodConfig, RunConfig, load_config, parse_override, save_config, to_dict
 from posttrain.data.formats import row_to_conversation
 from posttrain.data.reading import read_rows, source_of
+from posttrain.serve.api import ApiError
+from posttrain.serve.ui.checks import Allowed, int_field, run_name
 
 LOG_TAIL_CHARS = 4000
+# Keys the Train tab's overrides may set, by section. Left out on purpose: reward.function / url / type
+# (code to run, hosts to call), model.trust_remote_code / attn_implementation (hub kernels) / revision,
+# and every path (output.dir, train.resume, rm.normalize_data, ppo.ptx_datasets, data.datasets, eval.*).
+UI_OVERRIDES = {
+    "model": "dtype",
+    "data": "max_length val_size packing mask variables",
+    "template": "name system",
+    "lora": "r alpha dropout target_modules use_dora use_rslora init lr_ratio modules_to_save",
+    "freeze": "trainable_layers trainable_modules",
+    "quant": "quant_type double_quant compute_dtype",
+    "lisa": "layers interval",
+    "prompt": "num_virtual_tokens init_text prefix_projection",
+    "optim": "lr weight_decay betas eps scheduler warmup_ratio max_grad_norm",
+    "train": "epochs max_steps micro_batch_size grad_accum eval_every save_every keep_last log_every seed device "
+             "loss_chunk head_positions fused",
+    "output": "tensorboard",
+    "rm": "center_coef",
+    "dpo": "loss beta label_smoothing gamma sft_weight reference reference_cache",
+    "ppo": "rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature top_p stop_strings kl_estimator "
+           "kl_coef kl_control kl_target kl_horizon gamma lam clip_range value_clip vf_coef entropy_coef "
+           "whiten_advantages value_model sample_every",
+    "reward": "model batch_size missing_eos_penalty normalize clip",
+}
+OVERRIDE_KEYS = frozenset(f"{section}.{key}" for section, keys in UI_OVERRIDES.items() for key in keys.split())
+MODEL_KEYS = ("reward.model",)  # values are models, checked like the form's model (sets reward.type=model)
 
 
 def choices() -> dict:
@@ -29,21 +58,40 @@ def choices() -> dict:
             "methods": list(typing.get_args(typing.get_type_hints(MethodConfig)["type"]))}
 
 
-def build_config(form: dict, workdir: Path) -> tuple[RunConfig, str]:
+def build_config(form: dict, allowed: Allowed) -> tuple[RunConfig, str]:
     """RunConfig from the form (stage, model, data, method, max_steps, name, overrides) and its YAML."""
     import yaml
 
-    name = form.get("name") or time.strftime("ui-%Y%m%d-%H%M%S")
-    tree = {"stage": form.get("stage") or "sft", "model.name_or_path": form.get("model") or "tiny-random",
-            "data.datasets": [{"path": form.get("data", "")}], "method.type": form.get("method") or "lora",
-            "train.max_steps": int(form.get("max_steps") or 0), "output.dir": str(workdir / "runs" / name),
-            "output.tensorboard": False}
-    overrides = [line for line in str(form.get("overrides") or "").splitlines() if line.strip()]
-    cfg = load_config(None, overrides, **tree)
+    name = run_name(form.get("name")) or time.strftime("ui-%Y%m%d-%H%M%S")
+    tree = {"stage": form.get("stage") or "sft", "model.name_or_path": allowed.model(form.get("model")),
+            "data.datasets": [{"path": str(allowed.file(form.get("data"), "data"))}],
+            "method.type": form.get("method") or "lora", "train.max_steps": int_field(form, "max_steps", 0, 0, 10**9),
+            "output.dir": str(allowed.workdir / "runs" / name), "output.tensorboard": False}
+    cfg = load_config(None, [], **(tree | checked_overrides(form.get("overrides"), allowed)))
     return cfg, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def preview(path: str, page: int = 0, size: int = 5) -> dict:
+def checked_overrides(text, allowed: Allowed) -> dict:
+    """{dotted key: value} from the form's `key=value` lines; a key off the allowlist is a 400."""
+    if not isinstance(text, str | None):
+        raise ApiError(400, "'overrides' must be text: one key=value per line", param="overrides")
+    out = {}
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        key, value = parse_override(line)
+        if key not in OVERRIDE_KEYS:
+            raise ApiError(400, f"override {key!r} cannot be set from the UI (code references, remote code and paths "
+                           f"stay on the command line); the Train tab takes: {', '.join(sorted(OVERRIDE_KEYS))}",
+                           param="overrides")
+        if key in MODEL_KEYS:
+            value = allowed.model(value, key)
+            out["reward.type"] = "model"
+        out[key] = value
+    return out
+
+
+def preview(path: str | Path, page: int = 0, size: int = 5) -> dict:
     """One page of a dataset as chat messages, through the same parsing as training."""
     rows = read_rows(path)
     start = page * size

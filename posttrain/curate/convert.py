@@ -14,9 +14,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from posttrain.data.build.stream import AtomicJsonl, FileParser, iter_rows, progress, reason_of, side_path
+from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, reason_of, side_path
 from posttrain.data.formats import ALPACA_INPUT_SEPARATOR
-from posttrain.data.records import Conversation
+from posttrain.records import Conversation
 from posttrain.errors import DataError
 
 TARGETS = ("alpaca", "sharegpt", "openai")

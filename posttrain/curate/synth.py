@@ -26,9 +26,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from posttrain.data.build.lang import LANGS, lang_of
-from posttrain.data.build.stream import iter_rows, side_path
-from posttrain.data.build.synth_prompts import (PROMPTS, heuristic_reject, is_yes, parse_input_output,  # noqa: F401
+from posttrain.curate.lang import LANGS, lang_of
+from posttrain.curate.stream import iter_rows, side_path
+from posttrain.curate.synth_prompts import (PROMPTS, heuristic_reject, is_yes, parse_input_output,  # noqa: F401
                                                 parse_label_input, parse_proposals, propose_prompt)
 from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError, http_error_text
@@ -106,8 +106,8 @@ class LocalTeacher:
         self.max_tokens = max_tokens
 
     def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
-        from posttrain.data.records import Message
-        from posttrain.serve.chat import generate_reply
+        from posttrain.records import Message
+        from posttrain.models.generate import generate_reply
 
         max_tokens = min(max_tokens, self.max_tokens or max_tokens)
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.data.build.lang import LANGS, lang_of
-from posttrain.data.build.stream import AtomicJsonl, iter_rows, progress, reason_of, side_path
-from posttrain.data.build.task_render import ANSWER_STYLES, render
+from posttrain.curate.lang import LANGS, lang_of
+from posttrain.curate.stream import AtomicJsonl, iter_rows, progress, reason_of, side_path
+from posttrain.curate.task_render import ANSWER_STYLES, render
 from posttrain.data.formats import rename_columns
 from posttrain.errors import DataError
+from posttrain.typed_config import yaml_error_text
 
-BUILTIN = Path(__file__).resolve().parents[2] / "resources" / "task_templates.yaml"
+BUILTIN = Path(__file__).resolve().parents[1] / "resources" / "task_templates.yaml"
 TEMPLATE_LANGS = ("en", "zh")
 
 
@@ -61,8 +62,10 @@ def load_templates(extra: str | Path | None = None) -> dict:
     if extra is not None:
         try:
             sources.append((Path(extra), yaml.safe_load(Path(extra).read_text(encoding="utf-8"))))
-        except (OSError, yaml.YAMLError) as err:
+        except OSError as err:
             raise DataError(f"{extra}: cannot read templates: {err}") from None
+        except yaml.YAMLError as err:
+            raise DataError(f"{extra}: not valid YAML at {yaml_error_text(err)}") from None
     tasks: dict = {}
     for path, data in sources:
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):

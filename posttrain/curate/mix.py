@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from posttrain.data.build.convert import CannotCarry, conversation_to_row, metadata
-from posttrain.data.build.stream import AtomicJsonl, FileParser, is_json_lines, progress, side_path
+from posttrain.curate.convert import CannotCarry, conversation_to_row, metadata
+from posttrain.curate.stream import AtomicJsonl, FileParser, is_json_lines, progress, side_path
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import DataError
+from posttrain.typed_config import yaml_error_text
 
 SOURCE_KEYS = {"path", "weight", "cap", "variables", "name", "format"}
 
@@ -73,8 +74,10 @@ def load_mix(path: str | Path) -> dict:
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise DataError(f"{path}: cannot read mix file: {err}") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML at {yaml_error_text(err)}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list) or not spec["sources"]:
         raise DataError(f"{path}: expected `sources:` with a list of {{path, weight, cap}} entries")
     if unknown := set(spec) - {"seed", "to", "sources"}:

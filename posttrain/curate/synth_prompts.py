@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.data.build.lang import is_cjk, units
+from posttrain.curate.lang import is_cjk, units
 
 PROMPTS = {
     "en": {

@@ -1,0 +1,216 @@
+"""The one generation layer: every caller (chat, serve, eval, synth, the UI, PPO rollouts) samples here.
+
+Prompts arrive as token ids rendered by `templates.encode_prompt` (the training path), so a reply is
+what the trained format predicts; generation stops at the template's end-of-turn tokens
+(`stop_token_ids`) and optional stop strings. Batches are left-padded into one `model.generate` call.
+
+`row_seeds` gives every row its own random stream (the `RowSampler` below draws each row's token with
+that row's generator): a row's sample then does not depend on which other rows share its batch, so
+N processes sampling shards of a rollout batch draw exactly what one process drawing all of it does,
+and a resumed run redraws the same samples. HF `generate` draws all rows from one global stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
+    StoppingCriteriaList, TextStreamer
+
+from posttrain.records import Message
+from posttrain.templates.render import encode_prompt
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, stop token and padding removed
+    finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
+
+
+@dataclass
+class SampledIds:
+    """A batch of sampled responses as tensors. B rows, P prompt positions (left-padded), R response positions."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, pad on the left
+    prompt_mask: torch.Tensor  # (B, P) bool, False on padding
+    response_ids: torch.Tensor  # (B, R) long, pad after each response's end
+    response_mask: torch.Tensor  # (B, R) bool, True on sampled tokens up to and including the stop token
+    ended: torch.Tensor  # (B,) bool, the response stopped on its own (stop token or string) within the limit
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's eos, the tokenizer's eos,
+    and common end-of-turn markers present in the vocabulary (ChatML, Llama 3, Gemma)."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    """Text up to the earliest stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop or [] if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class CallbackStreamer(TextStreamer):
+    """Hands each decoded piece to a callback; TextStreamer holds back half-formed words."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.callback(text)
+
+
+class RowSampler(LogitsProcessor):
+    """Temperature + top-p sampling with one torch.Generator per row; returns a one-hot score row
+    (0 at the drawn token, -inf elsewhere) so generate's greedy step takes exactly that token."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p (the top token always)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # (B, V) mass before this token
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        chosen = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen[:, None], 0.0)
+
+
+class _AskEachStep(StoppingCriteria):
+    """Stops every row once `should_stop()` says so (checked between tokens)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
+def _pad_id(tokenizer, stops: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+
+
+@torch.no_grad()
+def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+              top_p: float, seed: int | None = None, row_seeds: list[int] | None = None,
+              stop_strings: list[str] | None = None, streamer=None, should_stop: Callable[[], bool] | None = None,
+              top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(prompt ids (B, P) left-padded, new tokens (B, N) on the CPU, stop token ids)."""
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, stops)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    # Left padding keeps every prompt's last token in the last column, where generation continues.
+    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])  # (B, P)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
+    per_row = row_seeds is not None and temperature > 0
+    sample = temperature > 0 and not per_row
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=stops or None, pad_token_id=pad_id,
+        # Sampling knobs only when generate samples: transformers warns about them under greedy decoding.
+        temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
+        stop_strings=stop_strings or None)
+    processors = LogitsProcessorList([RowSampler(row_seeds, temperature, top_p, device)] if per_row else [])
+    criteria = StoppingCriteriaList([_AskEachStep(should_stop)] if should_stop is not None else [])
+    if seed is not None and sample:
+        torch.manual_seed(seed)
+    model.eval()
+    output = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
+                            generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria,
+                            streamer=streamer, tokenizer=tokenizer if stop_strings else None)
+    return prompt_ids, output[:, width:].cpu(), stops
+
+
+def generate_from_ids(
+    model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
+    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+    strip: bool = True, streamer=None, should_stop: Callable[[], bool] | None = None,
+    row_seeds: list[int] | None = None,
+) -> list[Generation]:
+    """One generation per prompt (token ids); temperature 0 is greedy, `seed` makes sampling repeatable.
+
+    `streamer` (a transformers streamer, batch of one prompt only) sees tokens as they come;
+    `should_stop`, asked after every token, ends the whole batch early when it returns True.
+    """
+    if not prompts:
+        return []
+    _, new_tokens, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
+                                     streamer=streamer, should_stop=should_stop)
+    results = []
+    for row in new_tokens.tolist():  # (B, N) new tokens
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        ids = row[:end] if end is not None else row
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, stop)
+        reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
+        results.append(Generation(text.strip() if strip else text, ids, reason))
+    return results
+
+
+def generate_batch(
+    model: nn.Module, tokenizer, conversations: list[list[Message]], *, system: str | None = None,
+    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+    stop: list[str] | None = None,
+) -> list[str]:
+    """The assistant's next reply to each conversation, generated as one batch."""
+    prompts = [encode_prompt(conv, tokenizer, system=system) for conv in conversations]
+    gens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, stop=stop)
+    return [g.text for g in gens]
+
+
+def generate_reply(
+    model: nn.Module, tokenizer, messages: list[Message], *, system: str | None = None,
+    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    stream_to: Callable[[str], None] | None = None,
+) -> str:
+    """The assistant's next reply to `messages`; temperature 0 is greedy (deterministic)."""
+    streamer = CallbackStreamer(tokenizer, stream_to) if stream_to is not None else None
+    prompt = encode_prompt(messages, tokenizer, system=system)
+    return generate_from_ids(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, streamer=streamer)[0].text
+
+
+def sample_ids(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+               top_p: float = 1.0, row_seeds: list[int] | None = None,
+               stop_strings: list[str] | None = None) -> SampledIds:
+    """Sampled responses as tensors (RL rollouts): each response runs up to and including its first stop
+    token; one that ended on a stop string (generate pads after it) ends at its last real token."""
+    prompt_ids, response, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, top_p=top_p, row_seeds=row_seeds,
+                                            stop_strings=stop_strings, top_k=0)  # top_k 0: off
+    pad_id = _pad_id(tokenizer, stops)
+    is_stop = torch.isin(response, torch.tensor(stops))  # (B, R)
+    has_stop = is_stop.any(1)
+    first_stop = torch.where(has_stop, is_stop.float().argmax(1), torch.full_like(has_stop, 10**9, dtype=torch.long))
+    not_pad = response != pad_id
+    last_real = torch.where(not_pad.any(1), response.shape[1] - 1 - not_pad.flip(1).float().argmax(1), -1)
+    length = torch.where(has_stop, first_stop + 1, last_real + 1)  # (B,)
+    response_mask = torch.arange(response.shape[1]).unsqueeze(0) < length.unsqueeze(1)  # (B, R)
+    ended = has_stop | (length < response.shape[1])
+    response_ids = torch.where(response_mask, response, pad_id)
+    return SampledIds(prompt_ids, _left_mask(prompts, prompt_ids.shape[1]), response_ids, response_mask, ended)
+
+
+def _left_mask(prompts: list[list[int]], width: int) -> torch.Tensor:
+    """(B, width) bool: True on each left-padded prompt's real tokens."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    return torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)

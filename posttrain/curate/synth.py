@@ -29,7 +29,7 @@ from pathlib import Path
 from posttrain.curate.lang import LANGS, lang_of
 from posttrain.curate.stream import iter_rows, side_path
 from posttrain.curate.synth_prompts import (PROMPTS, heuristic_reject, is_yes, parse_input_output,  # noqa: F401
-                                                parse_label_input, parse_proposals, propose_prompt)
+                                            parse_label_input, parse_proposals, propose_prompt)
 from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError, http_error_text
 

@@ -23,6 +23,7 @@ import torch
 
 from posttrain.records import Conversation, Message
 from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
+from posttrain.eval.metrics import rouge_l
 
 DEFAULT_JUDGE_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -156,8 +157,6 @@ class ReferenceJudge:
         self.id = f"reference:rouge-score-L:{segment}" + (f":epsilon={epsilon}" if epsilon else "")
 
     def score(self, answer: str, reference: str) -> float:
-        from posttrain.eval.metrics import rouge_l
-
         return rouge_l(answer, reference, self.segment)
 
     def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:

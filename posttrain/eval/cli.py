@@ -55,7 +55,8 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="predictions JSONL; scores go to OUT.scores.json")
         p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         p.add_argument("--segment", default="auto", choices=["auto", "char", "jieba"],
-                       help="Chinese segmentation for BLEU/ROUGE (auto: jieba if installed, else characters)")
+                       help="CJK tokens for ROUGE: characters (auto, char) or jieba words; BLEU is sacrebleu "
+                            "with tokenize zh when references have CJK text, else 13a")
     return p
 
 

@@ -2,7 +2,6 @@
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,50 +21,36 @@ PROPOSALS = [
 ]
 
 
-class FakeTeacher(BaseHTTPRequestHandler):
+class FakeTeacher:
     """Answers Self-Instruct's three prompt kinds; fails the first request with HTTP 500 (retries)."""
 
-    calls = 0
-    proposals = PROPOSALS
-    lock = threading.Lock()
+    def __init__(self):
+        self.calls, self.proposals, self.lock = 0, PROPOSALS, threading.Lock()
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def __call__(self, body, headers):
         prompt = body["messages"][0]["content"]
-        with FakeTeacher.lock:
-            FakeTeacher.calls += 1
-            first = FakeTeacher.calls == 1
-        if first:
-            self.send_response(500)
-            self.end_headers()
-            return
+        with self.lock:
+            self.calls += 1
+            if self.calls == 1:
+                return 500
         if prompt.startswith("Come up with a series of tasks"):
             n = prompt.count("\nTask ")
-            text = "\n".join(f"Task {n + i}: {p}" for i, p in enumerate(self.proposals))
-        elif "classification task with finite output labels" in prompt:
-            text = "Yes" if "sentiment" in prompt else "No"
-        elif "Class label:" in prompt:
-            text = "Class label: positive\nInput: A joyful film with a great cast."
-        else:
-            text = "Input: <noinput>\nOutput: Here is an answer."
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return "\n".join(f"Task {n + i}: {p}" for i, p in enumerate(self.proposals))
+        if "classification task with finite output labels" in prompt:
+            return "Yes" if "sentiment" in prompt else "No"
+        if "Class label:" in prompt:
+            return "Class label: positive\nInput: A joyful film with a great cast."
+        return "Input: <noinput>\nOutput: Here is an answer."
 
 
 @pytest.fixture
-def teacher():
-    FakeTeacher.calls, FakeTeacher.proposals = 0, PROPOSALS
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield synth.OpenAITeacher(f"http://127.0.0.1:{server.server_port}/v1", backoff=0.01)
-    server.shutdown()
+def fake_teacher():
+    return FakeTeacher()
+
+
+@pytest.fixture
+def teacher(fake_openai, fake_teacher):
+    return synth.OpenAITeacher(fake_openai(fake_teacher), backoff=0.01)
 
 
 @pytest.fixture
@@ -108,8 +93,8 @@ def test_synth_resumes_from_partial(teacher, seeds, tmp_path):
     assert report["resumed"] == 1 and rows[0] == done and len(rows) == 3
 
 
-def test_synth_gives_up_but_keeps_progress(teacher, seeds, tmp_path):
-    FakeTeacher.proposals = ["Give three tips for staying healthy."]  # never novel
+def test_synth_gives_up_but_keeps_progress(teacher, fake_teacher, seeds, tmp_path):
+    fake_teacher.proposals = ["Give three tips for staying healthy."]  # never novel
     with pytest.raises(PosttrainError, match=r"0/2 rows after 2 rounds"):
         synth.synth(seeds, tmp_path / "s.jsonl", teacher, 2, concurrency=1, max_rounds=2, log=lambda m: None)
     assert (tmp_path / "s.partial.jsonl").exists() and not (tmp_path / "s.jsonl").exists()

@@ -8,6 +8,7 @@ valid key as a suggestion). Cross-field rules live in `validate()`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -216,13 +217,40 @@ class EvalConfig:
     compare: CompareConfig = opt(CompareConfig(), "pairwise comparison of models judged per prompt (task compare)")
 
 
+REWARD_TYPES = Literal["function", "model", "http", "exact_match", "format"]
+_ANSWER_DOC = ("exact_match: the final answer is after the last '####' (hash), in the last \\boxed{} (boxed), or "
+               "whichever comes last (auto); a reference without either marker is the answer itself")
+_PATTERN_DOC = "format: regex the whole reply (stripped) must match for reward 1 (. matches newlines)"
+
+
+@dataclass
+class RewardSourceConfig:
+    type: REWARD_TYPES = opt(
+        "exact_match", "function, model, http (as reward.type), exact_match (1 if the reply's final answer equals the "
+        "prompt's reference, the data's last assistant turn) or format (1 if the reply matches a regex)")
+    weight: float = opt(1.0, "weight of this source in the summed reward")
+    name: str = opt("", "name in the metrics (reward/<name>); default: the type")
+    function: str = opt("", "function: module:function or file.py:function -> floats")
+    model: str = opt("", "model: reward-model folder")
+    url: str = opt("", "http: endpoint")
+    answer: Literal["auto", "hash", "boxed"] = opt("auto", _ANSWER_DOC)
+    pattern: str = opt("", _PATTERN_DOC)
+
+
 @dataclass
 class RewardConfig:
-    type: Literal["function", "model", "http"] = opt(
-        "function", "reward source: a Python function, a reward-model folder, or an HTTP endpoint")
-    function: str = opt("", "module:function or file.py:function; called with (prompts, responses) -> floats")
+    type: REWARD_TYPES = opt(
+        "function", "reward source: a Python function, a reward-model folder, an HTTP endpoint; stage grpo also: "
+        "exact_match (final answer vs the prompt's reference) or format (regex)")
+    function: str = opt("", "module:function or file.py:function; called with (prompts, responses) -> floats "
+                            "(stage grpo: also references=..., if the function takes that keyword)")
     model: str = opt("", "reward-model folder (sequence classification, num_labels=1, or a PEFT adapter on one)")
     url: str = opt("", "HTTP endpoint: POST {prompts, responses} -> {rewards}")
+    answer: Literal["auto", "hash", "boxed"] = opt("auto", _ANSWER_DOC)
+    pattern: str = opt("", _PATTERN_DOC)
+    sources: list[RewardSourceConfig] = opt(
+        [], "stage grpo: several sources, rewarded with their weighted sum (each reported as reward/<name>); "
+            "when given, reward.type / function / model / url are not used")
     timeout_s: float = opt(60.0, "HTTP timeout per request")
     batch_size: int = opt(8, "reward-model scoring batch")
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses that never end")
@@ -261,6 +289,28 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    estimator: Literal["grpo", "rloo", "dr_grpo"] = opt(
+        "grpo", "advantage: grpo (group mean / std), rloo (leave-one-out mean of the others), dr_grpo (group mean, "
+        "no std, and the length-unbiased constant loss normaliser)")
+    group_size: int = opt(8, "G: responses sampled per prompt (the group its advantages are relative to)")
+    prompts_per_step: int = opt(4, "prompts per step; a step samples prompts_per_step x group_size responses")
+    mini_batch_size: int = opt(0, "responses per optimizer update; 0 = all of a step's responses in one update")
+    epochs: int = opt(1, "mu: passes over each step's responses (1 with one update: on-policy, the ratio is 1)")
+    max_new_tokens: int = opt(64, "response length limit (also the dr_grpo normaliser)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    stop_strings: list[str] = opt([], "extra strings that end a response (eos and end-of-turn always do)")
+    clip_range: float = opt(0.2, "epsilon: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]")
+    kl_coef: float = opt(0.0, "beta: weight of the per-token k3 KL to the reference; 0 = no reference model and no "
+                              "reference forward pass")
+    loss_norm: Literal["auto", "sequence", "token", "constant"] = opt(
+        "auto", "loss normaliser: sequence (mean over each response's tokens, then over responses), token (over all "
+        "tokens of the update), constant (max_new_tokens per response); auto = constant for dr_grpo, else sequence")
+    sample_every: int = opt(5, "write one sampled group to logs/samples.jsonl every N steps (0 = never)")
+
+
+@dataclass
 class RewardModelConfig:
     center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2) to the loss")
     normalize_data: str = opt(
@@ -286,8 +336,9 @@ class DPOConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["sft", "rm", "dpo", "ppo", "eval"] = opt(
-        "sft", "what to run: sft, rm (reward model), dpo (DPO family), ppo (RLHF), eval (benchmark)")
+    stage: Literal["sft", "rm", "dpo", "ppo", "grpo", "eval"] = opt(
+        "sft", "what to run: sft, rm (reward model), dpo (DPO family), ppo (RLHF), grpo (GRPO / RLOO with verifiable "
+        "rewards), eval (benchmark)")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
@@ -301,8 +352,9 @@ class RunConfig:
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
     eval: EvalConfig = opt(EvalConfig(), "evaluation (stage: eval)")
-    reward: RewardConfig = opt(RewardConfig(), "stage ppo: the reward source and its shaping")
+    reward: RewardConfig = opt(RewardConfig(), "stages ppo and grpo: the reward source(s) and their shaping")
     ppo: PPOConfig = opt(PPOConfig(), "stage ppo: rollouts, KL control, PPO losses, ptx")
+    grpo: GRPOConfig = opt(GRPOConfig(), "stage grpo: groups, advantage estimator, clipped token loss, KL")
     rm: RewardModelConfig = opt(RewardModelConfig(), "reward-model stage (stage=rm)")
     dpo: DPOConfig = opt(DPOConfig(), "preference-optimisation stage (stage=dpo)")
 
@@ -336,9 +388,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     cmp.prompts = _beside_config(cmp.prompts, base_dir)
     cmp.models = [_beside_config(m, base_dir) for m in cmp.models]
     cmp.judge = _beside_config(cmp.judge, base_dir)
-    file_ref, sep, fn_name = cfg.reward.function.rpartition(":")
-    if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
-        cfg.reward.function = f"{base_dir / file_ref}:{fn_name}"
+    for source in [cfg.reward, *cfg.reward.sources]:
+        file_ref, sep, fn_name = source.function.rpartition(":")
+        if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
+            source.function = f"{base_dir / file_ref}:{fn_name}"
     resolve_defaults(cfg)
     validate(cfg)
     return cfg
@@ -408,6 +461,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
+    if cfg.stage == "grpo":
+        _validate_grpo(cfg)
     if cfg.stage in ("rm", "dpo") and cfg.data.packing:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
@@ -431,12 +486,48 @@ def _validate_ppo(cfg: RunConfig) -> None:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_datasets (the LM-loss data)")
     if p.kl_control == "adaptive" and (p.kl_target <= 0 or p.kl_horizon < 1):
         raise ConfigError("ppo.kl_target must be > 0 and ppo.kl_horizon >= 1 for adaptive KL")
-    needed = {"function": r.function, "model": r.model, "http": r.url}[r.type]
-    if not needed:
-        key = {"function": "function", "model": "model", "http": "url"}[r.type]
-        raise ConfigError(f"reward.type={r.type} needs reward.{key}")
+    if r.sources or r.type in ("exact_match", "format"):
+        raise ConfigError("reward.sources and reward.type exact_match / format are read by stage grpo; stage ppo "
+                          "takes one function, model or http source")
+    _validate_reward_source(r, "reward")
     if p.value_model == "separate" and cfg.method.type != "lora":
         raise ConfigError("ppo.value_model=separate is only supported with method.type=lora")
+
+
+def _validate_reward_source(src: RewardConfig | RewardSourceConfig, key: str) -> None:
+    """The field a source's type needs is set; a format pattern compiles."""
+    field = {"function": "function", "model": "model", "http": "url", "format": "pattern"}.get(src.type)
+    if field is not None and not getattr(src, field):
+        raise ConfigError(f"{key}.type={src.type} needs {key}.{field}")
+    if src.type == "format":
+        try:
+            re.compile(src.pattern)
+        except re.error as err:
+            raise ConfigError(f"{key}.pattern {src.pattern!r} is not a valid regex: {err}") from None
+
+
+def _validate_grpo(cfg: RunConfig) -> None:
+    g, r = cfg.grpo, cfg.reward
+    if cfg.train.max_steps <= 0:
+        raise ConfigError("stage grpo: set train.max_steps (the number of sampled batches)")
+    if g.group_size < 2 or g.prompts_per_step < 1 or g.epochs < 1 or g.max_new_tokens < 1:
+        raise ConfigError("grpo.group_size must be >= 2; grpo.prompts_per_step, epochs and max_new_tokens >= 1")
+    batch = g.prompts_per_step * g.group_size
+    if g.mini_batch_size < 0 or batch % (g.mini_batch_size or batch):
+        raise ConfigError(f"grpo.mini_batch_size ({g.mini_batch_size}) must divide the step's {batch} responses "
+                          "(prompts_per_step x group_size), or be 0 for all of them")
+    if g.temperature <= 0 or not 0 < g.top_p <= 1 or g.clip_range <= 0 or g.kl_coef < 0:
+        raise ConfigError("grpo.temperature and grpo.clip_range must be > 0, grpo.top_p in (0, 1], grpo.kl_coef >= 0")
+    if r.normalize:
+        raise ConfigError("reward.normalize does not apply to stage grpo: advantages are already relative to "
+                          "each prompt's group")
+    for i, src in enumerate(r.sources):
+        _validate_reward_source(src, f"reward.sources[{i}]")
+    if not r.sources:
+        _validate_reward_source(r, "reward")
+    names = [s.name or s.type for s in r.sources]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"reward.sources: names must differ (got {names}); set name: on repeated types")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

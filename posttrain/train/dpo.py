@@ -26,7 +26,7 @@ from posttrain.models.methods import (apply_method, count_parameters, lm_head_an
                                       quantization_config, step_hook)
 from posttrain.models.run import save_model
 from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import hidden_states
+from posttrain.train.lm_forward import hidden_states, packs_rows
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.steps import DataSteps
 from posttrain.train.reward import to_batches
@@ -79,14 +79,6 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
             k = len(samples[i].input_ids)
             samples[i].ref_logps, logps = logps[:k], logps[k:]
     model.train(was_training)
-
-
-def packs_rows(cfg: RunConfig) -> bool:
-    """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample."""
-    from posttrain.models.methods import PROMPT_METHODS
-
-    # virtual-token methods ignore position ids, so packed sequences would see each other
-    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:

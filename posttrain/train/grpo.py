@@ -26,18 +26,18 @@ import torch
 from posttrain.config import RunConfig, adapter_off_is_base
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.grpo import clipped_token_loss, group_advantages, token_weights
+from posttrain.data.prompts import Prompt, load_prompts
+from posttrain.models.forward import packs_rows
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method, count_parameters, optimizer_groups, quantization_config, step_hook
 from posttrain.models.run import save_model
 from posttrain.train.grpo_eval import greedy_eval, plot_rewards
-from posttrain.train.lm_forward import packs_rows
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.ppo_report import write_sample
 from posttrain.train.response_logps import response_logps
 from posttrain.train.reward_set import RewardSet, build_reward_set
-from posttrain.train.rewards import RunningMoments, shape_scores
-from posttrain.train.rollout import (Prompt, adapter_disabled, gather, gather_rows, load_prompts, prompt_indices,
-                                     row_seed, sample)
+from posttrain.train.reward_sources import RunningMoments, shape_scores
+from posttrain.train.rollout import adapter_disabled, gather, gather_rows, prompt_indices, row_seed, sample
 from posttrain.train.steps import StepSource
 
 log = logging.getLogger("posttrain")

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from posttrain.data.preference import pack_sequences
-from posttrain.models.methods import lm_head_and_backbone
-from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import hidden_states
+from posttrain.models.anatomy import lm_head_and_backbone
+from posttrain.models.forward import hidden_states
+from posttrain.models.head_logps import token_logps
 
 
 def scaled_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int,

@@ -1,6 +1,6 @@
 """What a GRPO policy is rewarded with: one or several reward sources, summed with weights, each reported.
 
-A source is a Python function, a reward model or an HTTP endpoint (train/rewards.py, as in PPO), or a
+A source is a Python function, a reward model or an HTTP endpoint (train/reward_sources.py, as in PPO), or a
 built-in verifiable reward (train/verifiable.py): exact match of the final answer against the
 prompt's reference (the data's last assistant turn), or a format regex. A function with a
 `references` parameter is also handed each prompt's reference.
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.errors import PosttrainError
-from posttrain.train.rewards import HttpReward, RewardModel, load_function
+from posttrain.models.reward_head import RewardModel
+from posttrain.train.reward_sources import HttpReward, load_function
 from posttrain.train.verifiable import ExactMatch, FormatMatch
 
 

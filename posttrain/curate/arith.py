@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from posttrain.data.build.stream import AtomicJsonl
+from posttrain.curate.stream import AtomicJsonl
 from posttrain.errors import DataError
 
 OPS = ("add", "sub", "mul")

@@ -16,4 +16,4 @@ def test_examples_exist():
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_config_loads(path):
     cfg = load_config(path)
-    assert cfg.stage in {"sft", "rm", "dpo", "ppo", "eval"}
+    assert cfg.stage in {"sft", "rm", "dpo", "ppo", "grpo", "eval"}

@@ -71,7 +71,9 @@ def clipped_token_loss(token_logps: torch.Tensor, old_token_logps: torch.Tensor,
     Metrics are sums over this micro-batch that add up, over the update, to token means (n_tokens: the
     update's response tokens) or, for policy_loss, to the surrogate under the same weights.
     """
-    log_ratio = token_logps - old_token_logps  # (B, R)
+    zero = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
+    # padding positions become ratio 1 and KL 0 before any arithmetic, so no inf or nan reaches the gradient
+    log_ratio = torch.where(mask, token_logps - old_token_logps, zero)  # (B, R)
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None].to(ratio.dtype)  # (B, 1)
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv
@@ -81,12 +83,12 @@ def clipped_token_loss(token_logps: torch.Tensor, old_token_logps: torch.Tensor,
     if kl_coef > 0:
         if ref_token_logps is None:
             raise ValueError("kl_coef > 0 needs the reference log-probs")
-        kl = kl_per_token(token_logps, ref_token_logps, "k3")  # (B, R)
+        kl = kl_per_token(token_logps, torch.where(mask, ref_token_logps, token_logps), "k3")  # (B, R)
         per_token = surrogate + kl_coef * kl
-    loss = (per_token * weights).sum()
+    loss = (per_token * weights * mask).sum()
     m, n = mask.float(), max(float(n_tokens), 1.0)
     with torch.no_grad():
-        metrics = {"policy_loss": float((surrogate * weights).sum()),
+        metrics = {"policy_loss": float((surrogate * weights * m).sum()),
                    "clip_frac": float(((clipped < unclipped).float() * m).sum() / n),
                    # k3 estimate of KL(pi_old || pi): how far the updates so far moved from the sampler
                    "approx_kl": float(((torch.expm1(log_ratio) - log_ratio) * m).sum() / n)}

@@ -34,8 +34,8 @@ def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: in
                 samples.append({"prompt": q.text, "reference": q.reference, "response": gen.text, "reward": total})
     n, tokens, *sums = dist_ctx.sum([float(len(mine)), float(tokens), *sums.tolist()])
     means = {f"reward/{name}": s / max(n, 1.0) for name, s in zip(rewards.names, sums)}
-    metrics = {"reward": float(torch.tensor(sums) @ rewards.weights.double()) / max(n, 1.0), **means,
-               "response_tokens": tokens / max(n, 1.0)}
+    total = float(torch.tensor(sums, dtype=torch.float64) @ rewards.weights.double())  # the weighted sum
+    metrics = {"reward": total / max(n, 1.0), **means, "response_tokens": tokens / max(n, 1.0)}
     if rewards.accuracy is not None:
         metrics["accuracy"] = means[f"reward/{rewards.accuracy}"]
     return metrics, samples

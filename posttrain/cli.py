@@ -34,13 +34,13 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
-    from posttrain.train import dpo, grpo, ppo, rm, sft
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft
 
-    summary = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "grpo": grpo}[cfg.stage].run(cfg)
+    summary = {"sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo}[cfg.stage].run(cfg)
     if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     if summary.get("already_complete"):
@@ -88,7 +88,7 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from posttrain.eval.command import main as eval_main
+    from posttrain.eval.cli import main as eval_main
 
     return eval_main(args.target, args.rest, _Parser)
 
@@ -134,9 +134,12 @@ def cmd_score(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from posttrain.config import describe_keys
+    from posttrain.eval.config import EvalRunConfig
+    from posttrain.train.config import RunConfig
+    from posttrain.typed_config import describe_keys
 
-    for key, default, doc in describe_keys():
+    rows = describe_keys(RunConfig) + [row for row in describe_keys(EvalRunConfig) if row[0] != "stage"]
+    for key, default, doc in rows:
         if not args.filter or args.filter in key:
             print(f"{key:36} {default:24} {doc}")
     return 0
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
-    from posttrain.eval.command import add_subcommands
+    from posttrain.eval.cli import add_subcommands
 
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)

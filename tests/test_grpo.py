@@ -25,7 +25,7 @@ def _cfg(tmp_path, tiny_dir, name="out", **extra):
                  "grpo.group_size": 4, "grpo.prompts_per_step": 2, "grpo.max_new_tokens": 6, "optim.lr": 0.01,
                  "train.max_steps": 2, "train.micro_batch_size": 4, "output.dir": str(tmp_path / name),
                  "output.tensorboard": False} | extra
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 

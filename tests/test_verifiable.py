@@ -48,7 +48,7 @@ def test_format_reward_matches_the_whole_stripped_reply():
 
 
 def _cfg(overrides):
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
     base = ["stage=grpo", "model.name_or_path=tiny-random", "data.datasets=[{path: x.jsonl}]", "train.max_steps=1"]
     return load_config(None, base + overrides)
@@ -99,7 +99,7 @@ def test_grpo_config_rules(overrides, message):
 
 
 def test_ppo_refuses_grpo_only_rewards():
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
     with pytest.raises(ConfigError, match="read by stage grpo"):
         load_config(None, ["stage=ppo", "model.name_or_path=tiny-random", "data.datasets=[{path: x.jsonl}]",

@@ -37,14 +37,14 @@ def detect_format(columns: Iterable[str], source: str = "") -> str:
         return "openai"
     if "conversations" in names:
         return "sharegpt"
-    if "instruction" in names and "output" in names:
+    if "output" in names and ("instruction" in names or "input" in names):
         return "alpaca"
     if "text" in names:
         return "text"
     where = f"{source}: " if source else ""
     raise DataError(
         f"{where}cannot detect the data format from columns {sorted(names)}; expected 'messages' (openai), "
-        "'conversations' (sharegpt), 'instruction'+'output' (alpaca) or 'text'. Set `format` and "
+        "'conversations' (sharegpt), 'instruction'+'output' or 'input'+'output' (alpaca) or 'text'. Set `format` and "
         "`columns` (e.g. columns: {output: answer}) in the dataset config. Each row is one object with such "
         "fields: a .json file holds a JSON array of them ([{...}, {...}]), a .jsonl file one object per line")
 
@@ -219,12 +219,21 @@ def _system_first(conv: Conversation, system: str | None) -> Conversation:
     return conv
 
 
+ALPACA_INPUT_SEPARATOR = "\n"  # joins a list-valued `input` (e.g. sentences to paraphrase)
+
+
 def parse_alpaca(row: Mapping, ctx: RowContext) -> Conversation:
-    """instruction (+ "\\n" + input) -> output, after optional history pairs and system."""
-    prompt = ctx.text(row.get("instruction"), "instruction")
-    extra = ctx.optional_text(row.get("input"), "input")
+    """instruction (+ "\\n" + input) -> output, after optional history pairs and system. A list-valued
+    input is joined with newlines; a row with input but no instruction has the input as its prompt."""
+    value = row.get("input")
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ALPACA_INPUT_SEPARATOR.join(value)
+    extra = ctx.optional_text(value, "input")
     if extra:
-        prompt = f"{prompt}\n{extra}"
+        instruction = ctx.optional_text(row.get("instruction"), "instruction")
+        prompt = f"{instruction}\n{extra}" if instruction else extra
+    else:
+        prompt = ctx.text(row.get("instruction"), "instruction")
     output = ctx.text(row.get("output"), "output")
     messages = []
     for i, pair in enumerate(row.get("history") or []):

@@ -38,14 +38,14 @@ class _Field(RowContext):
         return super().fail(self.name + field[len(self.inner):] if field.startswith(self.inner) else field, problem)
 
 
-def _messages(value, ctx: RowContext, name: str, tags) -> list[Message]:
+def prompt_messages(value, ctx: RowContext, name: str, tags) -> list[Message]:
     """A string (one message of `default_role`) or an OpenAI message list."""
     if isinstance(value, str):
         return [Message("user", ctx.text(value, name))]
     return parse_openai({"messages": value}, _Field(ctx, name, "messages"), tags).messages
 
 
-def _response(value, ctx: RowContext, name: str, tags, sharegpt: bool = False) -> Message:
+def response_message(value, ctx: RowContext, name: str, tags, sharegpt: bool = False) -> Message:
     """One assistant response: a string, a {from, value} / {role, content} turn, or a one-turn list."""
     if isinstance(value, str):
         return Message("assistant", ctx.text(value, name))
@@ -89,8 +89,8 @@ def _ranked(row: Mapping, ctx: RowContext, tags) -> RankedResponses:
     if (not isinstance(ranks, list) or len(ranks) != len(responses)
             or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
         raise ctx.fail("ranks", f"must be a list of {len(responses)} integers (0 = best, ties allowed), got {ranks!r}")
-    prompt = _messages(row.get("prompt"), ctx, "prompt", tags)
-    out = [_response(r, ctx, f"responses[{i}]", tags) for i, r in enumerate(responses)]
+    prompt = prompt_messages(row.get("prompt"), ctx, "prompt", tags)
+    out = [response_message(r, ctx, f"responses[{i}]", tags) for i, r in enumerate(responses)]
     return RankedResponses(prompt, out, list(ranks), 0.0, ctx.source)
 
 
@@ -110,15 +110,15 @@ def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] |
                         f"columns {sorted(k for k, v in row.items() if v is not None)}")
     elif row.get("conversations") is not None:
         prompt = parse_sharegpt(row, ctx, tags).messages
-        rec = PreferencePair(prompt, _response(row["chosen"], ctx, "chosen", tags, sharegpt=True),
-                             _response(row["rejected"], ctx, "rejected", tags, sharegpt=True))
+        rec = PreferencePair(prompt, response_message(row["chosen"], ctx, "chosen", tags, sharegpt=True),
+                             response_message(row["rejected"], ctx, "rejected", tags, sharegpt=True))
     elif row.get("prompt") is not None:
-        rec = PreferencePair(_messages(row["prompt"], ctx, "prompt", tags),
-                             _response(row["chosen"], ctx, "chosen", tags),
-                             _response(row["rejected"], ctx, "rejected", tags))
+        rec = PreferencePair(prompt_messages(row["prompt"], ctx, "prompt", tags),
+                             response_message(row["chosen"], ctx, "chosen", tags),
+                             response_message(row["rejected"], ctx, "rejected", tags))
     else:
-        rec = PreferencePair(*_split_implicit(_messages(row["chosen"], ctx, "chosen", tags),
-                                              _messages(row["rejected"], ctx, "rejected", tags), ctx))
+        rec = PreferencePair(*_split_implicit(prompt_messages(row["chosen"], ctx, "chosen", tags),
+                                              prompt_messages(row["rejected"], ctx, "rejected", tags), ctx))
     rec.margin = _margin(row.get("margin"), ctx)
     rec.source = source
     if variables:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import sft_loss, sft_loss_from_logps
-from posttrain.config import PROMPT_METHODS
+from posttrain.models.config import PROMPT_METHODS
 from posttrain.models.anatomy import lm_head_and_backbone, unwrap
 from posttrain.models.packed_attention import packed_attention
 from posttrain.models.head_logps import token_logps

@@ -23,20 +23,21 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import RunConfig, adapter_off_is_base
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.grpo import clipped_token_loss, group_advantages, token_weights
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.models.forward import packs_rows
 from posttrain.models.load import load_base
-from posttrain.models.methods import apply_method, count_parameters, optimizer_groups, quantization_config, step_hook
+from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
 from posttrain.train.grpo_eval import greedy_eval, plot_rewards
+from posttrain.train.config import RunConfig
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.ppo_report import write_sample
 from posttrain.train.response_logps import response_logps
 from posttrain.train.reward_set import RewardSet, build_reward_set
 from posttrain.train.reward_sources import RunningMoments, shape_scores
+from posttrain.train.setup import prepare_model
 from posttrain.train.rollout import adapter_disabled, gather, gather_rows, prompt_indices, row_seed, sample
 from posttrain.train.steps import StepSource
 
@@ -53,15 +54,12 @@ def run(cfg: RunConfig) -> dict:
     device = dist_ctx.device
 
     # models: the policy (+ adapter); a reference only for the KL term: adapter off, else a frozen copy
-    base, tokenizer = load_base(cfg.model, device, quantization_config(cfg, device))
+    base, tokenizer = load_base(cfg.model, device, quantization_config(cfg.methods, device))
     ref_model = None
-    if g.kl_coef > 0 and not adapter_off_is_base(cfg):
+    if g.kl_coef > 0 and not cfg.methods.adapter_off_is_base():
         ref_model = copy.deepcopy(base).requires_grad_(False).eval()
-    policy = apply_method(base, cfg)
-    hook = step_hook(policy, cfg)  # LISA re-draws its blocks before optimizer updates
-    trainable, total = count_parameters(policy)
-    if hook is not None:
-        trainable = hook.trainable_per_step(policy)
+    prepared = prepare_model(base, cfg)
+    policy, trainable, total = prepared.model, prepared.trainable, prepared.total
 
     # data: prompts (their final assistant turn is the reference answer) and held-out prompts
     prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, g.max_new_tokens)
@@ -79,7 +77,7 @@ def run(cfg: RunConfig) -> dict:
              len(eval_prompts), trainable, total)
 
     steps = GRPOSteps(cfg, policy, ref_model, tokenizer, prompts, eval_prompts, rewards, dist_ctx)
-    loop = Loop(cfg, policy, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(policy, cfg), on_step_start=hook)
+    loop = Loop(cfg, policy, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
     extra = {"stage": "grpo", "estimator": g.estimator, "loss_norm": steps.norm, "prompts": len(prompts),
              "eval_prompts": len(eval_prompts), "dropped_prompts": dropped, "trainable_params": trainable,
              "total_params": total}

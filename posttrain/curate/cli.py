@@ -8,6 +8,10 @@ import sys
 from posttrain.errors import DataError
 
 
+STRICT_HELP = ("a row with a content problem (blank reply or prompt) counts as bad instead of being dropped and "
+               "counted by reason, as training does")
+
+
 def _quiet(func):
     """Silence datasets' per-file progress bars (our own bar shows rows), then run the command."""
     def run(args) -> int:
@@ -26,7 +30,7 @@ def _print(report: dict) -> None:
 def _validate(a) -> int:
     from posttrain.curate.validate import format_report, validate
 
-    report = validate(a.path, a.format, a.max_errors)
+    report = validate(a.path, a.format, a.max_errors, a.strict)
     print(format_report(report))
     return 1 if report["invalid"] else 0
 
@@ -34,7 +38,7 @@ def _validate(a) -> int:
 def _convert(a) -> int:
     from posttrain.curate.convert import convert
 
-    _print(convert(a.path, a.out, a.to, a.format, a.skip_bad))
+    _print(convert(a.path, a.out, a.to, a.format, a.skip_bad, a.strict))
     return 0
 
 
@@ -77,21 +81,21 @@ def _dedup(a) -> int:
     from posttrain.curate.dedup import dedup
 
     _print(dedup(a.path, a.out, near=a.near, semantic=a.semantic, key=a.key, fmt=a.format, num_perm=a.num_perm,
-                 ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed))
+                 ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed, strict=a.strict))
     return 0
 
 
 def _filter(a) -> int:
     from posttrain.curate.filter import filter_file
 
-    _print(filter_file(a.path, a.out, a.rules, a.format))
+    _print(filter_file(a.path, a.out, a.rules, a.format, a.strict))
     return 0
 
 
 def _mix(a) -> int:
     from posttrain.curate.mix import mix
 
-    _print(mix(a.mix, a.out, a.seed))
+    _print(mix(a.mix, a.out, a.seed, a.strict))
     return 0
 
 
@@ -105,7 +109,7 @@ def _split(a) -> int:
 def _stats(a) -> int:
     from posttrain.curate.stats import stats
 
-    report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by)
+    report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by, a.strict)
     print(f"wrote {report['report']} and {', '.join(report['plots'])}", file=sys.stderr)
     return 0
 
@@ -168,10 +172,12 @@ def add_data_parser(sub) -> None:
 
     p = cmd("validate", _validate, "lint a file: counts, formats, roles, bad rows by line and field")
     p.add_argument("--max-errors", type=int, default=20, help="bad rows to list (default 20)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("convert", _convert, "convert between alpaca, sharegpt and openai messages")
     p.add_argument("--to", required=True, help="alpaca, sharegpt or openai")
     p.add_argument("--out", required=True)
     p.add_argument("--skip-bad", action="store_true", help="reject unparseable rows to <out>.rejected.jsonl")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     _from_task_args(cmd("from-task", _from_task, "turn labelled task rows into instruction data", path=False))
     p = cmd("arith", _arith, "seeded arithmetic word problems with '#### N' answers (train / held-out split)",
             path=False)
@@ -193,13 +199,16 @@ def add_data_parser(sub) -> None:
     p.add_argument("--unit", default="auto", choices=["auto", "word", "char"],
                    help="shingle unit: auto (default) = characters for CJK text, words otherwise")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("filter", _filter, "drop rows by declarative rules; scrub PII")
     p.add_argument("--out", required=True)
     p.add_argument("--rules", required=True, help="rules YAML (see posttrain/curate/filter.py)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("mix", _mix, "combine sources with weights and caps", path=False)
     p.add_argument("mix", help="mix YAML: seed, to, sources [{path, weight, cap, variables, name}]")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, help="override the mix file's seed")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = cmd("split", _split, "train/val/test split, optionally grouped by a key")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--val", type=float, default=0.05)
@@ -210,3 +219,4 @@ def add_data_parser(sub) -> None:
     p.add_argument("--report", required=True, help="folder for stats.md, stats.json and PNGs")
     p.add_argument("--tokenizer", help="count tokens with this model's tokenizer (e.g. smollm2-135m-instruct)")
     p.add_argument("--group-by", default="source", help="column for the source/task mix table (default source)")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)

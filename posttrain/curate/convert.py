@@ -16,6 +16,7 @@ from pathlib import Path
 
 from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, reason_of, side_path
 from posttrain.data.formats import ALPACA_INPUT_SEPARATOR
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.records import Conversation
 from posttrain.errors import DataError
 
@@ -116,8 +117,11 @@ def _reshaped(row: dict, fmt: str, counts: Counter) -> None:
         counts["no instruction: the input is the prompt"] += 1
 
 
-def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False) -> dict:
-    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}."""
+def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False,
+            strict: bool = False) -> dict:
+    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     if to not in WRITERS:
         raise DataError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
     lost, rejected, reshaped = Counter(), Counter(), Counter()
@@ -133,6 +137,9 @@ def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_
             except CannotCarry as err:
                 rejected[str(err)] += 1
                 rejects.write({"source": source, "reason": str(err), "row": row})
+            except ContentProblem as problem:
+                count_problem(rejected, problem, strict)
+                rejects.write({"source": source, "reason": str(problem), "row": row})
             except DataError as err:
                 if not skip_bad:
                     raise

@@ -22,6 +22,7 @@ import numpy as np
 from posttrain.curate.lang import is_cjk
 from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, normalise, progress,
                                          prompt_text, response_text, side_path)
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 
 KEYS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
@@ -202,8 +203,10 @@ def default_embedding_model() -> str:
 
 def dedup(path: str | Path, out: str | Path, *, near: float | None = None, semantic: float | None = None,
           key: str = "all", fmt: str = "auto", num_perm: int = 64, ngram: int = 5, unit: str = "auto",
-          semantic_model: str | None = None, seed: int = 0) -> dict:
-    """Write the first occurrence of every row to `out`; removed rows (and why) to `<out>.removed.jsonl`."""
+          semantic_model: str | None = None, seed: int = 0, strict: bool = False) -> dict:
+    """Write the first occurrence of every row to `out`; removed rows (and why) to `<out>.removed.jsonl`.
+
+    A row with a content problem (data/policy.py) is removed under its reason, or fatal when strict."""
     if key not in KEYS:
         raise DataError(f"unknown dedup key {key!r}; use one of {', '.join(KEYS)}")
     lsh = MinHashLSH(near, num_perm, ngram, unit, seed) if near is not None else None
@@ -216,7 +219,12 @@ def dedup(path: str | Path, out: str | Path, *, near: float | None = None, seman
         chunk: list[tuple[str, dict, str]] = []
         for source, row in progress(iter_rows(path), "dedup"):
             rows += 1
-            chunk.append((source, row, KEYS[key](parse(row, source))))
+            try:
+                chunk.append((source, row, KEYS[key](parse(row, source))))
+            except ContentProblem as problem:
+                count_problem(removed, problem, strict)
+                rem.write({"source": source, "reason": problem.reason, "detail": str(problem), "row": row})
+                continue
             if len(chunk) == CHUNK:
                 _dedup_chunk(chunk, seen, lsh, sem, writer, rem, removed)
                 chunk = []

@@ -38,6 +38,7 @@ import yaml
 from posttrain.curate.lang import SCRIPTS, char_grams, is_cjk, script_of  # noqa: F401 (re-exported)
 from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
                                      response_text, side_path)
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
 
@@ -234,8 +235,11 @@ def _pii_rule(spec: dict, base: Path) -> PiiScrubber:
     return PiiScrubber(kinds, names)
 
 
-def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto") -> dict:
-    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms."""
+def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto",
+                strict: bool = False) -> dict:
+    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     rules = load_rules(rules_path)
     dropped, changed = Counter(), Counter()
     rows = 0
@@ -243,7 +247,12 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
     with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
         for source, row in progress(iter_rows(path), "filter"):
             rows += 1
-            conv = parse(row, source)
+            try:
+                conv = parse(row, source)
+            except ContentProblem as problem:
+                count_problem(dropped, problem, strict)
+                rejects.write({"source": source, "rule": problem.reason, "reason": str(problem), "row": row})
+                continue
             reason = None
             for name, rule in rules:
                 if name == "pii":

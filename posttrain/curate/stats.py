@@ -23,6 +23,7 @@ import numpy as np
 from posttrain.curate.dedup import exact_key
 from posttrain.curate.lang import CJK_CHAR, is_cjk, script_of
 from posttrain.curate.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 
 FUNCTION_WORDS = set("""a an the this that these those of to in on for with from by at as and or but if is are be
@@ -64,17 +65,25 @@ def verb_noun(instruction: str) -> tuple[str, str] | None:
     return (words[0], noun) if noun else None
 
 
-def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str = "source") -> dict:
-    """One streaming pass: per-row lengths go into int arrays, everything else into counters."""
+def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str = "source",
+            strict: bool = False) -> dict:
+    """One streaming pass: per-row lengths go into int arrays, everything else into counters.
+
+    Rows with content problems (data/policy.py) are left out and counted in `dropped`, or fatal when strict."""
     lengths: dict[str, list[int]] = {"prompt_chars": [], "response_chars": []}
     if tokenizer is not None:
         lengths.update(prompt_tokens=[], response_tokens=[])
     turns, scripts, groups, pairs, hashes = Counter(), Counter(), Counter(), Counter(), set()
     rows = dups = untagged = 0
+    dropped: Counter = Counter()
     parse = FileParser(fmt)
     tag = _pos_tagger()
     for source, row in progress(iter_rows(path), "stats"):
-        conv = parse(row, source)
+        try:
+            conv = parse(row, source)
+        except ContentProblem as problem:
+            count_problem(dropped, problem, strict)
+            continue
         rows += 1
         prompt, response = prompt_text(conv), response_text(conv)
         lengths["prompt_chars"].append(len(prompt))
@@ -99,7 +108,7 @@ def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str =
         hashes.add(key)
     if rows == 0:
         raise DataError(f"{path}: no rows")
-    return {"file": str(path), "rows": rows, "duplicate_rate": dups / rows,
+    return {"file": str(path), "rows": rows, "dropped": dict(dropped), "duplicate_rate": dups / rows,
             "lengths": {k: _summary(np.array(v)) for k, v in lengths.items()},
             "turns": dict(sorted(turns.items())), "scripts": dict(scripts.most_common()),
             group_by: dict(groups.most_common(50)),
@@ -172,7 +181,8 @@ def cjk_fonts() -> list[str]:
 
 
 def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
-    lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']}",
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
+    lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']} (left out, content problems: {dropped})",
              f"- exact duplicate rate: {stats['duplicate_rate']:.2%}", "",
              "| length | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
     for name, s in stats["lengths"].items():
@@ -190,14 +200,14 @@ def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
 
 
 def stats(path: str | Path, report_dir: str | Path, fmt: str = "auto", tokenizer: str | None = None,
-          group_by: str = "source") -> dict:
+          group_by: str = "source", strict: bool = False) -> dict:
     tok = None
     if tokenizer:
         from posttrain.models.load import load_tokenizer
         from posttrain.models.sources import resolve_model
 
         tok = load_tokenizer(resolve_model(tokenizer))
-    result = collect(path, fmt, tok, group_by)
+    result = collect(path, fmt, tok, group_by, strict)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(result, out)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.grpo import clipped_token_loss, group_advantages, token_weights
+from posttrain.data.policy import drop_summary
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.models.forward import packs_rows
 from posttrain.models.load import load_base
@@ -62,9 +64,11 @@ def run(cfg: RunConfig) -> dict:
     policy, trainable, total = prepared.model, prepared.trainable, prepared.total
 
     # data: prompts (their final assistant turn is the reference answer) and held-out prompts
-    prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, g.max_new_tokens)
+    prompts, drops = load_prompts(cfg.data, cfg.template, tokenizer, g.max_new_tokens)
     if cfg.data.eval_datasets:
-        eval_prompts = load_prompts(cfg.data, cfg.template, tokenizer, g.max_new_tokens, cfg.data.eval_datasets)[0]
+        eval_prompts, eval_drops = load_prompts(cfg.data, cfg.template, tokenizer, g.max_new_tokens,
+                                                cfg.data.eval_datasets)
+        drops = dict(Counter(drops) + Counter(eval_drops))
     else:
         prompts, eval_prompts = hold_out(prompts, cfg.data.val_size, cfg.train.seed)
     rewards = build_reward_set(cfg.reward, device)
@@ -73,13 +77,13 @@ def run(cfg: RunConfig) -> dict:
         if missing:
             raise DataError(f"reward {', '.join(t.name for t in rewards.terms if t.wants_references)} compares with "
                             f"each prompt's reference (its final assistant turn): {missing} prompts have none")
-    log.info("prompts: %d train (%d dropped), %d held out; trainable parameters %d of %d", len(prompts), dropped,
-             len(eval_prompts), trainable, total)
+    log.info("prompts: %d train, %d held out (dropped: %s); trainable parameters %d of %d", len(prompts),
+             len(eval_prompts), drop_summary(drops) or "none", trainable, total)
 
     steps = GRPOSteps(cfg, policy, ref_model, tokenizer, prompts, eval_prompts, rewards, dist_ctx)
     loop = Loop(cfg, policy, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
     extra = {"stage": "grpo", "estimator": g.estimator, "loss_norm": steps.norm, "prompts": len(prompts),
-             "eval_prompts": len(eval_prompts), "dropped_prompts": dropped, "trainable_params": trainable,
+             "eval_prompts": len(eval_prompts), "dropped_prompts": drops, "trainable_params": trainable,
              "total_params": total}
     return loop.run(lambda out: save_model(policy, tokenizer, out), extra_summary=extra)
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from posttrain.data.kto import encode_kto, row_to_kto
+from posttrain.data.kto import KTORecord, encode_kto, is_kto_row, row_to_kto
 from posttrain.errors import ConfigError, DataError
+from posttrain.records import Message
 
 
 def test_both_layouts_read_to_the_same_record():
@@ -16,17 +17,17 @@ def test_both_layouts_read_to_the_same_record():
     trl_msgs = row_to_kto({"prompt": [{"role": "user", "content": "Hi"}],
                            "completion": [{"role": "assistant", "content": "Hello!"}], "label": False},
                           source="c.jsonl:1")
-    for rec in (lf, trl, trl_msgs):
-        assert [(m.role, m.content) for m in rec.prompt] == [("user", "Hi")]
-        assert (rec.response.role, rec.response.content) == ("assistant", "Hello!")
-    assert lf.desirable and trl.desirable and not trl_msgs.desirable
+    for conv, _ in (lf, trl, trl_msgs):
+        assert [(m.role, m.content) for m in conv.messages] == [("user", "Hi"), ("assistant", "Hello!")]
+    assert lf[1] and trl[1] and not trl_msgs[1]
+    assert is_kto_row({"prompt": "Hi", "completion": "Yo", "label": True}) and not is_kto_row({"prompt": "Hi"})
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "Hi", "completion": "Yo", "label": "yes"}, "b.jsonl:3: field label must be true"),
-    ({"prompt": "Hi", "completion": "Yo"}, "field label"),
-    ({"completion": "Yo", "label": True}, "needs a prompt"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "label": True}, "final assistant reply"),
+    ({"prompt": "Hi", "completion": "Yo", "label": "yes"}, "b.jsonl:3: field 'label' must be true or false"),
+    ({"prompt": "Hi", "completion": "Yo"}, "field 'label'"),
+    ({"completion": "Yo", "label": True}, "field 'prompt' is missing"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "label": True}, r"does not end with an assistant reply"),
 ])
 def test_bad_rows_name_the_row_and_field(row, message):
     with pytest.raises(DataError, match=message):
@@ -36,8 +37,8 @@ def test_bad_rows_name_the_row_and_field(row, message):
 def test_mismatched_pairs_take_another_rows_response(tiny_tokenizer):
     from collections import Counter
 
-    recs = [row_to_kto({"prompt": f"question {i}", "completion": f"answer {i}", "label": i % 2 == 0},
-                       source=f"x:{i}") for i in range(5)]
+    recs = [KTORecord([Message("user", f"question {i}")], Message("assistant", f"answer {i}"), i % 2 == 0)
+            for i in range(5)]
     samples = encode_kto(recs, tiny_tokenizer, None, None, seed=0, drops=Counter())
     decode = tiny_tokenizer.decode
     partners = []

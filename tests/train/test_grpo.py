@@ -156,3 +156,36 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, mon
     assert rows_full[2]["kl"] != 0.0  # the reference term was live after the resume point
     for key in ("eval_before", "before", "eval_after", "after", "first_reward", "last_reward"):
         assert resumed[key] == full[key], key
+
+
+def test_two_processes_match_one(tmp_path, tiny_dir):
+    """`torchrun --nproc_per_node 2` shards each step's samples, the held-out prompts and the mini-batches over
+    2 processes: the same samples, logged figures and adapter as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from posttrain.train.config import save_config
+
+    cfg = _cfg(tmp_path, tiny_dir, **{"grpo.kl_coef": 0.1, "grpo.epochs": 2, "grpo.mini_batch_size": 4,
+                                      "grpo.sample_every": 1, "train.max_steps": 3, "grpo.estimator": "rloo"})
+    save_config(cfg, tmp_path / "grpo.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "posttrain.cli", "train", str(tmp_path / "grpo.yaml")]
+    subprocess.run([sys.executable, *cli, f"output.dir={tmp_path / 'one'}"], check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537"]
+    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=2"], check=True,
+                   env=env, capture_output=True)
+    for split in ("train", "eval"):
+        one, two = _rows(tmp_path / "one", split), _rows(tmp_path / "two", split)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            for key in a.keys() - {"tokens_per_s", "lr", "grad_norm"}:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (split, key, a[key], b[key])
+    samples = [(tmp_path / d / "logs" / "samples.jsonl").read_text() for d in ("one", "two")]
+    assert samples[0] == samples[1]
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" /
+                                                                                "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2

@@ -181,7 +181,8 @@ def test_two_processes_match_one(tmp_path, tiny_dir):
         one, two = _rows(tmp_path / "one", split), _rows(tmp_path / "two", split)
         assert len(one) == len(two) > 0
         for a, b in zip(one, two):
-            for key in a.keys() - {"tokens_per_s", "lr", "grad_norm"}:
+            assert a.keys() == b.keys() and a["step"] == b["step"]
+            for key in a.keys() - {"split", "step", "tokens_per_s", "lr", "grad_norm"}:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (split, key, a[key], b[key])
     samples = [(tmp_path / d / "logs" / "samples.jsonl").read_text() for d in ("one", "two")]
     assert samples[0] == samples[1]

@@ -38,9 +38,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
-    from posttrain.train import dpo, ppo, rm, sft
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft
 
-    summary = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
+    summary = {"sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo}[cfg.stage].run(cfg)
     if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     if summary.get("already_complete"):

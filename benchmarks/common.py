@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+ASSETS = ROOT.parent / "shared" / "assets"  # third-party data beside the checkout (README: ../shared/assets)
 
 
 def peak_rss_mb() -> float:

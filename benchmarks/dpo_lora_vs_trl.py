@@ -29,9 +29,9 @@ from benchmarks.common import (  # noqa: E402
     run_alternating,
     trl_step_timer,
     finish_vs_trl,
-    ROOT, chat_length, llama_flops, llama_forward_flops, markdown_table, median_of, peak_rss_mb)
+    ASSETS, ROOT, chat_length, llama_flops, llama_forward_flops, markdown_table, median_of, peak_rss_mb)
 
-DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/dpo_en_demo.json")
+DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "dpo_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb, run_worker, versions)
+    ASSETS, RESULTS, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb, run_worker, versions)
 
-DATA = "/work/shared/assets/data/ceval"
+DATA = str(ASSETS / "data" / "ceval")
 # The first five C-Eval val subjects in file order, all their questions (153): realistic per-subject batches.
 SUBJECTS = "accountant,advanced_mathematics,art_studies,basic_medicine,business_administration"
 SIDES = {"before": False, "after": True}  # side -> eval.mc.shared_prefix

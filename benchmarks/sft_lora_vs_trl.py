@@ -27,10 +27,10 @@ from benchmarks.common import (  # noqa: E402
     run_alternating,
     trl_step_timer,
     finish_vs_trl,
-    ROOT, llama_flops, markdown_table, median_of, peak_rss_mb,
+    ASSETS, ROOT, llama_flops, markdown_table, median_of, peak_rss_mb,
     sample_lengths)
 
-DEFAULT_DATA = Path("/work/shared/assets/data/llamafactory/alpaca_en_demo.json")
+DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "general.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 

@@ -45,10 +45,6 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} line {number}", row
 
 
-def count_rows(path: str | Path) -> int:
-    return sum(1 for _ in iter_rows(path))
-
-
 def parse(row: dict, source: str, fmt: str = "auto", variables: dict | None = None) -> Conversation:
     """The spine's parser (formats.row_to_conversation): one code path for every command."""
     return row_to_conversation(row, fmt, source=source, variables=variables)

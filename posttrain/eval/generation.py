@@ -81,7 +81,8 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
 
 def run(model_ref: str, data: str, out: str, *, batch_size: int = 8, max_new_tokens: int = 256,
         temperature: float = 0.0, segment: str = "auto", device: str | None = None, strict: bool = False) -> dict:
-    """Generate predictions for `data` into `out` (JSONL) and write BLEU/ROUGE beside it (.scores.json)."""
+    """Generate predictions for `data` into `out` (JSONL) and write BLEU/ROUGE beside it (.scores.json) when the
+    data has reference answers."""
     from posttrain.eval.metrics import reference_scores
     from posttrain.models.run import load_model_for_inference, run_config_of
 
@@ -91,8 +92,8 @@ def run(model_ref: str, data: str, out: str, *, batch_size: int = 8, max_new_tok
                          model_ref=model_ref, batch_size=batch_size, system=cfg.template.system if cfg else None,
                          max_new_tokens=max_new_tokens, temperature=temperature)
     scored = [r for r in rows if r["reference"] is not None]
-    if not scored:
-        raise DataError(f"{data}: no reference answers to score against (predictions are in {out})")
+    if not scored:  # prompts alone: the predictions are the result
+        return {"model": model_ref, "data": data, "out": str(out), "predictions": len(rows), "scored": 0}
     scores = reference_scores([r["prediction"] for r in scored], [r["reference"] for r in scored], segment)
     scores_path = Path(out).with_suffix(".scores.json")
     scores_path.write_text(json.dumps({"model": model_ref, "data": data, **scores}, indent=2), encoding="utf-8")

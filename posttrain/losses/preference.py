@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from posttrain.losses.pairs import pair_weighted
+
 
 @dataclass
 class PairLogps:
@@ -90,13 +92,8 @@ def preference_loss(
     per_pair = LOSSES[name](lp, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
     if sft_weight:
         per_pair = per_pair + sft_weight * -(lp.policy_chosen / lp.chosen_lengths)
-    loss = (per_pair * pair_weight).sum() / normalizer
+    loss, mean = pair_weighted(per_pair, pair_weight, normalizer)
     with torch.no_grad():
-        w = pair_weight / normalizer
-
-        def mean(x: torch.Tensor) -> float:
-            return float((x * w).sum())
-
         if lp.ref_chosen is not None:
             chosen_r = beta * (lp.policy_chosen - lp.ref_chosen)  # implicit rewards (DPO eq. 5)
             rejected_r = beta * (lp.policy_rejected - lp.ref_rejected)

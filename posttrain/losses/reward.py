@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.losses.moments import moment_sums
+from posttrain.losses.pairs import pair_weighted
 
 
 def bradley_terry(
@@ -40,13 +41,8 @@ def pairwise_reward_loss(
     per_pair = bradley_terry(r_better, r_worse, margin)
     if center_coef:
         per_pair = per_pair + center_coef * (r_better + r_worse) ** 2
-    loss = (per_pair * pair_weight).sum() / normalizer
+    loss, mean = pair_weighted(per_pair, pair_weight, normalizer)
     with torch.no_grad():
-        w = pair_weight / normalizer
-
-        def mean(x: torch.Tensor) -> float:
-            return float((x * w).sum())
-
         metrics = {
             "accuracy": mean((r_better > r_worse).float()),
             "margin": mean(r_better - r_worse),

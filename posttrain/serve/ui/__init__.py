@@ -1,0 +1,1 @@
+"""The web UI (`posttrain ui`): the app, its Chat / Annotate / Train tabs and their checks."""

@@ -16,6 +16,7 @@ import yaml
 
 from posttrain import typed_config
 from posttrain.errors import ConfigError
+from posttrain.models.vision_config import VisionConfig, validate_vision
 from posttrain.typed_config import build, opt, parse_override, set_dotted, yaml_error_text
 
 # Methods that add virtual tokens (PEFT prompt / prefix tuning) instead of changing weights.
@@ -111,15 +112,17 @@ class PromptConfig:
 
 @dataclass
 class MethodConfig:
-    type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix"] = opt(
+    type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix", "projector"] = opt(
         "lora", "what trains: lora (+ DoRA/rsLoRA/PiSSA/LoRA+ via lora.*), qlora (LoRA on a 4-bit NF4 base), "
         "full, freeze (last blocks), lisa (random blocks every K steps), prompt / prefix tuning (virtual tokens); "
-        "every method works on every training stage (sft, rm, dpo, ppo)")
+        "every method works on every training stage (sft, rm, dpo, ppo); projector: only the vision projector "
+        "(LLaVA stage 1, needs vision.tower)")
 
 
 # Default peak lr per method.type (SFT-scale; preference stages usually want lower, set optim.lr):
 # virtual tokens need ~100x LoRA's lr (Lester et al. 2021 used 0.3), full fine-tuning ~10x less.
-METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "lisa": 5e-5, "prompt": 3e-2, "prefix": 1e-2}
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "lisa": 5e-5, "prompt": 3e-2, "prefix": 1e-2,
+             "projector": 1e-3}
 
 
 @dataclass
@@ -289,6 +292,7 @@ class RunConfig:
     stage: Literal["sft", "rm", "dpo", "ppo", "eval"] = opt(
         "sft", "what to run: sft, rm (reward model), dpo (DPO family), ppo (RLHF), eval (benchmark)")
     model: ModelConfig = opt(ModelConfig(), "base model")
+    vision: VisionConfig = opt(VisionConfig(), "vision tower + projector: makes the model a LLaVA (stage sft)")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
     template: TemplateConfig = opt(TemplateConfig(), "chat template")
     method: MethodConfig = opt(MethodConfig(), "fine-tuning method")
@@ -400,6 +404,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.lora.r < 1:
         raise ConfigError("lora.r must be >= 1")
     _validate_method(cfg)
+    validate_vision(cfg.vision, cfg.method.type)
+    if cfg.vision.tower and cfg.stage != "sft":
+        raise ConfigError(f"vision.tower works with stage sft only (not {cfg.stage})")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if not isinstance(cfg.optim.lr, float) or cfg.optim.lr < 0:  # 0 is allowed: a run that only evaluates

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.data.formats import detect_format, rename_columns, row_to_conversation
+from posttrain.data.images import kept_images
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
 
@@ -23,7 +24,7 @@ ROW_COLUMN = "__posttrain_row"  # the row's index in its file, for error message
 
 @dataclass
 class SFTData:
-    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int)
+    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int), images
     eval: object | None  # same columns; None when no eval set was asked for (or nothing survived)
     drops: dict[str, int]  # DropSample reason -> count, across train and eval
     n_rows: int  # rows read from the files (train and eval), before caps and weights
@@ -41,11 +42,12 @@ class _Source:
     eval_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
+def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int, images: bool = False) -> SFTData:
     """Read, cap, split, mix and encode `data_cfg.datasets` (and eval sets) for SFT.
 
     Eval sets take max_samples but not weight (mixing is about training). Template and
     variables change the cache fingerprint, so edited settings re-encode; unchanged ones reuse it.
+    images: the model takes images (each sample's `images` column lists the ones its tokens hold).
     """
     from posttrain.templates.render import apply_template
 
@@ -61,7 +63,7 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
         src.train_idx = _mix(src.train_idx, src.cfg.weight, np.random.default_rng([seed, 2, i]))
 
     encoder_args = {"tokenizer": tokenizer, "mask": data_cfg.mask, "max_length": data_cfg.max_length,
-                    "variables": data_cfg.variables, "system": template_cfg.system}
+                    "variables": data_cfg.variables, "system": template_cfg.system, "images": images}
     train_ds, train_drops = _encode_all(train, "train_idx", encoder_args)
     eval_ds, eval_drops = _encode_all(train + evals, "eval_idx", encoder_args)
     drops = dict(train_drops + eval_drops)
@@ -157,6 +159,7 @@ def _encoded_features():
         "input_ids": datasets.List(datasets.Value("int32")),
         "weights": datasets.List(datasets.Value("float32")),
         "n_loss_tokens": datasets.Value("int32"),
+        "images": datasets.List(datasets.Value("string")),  # resolved paths / data URLs, in token order
         "drop": datasets.Value("string"),  # "" for a kept sample, else the DropSample reason
         ROW_COLUMN: datasets.Value("int64"),  # the file row a sample came from, to apply weights
     })
@@ -169,7 +172,8 @@ def _code_version() -> str:
     template or format parser would silently reuse stale cached token ids.
     """
     root = Path(__file__).resolve().parents[1]
-    files = [root / "data" / "formats.py", root / "data" / "pipeline.py", *sorted((root / "templates").glob("*.py"))]
+    files = [root / "data" / "formats.py", root / "data" / "pipeline.py", root / "data" / "images.py",
+             *sorted((root / "templates").glob("*.py"))]
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
@@ -196,6 +200,7 @@ class _Encoder:
     columns: dict[str, str]
     role_tags: dict[str, str]
     code: str
+    images: bool = False
 
     def __call__(self, batch: dict) -> dict:
         from posttrain.templates.render import DropSample, encode_conversation
@@ -205,7 +210,7 @@ class _Encoder:
         for j, row_index in enumerate(batch[ROW_COLUMN]):
             conv = row_to_conversation(
                 {k: batch[k][j] for k in names}, self.fmt, source=source_of(self.path, row_index),
-                columns=self.columns, role_tags=self.role_tags, variables=self.variables)
+                columns=self.columns, role_tags=self.role_tags, variables=self.variables, images=self.images)
             try:
                 samples = encode_conversation(conv, self.tokenizer, mask=self.mask,
                                               max_length=self.max_length, system=self.system)
@@ -215,13 +220,16 @@ class _Encoder:
             if reason:  # one placeholder row carries the reason; it is counted, then filtered out
                 _append(out, row_index, [], [], reason)
             for sample in samples:
-                _append(out, row_index, sample.input_ids, sample.weights, "")
+                _append(out, row_index, sample.input_ids, sample.weights, "",
+                        kept_images(conv.images, sample.input_ids, self.tokenizer, Path(self.path).parent))
         return out
 
 
-def _append(out: dict, row_index: int, input_ids: list[int], weights: list[float], drop: str) -> None:
+def _append(out: dict, row_index: int, input_ids: list[int], weights: list[float], drop: str,
+            images: list[str] = ()) -> None:
     out[ROW_COLUMN].append(row_index)
     out["input_ids"].append(input_ids)
     out["weights"].append(weights)
+    out["images"].append(list(images))
     out["n_loss_tokens"].append(sum(1 for w in weights if w > 0))
     out["drop"].append(drop)

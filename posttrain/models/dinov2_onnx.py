@@ -76,7 +76,8 @@ def onnx_state_dict(onnx_path: str | Path) -> dict[str, np.ndarray]:
         cls_pos = tensors[nodes[_CLS_POS_NODE].input[0]]  # (1, 1, 384)
         grid_pos = tensors[nodes[_GRID_POS_NODE].input[0]]  # (1, 1369, 384)
     except KeyError as err:
-        raise ModelSourceError(f"{onnx_path}: not the expected DINOv2 graph (no position embeddings at {err})") from None
+        raise ModelSourceError(f"{onnx_path}: not the expected DINOv2 graph (no position embeddings at {err})") \
+            from None
     state["embeddings.position_embeddings"] = np.concatenate([cls_pos, grid_pos], axis=1)
     return state
 
@@ -87,7 +88,7 @@ def convert(onnx_path: str | Path, out_dir: str | Path, check: bool = True) -> P
     from transformers import Dinov2Model
 
     model = Dinov2Model(dinov2_small_config()).eval()
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in onnx_state_dict(onnx_path).items()}
+    state = {k: torch.tensor(v, dtype=torch.float32) for k, v in onnx_state_dict(onnx_path).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # mask_token is only used for masked-image pre-training; the graph has none.
     if set(missing) - {"embeddings.mask_token"} or unexpected:

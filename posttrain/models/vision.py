@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from posttrain.data.records import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from posttrain.errors import ConfigError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 VLM_MODEL_TYPES = ("llava",)
 _HAS_CLS = ("dinov2", "clip_vision_model", "clip")  # towers whose first output token is a CLS token
 _PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}
@@ -76,6 +76,11 @@ def tower_image_processor(path: str, image_tokens: int, patch_size: int):
         from posttrain.models.dinov2_onnx import image_processor
 
         processor = image_processor(224)  # a tower folder without one: DINOv2's resize + ImageNet stats
+    return resized(processor, image_tokens, patch_size)
+
+
+def resized(processor, image_tokens: int, patch_size: int):
+    """The processor with its image size set for `image_tokens` per image (0: unchanged)."""
     if image_tokens:
         side = math.isqrt(image_tokens) * patch_size
         processor.size = {"height": side, "width": side}

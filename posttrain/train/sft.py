@@ -13,6 +13,7 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
                                       step_hook)
 from posttrain.models.run import save_model
+from posttrain.models.vision_load import wants_vision
 from posttrain.train.lm_forward import sft_forward
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.steps import Batches, DataSteps
@@ -31,6 +32,10 @@ def to_batches(dataset, pad_id: int) -> Batches:
 
 
 def run(cfg: RunConfig) -> dict:
+    if wants_vision(cfg.model, cfg.vision):  # a LLaVA model: images in the data, a projector (train/sft_vision.py)
+        from posttrain.train import sft_vision
+
+        return sft_vision.run(cfg)
     dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg, dist_ctx.device))

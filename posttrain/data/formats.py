@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from posttrain.data.images import MEDIA_FIELDS, check_placeholders, content_text, image_list, no_vision_message
-from posttrain.data.records import ROLES, Conversation, Message
+from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")

@@ -15,7 +15,7 @@ import hashlib
 import io
 from pathlib import Path
 
-from posttrain.data.records import IMAGE_PLACEHOLDER
+from posttrain.records import IMAGE_PLACEHOLDER
 from posttrain.errors import DataError
 from posttrain.templates.images import image_tokens
 

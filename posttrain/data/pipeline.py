@@ -18,6 +18,7 @@ from posttrain.data.formats import detect_format, rename_columns, row_to_convers
 from posttrain.data.images import kept_images
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
 ROW_COLUMN = "__posttrain_row"  # the row's index in its file, for error messages after shuffling
 
@@ -49,8 +50,6 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int, images: bool = 
     variables change the cache fingerprint, so edited settings re-encode; unchanged ones reuse it.
     images: the model takes images (each sample's `images` column lists the ones its tokens hold).
     """
-    from posttrain.templates.render import apply_template
-
     apply_template(tokenizer, template_cfg.name)
     train = [_read(ds_cfg, seed, (0, i)) for i, ds_cfg in enumerate(data_cfg.datasets)]
     evals = [_read(ds_cfg, seed, (1, i)) for i, ds_cfg in enumerate(data_cfg.eval_datasets)]
@@ -148,7 +147,8 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
     if not parts:
         features = _encoded_features()
         parts = [datasets.Dataset.from_dict({k: [] for k in features}, features=features)]
-    return datasets.concatenate_datasets(parts).remove_columns(["drop", ROW_COLUMN]), drops
+    internal = ["drop", ROW_COLUMN] + ([] if encoder_args.get("images") else ["images"])  # text data: no images column
+    return datasets.concatenate_datasets(parts).remove_columns(internal), drops
 
 
 def _encoded_features():
@@ -203,8 +203,6 @@ class _Encoder:
     images: bool = False
 
     def __call__(self, batch: dict) -> dict:
-        from posttrain.templates.render import DropSample, encode_conversation
-
         out = {name: [] for name in _encoded_features()}
         names = [k for k in batch if k != ROW_COLUMN]
         for j, row_index in enumerate(batch[ROW_COLUMN]):

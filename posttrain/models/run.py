@@ -21,7 +21,7 @@ from torch import nn
 
 from posttrain.config import ModelConfig, RunConfig, load_config
 from posttrain.errors import ModelSourceError
-from posttrain.models.methods import unwrap
+from posttrain.models.anatomy import unwrap
 from posttrain.models.vision import add_image_token
 from posttrain.models.vision_load import attach_image_inputs
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from posttrain.data.records import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from posttrain.errors import ConfigError, ModelSourceError
+from posttrain.models.anatomy import unwrap
+from posttrain.records import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def is_vlm_folder(path: str | Path) -> bool:
 
 def is_vlm(model: nn.Module) -> bool:
     """True for a (possibly PEFT-wrapped) LLaVA model."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap(model)
     return getattr(inner.config, "model_type", None) in VLM_MODEL_TYPES
 
 
@@ -148,7 +149,7 @@ class ImageInputs:
 
 def image_inputs(model: nn.Module, processor) -> ImageInputs:
     """Tokens per image from the tower's patch grid at the processor's image size (LlavaProcessor's rule)."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap(model)
     config = inner.config
     size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
     height = size.get("height") or size.get("shortest_edge")

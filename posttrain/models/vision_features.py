@@ -18,20 +18,16 @@ import torch
 from torch import nn
 
 from posttrain.data.images import image_key, load_image
+from posttrain.models.anatomy import unwrap
 from posttrain.models.sources import cache_dir
 
 log = logging.getLogger(__name__)
 
 
-def llava_of(model: nn.Module) -> nn.Module:
-    """The LlavaForConditionalGeneration inside a PEFT wrapper."""
-    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-
-
 def select_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(N, T, D_vision): the tower's hidden layer the projector reads, CLS dropped as the config says
     (LlavaModel.get_image_features without the projector)."""
-    llava = llava_of(model)
+    llava = unwrap(model)
     config = llava.config
     tower = llava.model.vision_tower
     out = tower(pixel_values.to(next(tower.parameters()).dtype), output_hidden_states=True, return_dict=True)
@@ -41,7 +37,7 @@ def select_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
 
 def tower_key(model: nn.Module, processor) -> str:
     """A hash of what shapes a feature: the tower's weights, the layer and CLS rule, the image processing."""
-    llava = llava_of(model)
+    llava = unwrap(model)
     digest = hashlib.sha256()
     for name, tensor in sorted(llava.model.vision_tower.state_dict().items()):
         digest.update(name.encode())
@@ -74,7 +70,7 @@ class FeatureCache:
 
     @torch.no_grad()
     def _compute(self, model, inputs, todo: list, rows: list, batch_size: int) -> None:
-        device = next(llava_of(model).model.vision_tower.parameters()).device
+        device = next(unwrap(model).model.vision_tower.parameters()).device
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             pixels = inputs.pixel_values([load_image(ref, "image") for ref, _, _ in chunk]).to(device)

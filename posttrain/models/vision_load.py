@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from posttrain.errors import ConfigError, ModelSourceError
+from posttrain.models.anatomy import unwrap
 from posttrain.models.load import load_base
 from posttrain.models.sources import resolve_model
 from posttrain.models.vision import (ImageInputs, assemble_llava, image_inputs, is_vlm, is_vlm_folder, llava_processor,
@@ -99,5 +100,5 @@ def save_processor(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
     inputs = image_inputs_of(model)
     if inputs is None:
         return
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap(model)
     llava_processor(tokenizer, inputs.processor, inner).save_pretrained(str(out_dir))

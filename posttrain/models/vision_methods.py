@@ -13,7 +13,7 @@ import dataclasses
 from torch import nn
 
 from posttrain.errors import ConfigError
-from posttrain.models.methods import _apply_lora, count_parameters
+from posttrain.models.methods import apply_lora, count_parameters
 from posttrain.models.vision_config import VISION_METHODS
 
 PROJECTOR = "multi_modal_projector"
@@ -31,7 +31,7 @@ def apply_vision_method(model: nn.Module, cfg) -> nn.Module:
         extra = [PROJECTOR] + ([TOWER] if train_tower else [])
         lora = dataclasses.replace(cfg.lora, target_modules=language_model_linears(model, cfg.lora.target_modules),
                                    modules_to_save=list(dict.fromkeys([*extra, *cfg.lora.modules_to_save])))
-        model = _apply_lora(model, lora)
+        model = apply_lora(model, lora)
         if cfg.train.fused:
             from posttrain.models.fast_lora import enable_fast_lora  # same maths, one autograd op per linear
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from torch import nn
 
 from posttrain.data.images import load_image
-from posttrain.data.records import IMAGE_PLACEHOLDER, Message
 from posttrain.errors import DataError
 from posttrain.models.generate import generate_reply
 from posttrain.models.vision_load import image_inputs_of
+from posttrain.records import IMAGE_PLACEHOLDER, Message
 from posttrain.templates.render import encode_prompt
 
 EXIT_WORDS = ("exit", "quit")

@@ -8,7 +8,7 @@ rendering untouched; no loss is ever taken on predicting an image token.
 
 from __future__ import annotations
 
-from posttrain.data.records import IMAGE_PLACEHOLDER
+from posttrain.records import IMAGE_PLACEHOLDER
 
 IMAGE_TOKENS_ATTR = "posttrain_image_tokens"
 

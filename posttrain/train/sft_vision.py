@@ -2,7 +2,7 @@
 
 config -> LLaVA model (assembled from model + vision.tower, or a LLaVA folder) -> data with images ->
 which weights train (method.type, vision.freeze_tower) -> frozen-tower features computed once and cached
--> the loop with the SFT loss. `stage: sft` comes here whenever the run has a vision model.
+-> the loop with the SFT loss. `stage: sft` comes here (cli picks it) whenever the run has a vision model.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import functools
 import logging
 
 from posttrain.config import RunConfig
+from posttrain.data.batches import vision_sft_batches
 from posttrain.data.images import load_image
 from posttrain.data.pipeline import build_sft_data
 from posttrain.models.methods import count_parameters
 from posttrain.models.run import save_model
 from posttrain.models.vision_features import FeatureCache
+from posttrain.models.vision_forward import vision_sft_forward
 from posttrain.models.vision_load import load_vision_model, save_processor
 from posttrain.models.vision_methods import apply_vision_method
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.steps import DataSteps
-from posttrain.train.vision_forward import vision_batches, vision_sft_forward
 
 log = logging.getLogger("posttrain")
 
@@ -52,8 +53,8 @@ def run(cfg: RunConfig) -> dict:
     images = image_source(model, inputs, [data.train, data.eval], cfg)
     pad_id = tokenizer.pad_token_id
     loss_fn = functools.partial(vision_sft_forward, chunk=cfg.train.loss_chunk, fused=cfg.train.fused)
-    eval_data = vision_batches(data.eval, pad_id, images) if data.eval is not None and len(data.eval) else None
-    steps = DataSteps(vision_batches(data.train, pad_id, images), loss_fn, train=cfg.train,
+    eval_data = vision_sft_batches(data.eval, pad_id, images) if data.eval is not None and len(data.eval) else None
+    steps = DataSteps(vision_sft_batches(data.train, pad_id, images), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=eval_data)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,53 +1,29 @@
-"""The SFT forward of a LLaVA model, and batches that carry each sample's images.
+"""The SFT forward of a LLaVA model: the text SFT's supervised-positions-only loss with images in place.
 
 Image tokens sit in the token rows like any other token; the batch adds what fills them, in the
 order they appear (row by row, sample by sample): cached tower features (frozen tower) that only the
 projector still maps, or pixels (trained tower). Projected features go into LlavaModel through its own
 `mm_encoder_outputs` argument, so the scatter into the image-token positions is transformers' own.
-Packing and the head-at-supervised-positions-only loss are the text SFT's (train/lm_forward.py).
+Packing and the head-at-supervised-positions-only loss are the text SFT's (models/forward.py).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from posttrain.data.collate import collate
 from posttrain.losses import sft_loss_from_logps
-from posttrain.models.methods import lm_head_and_backbone
+from posttrain.models.anatomy import lm_head_and_backbone, unwrap
+from posttrain.models.forward import supervised_targets
+from posttrain.models.head_logps import token_logps
 from posttrain.models.packed_attention import packed_attention
-from posttrain.models.vision_features import llava_of
-from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import supervised_targets
-from posttrain.train.steps import Batches
-
-ImageTensors = Callable[[list[str]], dict]  # image refs -> {"image_features": (N, T, D)} or {"pixel_values": ...}
-
-
-def vision_collate(units: list[list[int]], *, images: list[list[str]], image_tensors: ImageTensors, **text) -> dict:
-    """The text collate plus the images of every sample in the micro-batch, in token order."""
-    batch = collate(units, **text)
-    return batch | image_tensors([ref for unit in units for i in unit for ref in images[i]])
-
-
-def vision_batches(dataset, pad_id: int, image_tensors: ImageTensors) -> Batches:
-    input_ids, weights = dataset["input_ids"], dataset["weights"]
-    return Batches(
-        lengths=[len(x) for x in input_ids],
-        loss_tokens=[sum(1 for w in ws[1:] if w != 0) for ws in weights],
-        collate=functools.partial(vision_collate, images=dataset["images"], image_tensors=image_tensors,
-                                  input_ids=input_ids, weights=weights, pad_id=pad_id),
-    )
 
 
 def image_kwargs(model, batch: dict) -> dict:
     """What LlavaModel.forward takes for this batch's images: projected cached features, or pixels."""
     features = batch.get("image_features")
     if features is not None and features.shape[0]:
-        projected = llava_of(model).model.multi_modal_projector(features)  # (N, T, H)
+        projected = unwrap(model).model.multi_modal_projector(features)  # (N, T, H)
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}}
     pixels = batch.get("pixel_values")
     if pixels is not None and pixels.shape[0]:
@@ -58,7 +34,7 @@ def image_kwargs(model, batch: dict) -> dict:
 def vision_hidden_states(model, batch: dict, fused: bool = True) -> torch.Tensor:
     """Final hidden states (B, T, H) with the images in place; packed samples never see each other."""
     backbone, _ = lm_head_and_backbone(model)
-    text_config = llava_of(model).config.get_text_config()
+    text_config = unwrap(model).config.get_text_config()
     with packed_attention(text_config, enabled=fused):
         return backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **image_kwargs(model, batch))
 

@@ -23,7 +23,7 @@ from posttrain.config import ModelConfig, RunConfig, load_config
 from posttrain.errors import ModelSourceError
 from posttrain.models.anatomy import unwrap
 from posttrain.models.vision import add_image_token
-from posttrain.models.vision_load import attach_image_inputs
+from posttrain.models.vision_load import attach_image_inputs, load_vision_model
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,6 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequa
         base_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
     quant = quantization_config(cfg, pick_device(device or "auto")) if cfg is not None else None
     if cfg is not None and cfg.vision.tower:  # a LLaVA assembled in training: assembled again, the same way
-        from posttrain.models.vision_load import load_vision_model
-
         base, _, _ = load_vision_model(base_cfg, cfg.vision, device or pick_device(), seed=cfg.train.seed)
     else:
         base, _ = load_base(base_cfg, device=device, quantization_config=quant)

@@ -73,7 +73,7 @@ def load_image_processor(folder: str | Path):
 def _attach(model: nn.Module, tokenizer, processor) -> ImageInputs:
     inputs = image_inputs(model, processor)
     set_image_tokens(tokenizer, inputs.tokens_per_image)
-    setattr(model, _ATTR, inputs)
+    setattr(unwrap(model), _ATTR, inputs)  # on the LLaVA itself: still there after a LoRA merge
     return inputs
 
 
@@ -89,10 +89,7 @@ def attach_image_inputs(model: nn.Module, tokenizer, folders: list[Path]) -> Ima
 
 def image_inputs_of(model: nn.Module) -> ImageInputs | None:
     """The ImageInputs attached when the model was loaded (None: a text-only model)."""
-    found = getattr(model, _ATTR, None)
-    if found is None and callable(getattr(model, "get_base_model", None)):
-        found = getattr(model.get_base_model(), _ATTR, None)
-    return found
+    return getattr(unwrap(model), _ATTR, None)
 
 
 def save_processor(model: nn.Module, tokenizer, out_dir: str | Path) -> None:

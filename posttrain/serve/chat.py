@@ -12,6 +12,7 @@ from torch import nn
 
 from posttrain.data.images import load_image
 from posttrain.errors import DataError
+from posttrain.models.anatomy import context_length
 from posttrain.models.generate import generate_reply
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import IMAGE_PLACEHOLDER, Message
@@ -78,12 +79,6 @@ def _attach(path: str, vision, pending: list, print_fn) -> None:
             print_fn(f"(image {path} goes with your next message)")
         except DataError as err:
             print_fn(f"({err})")
-
-
-def context_length(model) -> int | None:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
 
 
 def _trim_history(history: list[Message], model, tokenizer, system: str | None, max_new_tokens: int,

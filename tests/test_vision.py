@@ -14,7 +14,8 @@ import pytest
 import torch
 from inprocess import call
 
-from posttrain.config import ModelConfig, load_config
+from posttrain.models.config import ModelConfig
+from posttrain.train.config import load_config
 from posttrain.data.pipeline import build_sft_data
 from posttrain.errors import DataError
 from posttrain.models.export import export_merged
@@ -78,7 +79,8 @@ def test_two_images_expand_in_the_models_own_template_and_carry_no_loss(vlm_dir,
 
 
 def test_data_resolves_images_and_checks_counts_against_placeholders(vlm_dir, data_dir, tmp_path):
-    from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+    from posttrain.data.config import DataConfig, DatasetConfig
+    from posttrain.templates.config import TemplateConfig
 
     _, tokenizer, _ = load_vision_model(ModelConfig(name_or_path=str(vlm_dir)), VisionConfig(), "cpu")
     data = build_sft_data(DataConfig(datasets=[DatasetConfig(path=str(data_dir / "colours.jsonl"))]),

@@ -1,8 +1,9 @@
 """The SFT data pipeline: files -> rows -> Conversations -> token ids + per-token loss weights.
 
 Per dataset: read, cap (max_samples, seeded), hold out eval rows, mix by weight, then one
-cached `datasets.map` converts and encodes. Samples the template refuses (DropSample) leave
-as a `drop` reason, are counted, and are filtered out; an empty result names those counts.
+cached `datasets.map` converts and encodes. Rows with content problems (data/policy.py: a blank
+reply, too long, no final reply) leave as a `drop` reason, are counted, and are filtered out, or
+stop the run under data.strict; an empty result names those counts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from posttrain.data.formats import detect_format, rename_columns, row_to_conversation
 from posttrain.data.images import kept_images
+from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
@@ -25,7 +27,7 @@ ROW_COLUMN = "__posttrain_row"  # the row's index in its file, for error message
 
 @dataclass
 class SFTData:
-    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int), images
+    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int); images
     eval: object | None  # same columns; None when no eval set was asked for (or nothing survived)
     drops: dict[str, int]  # DropSample reason -> count, across train and eval
     n_rows: int  # rows read from the files (train and eval), before caps and weights
@@ -62,7 +64,8 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int, images: bool = 
         src.train_idx = _mix(src.train_idx, src.cfg.weight, np.random.default_rng([seed, 2, i]))
 
     encoder_args = {"tokenizer": tokenizer, "mask": data_cfg.mask, "max_length": data_cfg.max_length,
-                    "variables": data_cfg.variables, "system": template_cfg.system, "images": images}
+                    "variables": data_cfg.variables, "system": template_cfg.system, "strict": data_cfg.strict,
+                    "images": images}
     train_ds, train_drops = _encode_all(train, "train_idx", encoder_args)
     eval_ds, eval_drops = _encode_all(train + evals, "eval_idx", encoder_args)
     drops = dict(train_drops + eval_drops)
@@ -172,8 +175,8 @@ def _code_version() -> str:
     template or format parser would silently reuse stale cached token ids.
     """
     root = Path(__file__).resolve().parents[1]
-    files = [root / "data" / "formats.py", root / "data" / "pipeline.py", root / "data" / "images.py",
-             *sorted((root / "templates").glob("*.py"))]
+    files = [root / "data" / name for name in ("formats.py", "pipeline.py", "policy.py", "images.py")]
+    files += sorted((root / "templates").glob("*.py"))
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
@@ -195,26 +198,34 @@ class _Encoder:
     max_length: int | None
     variables: dict[str, str]
     system: str | None
+    strict: bool  # content problems raise instead of leaving as a drop reason
     path: str
     fmt: str
     columns: dict[str, str]
     role_tags: dict[str, str]
     code: str
-    images: bool = False
+    images: bool = False  # the model takes images: rows may hold them (data/images.py)
 
     def __call__(self, batch: dict) -> dict:
         out = {name: [] for name in _encoded_features()}
         names = [k for k in batch if k != ROW_COLUMN]
         for j, row_index in enumerate(batch[ROW_COLUMN]):
-            conv = row_to_conversation(
-                {k: batch[k][j] for k in names}, self.fmt, source=source_of(self.path, row_index),
-                columns=self.columns, role_tags=self.role_tags, variables=self.variables, images=self.images)
+            source, drops = source_of(self.path, row_index), Counter()
             try:
+                conv = row_to_conversation({k: batch[k][j] for k in names}, self.fmt, source=source,
+                                           columns=self.columns, role_tags=self.role_tags, variables=self.variables,
+                                           images=self.images)
                 samples = encode_conversation(conv, self.tokenizer, mask=self.mask,
                                               max_length=self.max_length, system=self.system)
-                reason = "" if samples else "empty"
+                if not samples:
+                    drop_sample(drops, DropSample("empty"), source, self.strict)
+            except ContentProblem as problem:
+                samples = []
+                count_problem(drops, problem, self.strict)
             except DropSample as drop:
-                samples, reason = [], getattr(drop, "reason", "") or "dropped"
+                samples = []
+                drop_sample(drops, drop, source, self.strict)
+            reason = next(iter(drops), "")
             if reason:  # one placeholder row carries the reason; it is counted, then filtered out
                 _append(out, row_index, [], [], reason)
             for sample in samples:
@@ -225,9 +236,9 @@ class _Encoder:
 
 def _append(out: dict, row_index: int, input_ids: list[int], weights: list[float], drop: str,
             images: list[str] = ()) -> None:
+    out["images"].append(list(images))
     out[ROW_COLUMN].append(row_index)
     out["input_ids"].append(input_ids)
     out["weights"].append(weights)
-    out["images"].append(list(images))
     out["n_loss_tokens"].append(sum(1 for w in weights if w > 0))
     out["drop"].append(drop)

@@ -13,39 +13,42 @@ import dataclasses
 from torch import nn
 
 from posttrain.errors import ConfigError
+from posttrain.models.config import Methods
 from posttrain.models.methods import apply_lora, count_parameters
-from posttrain.models.vision_config import VISION_METHODS
+from posttrain.models.vision_config import VISION_METHODS, VisionConfig
 
 PROJECTOR = "multi_modal_projector"
 TOWER = "vision_tower"
 LANGUAGE_MODEL = "model.language_model."
 
 
-def apply_vision_method(model: nn.Module, cfg) -> nn.Module:
-    """Set requires_grad (and wrap with LoRA) on a LlavaForConditionalGeneration for `cfg.method.type`."""
-    kind, train_tower = cfg.method.type, not cfg.vision.freeze_tower
+def apply_vision_method(model: nn.Module, methods: Methods, vision: VisionConfig, fused: bool = True) -> nn.Module:
+    """Set requires_grad (and wrap with LoRA) on a LlavaForConditionalGeneration for `methods.type`; fused: LoRA
+    linears in one autograd op each (models/fast_lora.py)."""
+    kind, train_tower = methods.type, not vision.freeze_tower
     if kind not in VISION_METHODS:
         raise ConfigError(f"method.type={kind} is not supported with a vision model; use one of "
                           f"{', '.join(VISION_METHODS)}")
     if kind == "lora":
         extra = [PROJECTOR] + ([TOWER] if train_tower else [])
-        lora = dataclasses.replace(cfg.lora, target_modules=language_model_linears(model, cfg.lora.target_modules),
-                                   modules_to_save=list(dict.fromkeys([*extra, *cfg.lora.modules_to_save])))
+        targets = language_model_linears(model, methods.lora.target_modules)
+        lora = dataclasses.replace(methods.lora, target_modules=targets,
+                                   modules_to_save=list(dict.fromkeys([*extra, *methods.lora.modules_to_save])))
         model = apply_lora(model, lora)
-        if cfg.train.fused:
+        if fused:
             from posttrain.models.fast_lora import enable_fast_lora  # same maths, one autograd op per linear
 
             enable_fast_lora(model)
         return model
     layers = model.model.language_model.layers
-    first = len(layers) - cfg.freeze.trainable_layers if kind == "freeze" else len(layers)
+    first = len(layers) - methods.freeze.trainable_layers if kind == "freeze" else len(layers)
     for name, param in model.named_parameters():
         in_llm = name.startswith(LANGUAGE_MODEL) or name.startswith("lm_head")
         if kind == "full":
             trains = in_llm
         elif kind == "freeze":
             block = _block_index(name)
-            trains = (block is not None and block >= first) or any(m in name for m in cfg.freeze.trainable_modules)
+            trains = (block is not None and block >= first) or any(m in name for m in methods.freeze.trainable_modules)
         else:  # projector
             trains = False
         param.requires_grad_(trains or PROJECTOR in name or (train_tower and TOWER in name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from posttrain.config import RunConfig
+from posttrain.train.config import RunConfig
 from posttrain.data.batches import vision_sft_batches
 from posttrain.data.images import load_image
 from posttrain.data.pipeline import build_sft_data
@@ -43,7 +43,7 @@ def run(cfg: RunConfig) -> dict:
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed, images=True)
     if data.drops:
         log.warning("dropped samples by reason: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    model = apply_vision_method(model, cfg)
+    model = apply_vision_method(model, cfg.methods, cfg.vision, cfg.train.fused)
     trainable, total = count_parameters(model)
     n_images = sum(len(refs) for refs in data.train["images"])
     log.info("samples: %d train (%d images, %d tokens each), %d eval; trainable parameters %d of %d (%.2f%%)",

@@ -14,6 +14,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (YAML) or the subcommand's options")
 
 
+STRICT_HELP = "stop at a prompt row with a content problem (a blank prompt) instead of dropping and counting it"
+
 # optional `eval compare` flags -> config keys
 _COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
                   ("judge_max_tokens", int, "eval.compare.judge_max_tokens"),
@@ -31,11 +33,13 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder for answers, votes.jsonl, ratings.json, report.md")
         p.add_argument("--judge", required=True, help="reward-model folder, OpenAI-compatible base URL, or "
                                                       "'reference' (ROUGE-L against each prompt's reference)")
-        from posttrain.config import describe_keys
+        from posttrain.eval.config import EvalRunConfig
+        from posttrain.typed_config import describe_keys
 
-        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys()}
+        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
         for flag, kind, key in _COMPARE_FLAGS:
             p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         return p
     p.add_argument("--model", required=True, help="run dir, model folder, built-in or hub id")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
@@ -49,14 +53,16 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
         p.add_argument("--data", required=True, help="prompts with reference answers (any SFT layout)")
         p.add_argument("--out", required=True, help="predictions JSONL; scores go to OUT.scores.json")
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         p.add_argument("--segment", default="auto", choices=["auto", "char", "jieba"],
-                       help="Chinese segmentation for BLEU/ROUGE (auto: jieba if installed, else characters)")
+                       help="CJK tokens for ROUGE: characters (auto, char) or jieba words; BLEU is sacrebleu "
+                            "with tokenize zh when references have CJK text, else 13a")
     return p
 
 
 def _compare_config(args):
-    """The RunConfig that `eval compare --flags` stands for (only the flags given override defaults)."""
-    from posttrain.config import load_config
+    """The eval config that `eval compare --flags` stands for (only the flags given override defaults)."""
+    from posttrain.eval.config import load_eval_config
 
     extra = {"eval.task": "compare", "eval.output_dir": args.out, "eval.compare.prompts": args.prompts,
              "eval.compare.judge": args.judge,
@@ -64,7 +70,9 @@ def _compare_config(args):
     for flag, _, key in _COMPARE_FLAGS:
         if getattr(args, flag) is not None:
             extra[key] = getattr(args, flag)
-    return load_config(None, [], stage="eval", **extra)
+    if args.strict:
+        extra["eval.compare.strict"] = True
+    return load_eval_config(None, [], **extra).eval
 
 
 def _print_compare(result: dict) -> None:
@@ -73,30 +81,30 @@ def _print_compare(result: dict) -> None:
     print(f"report: {result['report']}", file=sys.stderr)
 
 
-def run_config(cfg) -> int:
-    """Run an eval RunConfig: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
-    if cfg.eval.task == "compare":
+def run_config(ev) -> int:
+    """Run an eval section: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
+    if ev.task == "compare":
         from posttrain.eval.compare import run
 
-        _print_compare(run(cfg))
+        _print_compare(run(ev))
         return 0
     from posttrain.eval.multiple_choice import format_table, run
     from posttrain.eval.report import write_mc_report
 
-    summary = run(cfg)
+    summary = run(ev)
     print(format_table(summary))
-    report = write_mc_report(Path(cfg.eval.output_dir), summary)
+    report = write_mc_report(Path(ev.output_dir), summary)
     s = summary["settings"]
     print(f"{s['seconds']:.0f} s ({s['scored']} questions scored, {s['cached']} from the cache); "
-          f"results.json and {report} in {cfg.eval.output_dir}", file=sys.stderr)
+          f"results.json and {report} in {ev.output_dir}", file=sys.stderr)
     return 0
 
 
 def main(target: str, rest: list[str], parser_class) -> int:
     if target not in ("ppl", "generate", "compare"):
-        from posttrain.config import load_config
+        from posttrain.eval.config import load_eval_config
 
-        return run_config(load_config(target, rest, stage="eval"))
+        return run_config(load_eval_config(target, rest).eval)
     args = _sub_parser(target, parser_class).parse_args(rest)
     if target == "compare":
         return run_config(_compare_config(args))
@@ -109,6 +117,7 @@ def main(target: str, rest: list[str], parser_class) -> int:
         from posttrain.eval.generation import run
 
         result = run(args.model, args.data, args.out, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, segment=args.segment, device=args.device)
+                     max_new_tokens=args.max_new_tokens, segment=args.segment, device=args.device,
+                     strict=args.strict)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

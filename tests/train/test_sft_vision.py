@@ -4,15 +4,13 @@ Proves: `<image>` expands after the model's own chat template renders and carrie
 counts are checked against placeholders; the assembled LLaVA's text-only logits equal the LLM's; each
 method trains exactly its weights (projector / LoRA + projector / full LLM + projector, never the tower)
 and lowers the loss; a full run's folder (and a LoRA run's export) loads in plain transformers with the
-same logits as posttrain's own loading; the server answers an OpenAI image_url request.
+same logits as posttrain's own loading (serving: tests/serve/test_serve_vision.py).
 """
 
-import base64
 import json
 
 import pytest
 import torch
-from inprocess import call
 
 from posttrain.models.config import ModelConfig
 from posttrain.train.config import load_config
@@ -24,27 +22,11 @@ from posttrain.models.vision import assemble_llava, load_tower
 from posttrain.models.vision_config import VisionConfig
 from posttrain.models.vision_load import image_inputs_of, load_vision_model
 from posttrain.records import Conversation, Message
-from posttrain.serve.api import Models, create_app, load_engine
 from posttrain.templates.render import encode_conversation
 from posttrain.train import sft_vision
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 TOKENS = 16  # tiny-random-vision: a 32 px image is 4 x 4 patches, CLS dropped
-KEY = "sk-test"
-
-
-@pytest.fixture(scope="session")
-def tower_dir(tmp_path_factory):
-    from posttrain.models.tiny_vision import build_tiny_vision
-
-    return build_tiny_vision(tmp_path_factory.mktemp("tower") / "model")
-
-
-@pytest.fixture(scope="session")
-def vlm_dir(tmp_path_factory, tiny_dir, tower_dir):
-    from posttrain.models.tiny_vision import build_tiny_vlm
-
-    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model", str(tiny_dir), str(tower_dir))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +44,8 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def test_two_images_expand_in_the_models_own_template_and_carry_no_loss(vlm_dir, data_dir):
-    _, tokenizer, _ = load_vision_model(ModelConfig(name_or_path=str(vlm_dir)), VisionConfig(), "cpu")
+def test_two_images_expand_in_the_models_own_template_and_carry_no_loss(tiny_vlm_dir, data_dir):
+    _, tokenizer, _ = load_vision_model(ModelConfig(name_or_path=str(tiny_vlm_dir)), VisionConfig(), "cpu")
     messages = [Message("user", "<image>Left, <image>right: which is red?"), Message("assistant", "The left one.")]
     [enc] = encode_conversation(Conversation(messages=messages, images=["a.png", "b.png"]), tokenizer)
 
@@ -78,11 +60,11 @@ def test_two_images_expand_in_the_models_own_template_and_carry_no_loss(vlm_dir,
     assert trained.startswith("The left one.") and "which is red" not in trained and "<image>" not in trained
 
 
-def test_data_resolves_images_and_checks_counts_against_placeholders(vlm_dir, data_dir, tmp_path):
+def test_data_resolves_images_and_checks_counts_against_placeholders(tiny_vlm_dir, data_dir, tmp_path):
     from posttrain.data.config import DataConfig, DatasetConfig
     from posttrain.templates.config import TemplateConfig
 
-    _, tokenizer, _ = load_vision_model(ModelConfig(name_or_path=str(vlm_dir)), VisionConfig(), "cpu")
+    _, tokenizer, _ = load_vision_model(ModelConfig(name_or_path=str(tiny_vlm_dir)), VisionConfig(), "cpu")
     data = build_sft_data(DataConfig(datasets=[DatasetConfig(path=str(data_dir / "colours.jsonl"))]),
                           TemplateConfig(), tokenizer, seed=0, images=True)
     assert sorted(refs[0] for refs in data.train["images"]) == sorted(str(data_dir / f"{c}.png") for c in COLOURS)
@@ -97,7 +79,7 @@ def test_data_resolves_images_and_checks_counts_against_placeholders(vlm_dir, da
                        images=True)
 
 
-def test_text_only_logits_equal_the_base_llm(tiny_dir, tower_dir):
+def test_text_only_logits_equal_the_base_llm(tiny_dir, tiny_vision_dir):
     from transformers import AutoModelForCausalLM
 
     from posttrain.models.load import load_tokenizer
@@ -107,7 +89,7 @@ def test_text_only_logits_equal_the_base_llm(tiny_dir, tower_dir):
     with torch.no_grad():
         base = llm(input_ids=ids).logits
         tokenizer = load_tokenizer(str(tiny_dir))
-        llava = assemble_llava(llm, tokenizer, load_tower(str(tower_dir), torch.float32)).eval()
+        llava = assemble_llava(llm, tokenizer, load_tower(str(tiny_vision_dir), torch.float32)).eval()
         logits = llava(input_ids=ids).logits
     assert torch.allclose(logits[..., :base.shape[-1]], base, atol=1e-5)
 
@@ -119,10 +101,10 @@ METHODS = {"projector": {"optim.lr": 1e-2}, "lora": {"lora.r": 4, "optim.lr": 1e
 STEPS = 100
 
 
-def _run(method: str, vlm_dir, data_dir, out, monkeypatch) -> tuple[dict, dict, dict]:
+def _run(method: str, tiny_vlm_dir, data_dir, out, monkeypatch) -> tuple[dict, dict, dict]:
     """(summary, parameters after the method is applied, parameters at save) of a STEPS-step run."""
     cfg = load_config(None, [], **{
-        "model.name_or_path": str(vlm_dir), "method.type": method, "output.dir": str(out),
+        "model.name_or_path": str(tiny_vlm_dir), "method.type": method, "output.dir": str(out),
         "output.tensorboard": False, "train.device": "cpu", "train.max_steps": STEPS, "train.micro_batch_size": 4,
         "data.max_length": 64, "data.datasets": [{"path": str(data_dir / "colours.jsonl")}],
         "optim.warmup_ratio": 0.0, "vision.cache_features": False, **METHODS[method]})
@@ -144,13 +126,13 @@ def _run(method: str, vlm_dir, data_dir, out, monkeypatch) -> tuple[dict, dict, 
 
 
 @pytest.fixture(scope="module")
-def runs(vlm_dir, data_dir, tmp_path_factory):
+def runs(tiny_vlm_dir, data_dir, tmp_path_factory):
     """method -> (run folder, summary, parameters after apply, parameters at save)."""
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         for method in METHODS:
             folder = tmp_path_factory.mktemp(method) / "run"
-            out[method] = (folder, *_run(method, vlm_dir, data_dir, folder, mp))
+            out[method] = (folder, *_run(method, tiny_vlm_dir, data_dir, folder, mp))
     return out
 
 
@@ -212,10 +194,10 @@ def _images(data_dir) -> list:
     return [Image.open(data_dir / f"{c}.png").convert("RGB") for c in COLOURS]
 
 
-def test_full_run_learns_from_the_image(runs, vlm_dir, data_dir):
+def test_full_run_learns_from_the_image(runs, tiny_vlm_dir, data_dir):
     images = _images(data_dir)
     shuffled = images[1:] + images[:1]  # every image paired with another colour's answer
-    before = _reply_nll(*_plain(vlm_dir), images)
+    before = _reply_nll(*_plain(tiny_vlm_dir), images)
     model, processor = _plain(runs["full"][0])
     matched, control = _reply_nll(model, processor, images), _reply_nll(model, processor, shuffled)
     print(f"reply nll: untrained {before:.3f}, trained {matched:.3f}, trained with shuffled images {control:.3f}")
@@ -254,39 +236,3 @@ def test_lora_run_export_loads_in_plain_transformers_with_the_same_logits(runs, 
     ours, our_ids = _posttrain_logits(runs["lora"][0], data_dir)  # base rebuilt + adapter, unmerged
     plain, plain_ids = _plain_logits(exported, data_dir)
     assert our_ids == plain_ids and torch.allclose(ours, plain, atol=1e-4)
-
-
-# ---------------------------------------------------------------- serving
-
-
-def _data_url(path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _chat(app, content) -> tuple[int, dict]:
-    body = json.dumps({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}).encode()
-    reply = call(app, "POST", "/v1/chat/completions", body=body,
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    return reply.status, reply.json()
-
-
-def test_server_answers_an_image_url_request_as_chat_does(runs, data_dir, tiny_dir):
-    from posttrain.models.generate import generate_reply
-    from posttrain.serve.chat import prompt_images
-
-    engine = load_engine(str(runs["full"][0]), name="m", device="cpu")
-    app = create_app(Models({"m": engine}), api_key=KEY)
-    parts = [{"type": "image_url", "image_url": {"url": _data_url(data_dir / "red.png")}},
-             {"type": "text", "text": "What colour is this?"}]
-    content, pixels = prompt_images(engine.model, [str(data_dir / "red.png")], "What colour is this?")
-    expected = generate_reply(engine.model, engine.tokenizer, [Message("user", content)], max_new_tokens=4,
-                              pixel_values=pixels)
-    status, body = _chat(app, parts)
-    assert status == 200 and body["choices"][0]["message"]["content"] == expected
-
-    status, body = _chat(app, [{"type": "image_url", "image_url": {"url": str(data_dir / "red.png")}}])
-    assert status == 400 and "data:image" in body["error"]["message"]  # a request never reads server files
-    text_only = create_app(Models({"m": load_engine(str(tiny_dir), name="m", device="cpu")}), api_key=KEY)
-    status, body = _chat(text_only, parts)
-    assert status == 400 and "takes no images" in body["error"]["message"]
-    engine.close()

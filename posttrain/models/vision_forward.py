@@ -12,10 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from posttrain.losses import sft_loss_from_logps
 from posttrain.models.anatomy import lm_head_and_backbone, unwrap
-from posttrain.models.forward import supervised_targets
-from posttrain.models.head_logps import token_logps
+from posttrain.models.forward import supervised_loss
 from posttrain.models.packed_attention import packed_attention
 
 
@@ -42,10 +40,4 @@ def vision_hidden_states(model, batch: dict, fused: bool = True) -> torch.Tensor
 def vision_sft_forward(model, batch: dict, normalizer: float, chunk: int = 1024,
                        fused: bool = True) -> tuple[torch.Tensor, dict]:
     """Weighted next-token loss of a micro-batch with images (no loss is ever on an image token)."""
-    _, head = lm_head_and_backbone(model)
-    hidden = vision_hidden_states(model, batch, fused)  # (B, T, H)
-    index, targets, weights = supervised_targets(batch)
-    if index.shape[0] == 0:  # keep the graph connected so every process runs the same backward
-        return hidden.sum() * 0.0, {"nll_sum": 0.0, "tokens": 0.0}
-    logps = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
-    return sft_loss_from_logps(logps, weights, normalizer)
+    return supervised_loss(model, vision_hidden_states(model, batch, fused), batch, normalizer, chunk, fused)

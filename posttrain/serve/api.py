@@ -24,13 +24,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from posttrain.data.images import load_image
 from posttrain.errors import PosttrainError
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import Message
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
-from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json
+from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json, request_images
 from posttrain.templates.render import encode_prompt
 
 
@@ -111,7 +110,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
     async def chat_completions(request: Request):
         req = await _parse(request, ChatRequest, limits)
         engine = _generator(await models.get(req.model))
-        images = _images(engine, req)
+        images = request_images(req, engine.name, takes_images=image_inputs_of(engine.model) is not None)
         messages = [m.to_message() for m in req.messages]
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
@@ -158,19 +157,6 @@ def _generator(engine: Engine) -> Engine:
     if engine.score_kind == "reward":
         raise ApiError(400, f"model {engine.name!r} is a reward model: it answers /v1/score only", param="model")
     return engine
-
-
-def _images(engine: Engine, req) -> list:
-    """The decoded images of a chat request's image_url parts, in order. Only data: URLs: a request never
-    makes the server fetch a URL or read a file."""
-    urls = [(i, url) for i, m in enumerate(req.messages) for url in m.image_urls()]
-    if urls and image_inputs_of(engine.model) is None:
-        raise ApiError(400, f"model {engine.name} takes no images (it has no vision tower)", param="messages")
-    for i, url in urls:
-        if not url.startswith("data:"):
-            raise ApiError(400, "image_url.url must be a data:image/...;base64 URL (this server fetches no URLs "
-                                "and reads no files)", param=f"messages[{i}].content")
-    return [load_image(url, f"messages[{i}] image_url") for i, url in urls]
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from posttrain.data.images import load_image
 from posttrain.records import IMAGE_PLACEHOLDER, Message
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
@@ -154,3 +155,16 @@ class ScoreRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     responses: list[str] = Field(min_length=1)
+
+
+def request_images(req, model_name: str, takes_images: bool) -> list:
+    """The decoded images of a chat request's image_url parts, in order. Only data: URLs: a request never
+    makes the server fetch a URL or read a file."""
+    urls = [(i, url) for i, m in enumerate(req.messages) for url in m.image_urls()]
+    if urls and not takes_images:
+        raise ApiError(400, f"model {model_name} takes no images (it has no vision tower)", param="messages")
+    for i, url in urls:
+        if not url.startswith("data:"):
+            raise ApiError(400, "image_url.url must be a data:image/...;base64 URL (this server fetches no URLs "
+                                "and reads no files)", param=f"messages[{i}].content")
+    return [load_image(url, f"messages[{i}] image_url") for i, url in urls]

@@ -39,9 +39,10 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
     from posttrain.models.vision_load import wants_vision
-    from posttrain.train import dpo, ppo, rm, sft, sft_vision
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision
 
-    stages = {"sft": sft_vision if wants_vision(cfg.model, cfg.vision) else sft, "rm": rm, "dpo": dpo, "ppo": ppo}
+    stages = {"sft": sft_vision if wants_vision(cfg.model, cfg.vision) else sft, "rm": rm, "dpo": dpo, "kto": kto,
+              "ppo": ppo, "grpo": grpo}
     summary = stages[cfg.stage].run(cfg)
     if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -56,6 +56,13 @@ def _from_task(a) -> int:
     return 0
 
 
+def _arith(a) -> int:
+    from posttrain.curate.arith import arith
+
+    _print(arith(a.out_dir, train=a.train, test=a.test, seed=a.seed, langs=a.lang.split(","), ops=a.ops.split(",")))
+    return 0
+
+
 def _synth(a) -> int:
     from posttrain.curate.synth import LocalTeacher, OpenAITeacher, synth
 
@@ -172,6 +179,14 @@ def add_data_parser(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="reject unparseable rows to <out>.rejected.jsonl")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     _from_task_args(cmd("from-task", _from_task, "turn labelled task rows into instruction data", path=False))
+    p = cmd("arith", _arith, "seeded arithmetic word problems with '#### N' answers (train / held-out split)",
+            path=False)
+    p.add_argument("--out-dir", required=True, help="folder for train.jsonl and test.jsonl")
+    p.add_argument("--train", type=int, default=1000, help="training problems (default 1000)")
+    p.add_argument("--test", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument("--lang", default="en", help="comma-separated: en, zh (default en)")
+    p.add_argument("--ops", default="add,sub", help="comma-separated: add, sub, mul (default add,sub)")
+    p.add_argument("--seed", type=int, default=0)
     _synth_args(cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False))
     p = cmd("dedup", _dedup, "remove exact, near (MinHash) and semantic duplicates, keep-first")
     p.add_argument("--out", required=True)

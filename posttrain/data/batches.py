@@ -1,5 +1,5 @@
 """Tokenized data as the training loop sees it: `Batches` (per-sample lengths and loss-token counts, and
-a collate function from units to tensors), built here for SFT datasets and for preference samples.
+a collate function from units to tensors), built here for SFT datasets, preference and KTO samples.
 """
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from posttrain.data.collate import collate
+from posttrain.data.kto import KTOSample
 from posttrain.data.preference import PrefSample, collate_preferences
 
 
@@ -59,3 +62,19 @@ def preference_batches(samples: list[PrefSample], pad_id: int, pack: bool = Fals
     return Batches(lengths=[max(len(x) for x in s.input_ids) for s in samples], loss_tokens=[1] * len(samples),
                    collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id, pack=pack,
                                              share_prompt=share_prompt))
+
+
+def kto_batches(samples: list[KTOSample], pad_id: int) -> Batches:
+    """One unit per sample; loss_tokens=1 makes the loop's normaliser the sample count. A micro-batch of B
+    samples is 2B right-padded rows: the samples, then their mismatched (KL) sequences, in the same order."""
+    return Batches(lengths=[max(len(s.input_ids), len(s.kl_input_ids)) for s in samples],
+                   loss_tokens=[1] * len(samples), collate=functools.partial(_collate_kto, samples=samples,
+                                                                             pad_id=pad_id))
+
+
+def _collate_kto(units: list[list[int]], samples: list[KTOSample], pad_id: int) -> dict:
+    chosen = [samples[i] for unit in units for i in unit]
+    ids = [s.input_ids for s in chosen] + [s.kl_input_ids for s in chosen]
+    weights = [s.weights for s in chosen] + [s.kl_weights for s in chosen]
+    batch = collate([[k] for k in range(len(ids))], input_ids=ids, weights=weights, pad_id=pad_id)
+    return batch | {"desirable": torch.tensor([s.desirable for s in chosen], dtype=torch.bool)}  # (B,)

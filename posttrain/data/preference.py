@@ -239,7 +239,7 @@ def shared_prefix(sample: PrefSample) -> int:
     return p
 
 
-def _one_row(flat: list[tuple[list[int], list[float], int, int]]) -> tuple[dict, list[tuple[int, int, int]]]:
+def pack_sequences(flat: list[tuple[list[int], list[float], int, int]]) -> tuple[dict, list[tuple[int, int, int]]]:
     """Sequences (ids, weights, shared prefix p, prompt) -> one packed row. The first sequence of a prompt
     carries the p prefix tokens; the others continue at position p after their own predecessor, which
     is how packed_attention recognises that they attend to that prefix."""
@@ -290,7 +290,7 @@ def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_i
                 weight.append(1.0 / len(s.pairs))
             ref += s.ref_logps or []
     if pack:
-        batch, where = _one_row(flat)
+        batch, where = pack_sequences(flat)
     else:
         batch = collate([[k] for k in range(len(flat))], input_ids=[f[0] for f in flat],
                         weights=[f[1] for f in flat], pad_id=pad_id)

@@ -74,6 +74,7 @@ def _prompt_item(row: dict, item_id: str, source: str, variables: dict[str, str]
 class Prompt:
     messages: list[Message]  # the conversation up to (not including) the reply to generate
     ids: list[int]  # encode_prompt(messages): template + generation header, as in training
+    reference: str | None = None  # the data's final assistant reply (cut off): what exact-match rewards compare to
 
     @property
     def text(self) -> str:
@@ -81,15 +82,17 @@ class Prompt:
         return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
 
 
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], dict[str, int]]:
-    """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
+def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int,
+                 datasets=None) -> tuple[list[Prompt], dict[str, int]]:
+    """Every conversation in `datasets` (default data.datasets), cut before its final assistant turn (kept
+    as the prompt's reference), encoded for generation.
 
     Returns (prompts, drops by reason): rows with content problems (data/policy.py: a blank turn, no
     user turn, ids leaving no room for max_new_tokens within data.max_length) are dropped and counted,
     or fatal under data.strict.
     """
     prompts, drops = [], Counter()
-    for ds in data_cfg.datasets:
+    for ds in datasets if datasets is not None else data_cfg.datasets:
         rows = read_rows(ds.path)
         limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
         for i in range(limit):
@@ -100,19 +103,20 @@ def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tupl
             except ContentProblem as problem:
                 count_problem(drops, problem, data_cfg.strict)
                 continue
-            messages = list(conv.messages)
+            messages, reference = list(conv.messages), None
             while messages and messages[-1].role == "assistant":
-                messages.pop()
+                reference = messages.pop().content if reference is None else reference
             if not any(m.role == "user" for m in messages):
                 drop_or_raise(drops, "no_user_turn", source, data_cfg.strict)
                 continue
             ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
             if len(ids) + max_new_tokens > data_cfg.max_length:
                 drop_or_raise(drops, "too_long", source, data_cfg.strict, f"prompt of {len(ids)} tokens leaves no room "
-                              f"for ppo.max_new_tokens={max_new_tokens} within data.max_length={data_cfg.max_length}")
+                              f"for max_new_tokens={max_new_tokens} within data.max_length={data_cfg.max_length}")
                 continue
-            prompts.append(Prompt(messages, ids))
+            prompts.append(Prompt(messages, ids, reference))
     if not prompts:
         dropped = drop_summary(drops) or "none"
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets (dropped: {dropped})")
+        paths = ", ".join(d.path for d in (datasets if datasets is not None else data_cfg.datasets))
+        raise PosttrainError(f"no usable prompts in {paths} (dropped: {dropped})")
     return prompts, dict(drops)

@@ -10,9 +10,17 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import sft_loss, sft_loss_from_logps
+from posttrain.models.config import PROMPT_METHODS
 from posttrain.models.anatomy import lm_head_and_backbone, unwrap
 from posttrain.models.packed_attention import packed_attention
 from posttrain.models.head_logps import token_logps
+
+
+def packs_rows(cfg) -> bool:
+    """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample
+    (DPO's responses, GRPO's groups): the fused paths with sdpa attention, and no virtual tokens."""
+    # virtual-token methods ignore position ids, so packed sequences would see each other
+    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

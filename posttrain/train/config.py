@@ -22,7 +22,8 @@ from posttrain.models.config import (METHOD_LR, METHOD_SECTIONS, PROMPT_METHODS,
                                      LoraConfig, MethodConfig, Methods, ModelConfig, PromptConfig, QuantConfig)
 from posttrain.models.vision_config import VisionConfig, validate_vision
 from posttrain.templates.config import TemplateConfig
-from posttrain.train.stage_config import STAGE_SECTIONS, DPOConfig, PPOConfig, RewardConfig, RewardModelConfig
+from posttrain.train.stage_config import (STAGE_SECTIONS, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardConfig,
+                                          RewardModelConfig, validate_grpo, validate_kto, validate_reward_source)
 from posttrain.typed_config import beside, build, opt, read_tree, save_yaml
 
 # Sections every training run has (the stage's and the method's own come on top).
@@ -71,8 +72,9 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    stage: Literal["sft", "rm", "dpo", "ppo"] = opt(
-        "sft", "what to train: sft, rm (reward model), dpo (DPO family), ppo (RLHF); a run config holds only its "
+    stage: Literal["sft", "rm", "dpo", "kto", "ppo", "grpo"] = opt(
+        "sft", "what to train: sft, rm (reward model), dpo (DPO family), kto (unpaired good / bad labels), ppo "
+        "(RLHF), grpo (GRPO / RLOO with verifiable rewards); a run config holds only its "
         "stage's sections (eval configs say stage: eval and run with posttrain eval)")
     model: ModelConfig = opt(ModelConfig(), "base model")
     data: DataConfig = opt(DataConfig(), "datasets, lengths, masking")
@@ -87,10 +89,12 @@ class RunConfig:
     optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
-    reward: RewardConfig = opt(RewardConfig(), "stage ppo: the reward source and its shaping")
+    reward: RewardConfig = opt(RewardConfig(), "stages ppo and grpo: the reward source(s) and their shaping")
     ppo: PPOConfig = opt(PPOConfig(), "stage ppo: rollouts, KL control, PPO losses, ptx")
+    grpo: GRPOConfig = opt(GRPOConfig(), "stage grpo: groups, advantage estimator, clipped token loss, KL")
     rm: RewardModelConfig = opt(RewardModelConfig(), "reward-model stage (stage=rm)")
     dpo: DPOConfig = opt(DPOConfig(), "preference-optimisation stage (stage=dpo)")
+    kto: KTOConfig = opt(KTOConfig(), "KTO stage (stage=kto): unpaired desirable / undesirable responses")
 
     @property
     def methods(self) -> Methods:
@@ -106,9 +110,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **tre
     for ds in cfg.data.datasets + cfg.data.eval_datasets + cfg.ppo.ptx_datasets:
         ds.path = beside(ds.path, base_dir)
     cfg.rm.normalize_data = beside(cfg.rm.normalize_data, base_dir)
-    file_ref, sep, fn_name = cfg.reward.function.rpartition(":")
-    if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
-        cfg.reward.function = f"{base_dir / file_ref}:{fn_name}"
+    for source in [cfg.reward, *cfg.reward.sources]:
+        file_ref, sep, fn_name = source.function.rpartition(":")
+        if sep and file_ref.endswith(".py") and not Path(file_ref).is_absolute() and (base_dir / file_ref).exists():
+            source.function = f"{base_dir / file_ref}:{fn_name}"
     resolve_defaults(cfg)
     validate(cfg)
     return cfg
@@ -127,7 +132,7 @@ def _check_sections(tree: dict, path: str | Path | None) -> None:
         return  # build() names a bad stage and the valid ones
     for owner, sections in STAGE_SECTIONS.items():
         for section in sections:
-            if section in tree and owner != stage:
+            if section in tree and section not in STAGE_SECTIONS[stage]:
                 raise ConfigError(f"config section {section} applies to stage {owner}, not {stage}")
 
 
@@ -178,7 +183,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
-    if cfg.stage in ("rm", "dpo") and cfg.data.packing:
+    if cfg.stage == "grpo":
+        validate_grpo(cfg.grpo, cfg.reward, cfg.train.max_steps)
+    if cfg.stage == "kto":
+        validate_kto(cfg.kto)
+    if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.stage == "dpo":
         _validate_dpo(cfg)
@@ -206,10 +215,10 @@ def _validate_ppo(cfg: RunConfig) -> None:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_datasets (the LM-loss data)")
     if p.kl_control == "adaptive" and (p.kl_target <= 0 or p.kl_horizon < 1):
         raise ConfigError("ppo.kl_target must be > 0 and ppo.kl_horizon >= 1 for adaptive KL")
-    needed = {"function": r.function, "model": r.model, "http": r.url}[r.type]
-    if not needed:
-        key = {"function": "function", "model": "model", "http": "url"}[r.type]
-        raise ConfigError(f"reward.type={r.type} needs reward.{key}")
+    if r.sources or r.type in ("exact_match", "format"):
+        raise ConfigError("reward.sources and reward.type exact_match / format are read by stage grpo; stage ppo "
+                          "takes one function, model or http source")
+    validate_reward_source(r, "reward")
     if p.value_model == "separate" and cfg.method.type != "lora":
         raise ConfigError("ppo.value_model=separate is only supported with method.type=lora")
 

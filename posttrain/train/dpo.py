@@ -24,11 +24,10 @@ from posttrain.data.preference import PrefSample, build_preference_data
 from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
 from posttrain.models.anatomy import lm_head_and_backbone
-from posttrain.models.config import PROMPT_METHODS
 from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
+from posttrain.models.forward import hidden_states, packs_rows
 from posttrain.models.head_logps import token_logps
-from posttrain.models.forward import hidden_states
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
@@ -81,12 +80,6 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
             k = len(samples[i].input_ids)
             samples[i].ref_logps, logps = logps[:k], logps[k:]
     model.train(was_training)
-
-
-def packs_rows(cfg: RunConfig) -> bool:
-    """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample."""
-    # virtual-token methods ignore position ids, so packed sequences would see each other
-    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:

@@ -1,8 +1,9 @@
 """RL experience: sampled responses with their log-probs, values and rewards.
 
-`collect` samples this process's share of a rollout batch (through the one generation layer, each
-row with its own seed, so the draw does not depend on how the batch is split over processes) and
-scores it; `gather` assembles the shares of every process into the whole batch in global order.
+`sample` draws this process's share of a rollout batch (through the one generation layer, each row
+with its own seed, so the draw does not depend on how the batch is split over processes); PPO's
+`collect` adds log-probs, values and rewards; `gather` assembles the shares of every process into
+the whole batch in global order.
 Log-probs are taken at response positions only, so the prompt never materialises vocabulary-sized
 logits. Every tensor field is named with its shape.
 """
@@ -40,6 +41,17 @@ class Experience:
     @property
     def response_len(self) -> int:
         return self.response_mask.shape[1]
+
+
+@dataclass
+class Samples:
+    """Sampled responses as one batch: B rows, P prompt positions (left-padded), R response positions."""
+
+    input_ids: torch.Tensor  # (B, P+R) prompt then response tokens
+    attention_mask: torch.Tensor  # (B, P+R) bool, False on padding (both sides)
+    response_mask: torch.Tensor  # (B, R) bool, True on sampled tokens up to and including the stop token
+    ended: torch.Tensor  # (B,) bool, the response stopped on its own within the length limit
+    texts: list[str]  # the decoded responses (special tokens skipped)
 
 
 @dataclass
@@ -106,8 +118,27 @@ class PolicyAndValue(nn.Module):
 
     def reference(self):
         """Context in which self.policy computes the reference (SFT) model: LoRA adapters disabled."""
-        disable = getattr(self.policy, "disable_adapter", None)
-        return disable() if callable(disable) else contextlib.nullcontext()
+        return adapter_disabled(self.policy)
+
+
+def adapter_disabled(policy: nn.Module):
+    """Context in which a PEFT policy computes its base model (adapters off); a plain model is unchanged."""
+    disable = getattr(policy, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int], sampling_cfg) -> Samples:
+    """One response per prompt, row i drawn with seed seeds[i]; sampling_cfg has max_new_tokens, temperature,
+    top_p and stop_strings (ppo.* or grpo.*)."""
+    c = sampling_cfg
+    s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
+                   temperature=c.temperature, top_p=c.top_p, row_seeds=seeds, stop_strings=c.stop_strings or None)
+    device = next(policy.parameters()).device
+    texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(s.response_ids, s.response_mask)]
+    return Samples(torch.cat([s.prompt_ids, s.response_ids], 1).to(device),  # (B, P+R)
+                   torch.cat([s.prompt_mask, s.response_mask], 1).to(device), s.response_mask.to(device),
+                   s.ended.to(device), texts)
 
 
 @torch.no_grad()
@@ -116,11 +147,9 @@ def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts:
     """Sample one response per prompt (row i with seed seeds[i]), then log-probs, values, reference
     log-probs and raw rewards. Returns the experience and the decoded responses."""
     p = ppo_cfg
-    s = sample_ids(pv.policy, tokenizer, [q.ids for q in prompts], max_new_tokens=p.max_new_tokens,
-                   temperature=p.temperature, top_p=p.top_p, row_seeds=seeds, stop_strings=p.stop_strings or None)
-    device = next(pv.parameters()).device
-    input_ids = torch.cat([s.prompt_ids, s.response_ids], 1).to(device)  # (B, P+R)
-    attention_mask = torch.cat([s.prompt_mask, s.response_mask], 1).to(device)  # (B, P+R)
+    s = sample(pv.policy, tokenizer, prompts, seeds, p)
+    input_ids, attention_mask, responses = s.input_ids, s.attention_mask, s.texts
+    device = input_ids.device
     width = s.response_mask.shape[1]
     pv.eval()
     old_logps, old_values, entropy = pv(input_ids, attention_mask, width, p.temperature)
@@ -129,34 +158,47 @@ def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts:
             ref_logps = pv(input_ids, attention_mask, width, p.temperature, values=False)[0]
     else:
         ref_logps = PolicyAndValue(ref_model, 1)(input_ids, attention_mask, width, p.temperature, values=False)[0]
-    responses = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(s.response_ids, s.response_mask)]
     scores = torch.tensor(reward_fn([q.text for q in prompts], responses), dtype=torch.float32, device=device)
-    return Experience(input_ids, attention_mask, s.response_mask.to(device), s.ended.to(device), old_logps,
+    return Experience(input_ids, attention_mask, s.response_mask, s.ended, old_logps,
                       ref_logps, old_values, entropy, scores), responses
 
 
-def gather(exp: Experience, dist_ctx, pad_id: int) -> Experience:
-    """Every process's share (equal row counts) in one batch, in global order: row k of process r is
-    global row k * world + r. Prompt parts are left-padded and responses right-padded to common widths."""
+def gather(exp, dist_ctx, pad_id: int):
+    """Every process's share (equal row counts) of a rollout dataclass (Experience, or a stage's own with
+    input_ids, attention_mask and response_mask) in one batch, in global order: row k of process r is
+    global row k * world + r. Prompt parts are left-padded and (B, R) fields right-padded to common
+    widths; fields that are None stay None (on every process alike)."""
     if dist_ctx.world == 1:
         return exp
-    widths = torch.tensor([exp.input_ids.shape[1] - exp.response_len, exp.response_len], device=exp.input_ids.device)
+    response_len = exp.response_mask.shape[1]
+    widths = torch.tensor([exp.input_ids.shape[1] - response_len, response_len], device=exp.input_ids.device)
     dist.all_reduce(widths, op=dist.ReduceOp.MAX)
     prompt_w, response_w = widths.tolist()
     out = {}
     for f in fields(exp):
         t = getattr(exp, f.name)
+        if t is None:
+            out[f.name] = None
+            continue
         if f.name in ("input_ids", "attention_mask"):
-            prompt, response = t[:, :t.shape[1] - exp.response_len], t[:, t.shape[1] - exp.response_len:]
+            prompt, response = t[:, :t.shape[1] - response_len], t[:, t.shape[1] - response_len:]
             fill = pad_id if f.name == "input_ids" else False
             t = torch.cat([_pad(prompt, prompt_w, fill, left=True), _pad(response, response_w, fill)], 1)
         elif t.dim() == 2:
             t = _pad(t, response_w, False if t.dtype == torch.bool else 0)
-        wire = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo gathers no bools
-        parts = [torch.empty_like(wire) for _ in range(dist_ctx.world)]
-        dist.all_gather(parts, wire)
-        out[f.name] = torch.stack(parts, 1).flatten(0, 1).to(t.dtype)  # (B_local, world, ...) -> global order
-    return Experience(**out)
+        out[f.name] = gather_rows(t, dist_ctx)
+    return type(exp)(**out)
+
+
+def gather_rows(t: torch.Tensor, dist_ctx) -> torch.Tensor:
+    """(B_local, ...) of equal shape on every process -> (B, ...) in global order (row k of process r is
+    global row k * world + r)."""
+    if dist_ctx.world == 1:
+        return t
+    wire = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo gathers no bools
+    parts = [torch.empty_like(wire) for _ in range(dist_ctx.world)]
+    dist.all_gather(parts, wire)
+    return torch.stack(parts, 1).flatten(0, 1).to(t.dtype)  # (B_local, world, ...) -> global order
 
 
 def _pad(t: torch.Tensor, width: int, fill, left: bool = False) -> torch.Tensor:

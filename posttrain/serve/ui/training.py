@@ -47,6 +47,8 @@ UI_OVERRIDES = {
     "ppo": "rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature top_p stop_strings kl_estimator "
            "kl_coef kl_control kl_target kl_horizon gamma lam clip_range value_clip vf_coef entropy_coef "
            "whiten_advantages value_model sample_every",
+    "grpo": "estimator group_size prompts_per_step mini_batch_size epochs max_new_tokens temperature top_p "
+            "stop_strings clip_range kl_coef loss_norm sample_every",
     "reward": "model batch_size missing_eos_penalty normalize clip",
 }
 OVERRIDE_KEYS = frozenset(f"{section}.{key}" for section, keys in UI_OVERRIDES.items() for key in keys.split())

@@ -1,0 +1,76 @@
+"""What a GRPO run measures besides its training metrics: greedy held-out rewards and accuracy, and the plot.
+
+Held-out prompts are answered greedily (temperature 0, through the one generation layer) and scored by
+the run's own reward sources, so `accuracy` before and after training is exact match of the final
+answer on prompts the policy never trained on. Prompts are sharded over processes and the counts summed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.models.generate import generate_from_ids
+
+SAMPLES_KEPT = 3  # greedy replies kept for the summary's before / after comparison
+
+
+@torch.no_grad()
+def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: int, stop: list[str],
+                batch_size: int, dist_ctx) -> tuple[dict, list[dict]]:
+    """(metrics over every process's prompts: reward, reward/<source>, accuracy, response_tokens; the first
+    greedy replies of this process, with their rewards)."""
+    mine = prompts[dist_ctx.rank::dist_ctx.world]
+    policy.eval()
+    sums, tokens, samples = torch.zeros(len(rewards.names), dtype=torch.float64), 0, []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        gens = generate_from_ids(policy, tokenizer, [q.ids for q in chunk], max_new_tokens=max_new_tokens,
+                                 temperature=0.0, stop=stop or None)
+        scores = rewards.score([q.text for q in chunk], [g.text for g in gens], [q.reference for q in chunk])
+        sums += scores.double().sum(0)
+        tokens += sum(len(g.token_ids) for g in gens)
+        for q, gen, total in zip(chunk, gens, rewards.total(scores).tolist()):
+            if len(samples) < SAMPLES_KEPT:
+                samples.append({"prompt": q.text, "reference": q.reference, "response": gen.text, "reward": total})
+    n, tokens, *sums = dist_ctx.sum([float(len(mine)), float(tokens), *sums.tolist()])
+    means = {f"reward/{name}": s / max(n, 1.0) for name, s in zip(rewards.names, sums)}
+    total = float(torch.tensor(sums, dtype=torch.float64) @ rewards.weights.double())  # the weighted sum
+    metrics = {"reward": total / max(n, 1.0), **means, "response_tokens": tokens / max(n, 1.0)}
+    if rewards.accuracy is not None:
+        metrics["accuracy"] = means[f"reward/{rewards.accuracy}"]
+    return metrics, samples
+
+
+def plot_rewards(history: list[dict], path, names: list[str]) -> None:
+    """reward_accuracy.png: sampled reward per step (each source and a 4-step trailing mean of the sum), and
+    accuracy of the samples per step with greedy held-out accuracy at each evaluation."""
+    import matplotlib  # heavy (~0.5 s): only when a plot is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if r["split"] == "train"]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    reward = [r["reward"] for r in rows]
+    trailing = [sum(reward[max(0, i - 3):i + 1]) / len(reward[max(0, i - 3):i + 1]) for i in range(len(reward))]
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_r.plot(steps, reward, alpha=0.4, label="reward (weighted sum), sampled")
+    ax_r.plot(steps, trailing, color="tab:blue", linewidth=2, label="reward, mean of last 4 steps")
+    if len(names) > 1:
+        for name in names:
+            ax_r.plot(steps, [r[f"reward/{name}"] for r in rows], linestyle="--", label=f"reward/{name}")
+    if "accuracy" in rows[0]:
+        ax_a.plot(steps, [r["accuracy"] for r in rows], alpha=0.5, label="accuracy of the samples")
+    evals = [r for r in history if r["split"] == "eval" and "accuracy" in r]
+    if evals:
+        ax_a.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
+                  label="held-out accuracy, greedy")
+    for ax in (ax_r, ax_a):
+        ax.set_xlabel("GRPO step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""KTO stage, read top to bottom: config -> unpaired labelled data -> policy (+ reference) -> loop.
+
+Each micro-batch holds B samples and their B mismatched sequences (a prompt with another sample's
+response, data/kto.py). The policy scores the samples with gradients; the mismatched sequences, under
+both policy and reference and without gradients, give the KL reference point z_ref of that micro-batch
+(KTO's estimate, as TRL computes it per batch). The reference is the model with its adapter off where
+that is the base (LoRA, QLoRA, prompt / prefix), else a frozen copy taken before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from posttrain.data.batches import kto_batches
+from posttrain.data.kto import build_kto_data
+from posttrain.losses.kto import kl_reference_point, kto_loss
+from posttrain.models.anatomy import lm_head_and_backbone
+from posttrain.models.forward import hidden_states, supervised_targets
+from posttrain.models.head_logps import token_logps
+from posttrain.models.load import load_base
+from posttrain.models.methods import quantization_config
+from posttrain.models.run import save_model
+from posttrain.train.config import RunConfig
+from posttrain.train.loop import Loop, start_run
+from posttrain.train.setup import prepare_model
+from posttrain.train.steps import DataSteps
+
+log = logging.getLogger("posttrain")
+
+
+def sequence_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> torch.Tensor:
+    """(rows,) summed log-prob of each row's weighted (response) tokens."""
+    _, head = lm_head_and_backbone(model)
+    hidden = hidden_states(model, batch, fused)  # (rows, T, H)
+    index, targets, _ = supervised_targets(batch)  # (N, 2) positions predicting a response token
+    flat = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
+    return hidden.new_zeros(batch["input_ids"].shape[0], dtype=torch.float32).index_add(0, index[:, 0], flat)
+
+
+def kto_forward(model, batch: dict, normalizer: float, *, kto_cfg, ref_model=None, chunk: int = 1024,
+                fused: bool = True) -> tuple[torch.Tensor, dict]:
+    """KTO loss of one micro-batch: rows [0, B) are the samples, rows [B, 2B) their mismatched sequences."""
+    n = int(batch["desirable"].shape[0])
+    samples = {k: v[:n] for k, v in batch.items() if k != "desirable"}
+    mismatched = {k: v[n:] for k, v in batch.items() if k != "desirable"}
+    policy = sequence_logps(model, samples, chunk, fused)  # (B,)
+    with torch.no_grad():
+        kl_policy = sequence_logps(model, mismatched, chunk, fused)
+        reference = ref_model if ref_model is not None else model
+        with model.disable_adapter() if ref_model is None else nullcontext():
+            ref = sequence_logps(reference, samples, chunk, fused)
+            kl_ref = sequence_logps(reference, mismatched, chunk, fused)
+    z = kl_reference_point(kl_policy, kl_ref)
+    loss, metrics = kto_loss(policy, ref, batch["desirable"], z, normalizer, beta=kto_cfg.beta,
+                             desirable_weight=kto_cfg.desirable_weight, undesirable_weight=kto_cfg.undesirable_weight)
+    return loss, metrics | {"tokens": float(n)}  # the unit count: held-out loss is a mean over samples
+
+
+def run(cfg: RunConfig) -> dict:
+    dist_ctx, out_dir = start_run(cfg)
+    model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg.methods, dist_ctx.device))
+    data = build_kto_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
+    if data.drops:
+        log.warning("dropped KTO rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
+    adapter_reference = cfg.methods.adapter_off_is_base()
+    ref_model = None if adapter_reference else copy.deepcopy(model).eval().requires_grad_(False)
+    prepared = prepare_model(model, cfg)
+    model, trainable, total = prepared.model, prepared.trainable, prepared.total
+    desirable = sum(s.desirable for s in data.train)
+    log.info("samples: %d train (%d desirable), %d eval; reference %s; trainable parameters %d of %d",
+             len(data.train), desirable, len(data.eval or []), "adapter off" if adapter_reference else "copy",
+             trainable, total)
+
+    loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, ref_model=ref_model, chunk=cfg.train.loss_chunk,
+                                fused=cfg.train.fused)
+    pad_id = tokenizer.pad_token_id
+    steps = DataSteps(kto_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=False,
+                      max_length=cfg.data.max_length, dist_ctx=dist_ctx,
+                      eval_data=kto_batches(data.eval, pad_id) if data.eval else None)
+    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
+    extra = {"stage": "kto", "method": cfg.method.type, "reference": "adapter" if adapter_reference else "copy",
+             "train_samples": len(data.train), "desirable": desirable, "eval_samples": len(data.eval or []),
+             "dropped": data.drops, "trainable_params": trainable, "total_params": total}
+    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)

@@ -38,9 +38,12 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
-    from posttrain.train import dpo, grpo, kto, ppo, rm, sft
+    from posttrain.models.vision_load import wants_vision
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision
 
-    summary = {"sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo}[cfg.stage].run(cfg)
+    stages = {"sft": sft_vision if wants_vision(cfg.model, cfg.vision) else sft, "rm": rm, "dpo": dpo, "kto": kto,
+              "ppo": ppo, "grpo": grpo}
+    summary = stages[cfg.stage].run(cfg)
     if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     if summary.get("already_complete"):
@@ -69,8 +72,14 @@ def cmd_chat(args) -> int:
     model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:
         args.system = cfg.template.system  # chat renders exactly as the run trained
+    if args.image and args.prompt is None:
+        raise PosttrainError("posttrain chat: --image goes with --prompt (in the chat itself: /image PATH)")
     if args.prompt is not None:
-        reply = generate_reply(model, tokenizer, [Message("user", args.prompt)], **_sampling(args))
+        from posttrain.serve.chat import prompt_images
+
+        content, pixel_values = prompt_images(model, args.image, args.prompt)
+        reply = generate_reply(model, tokenizer, [Message("user", content)], pixel_values=pixel_values,
+                               **_sampling(args))
         print(reply)
         return 0
     run_repl(model, tokenizer, **_sampling(args))
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a run, model folder, built-in or hub id")
     p.add_argument("model", help="run dir (base + adapter), HF folder, built-in name or hub id")
     p.add_argument("--prompt", help="answer this one prompt on stdout, then exit")
+    p.add_argument("--image", action="append", default=[], help="an image file shown with --prompt (vision models; "
+                   "repeatable); in the chat itself: /image PATH")
     p.add_argument("--system", help="system prompt (default: the run's template.system or the template's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

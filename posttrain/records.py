@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant", "tool")
+IMAGE_PLACEHOLDER = "<image>"  # where an image sits in a message's text (LLaMA-Factory's mllm layout)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Conversation:
     tools: list[dict] | None = None  # function schemas passed to the chat template
     text: str | None = None  # plain text for continued pre-training (then messages is empty)
     source: str = ""  # "file:line" or "file row N", for error messages and drop reports
+    images: list[str] = field(default_factory=list)  # paths / data URLs, one per <image> placeholder, in order
 
 
 @dataclass

@@ -99,3 +99,19 @@ def fake_openai():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_dir(tmp_path_factory) -> Path:
+    """tiny-random-vision: a 2-layer DINOv2 (hidden 32) seeing a 32 px image as 16 patches."""
+    from posttrain.models.tiny_vision import build_tiny_vision
+
+    return build_tiny_vision(tmp_path_factory.mktemp("tiny-vision") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, tiny_dir, tiny_vision_dir) -> Path:
+    """tiny-random-vlm: tiny-random + tiny-random-vision + an MLP projector, one LLaVA folder with its processor."""
+    from posttrain.models.tiny_vision import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "model", str(tiny_dir), str(tiny_vision_dir))

@@ -119,7 +119,7 @@ def test_image_rows_are_an_error_naming_the_field(config, tmp_path, capsys):
             {"messages": turns, "images": ["cat.jpg"]}]
     err = one_line_error(capsys, "train", str(config),
                          with_data(tmp_path, "mllm.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
-    assert f"{tmp_path / 'mllm.jsonl'} line 2: field 'images'" in err and "multimodal" in err
+    assert f"{tmp_path / 'mllm.jsonl'} line 2: field 'images'" in err and "no vision tower" in err
 
 
 def test_image_preference_rows_are_an_error_naming_the_field(config, tmp_path, capsys):

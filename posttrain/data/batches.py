@@ -34,6 +34,26 @@ def sft_batches(dataset, pad_id: int) -> Batches:
     )
 
 
+ImageTensors = Callable[[list[str]], dict]  # image refs -> {"image_features": (N, T, D)} or {"pixel_values": ...}
+
+
+def vision_collate(units: list[list[int]], *, images: list[list[str]], image_tensors: ImageTensors, **text) -> dict:
+    """The text collate plus the images of every sample in the micro-batch, in token order."""
+    batch = collate(units, **text)
+    return batch | image_tensors([ref for unit in units for i in unit for ref in images[i]])
+
+
+def vision_sft_batches(dataset, pad_id: int, image_tensors: ImageTensors) -> Batches:
+    """SFT batches whose samples carry images (the dataset's `images` column, refs in token order)."""
+    input_ids, weights = dataset["input_ids"], dataset["weights"]
+    return Batches(
+        lengths=[len(x) for x in input_ids],
+        loss_tokens=[sum(1 for w in ws[1:] if w != 0) for ws in weights],
+        collate=functools.partial(vision_collate, images=dataset["images"], image_tensors=image_tensors,
+                                  input_ids=input_ids, weights=weights, pad_id=pad_id),
+    )
+
+
 def preference_batches(samples: list[PrefSample], pad_id: int, pack: bool = False,
                        share_prompt: bool = False) -> Batches:
     """One unit per prompt; loss_tokens=1 makes the loop's normaliser the prompt count.

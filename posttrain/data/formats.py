@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
+from posttrain.data.images import MEDIA_FIELDS, check_placeholders, content_text, image_list, no_vision_message
 from posttrain.data.policy import ContentProblem
 from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
@@ -74,11 +75,14 @@ def row_to_conversation(
     columns: Mapping[str, str] | None = None,
     role_tags: Mapping[str, str] | None = None,
     variables: Mapping[str, str] | None = None,
+    images: bool = False,
 ) -> Conversation:
-    """One file row -> Conversation: rename columns, parse `fmt` ('auto' detects), fill {{variables}}."""
+    """One file row -> Conversation: rename columns, parse `fmt` ('auto' detects), fill {{variables}}.
+
+    images: the model takes images (`images` column, OpenAI image_url parts); otherwise they are an error."""
     columns = columns or {}
     row = rename_columns(row, columns)
-    ctx = RowContext(source, columns)
+    ctx = RowContext(source, columns, images)
     refuse_media(row, ctx)
     if fmt == "auto":
         fmt = detect_format(row.keys(), source)
@@ -93,6 +97,9 @@ def row_to_conversation(
     else:
         raise DataError(f"{source}: unknown data format {fmt!r}; use one of {', '.join(FORMATS)} or auto")
     conv.source = source
+    if images:
+        conv.images = ctx.images + image_list(row.get("images"), ctx)
+        check_placeholders([m.content for m in conv.messages], conv.images, ctx)
     if variables:
         conv.text = fill_variables(conv.text, variables) if conv.text is not None else None
         for msg in conv.messages:
@@ -100,24 +107,27 @@ def row_to_conversation(
     return conv
 
 
-MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal layout: files + <image> placeholders
-
-
 def refuse_media(row: Mapping, ctx: RowContext) -> None:
-    """Until multimodal training exists, a row with images (videos, audios) is an error: training its text
-    alone would teach replies about pictures the model never saw."""
+    """Media the model cannot see is an error: training the text alone would teach replies about pictures (or
+    sounds) the model never saw. Images are read when the model has a vision tower; videos and audios never."""
     for name in MEDIA_FIELDS:
-        if row.get(name):
-            raise ctx.fail(name, f"holds {name}, but posttrain trains text only (multimodal training is not "
-                                 f"supported yet); remove the rows with {name}")
+        if not row.get(name) or (name == "images" and ctx.images is not None):
+            continue
+        if name == "images":
+            raise ctx.fail(name, no_vision_message("images"))
+        raise ctx.fail(name, f"holds {name}, but posttrain trains on text and images only; remove the rows with "
+                             f"{name}")
 
 
 class RowContext:
-    """Where a row came from, so every check can name file, line and field (with its file column)."""
+    """Where a row came from, so every check can name file, line and field (with its file column).
 
-    def __init__(self, source: str, columns: Mapping[str, str]):
+    `images` collects the URLs of OpenAI image_url parts in order (None: the model takes no images)."""
+
+    def __init__(self, source: str, columns: Mapping[str, str], images: bool = False):
         self.source = source
         self.columns = columns
+        self.images: list[str] | None = [] if images else None
 
     def fail(self, field: str, problem: str) -> DataError:
         top = re.split(r"[\[.]", field, maxsplit=1)[0]
@@ -129,11 +139,12 @@ class RowContext:
         return ContentProblem(reason, str(self.fail(field, problem)))
 
     def text(self, value, field: str, *, allow_empty: bool = False, empty: str = "empty_prompt") -> str:
-        """A string field; a list of OpenAI text parts is joined, anything else is an error.
+        """A string field; a list of OpenAI content parts is joined (images become placeholders), anything
+        else is an error.
 
         Missing (None) or not a string: structural, a DataError. Blank: a content problem `empty`."""
-        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-            value = "".join(str(p.get("text") or "") for p in value)
+        if isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value):
+            value = content_text(value, self, field, self.images)
         if value is None:
             raise self.fail(field, "is missing/empty")
         if not isinstance(value, str):

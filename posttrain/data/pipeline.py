@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.data.formats import detect_format, rename_columns, row_to_conversation
+from posttrain.data.images import kept_images
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
@@ -26,7 +27,7 @@ ROW_COLUMN = "__posttrain_row"  # the row's index in its file, for error message
 
 @dataclass
 class SFTData:
-    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int)
+    train: object  # datasets.Dataset: input_ids (list[int]), weights (list[float]), n_loss_tokens (int); images
     eval: object | None  # same columns; None when no eval set was asked for (or nothing survived)
     drops: dict[str, int]  # DropSample reason -> count, across train and eval
     n_rows: int  # rows read from the files (train and eval), before caps and weights
@@ -44,11 +45,12 @@ class _Source:
     eval_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
+def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int, images: bool = False) -> SFTData:
     """Read, cap, split, mix and encode `data_cfg.datasets` (and eval sets) for SFT.
 
     Eval sets take max_samples but not weight (mixing is about training). Template and
     variables change the cache fingerprint, so edited settings re-encode; unchanged ones reuse it.
+    images: the model takes images (each sample's `images` column lists the ones its tokens hold).
     """
     apply_template(tokenizer, template_cfg.name)
     train = [_read(ds_cfg, seed, (0, i)) for i, ds_cfg in enumerate(data_cfg.datasets)]
@@ -62,7 +64,8 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
         src.train_idx = _mix(src.train_idx, src.cfg.weight, np.random.default_rng([seed, 2, i]))
 
     encoder_args = {"tokenizer": tokenizer, "mask": data_cfg.mask, "max_length": data_cfg.max_length,
-                    "variables": data_cfg.variables, "system": template_cfg.system, "strict": data_cfg.strict}
+                    "variables": data_cfg.variables, "system": template_cfg.system, "strict": data_cfg.strict,
+                    "images": images}
     train_ds, train_drops = _encode_all(train, "train_idx", encoder_args)
     eval_ds, eval_drops = _encode_all(train + evals, "eval_idx", encoder_args)
     drops = dict(train_drops + eval_drops)
@@ -147,7 +150,8 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
     if not parts:
         features = _encoded_features()
         parts = [datasets.Dataset.from_dict({k: [] for k in features}, features=features)]
-    return datasets.concatenate_datasets(parts).remove_columns(["drop", ROW_COLUMN]), drops
+    internal = ["drop", ROW_COLUMN] + ([] if encoder_args.get("images") else ["images"])  # text data: no images column
+    return datasets.concatenate_datasets(parts).remove_columns(internal), drops
 
 
 def _encoded_features():
@@ -158,6 +162,7 @@ def _encoded_features():
         "input_ids": datasets.List(datasets.Value("int32")),
         "weights": datasets.List(datasets.Value("float32")),
         "n_loss_tokens": datasets.Value("int32"),
+        "images": datasets.List(datasets.Value("string")),  # resolved paths / data URLs, in token order
         "drop": datasets.Value("string"),  # "" for a kept sample, else the DropSample reason
         ROW_COLUMN: datasets.Value("int64"),  # the file row a sample came from, to apply weights
     })
@@ -170,7 +175,7 @@ def _code_version() -> str:
     template or format parser would silently reuse stale cached token ids.
     """
     root = Path(__file__).resolve().parents[1]
-    files = [root / "data" / name for name in ("formats.py", "pipeline.py", "policy.py")]
+    files = [root / "data" / name for name in ("formats.py", "pipeline.py", "policy.py", "images.py")]
     files += sorted((root / "templates").glob("*.py"))
     digest = hashlib.sha256()
     for path in files:
@@ -199,6 +204,7 @@ class _Encoder:
     columns: dict[str, str]
     role_tags: dict[str, str]
     code: str
+    images: bool = False  # the model takes images: rows may hold them (data/images.py)
 
     def __call__(self, batch: dict) -> dict:
         out = {name: [] for name in _encoded_features()}
@@ -207,7 +213,8 @@ class _Encoder:
             source, drops = source_of(self.path, row_index), Counter()
             try:
                 conv = row_to_conversation({k: batch[k][j] for k in names}, self.fmt, source=source,
-                                           columns=self.columns, role_tags=self.role_tags, variables=self.variables)
+                                           columns=self.columns, role_tags=self.role_tags, variables=self.variables,
+                                           images=self.images)
                 samples = encode_conversation(conv, self.tokenizer, mask=self.mask,
                                               max_length=self.max_length, system=self.system)
                 if not samples:
@@ -222,11 +229,14 @@ class _Encoder:
             if reason:  # one placeholder row carries the reason; it is counted, then filtered out
                 _append(out, row_index, [], [], reason)
             for sample in samples:
-                _append(out, row_index, sample.input_ids, sample.weights, "")
+                _append(out, row_index, sample.input_ids, sample.weights, "",
+                        kept_images(conv.images, sample.input_ids, self.tokenizer, Path(self.path).parent))
         return out
 
 
-def _append(out: dict, row_index: int, input_ids: list[int], weights: list[float], drop: str) -> None:
+def _append(out: dict, row_index: int, input_ids: list[int], weights: list[float], drop: str,
+            images: list[str] = ()) -> None:
+    out["images"].append(list(images))
     out[ROW_COLUMN].append(row_index)
     out["input_ids"].append(input_ids)
     out["weights"].append(weights)

@@ -47,6 +47,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context length (a LLaVA model keeps it in its text config)."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
 def lm_head_and_backbone(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Module]:
     """(backbone, head): `head(backbone(input_ids=..., attention_mask=...))` equals `model(...).logits`.
 

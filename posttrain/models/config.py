@@ -15,11 +15,12 @@ from posttrain.typed_config import opt
 PROMPT_METHODS = ("prompt", "prefix")
 # The sections each method.type reads (a run's saved config keeps only its method's).
 METHOD_SECTIONS = {"lora": ("lora",), "qlora": ("lora", "quant"), "full": (), "freeze": ("freeze",),
-                   "lisa": ("lisa",), "prompt": ("prompt",), "prefix": ("prompt",)}
+                   "lisa": ("lisa",), "prompt": ("prompt",), "prefix": ("prompt",), "projector": ()}
 
 # Default peak lr per method.type (SFT-scale; preference stages usually want lower, set optim.lr):
 # virtual tokens need ~100x LoRA's lr (Lester et al. 2021 used 0.3), full fine-tuning ~10x less.
-METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "lisa": 5e-5, "prompt": 3e-2, "prefix": 1e-2}
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "lisa": 5e-5, "prompt": 3e-2, "prefix": 1e-2,
+             "projector": 1e-3}
 
 
 @dataclass
@@ -78,10 +79,11 @@ class PromptConfig:
 
 @dataclass
 class MethodConfig:
-    type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix"] = opt(
+    type: Literal["lora", "qlora", "full", "freeze", "lisa", "prompt", "prefix", "projector"] = opt(
         "lora", "what trains: lora (+ DoRA/rsLoRA/PiSSA/LoRA+ via lora.*), qlora (LoRA on a 4-bit NF4 base), "
         "full, freeze (last blocks), lisa (random blocks every K steps), prompt / prefix tuning (virtual tokens); "
-        "every method works on every training stage (sft, rm, dpo, ppo)")
+        "every method works on every training stage (sft, rm, dpo, ppo); projector: only the vision projector "
+        "(LLaVA stage 1, stage sft with a vision model)")
 
 
 @dataclass

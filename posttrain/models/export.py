@@ -1,6 +1,6 @@
 """Export a run as a standalone HF model folder: LoRA merged into the weights, tokenizer and chat
-template beside them, loadable by plain `AutoModelForCausalLM.from_pretrained` with no posttrain
-or peft installed.
+template beside them, loadable by plain `AutoModelForCausalLM.from_pretrained` (a LLaVA run:
+`AutoModelForImageTextToText` and `AutoProcessor`) with no posttrain or peft installed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from posttrain.errors import PosttrainError
 from posttrain.models.anatomy import is_prompt_learning
 from posttrain.models.generate import stop_token_ids
 from posttrain.models.run import is_peft_model, load_model_for_inference
+from posttrain.models.vision_load import save_processor
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path, trust_remote_code: b
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    save_processor(model, tokenizer, out_dir)  # a LLaVA model: AutoProcessor then loads the folder too
     info = {
         "source": str(run_dir.resolve()),
         "base_model": cfg.model.name_or_path if cfg is not None else None,

@@ -59,8 +59,13 @@ def sft_forward(model, batch: dict, normalizer: float, chunk: int = 1024, head_p
     """Weighted next-token loss of a micro-batch, divided by the effective batch's token count."""
     if head_positions == "all":
         return sft_forward_all_positions(model, batch, normalizer, fused)
+    return supervised_loss(model, hidden_states(model, batch, fused), batch, normalizer, chunk, fused)
+
+
+def supervised_loss(model, hidden: torch.Tensor, batch: dict, normalizer: float, chunk: int = 1024,
+                    fused: bool = True) -> tuple[torch.Tensor, dict]:
+    """The SFT loss from final hidden states (B, T, H): the head runs only where the next token has weight."""
     _, head = lm_head_and_backbone(model)
-    hidden = hidden_states(model, batch, fused)  # (B, T, H)
     index, targets, weights = supervised_targets(batch)
     if index.shape[0] == 0:  # keep the graph connected so every process runs the same backward
         return hidden.sum() * 0.0, {"nll_sum": 0.0, "tokens": 0.0}

@@ -19,6 +19,7 @@ import torch
 
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.sources import BUILTINS, resolve_model
+from posttrain.models.vision import is_vlm_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
     `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) loads the weights quantised, straight
     onto `device` (a quantised model cannot be moved afterwards).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = resolve_model(model_cfg.name_or_path)
+    auto_class = AutoModelForImageTextToText if is_vlm_folder(path) else AutoModelForCausalLM
     device = pick_device() if device is None else torch.device(device)
     dtype = pick_dtype(model_cfg.dtype, device)
     kwargs = {
@@ -115,7 +117,7 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
         kwargs.update(quantization_config=quantization_config, device_map=str(device))
     log.info("loading %s (%s, %s%s)", path, dtype, device, ", 4-bit" if quantization_config is not None else "")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error("a model", path, err) from None
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)

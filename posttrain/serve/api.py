@@ -24,11 +24,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from posttrain.records import Message
 from posttrain.errors import PosttrainError
+from posttrain.models.vision_load import image_inputs_of
+from posttrain.records import Message
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
-from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json
+from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json, request_images
 from posttrain.templates.render import encode_prompt
 
 
@@ -109,10 +110,11 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
     async def chat_completions(request: Request):
         req = await _parse(request, ChatRequest, limits)
         engine = _generator(await models.get(req.model))
+        images = request_images(req, engine.name, takes_images=image_inputs_of(engine.model) is not None)
         messages = [m.to_message() for m in req.messages]
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
-        job = Job(prompt_ids, req.n, sampling)
+        job = Job(prompt_ids, req.n, sampling, images=images)
         return await _respond(engine, job, req, request, chat=True)
 
     @app.post("/v1/completions")

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from posttrain.records import Conversation, Message
-from posttrain.models.load import reward_offset
+from posttrain.models.anatomy import context_length
 from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
+from posttrain.models.load import reward_offset
+from posttrain.models.vision_load import image_inputs_of
+from posttrain.records import Conversation, Message
 from posttrain.templates.render import Encoded, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class Job:
     score: tuple[list[Message], list[str]] | None = None  # set: a scoring job, not generation
     future: Future = field(default_factory=Future)
     cancelled: bool = False  # the client went away: skip the job, or stop generating for it
+    images: list = field(default_factory=list)  # PIL images for the prompt's <image> runs, in order (vision models)
 
 
 class _Halt(Exception):
@@ -101,7 +104,7 @@ class Engine:
                  max_batch: int = 32, batch_wait_s: float = 0.01):
         self.model, self.tokenizer, self.name, self.system = model, tokenizer, name, system
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self.context_length = context_length(model)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.closing = False
         self.batches_run = 0  # generate calls made; tests read it to see that batching happened
@@ -147,7 +150,7 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
-            if job.score is not None or job.on_text is not None or job.sampling.seed is not None:
+            if job.score is not None or job.on_text is not None or job.sampling.seed is not None or job.images:
                 self._guarded(self._run_single, [job])
             else:
                 groups.setdefault((job.sampling.batch_key(), job.strip), []).append(job)
@@ -178,9 +181,13 @@ class Engine:
                     job.future.set_exception(err)
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling, strip: bool, streamer=None,
-                  jobs: list[Job] = ()) -> list[Generation]:
-        """generate_from_ids; with `jobs`, it stops between tokens once all of them are cancelled."""
+                  jobs: list[Job] = (), images: list = ()) -> list[Generation]:
+        """generate_from_ids; with `jobs`, it stops between tokens once all of them are cancelled.
+        `images`: one prompt's images; every row (all copies of that prompt) gets them."""
         self.batches_run += 1
+        pixel_values = None
+        if images:  # (rows * k, 3, H, W): the k images of each row, row after row
+            pixel_values = image_inputs_of(self.model).pixel_values(list(images) * len(prompts))
         stopped: list[bool] = []
 
         def abandoned() -> bool:
@@ -193,6 +200,7 @@ class Engine:
                 self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                 stop=list(sampling.stop), strip=strip, streamer=streamer, should_stop=abandoned if jobs else None,
+                pixel_values=pixel_values,
             )
         self.batches_stopped += len(stopped)
         return gens
@@ -215,7 +223,8 @@ class Engine:
             else:
                 job.future.set_result(scores)
         elif job.on_text is None:
-            job.future.set_result(self._generate([job.prompt_ids] * job.n, job.sampling, job.strip, jobs=jobs))
+            job.future.set_result(self._generate([job.prompt_ids] * job.n, job.sampling, job.strip, jobs=jobs,
+                                                 images=job.images))
         else:
             job.future.set_result([self._stream_one(job, i) for i in range(job.n)])
 
@@ -235,7 +244,7 @@ class Engine:
 
         streamer = CallbackStreamer(self.tokenizer, on_piece)
         try:
-            gen = self._generate([job.prompt_ids], job.sampling, strip=False, streamer=streamer)[0]
+            gen = self._generate([job.prompt_ids], job.sampling, strip=False, streamer=streamer, images=job.images)[0]
             stop_filter.flush()
             reason = gen.finish_reason
         except _Halt:

@@ -11,7 +11,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from posttrain.records import Message
+from posttrain.data.images import load_image
+from posttrain.records import IMAGE_PLACEHOLDER, Message
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes; beyond it, it overflows
@@ -77,10 +78,16 @@ def _encodable(text: str) -> bool:
     return True
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(min_length=1)
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str = ""
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(BaseModel):
@@ -89,10 +96,18 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """Plain text; list content keeps only its text parts (this server has no image input)."""
+        """Plain text; in list content each image_url part becomes an `<image>` placeholder, in place
+        (other part types are ignored)."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content if p.type == "text")
+            return "".join(p.text if p.type == "text" else IMAGE_PLACEHOLDER for p in self.content
+                           if p.type == "text" or p.image_url is not None)
         return self.content or ""
+
+    def image_urls(self) -> list[str]:
+        """The URLs of this message's image_url parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if p.image_url is not None]
 
     def to_message(self) -> Message:
         return Message(role="system" if self.role == "developer" else self.role, content=self.text())
@@ -140,3 +155,16 @@ class ScoreRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     responses: list[str] = Field(min_length=1)
+
+
+def request_images(req, model_name: str, takes_images: bool) -> list:
+    """The decoded images of a chat request's image_url parts, in order. Only data: URLs: a request never
+    makes the server fetch a URL or read a file."""
+    urls = [(i, url) for i, m in enumerate(req.messages) for url in m.image_urls()]
+    if urls and not takes_images:
+        raise ApiError(400, f"model {model_name} takes no images (it has no vision tower)", param="messages")
+    for i, url in urls:
+        if not url.startswith("data:"):
+            raise ApiError(400, "image_url.url must be a data:image/...;base64 URL (this server fetches no URLs "
+                                "and reads no files)", param=f"messages[{i}].content")
+    return [load_image(url, f"messages[{i}] image_url") for i, url in urls]

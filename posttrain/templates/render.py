@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from posttrain.records import Conversation, Message
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.templates.builtin import BUILTIN_TEMPLATES, NEEDS_EOS
+from posttrain.templates.images import expand_images, zero_image_weights
 
 MASK_MODES = ("all", "last", "full")
 TEMPLATE_NAMES = ("auto", *BUILTIN_TEMPLATES)
@@ -59,15 +60,17 @@ def _with_system(messages: list[Message], system: str | None) -> list[Message]:
 
 
 def _render(tokenizer, messages: list[Message], tools, add_generation_prompt: bool, source: str = "") -> str:
-    """The one rendering call used for training spans and generation prompts alike."""
+    """The one rendering call used for training spans and generation prompts alike (with each `<image>`
+    expanded to the model's image tokens)."""
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [m.to_template_dict() for m in messages], tools=tools or None, tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
     except Exception as exc:  # jinja2 errors, raise_exception() in templates, missing template
         where = f" ({source})" if source else ""
         raise TemplateError(f"chat template failed to render{where}: {exc}") from exc
+    return expand_images(text, tokenizer)
 
 
 def _turn_weights(messages: list[Message], mode: str) -> dict[int, float]:
@@ -116,7 +119,7 @@ def _encode_messages(messages, tokenizer, tools, mode, source) -> Encoded:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if mode == "full":
-        return Encoded(ids, [0.0] + [1.0] * (len(ids) - 1))
+        return Encoded(ids, zero_image_weights(ids, [0.0] + [1.0] * (len(ids) - 1), tokenizer))
     weights = [0.0] * len(ids)
     k = 0  # spans and token starts are both increasing: one merge-like pass
     for t, (start, _end) in enumerate(offsets):
@@ -129,7 +132,7 @@ def _encode_messages(messages, tokenizer, tools, mode, source) -> Encoded:
             weights[t] = weights_by_turn[i]
     if weights and weights[0]:
         weights[0] = 0.0  # nothing predicts the first token
-    return Encoded(ids, weights)
+    return Encoded(ids, zero_image_weights(ids, weights, tokenizer))
 
 
 def _drop_oldest_exchange(messages: list[Message], mode: str) -> list[Message] | None:

@@ -20,6 +20,7 @@ from posttrain.data.config import DataConfig
 from posttrain.errors import ConfigError
 from posttrain.models.config import (METHOD_LR, METHOD_SECTIONS, PROMPT_METHODS, FreezeConfig, LisaConfig,
                                      LoraConfig, MethodConfig, Methods, ModelConfig, PromptConfig, QuantConfig)
+from posttrain.models.vision_config import VisionConfig, validate_vision
 from posttrain.templates.config import TemplateConfig
 from posttrain.train.stage_config import (STAGE_SECTIONS, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardConfig,
                                           RewardModelConfig, validate_grpo, validate_kto, validate_reward_source)
@@ -84,6 +85,7 @@ class RunConfig:
     quant: QuantConfig = opt(QuantConfig(), "4-bit base settings (method.type=qlora; bitsandbytes)")
     lisa: LisaConfig = opt(LisaConfig(), "LISA settings (method.type=lisa)")
     prompt: PromptConfig = opt(PromptConfig(), "virtual-token settings (method.type=prompt or prefix)")
+    vision: VisionConfig = opt(VisionConfig(), "stage sft: a vision tower + projector make the model a LLaVA")
     optim: OptimConfig = opt(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = opt(TrainConfig(), "loop: batch, steps, eval, checkpoints")
     output: OutputConfig = opt(OutputConfig(), "where results go")
@@ -172,6 +174,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.lora.r < 1:
         raise ConfigError("lora.r must be >= 1")
     _validate_method(cfg)
+    validate_vision(cfg.vision, cfg.method.type)
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     if not isinstance(cfg.optim.lr, float) or cfg.optim.lr < 0:  # 0 is allowed: a run that only evaluates
@@ -244,6 +247,8 @@ def _validate_method(cfg: RunConfig) -> None:
 def to_tree(cfg: RunConfig) -> dict:
     """The resolved config as a run saves it: every key of the sections it uses (its stage's, its method's)."""
     used = {*RUN_SECTIONS, *STAGE_SECTIONS[cfg.stage], *METHOD_SECTIONS[cfg.method.type]}
+    if cfg.vision == VisionConfig():  # a text run: no vision section
+        used.discard("vision")
     return {name: value for name, value in dataclasses.asdict(cfg).items() if name in used}
 
 

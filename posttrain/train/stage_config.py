@@ -15,8 +15,8 @@ from posttrain.errors import ConfigError
 from posttrain.typed_config import opt
 
 # The sections each stage reads, besides the sections every run has.
-STAGE_SECTIONS = {"sft": (), "rm": ("rm",), "dpo": ("dpo",), "ppo": ("ppo", "reward"), "grpo": ("grpo", "reward"),
-                  "kto": ("kto",)}
+STAGE_SECTIONS = {"sft": ("vision",), "rm": ("rm",), "dpo": ("dpo",), "ppo": ("ppo", "reward"),
+                  "grpo": ("grpo", "reward"), "kto": ("kto",)}
 
 
 @dataclass

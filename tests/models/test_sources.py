@@ -31,7 +31,8 @@ def test_cache_dir_from_env_and_default(own_cache, tmp_path, monkeypatch):
 
 
 def test_builtins_listed():
-    assert set(BUILTINS) == {"tiny-random", "smollm2-135m-instruct"}
+    assert set(BUILTINS) == {"tiny-random", "smollm2-135m-instruct", "dinov2-small", "tiny-random-vision",
+                             "tiny-random-vlm"}
 
 
 def test_local_folder_resolves_to_itself(tiny_dir):

@@ -58,6 +58,13 @@ def _synth(a) -> int:
     return 0
 
 
+def _from_logs(a) -> int:
+    from posttrain.curate.from_logs import from_logs
+
+    _print(from_logs(a.log_dir, a.out, mode=a.mode, per_user=a.per_user, keep_user_ids=a.keep_user_ids))
+    return 0
+
+
 def _dedup(a) -> int:
     from posttrain.curate.dedup import dedup
 
@@ -121,6 +128,14 @@ def add_data_parser(sub) -> None:
     p.add_argument("--templates", help="YAML with extra templates/tasks")
     p.add_argument("--labels", help="comma-separated label words for --task classification")
     p.add_argument("--seed", type=int, default=0)
+    p = cmd("from-logs", _from_logs, "request logs (serve/ui --log-dir) -> prompt or SFT rows: PII scrub, dedup, "
+            "per-user cap", path=False)
+    p.add_argument("log_dir", help="the folder given to serve --log-dir or ui --log-dir")
+    p.add_argument("--out", required=True, help="rows to write; removed rows go to <out>.removed.jsonl")
+    p.add_argument("--as", dest="mode", default="prompts", choices=["prompts", "sft"],
+                   help="prompts (the conversation up to the reply) or sft (with the logged reply); default prompts")
+    p.add_argument("--per-user", type=int, default=200, help="rows kept per user id (default 200, as InstructGPT)")
+    p.add_argument("--keep-user-ids", action="store_true", help="write user ids as logged (default: hashed)")
     p = cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False)
     p.add_argument("--seeds", required=True, help="seed tasks (instruction column), e.g. seed_tasks.jsonl")
     p.add_argument("--teacher", required=True, help="OpenAI-compatible base URL (http://host:port/v1) or a model")

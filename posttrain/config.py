@@ -44,6 +44,9 @@ class DatasetConfig:
     max_samples: int | None = opt(None, "cap on rows taken from this file (after shuffling), None = all")
     columns: dict[str, str] = opt({}, "rename columns: {our_name: file_column}, e.g. {output: answer}")
     role_tags: dict[str, str] = opt({}, "sharegpt 'from' values -> roles, added to human/gpt/system/...")
+    # --- scores as preferences (ranked rows with `scores` instead of `ranks`; data/scores.py) ---
+    score_epsilon: float = opt(0.0, "responses whose scores differ by at most this tie (no pair between them)")
+    score_margin: float = opt(0.0, "pair margin = this * score gap (0: no margin from scores)")
 
 
 @dataclass
@@ -385,6 +388,8 @@ def validate(cfg: RunConfig) -> None:
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         if not ds.path:
             raise ConfigError(f"dataset #{i}: path is required")
+        if ds.score_epsilon < 0 or ds.score_margin < 0:
+            raise ConfigError(f"dataset #{i}: score_epsilon and score_margin must be >= 0")
     if cfg.data.val_size < 0:
         raise ConfigError("data.val_size must be >= 0")
     if cfg.data.max_length < 8:

@@ -94,7 +94,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
     import torch
 
     import posttrain.train.dpo as dpo_mod
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.train.loop import Loop
 
     data_path = Path(spec["tmp"]) / "prefs.jsonl"

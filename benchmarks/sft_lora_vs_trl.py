@@ -80,7 +80,7 @@ def keep_fitting(pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
 def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
 
     import posttrain.train.sft as sft_mod
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.train.loop import Loop
 
     data_path = Path(spec["tmp"]) / "messages.jsonl"

@@ -34,9 +34,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
     from posttrain.train import dpo, ppo, rm, sft
 
@@ -88,7 +88,7 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from posttrain.eval.command import main as eval_main
+    from posttrain.eval.cli import main as eval_main
 
     return eval_main(args.target, args.rest, _Parser)
 
@@ -151,9 +151,12 @@ def cmd_score(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from posttrain.config import describe_keys
+    from posttrain.eval.config import EvalRunConfig
+    from posttrain.train.config import RunConfig
+    from posttrain.typed_config import describe_keys
 
-    for key, default, doc in describe_keys():
+    rows = describe_keys(RunConfig) + [row for row in describe_keys(EvalRunConfig) if row[0] != "stage"]
+    for key, default, doc in rows:
         if not args.filter or args.filter in key:
             print(f"{key:36} {default:24} {doc}")
     return 0
@@ -195,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
-    from posttrain.eval.command import add_subcommands
+    from posttrain.eval.cli import add_subcommands
 
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)

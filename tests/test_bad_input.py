@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models import sources
 from posttrain.models.sources import resolve_model

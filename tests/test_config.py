@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from posttrain.config import describe_keys, load_config, save_config
+from posttrain.train.config import describe_keys, load_config, save_config
 from posttrain.errors import ConfigError
 
 BASE = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "train.jsonl"}]}
@@ -72,3 +72,29 @@ def test_every_key_has_a_doc():
     rows = describe_keys()
     assert len(rows) > 30
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+
+
+def test_saved_config_holds_only_the_sections_its_run_uses(tmp_path):
+    every_run = {"stage", "model", "data", "template", "method", "optim", "train", "output"}
+    sft = load_config(None, ["lora.r=4"], **BASE)
+    save_config(sft, tmp_path / "sft.yaml")
+    assert set(yaml.safe_load((tmp_path / "sft.yaml").read_text())) == every_run | {"lora"}
+    ppo = load_config(None, ["stage=ppo", "method.type=freeze", "reward.function=m:f", "train.max_steps=1"], **BASE)
+    save_config(ppo, tmp_path / "ppo.yaml")
+    assert set(yaml.safe_load((tmp_path / "ppo.yaml").read_text())) == every_run | {"freeze", "ppo", "reward"}
+    assert load_config(tmp_path / "ppo.yaml") == ppo
+
+
+@pytest.mark.parametrize("stage, key, owner", [("sft", "ppo.kl_coef=0.1", "ppo"), ("dpo", "rm.center_coef=0.1", "rm"),
+                                               ("rm", "reward.function=m:f", "ppo"), ("ppo", "dpo.beta=0.2", "dpo")])
+def test_section_of_another_stage_is_an_error_naming_it(stage, key, owner):
+    section = key.split(".")[0]
+    with pytest.raises(ConfigError, match=f"^config section {section} applies to stage {owner}, not {stage}$"):
+        load_config(None, [f"stage={stage}", key, "train.max_steps=1"], **BASE)
+
+
+def test_eval_config_is_not_a_training_config(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("stage: eval\neval:\n  mc: {data: ceval}\n")
+    with pytest.raises(ConfigError, match=f"eval config .*run it with posttrain eval {path}$"):
+        load_config(path)

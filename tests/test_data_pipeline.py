@@ -6,7 +6,8 @@ import datasets
 import pandas as pd
 import pytest
 
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.data.pipeline import build_sft_data
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import DataError, PosttrainError

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.eval.config import load_eval_config
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval import multiple_choice
 from posttrain.eval.mc_categories import CMMLU_CATEGORIES, MMLU_CATEGORIES, choose_categories
@@ -54,7 +54,7 @@ def _cfg(model_dir, bench, out, **extra):
     keys = {"eval.model": str(model_dir), "eval.output_dir": str(out), "eval.device": "cpu", "eval.batch_size": 3,
             "eval.mc.data": str(bench), "eval.mc.split": "test", "eval.mc.shots": 1, "eval.mc.language": "zh",
             **extra}
-    return load_config(None, [], stage="eval", **keys)
+    return load_eval_config(None, [], **keys).eval
 
 
 def _rows(out: Path) -> dict:

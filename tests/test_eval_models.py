@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.records import Message
 from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 from posttrain.eval.mc_data import MCItem
@@ -145,7 +146,7 @@ def test_mc_item_letters():
 
 
 def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
-    from posttrain.config import load_config
+    from posttrain.eval.config import load_eval_config
     from posttrain.eval import compare
 
     prompts = tmp_path / "p.jsonl"
@@ -153,11 +154,11 @@ def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
     server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        cfg = load_config(None, [], stage="eval", **{
+        cfg = load_eval_config(None, [], **{
             "eval.task": "compare", "eval.output_dir": str(tmp_path / "cmp"), "eval.device": "cpu",
             "eval.compare.models": [str(tiny_dir), str(tiny_dir) + "/"], "eval.compare.prompts": str(prompts),
             "eval.compare.judge": f"http://127.0.0.1:{server.server_port}/v1", "eval.compare.judge_model": "j",
-            "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5})
+            "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5}).eval
         result = compare.run(cfg)
     finally:
         server.shutdown()
@@ -211,15 +212,15 @@ def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
 
 
 def test_judge_max_tokens_is_a_typed_compare_key(tmp_path):
-    from posttrain.config import load_config
+    from posttrain.eval.config import load_eval_config
     from posttrain.errors import ConfigError
 
     base = {"eval.task": "compare", "eval.compare.models": ["a", "b"], "eval.compare.prompts": "p.jsonl",
             "eval.compare.judge": "http://127.0.0.1:1/v1"}
-    assert load_config(None, [], stage="eval", **base).eval.compare.judge_max_tokens is None
-    cfg = load_config(None, ["eval.compare.judge_max_tokens=16"], stage="eval", **base)
+    assert load_eval_config(None, [], **base).eval.compare.judge_max_tokens is None
+    cfg = load_eval_config(None, ["eval.compare.judge_max_tokens=16"], **base)
     assert cfg.eval.compare.judge_max_tokens == 16
     with pytest.raises(ConfigError, match="judge_max_tokens must be >= 1"):
-        load_config(None, ["eval.compare.judge_max_tokens=0"], stage="eval", **base)
+        load_eval_config(None, ["eval.compare.judge_max_tokens=0"], **base)
     with pytest.raises(ConfigError, match="LLM judge only"):
-        load_config(None, ["eval.compare.judge_max_tokens=16"], stage="eval", **{**base, "eval.compare.judge": "ref"})
+        load_eval_config(None, ["eval.compare.judge_max_tokens=16"], **{**base, "eval.compare.judge": "ref"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.cli import main
-from posttrain.config import load_config
+from posttrain.eval.config import load_eval_config
 from posttrain.data.prompts import read_prompts
 from posttrain.errors import DataError
 from posttrain.eval import compare, generation, multiple_choice
@@ -77,7 +77,7 @@ def _bench(tmp_path) -> Path:
 def _mc_cfg(tiny_dir, bench, out, **extra):
     keys = {"eval.model": str(tiny_dir), "eval.output_dir": str(out), "eval.device": "cpu", "eval.batch_size": 3,
             "eval.mc.data": str(bench), "eval.mc.shots": 1, **extra}
-    return load_config(None, [], stage="eval", **keys)
+    return load_eval_config(None, [], **keys).eval
 
 
 def _cache_rows(out: Path) -> dict:
@@ -152,7 +152,7 @@ def _compare_cfg(models, prompts, out, **extra):
     keys = {"eval.task": "compare", "eval.output_dir": str(out), "eval.device": "cpu", "eval.batch_size": 4,
             "eval.compare.models": [str(m) for m in models], "eval.compare.prompts": str(prompts),
             "eval.compare.judge": "reference", "eval.compare.max_new_tokens": 3, "eval.compare.rounds": 30, **extra}
-    return load_config(None, [], stage="eval", **keys)
+    return load_eval_config(None, [], **keys).eval
 
 
 RATED = ("votes", "win_rates", "win_matrix", "bradley_terry", "elo", "by_category")

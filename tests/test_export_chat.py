@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from posttrain.config import load_config, save_config
+from posttrain.train.config import load_config, save_config
 from posttrain.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.models.export import EXPORT_MARKER, export_merged
@@ -25,7 +25,7 @@ def make_run(tmp_path, tiny_dir, method: str = "lora"):
         "data.datasets": [{"path": "x.jsonl"}], "model.name_or_path": str(tiny_dir), "method.type": method,
     })
     model, tokenizer = load_base(cfg.model, device="cpu")
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg.methods)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(input_ids=IDS, labels=IDS).loss.backward()
     optim.step()

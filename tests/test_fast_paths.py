@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.fast_lora import disable_fast_lora, enable_fast_lora
 from posttrain.models.methods import apply_method
@@ -25,7 +25,8 @@ def lora_model(tiny_dir, tmp_path, *extra):
     cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", "model.name_or_path=tiny-random", *extra],
                       **{"data.datasets": [{"path": "x.jsonl"}]})
     torch.manual_seed(0)
-    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model = apply_method(base, cfg.methods, fused=cfg.train.fused)
     for name, p in model.named_parameters():  # LoRA B starts at zero: perturb so A gets gradients too
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -247,7 +248,7 @@ def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
     from posttrain.data.preference import collate_preferences
     from posttrain.train.dpo import dpo_forward
 
-    cfg = load_config(None, [f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],
+    cfg = load_config(None, ["stage=dpo", f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],
                       **{"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}]})
     samples = preference_samples(7)
     model = lora_model(tiny_dir, tmp_path)

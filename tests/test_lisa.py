@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.models.lisa import LisaSchedule
 from posttrain.models.methods import apply_method, optimizer_groups, step_hook
 from posttrain.models.tiny import build_model
@@ -15,7 +15,7 @@ from posttrain.models.tiny import build_model
 def _setup(tiny_tokenizer, layers=1, interval=2):
     cfg = load_config(None, ["model.name_or_path=tiny-random", "method.type=lisa"], **{
         "data.datasets": [{"path": "x.jsonl"}], "lisa.layers": layers, "lisa.interval": interval})
-    model = apply_method(build_model(tiny_tokenizer, layers=4), cfg)
+    model = apply_method(build_model(tiny_tokenizer, layers=4), cfg.methods)
     return cfg, model
 
 
@@ -25,9 +25,9 @@ def _block(name: str) -> int | None:
 
 def test_active_blocks_change_on_schedule_and_only_they_train(tiny_tokenizer):
     cfg, model = _setup(tiny_tokenizer)
-    schedule = step_hook(model, cfg)
+    schedule = step_hook(model, cfg.methods, cfg.train.seed)
     assert isinstance(schedule, LisaSchedule)
-    optim = torch.optim.AdamW(optimizer_groups(model, cfg), lr=1e-2, weight_decay=0.0)
+    optim = torch.optim.AdamW(optimizer_groups(model, cfg.methods, cfg.optim.lr), lr=1e-2, weight_decay=0.0)
     assert len(optim.param_groups[0]["params"]) == len(list(model.parameters()))  # owns every block
     ids = torch.randint(3, 500, (2, 10))
     seen = []
@@ -55,7 +55,7 @@ def test_active_blocks_change_on_schedule_and_only_they_train(tiny_tokenizer):
 
 def test_trainable_per_step_counts_gamma_blocks(tiny_tokenizer):
     cfg, model = _setup(tiny_tokenizer, layers=2)
-    schedule = step_hook(model, cfg)
+    schedule = step_hook(model, cfg.methods, cfg.train.seed)
     block = sum(p.numel() for n, p in model.named_parameters() if _block(n) == 0)
     outside = sum(p.numel() for n, p in model.named_parameters() if _block(n) is None)
     assert schedule.trainable_per_step(model) == outside + 2 * block

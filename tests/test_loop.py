@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.methods import apply_method
 from posttrain.models.forward import sft_forward
@@ -56,7 +56,7 @@ def make_loop(cfg, model, data, dist_ctx=None):
 
 def model_for(tiny_dir, cfg):
     torch.manual_seed(0)
-    return apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg)
+    return apply_method(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), cfg.methods)
 
 
 def test_packed_loss_equals_unpacked(tiny_dir, tmp_path):

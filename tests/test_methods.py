@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from posttrain.config import RunConfig
+from posttrain.train.config import RunConfig
 from posttrain.errors import ConfigError
 from posttrain.models.anatomy import find_layers, lm_head_and_backbone
+from posttrain.models.config import Methods
 from posttrain.models.methods import apply_method, count_parameters
 
 
@@ -15,13 +16,13 @@ def _model(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
 
 
-def _cfg(method: str, **sections) -> RunConfig:
+def _cfg(method: str, **sections) -> Methods:
     cfg = RunConfig()
     cfg.method.type = method
     for dotted, value in sections.items():
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
-    return cfg
+    return cfg.methods
 
 
 def _batch(seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import torch
 
-from posttrain.config import ModelConfig
+from posttrain.models.config import ModelConfig
 from posttrain.errors import ModelSourceError
 from posttrain.models import sources
 from posttrain.models.load import load_base, load_tokenizer, pick_device, pick_dtype

@@ -5,7 +5,7 @@ export for the methods that need special handling (QLoRA, prompt / prefix tuning
 import pytest
 import torch
 
-from posttrain.config import load_config, save_config
+from posttrain.train.config import load_config, save_config
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.export import export_merged
 from posttrain.models.load import load_base
@@ -48,7 +48,7 @@ def sft_batch() -> dict:
 
 def train(model, cfg, steps: int) -> list[float]:
     """AdamW on the SFT forward (the stages' path, with the method's own parameter groups)."""
-    optim = torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.optim.lr, weight_decay=0.0)
+    optim = torch.optim.AdamW(optimizer_groups(model, cfg.methods, cfg.optim.lr), lr=cfg.optim.lr, weight_decay=0.0)
     losses = []
     n_tokens = float(sft_batch()["weights"].sum())
     for _ in range(steps):
@@ -69,8 +69,8 @@ def logits(model) -> torch.Tensor:
 def test_method_trains_only_its_parameters_and_round_trips(tmp_path, tiny_dir, name):
     overrides, lr, allowed = METHODS[name]
     cfg = make_cfg(tiny_dir, {**overrides, "optim.lr": lr})
-    model, tokenizer = load_base(cfg.model, "cpu", quantization_config(cfg, "cpu"))
-    model = apply_method(model, cfg)
+    model, tokenizer = load_base(cfg.model, "cpu", quantization_config(cfg.methods, "cpu"))
+    model = apply_method(model, cfg.methods, base_model=cfg.model.name_or_path)  # prompt init_text: its tokenizer
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     losses = train(model, cfg, steps=6)
     assert losses[-1] < losses[0] - 0.05, losses
@@ -89,8 +89,8 @@ def test_method_trains_only_its_parameters_and_round_trips(tmp_path, tiny_dir, n
 
 def test_lora_plus_gives_b_its_own_lr(tiny_dir):
     cfg = make_cfg(tiny_dir, {"lora.lr_ratio": 16.0, "optim.lr": 1e-4})
-    model = apply_method(load_base(cfg.model, "cpu")[0], cfg)
-    groups = optimizer_groups(model, cfg)
+    model = apply_method(load_base(cfg.model, "cpu")[0], cfg.methods)
+    groups = optimizer_groups(model, cfg.methods, cfg.optim.lr)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("lora_B" in names[id(p)] for p in groups[1]["params"]) and groups[1]["lr"] == pytest.approx(1.6e-3)
     assert all("lora_A" in names[id(p)] for p in groups[0]["params"])
@@ -100,8 +100,8 @@ def test_qlora_base_is_4bit_and_export_dequantises(tmp_path, tiny_dir):
     import bitsandbytes as bnb
 
     cfg = make_cfg(tiny_dir, {"method.type": "qlora"})
-    model, tokenizer = load_base(cfg.model, "cpu", quantization_config(cfg, "cpu"))
-    model = apply_method(model, cfg)
+    model, tokenizer = load_base(cfg.model, "cpu", quantization_config(cfg.methods, "cpu"))
+    model = apply_method(model, cfg.methods)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     train(model, cfg, steps=2)
     save_model(model, tokenizer, tmp_path / "run")
@@ -123,7 +123,7 @@ def test_virtual_tokens_split_head_chat_and_no_export(tmp_path, tiny_dir, kind):
 
     cfg = make_cfg(tiny_dir, {"method.type": kind, "prompt.num_virtual_tokens": 3})
     model, tokenizer = load_base(cfg.model, "cpu")
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg.methods)
     backbone, head = lm_head_and_backbone(model)
     mask = torch.ones_like(IDS)
     mask[1, 9:] = 0  # right padding in one row

@@ -162,7 +162,7 @@ def _write_run(tmp_path, tiny_dir, **extra):
                  "ppo.mini_batch_size": 2, "ppo.max_new_tokens": 6, "optim.lr": 0.01, "train.max_steps": 2,
                  "train.micro_batch_size": 2, "output.dir": str(tmp_path / "out"), "output.tensorboard": False}
     overrides |= extra
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
@@ -206,7 +206,7 @@ def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
     cfg = _write_run(tmp_path, tiny_dir)
     base, tok = load_base(cfg.model, "cpu")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
+    pv = PolicyAndValue(apply_method(base, cfg.methods), base.config.hidden_size)
     prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
     exp, _ = collect(pv, None, tok, prompts[:3], [0, 1, 2], cfg.ppo, load_function(cfg.reward.function))
     rollout, metrics = _ppo_steps(cfg, pv, tok, prompts).advantages(exp)
@@ -229,7 +229,7 @@ def test_rows_sample_the_same_whatever_batch_they_are_in(tmp_path, tiny_dir):
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.max_new_tokens": 12})
     base, tok = load_base(cfg.model, "cpu")
-    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
+    pv = PolicyAndValue(apply_method(base, cfg.methods), base.config.hidden_size)
     prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
     reward = load_function(cfg.reward.function)
     whole, texts = collect(pv, None, tok, prompts, [7, 8, 9], cfg.ppo, reward)
@@ -249,7 +249,7 @@ def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 1.0, "ppo.ptx_datasets": [
         {"path": str(tmp_path / "sft.jsonl")}]})
     base, tok = load_base(cfg.model, "cpu")
-    pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
+    pv = PolicyAndValue(apply_method(base, cfg.methods), base.config.hidden_size)
     data = build_sft_data(dataclasses.replace(cfg.data, datasets=cfg.ppo.ptx_datasets), cfg.template, tok, 0)
     steps = _ppo_steps(cfg, pv, tok, [], ptx_train=sft_batches(data.train, tok.pad_token_id))
     grads = {}
@@ -267,7 +267,7 @@ def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
 
 
 def test_ppo_config_rules():
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.errors import ConfigError
 
     base = ["stage=ppo", "model.name_or_path=tiny-random", "data.datasets=[{path: x.jsonl}]", "reward.function=m:f",
@@ -381,7 +381,7 @@ def test_two_processes_match_one(tmp_path, tiny_dir):
     import subprocess
     import sys
 
-    from posttrain.config import save_config
+    from posttrain.train.config import save_config
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 0.5, "ppo.ptx_datasets": [
         {"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_batch_size": 4, "train.max_steps": 3,

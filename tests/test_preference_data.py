@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.data.preference import build_preference_data, collate_preferences, row_to_preference
 from posttrain.errors import DataError
 

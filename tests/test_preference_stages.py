@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 
 ROWS = [{"prompt": f"Question {i}?", "chosen": "Yes. Yes. Yes.", "rejected": "No, no no no."} for i in range(12)]
 
@@ -184,7 +184,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     data = build_preference_data(cfg.data, cfg.template, tok, 0)
     ref_copy = copy.deepcopy(model).requires_grad_(False)
     precompute_reference(model, data.train, tok.pad_token_id, 4, "cpu", 1024)
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg.methods)
     torch.manual_seed(0)
     with torch.no_grad():  # move the adapters away from identity so the reference matters
         for name, p in model.named_parameters():

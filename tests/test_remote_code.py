@@ -10,7 +10,7 @@ import transformers.dynamic_module_utils as dynamic_modules
 from transformers import AutoModelForSequenceClassification
 
 from posttrain.cli import main
-from posttrain.config import load_config, save_config
+from posttrain.train.config import load_config, save_config
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method
 from posttrain.models.run import load_model_for_inference, save_model
@@ -50,7 +50,7 @@ def run_folder(tmp_path, tiny_dir, method: str, base: str):
                                    "method.type": method})
     model, tokenizer = load_base(cfg.model, device="cpu")
     run_dir = tmp_path / f"run-{method}-{tmp_path.name}"  # unique: transformers caches modules by folder name
-    save_model(apply_method(model, cfg), tokenizer, run_dir)
+    save_model(apply_method(model, cfg.methods), tokenizer, run_dir)
     cfg.model.name_or_path, cfg.model.trust_remote_code = base, True
     save_config(cfg, run_dir / "config.yaml")
     return run_dir

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.errors import ConfigError
 
 LAYER = re.compile(r"layers\.(\d+)\.")
@@ -73,11 +73,11 @@ def stage_config(stage: str, method: str, tiny_dir, files, out, **extra):
 
 def run_and_watch(stage: str, cfg, monkeypatch) -> tuple[dict, dict, dict]:
     """(summary, parameters right after apply_method, parameters when the stage saves) for one stage run."""
-    from posttrain.train import dpo, ppo, rm, sft
+    from posttrain.train import dpo, ppo, rm, setup, sft
 
     module = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[stage]
     seen: dict = {}
-    real_apply = module.apply_method
+    real_apply = setup.apply_method  # every stage applies its method through train/setup.py
     save_name = "save_reward_model" if stage == "rm" else "save_model"
     real_save = getattr(module, save_name)
 
@@ -90,7 +90,7 @@ def run_and_watch(stage: str, cfg, monkeypatch) -> tuple[dict, dict, dict]:
         seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return real_save(model, *args, **kwargs)
 
-    monkeypatch.setattr(module, "apply_method", apply_and_snapshot)
+    monkeypatch.setattr(setup, "apply_method", apply_and_snapshot)
     monkeypatch.setattr(module, save_name, snapshot_and_save)
     summary = module.run(cfg)
     return summary, seen["before"], seen["after"]
@@ -136,8 +136,9 @@ def test_method_trains_on_stage(tmp_path, tiny_dir, files, monkeypatch, stage, m
     ({"stage": "sft", "optim.lr": {"lora": 1e-3, "lisaa": 1e-5}}, "'lisaa' is not a method.type"),
 ])
 def test_unsupported_combinations_are_config_errors(overrides, message):
-    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "reward.function": "m:f",
-            "train.max_steps": 1}
+    base = {"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}], "train.max_steps": 1}
+    if overrides["stage"] == "ppo":  # the reward section belongs to stage ppo only
+        base["reward.function"] = "m:f"
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [], **(base | overrides))
 
@@ -162,13 +163,13 @@ def _rm(tiny_dir, method: str, **extra):
 
     cfg = load_config(None, [], **{"stage": "rm", "data.datasets": [{"path": "x.jsonl"}], "method.type": method,
                                    "model.name_or_path": str(tiny_dir), "prompt.num_virtual_tokens": 3, **extra})
-    model, tokenizer = load_reward_model(cfg.model, "cpu", quantization_config=quantization_config(cfg, "cpu"))
-    return cfg, apply_method(model, cfg, task_type="SEQ_CLS"), tokenizer
+    model, tokenizer = load_reward_model(cfg.model, "cpu", quantization_config=quantization_config(cfg.methods, "cpu"))
+    return cfg, apply_method(model, cfg.methods, task_type="SEQ_CLS"), tokenizer
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_virtual_token_reward_reads_the_last_real_token_and_reloads(tmp_path, tiny_dir, method):
-    from posttrain.config import ModelConfig
+    from posttrain.models.config import ModelConfig
     from posttrain.models.load import load_reward_model
     from posttrain.models.reward_head import RewardModel, sequence_rewards
     from posttrain.train.rm import save_reward_model
@@ -222,7 +223,7 @@ def test_4bit_eval_forward_takes_the_training_kernel(tiny_dir):
 
     cfg = load_config(None, ["method.type=qlora", f"model.name_or_path={tiny_dir}"],
                       **{"data.datasets": [{"path": "x.jsonl"}]})
-    model, _ = load_base(cfg.model, "cpu", quantization_config(cfg, "cpu"))
+    model, _ = load_base(cfg.model, "cpu", quantization_config(cfg.methods, "cpu"))
     ids = torch.randint(3, 500, (2, 9))
     with torch.no_grad():
         train_logits = model.train()(input_ids=ids).logits

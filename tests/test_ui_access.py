@@ -8,7 +8,7 @@ import shutil
 import pytest
 from inprocess import call
 
-from posttrain.config import describe_keys
+from posttrain.train.config import describe_keys
 from posttrain.serve.ui.app import create_ui_app
 from posttrain.serve.ui.training import OVERRIDE_KEYS
 

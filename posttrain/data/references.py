@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from posttrain.config import DatasetConfig
+from posttrain.data.config import DataConfig, DatasetConfig
 from posttrain.data.formats import detect_format, row_to_conversation
 from posttrain.data.preference import encode_all, read_preferences
 from posttrain.data.reading import read_rows, source_of
@@ -14,22 +14,23 @@ from posttrain.errors import PosttrainError
 from posttrain.templates.render import DropSample, encode_conversation
 
 
-def reference_ids(path: str, tokenizer, cfg, drops: Counter) -> list[list[int]]:
-    """Token ids of a file's reference responses, rendered as the run renders them.
+def reference_ids(path: str, tokenizer, data_cfg: DataConfig, system: str | None, drops: Counter) -> list[list[int]]:
+    """Token ids of a file's reference responses, rendered as the run renders them (its data.max_length,
+    data.variables and system prompt).
 
     A preference file gives each prompt's chosen (top-ranked) responses; a conversation file
     (alpaca, sharegpt, openai) gives each conversation ending in an assistant reply.
     """
     rows = read_rows(path)
-    length, system = cfg.data.max_length, cfg.template.system
+    length, variables = data_cfg.max_length, data_cfg.variables
     if {"chosen", "responses"} & set(rows.column_names):
-        samples = encode_all(read_preferences(DatasetConfig(path=str(path)), cfg.data.variables), tokenizer,
+        samples = encode_all(read_preferences(DatasetConfig(path=str(path)), variables), tokenizer,
                              length, system, drops)
         out = [ids for s in samples for k, ids in enumerate(s.input_ids) if k not in {w for _, w in s.pairs}]
     else:
         fmt, out = detect_format(rows.column_names, str(path)), []
         for i, row in enumerate(rows):
-            conv = row_to_conversation(row, fmt, source=source_of(path, i), variables=cfg.data.variables)
+            conv = row_to_conversation(row, fmt, source=source_of(path, i), variables=variables)
             if not conv.messages or conv.messages[-1].role != "assistant":
                 drops["no_final_reply"] += 1
                 continue

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import torch
 
+from posttrain.data.config import DatasetConfig
+from posttrain.data.preference import encode_all, read_preferences
 from posttrain.data.references import reference_ids
 from posttrain.errors import ModelSourceError
-from posttrain.models.load import REWARD_OFFSET, reward_offset
+from posttrain.models.config import ModelConfig
+from posttrain.models.load import REWARD_OFFSET, load_reward_model, pick_device, reward_offset
 from posttrain.models.reward_head import fit_offset, raw_rewards
+from posttrain.models.run import SavedRun, find_run_config, read_run
+from posttrain.templates.render import apply_template
 
 log = logging.getLogger("posttrain")
 
 
 def _load_for_scoring(run_dir: str, device: str | None):
-    """(model, tokenizer, the run's config or defaults, device), rendering set up as the run trained."""
-    from posttrain.config import ModelConfig, RunConfig, load_config
-    from posttrain.models.load import load_reward_model, pick_device
-    from posttrain.models.run import find_run_config
-    from posttrain.templates.render import apply_template
-
+    """(model, tokenizer, the run's saved config or defaults, device), rendering set up as the run trained."""
     cfg_path = find_run_config(Path(run_dir)) if Path(run_dir).is_dir() else None
-    cfg = load_config(cfg_path) if cfg_path is not None else RunConfig()
-    dev = pick_device(device or cfg.train.device)
+    cfg = read_run(cfg_path) if cfg_path is not None else SavedRun()
+    dev = pick_device(device or cfg.device)
     model_cfg = ModelConfig(name_or_path=str(run_dir), dtype=cfg.model.dtype,
                             attn_implementation=cfg.model.attn_implementation)
     model, tokenizer = load_reward_model(model_cfg, dev)
@@ -45,7 +45,7 @@ def normalize_rewards(run_dir: str, ref_path: str, batch_size: int = 8, device: 
         raise ModelSourceError(f"{run_dir}: no config.json to store the reward offset in")
     model, tokenizer, cfg, dev = _load_for_scoring(run_dir, device)
     drops: Counter = Counter()
-    ids = reference_ids(ref_path, tokenizer, cfg, drops)
+    ids = reference_ids(ref_path, tokenizer, cfg.data, cfg.template.system, drops)
     offset = fit_offset(model, ids, tokenizer.pad_token_id, batch_size, dev)
     meta = json.loads(config_file.read_text(encoding="utf-8"))
     meta[REWARD_OFFSET] = offset  # only this key changes
@@ -62,9 +62,6 @@ def score_preferences(run_dir: str, data_path: str, batch_size: int = 8, device:
     Rendering (template, system, max_length) follows the run's config.yaml when there is one;
     rewards are the raw scores minus the model's stored offset.
     """
-    from posttrain.config import DatasetConfig
-    from posttrain.data.preference import encode_all, read_preferences
-
     model, tokenizer, cfg, dev = _load_for_scoring(run_dir, device)
     drops: Counter = Counter()
     samples = encode_all(read_preferences(DatasetConfig(path=data_path), cfg.data.variables), tokenizer,

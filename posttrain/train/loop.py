@@ -20,7 +20,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch import nn
 
-from posttrain.config import OptimConfig, RunConfig, save_config
+from posttrain.train.config import OptimConfig, RunConfig, save_config
 from posttrain.losses.moments import fold_moments
 from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from posttrain.train.reporting import RunReport, already_complete

@@ -47,9 +47,10 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder for answers, votes.jsonl, ratings.json, report.md")
         p.add_argument("--judge", required=True, help="reward-model folder, OpenAI-compatible base URL, or "
                                                       "'reference' (ROUGE-L against each prompt's reference)")
-        from posttrain.config import describe_keys
+        from posttrain.eval.config import EvalRunConfig
+        from posttrain.typed_config import describe_keys
 
-        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys()}
+        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
         for flag, kind, key in _COMPARE_FLAGS:
             p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
         return p
@@ -71,8 +72,8 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
 
 
 def _compare_config(args):
-    """The RunConfig that `eval compare --flags` stands for (only the flags given override defaults)."""
-    from posttrain.config import load_config
+    """The eval config that `eval compare --flags` stands for (only the flags given override defaults)."""
+    from posttrain.eval.config import load_eval_config
 
     extra = {"eval.task": "compare", "eval.output_dir": args.out, "eval.compare.prompts": args.prompts,
              "eval.compare.judge": args.judge,
@@ -80,7 +81,7 @@ def _compare_config(args):
     for flag, _, key in _COMPARE_FLAGS:
         if getattr(args, flag) is not None:
             extra[key] = getattr(args, flag)
-    return load_config(None, [], stage="eval", **extra)
+    return load_eval_config(None, [], **extra).eval
 
 
 def _print_compare(result: dict) -> None:
@@ -90,30 +91,30 @@ def _print_compare(result: dict) -> None:
     print(f"report: {result['report']}", file=sys.stderr)
 
 
-def run_config(cfg) -> int:
-    """Run an eval RunConfig: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
-    if cfg.eval.task == "compare":
+def run_config(ev) -> int:
+    """Run an eval section: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
+    if ev.task == "compare":
         from posttrain.eval.compare import run
 
-        _print_compare(run(cfg))
+        _print_compare(run(ev))
         return 0
     from posttrain.eval.multiple_choice import format_table, run
     from posttrain.eval.report import write_mc_report
 
-    summary = run(cfg)
+    summary = run(ev)
     print(format_table(summary))
-    report = write_mc_report(Path(cfg.eval.output_dir), summary)
+    report = write_mc_report(Path(ev.output_dir), summary)
     s = summary["settings"]
     print(f"{s['seconds']:.0f} s ({s['scored']} questions scored, {s['cached']} from the cache); "
-          f"results.json and {report} in {cfg.eval.output_dir}", file=sys.stderr)
+          f"results.json and {report} in {ev.output_dir}", file=sys.stderr)
     return 0
 
 
 def main(target: str, rest: list[str], parser_class) -> int:
     if target not in ("ppl", "generate", "compare", "ratings"):
-        from posttrain.config import load_config
+        from posttrain.eval.config import load_eval_config
 
-        return run_config(load_config(target, rest, stage="eval"))
+        return run_config(load_eval_config(target, rest).eval)
     args = _sub_parser(target, parser_class).parse_args(rest)
     if target == "compare":
         return run_config(_compare_config(args))

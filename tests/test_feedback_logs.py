@@ -6,9 +6,10 @@ import json
 import pytest
 
 from inprocess import call
-from posttrain.cli import main
+from posttrain.cli import _chat_log, build_parser, main
 from posttrain.curate.from_logs import from_logs
 from posttrain.curate.split import split
+from posttrain.errors import PosttrainError
 from posttrain.serve.api import Models, create_app, load_engine
 from posttrain.serve.chatlog import ChatLog
 
@@ -115,3 +116,11 @@ def test_split_by_user_id_keeps_each_user_in_one_split(tmp_path):
 def test_from_logs_bad_folder_is_one_clear_error(tmp_path, capsys):
     assert main(["data", "from-logs", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "no chat.jsonl" in capsys.readouterr().err
+
+
+def test_logging_is_off_unless_asked_for():
+    for argv in (["serve", "tiny-random"], ["ui"]):
+        assert _chat_log(build_parser().parse_args(argv)) is None
+    args = build_parser().parse_args(["ui", "--log-dir", "x", "--log-max-mb", "0"])
+    with pytest.raises(PosttrainError, match="--log-max-mb must be > 0"):
+        _chat_log(args)

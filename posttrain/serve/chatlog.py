@@ -33,10 +33,10 @@ class ChatLog:
         self.path = self.folder / CURRENT
         self.lock = threading.Lock()
 
-    def announcement(self, what: str) -> str:
+    def announcement(self, what: str, user: str = "the request's 'user' field") -> str:
         """The start-up line: logging is never silent."""
-        return (f"{what} logs every request to {self.path} (prompts, replies, model, time and the request's 'user' "
-                f"field; files rotate at {self.max_bytes / 2**20:g} MiB); see README 'Feedback loops'")
+        return (f"{what} logs every request to {self.path} (prompts, replies, model, time and {user}; files rotate "
+                f"at {self.max_bytes / 2**20:g} MiB); see README 'Feedback loops'")
 
     def write(self, record: dict) -> None:
         line = (json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record},

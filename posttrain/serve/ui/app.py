@@ -188,7 +188,7 @@ def run_ui(*, host: str = "127.0.0.1", port: int = 7860, models: list[str] = (),
     app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host),
                         chat_log=chat_log)
     if chat_log is not None:
-        print(chat_log.announcement("posttrain ui"), flush=True)
+        print(chat_log.announcement("posttrain ui", "the annotator name as the user"), flush=True)
     shown = "127.0.0.1" if hosts_for(host) is None else f"[{host}]" if ":" in host else host
     if token is None:
         print(f"posttrain ui on http://{shown}:{port}/?token={app.state.token}", flush=True)

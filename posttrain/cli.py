@@ -139,9 +139,10 @@ def cmd_score(args) -> int:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
     result = {}
     if args.normalize:
-        result["normalized"] = normalize_rewards(args.run, args.normalize, batch_size=args.batch_size)
+        result["normalized"] = normalize_rewards(args.run, args.normalize, batch_size=args.batch_size,
+                                                 strict=args.strict)
     if args.data:
-        result |= score_preferences(args.run, args.data, batch_size=args.batch_size)
+        result |= score_preferences(args.run, args.data, batch_size=args.batch_size, strict=args.strict)
         scores = result.pop("scores")
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference responses (chosen / top-ranked, or conversations' last reply) score 0 on average")
     p.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (default 8)")
     p.add_argument("--out", help="also write each row's response rewards as JSON lines here")
+    p.add_argument("--strict", action="store_true", help="stop at a row with a content problem (empty response, "
+                   "chosen == rejected, too long) instead of dropping and counting it")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("keys", help="list every config key with its default and doc")

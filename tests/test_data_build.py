@@ -58,7 +58,8 @@ def test_convert_errors(tmp_path):
         convert.convert(FIX / "bad.jsonl", tmp_path / "x.jsonl", "openai")
     assert not (tmp_path / "x.jsonl").exists()  # atomic: no half-written output
     report = convert.convert(FIX / "bad.jsonl", tmp_path / "x.jsonl", "openai", skip_bad=True)
-    assert report["written"] == 1 and report["rejected"] == {"unparseable row": 2}
+    assert report["written"] == 1  # rejected rows counted by reason, without file, line or value
+    assert report["rejected"] == {"field 'output' is missing/empty": 1, "field 'output' must be a string": 1}
 
 
 def test_from_task_nli_labels_and_seeding(tmp_path):
@@ -112,7 +113,7 @@ def test_minhash_estimates_jaccard():
     a = " ".join(f"w{i}" for i in range(200))
     b = " ".join(f"w{i}" for i in range(40, 240))  # word 5-gram Jaccard = 156 / 244 = 0.639
     lsh = dedup.MinHashLSH(0.5, num_perm=256, seed=1)
-    sa, sb = lsh.signatures([a, b])
+    sa, sb = lsh.signatures([lsh.shingle_hashes(a), lsh.shingle_hashes(b)])
     true = len(dedup.shingles(a) & dedup.shingles(b)) / len(dedup.shingles(a) | dedup.shingles(b))
     assert abs(float(np.mean(sa == sb)) - true) < 0.1
     assert dedup.lsh_bands(0.8, 64)[0] * dedup.lsh_bands(0.8, 64)[1] <= 64
@@ -149,6 +150,16 @@ def test_filter_rule_errors(tmp_path):
     with pytest.raises(DataError, match="length rule"):
         filt.filter_file(FIX / "alpaca.jsonl", tmp_path / "o.jsonl", rules)
     assert filt.script_of("你好世界 hi") == "cjk" and filt.repetition_ratio("a b c a b c a b c") == pytest.approx(4 / 7)
+
+
+def test_pii_phone_needs_a_phone_shape():
+    scrub = filt.PiiScrubber(["phone"])
+    for text in ("call +1 415 555 0100.", "(555) 123-4567", "+14155550100", "+44 20 7946 0958"):
+        assert "<phone>" in scrub(text), text
+    # years, sums, decimals and calendar rows are not phone numbers (the old pattern took all of these)
+    for text in ("Marie Curie (1867-1934)", "c = 12 - 1 - 2 = 9", "0.762848570174394", " 4    5    6    7    8    9",
+                 "2020-01-01", "from 2000-2015."):
+        assert scrub(text) == text, text
 
 
 def test_mix_weights_caps_and_seed(tmp_path):

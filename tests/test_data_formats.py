@@ -3,6 +3,7 @@
 import pytest
 
 from posttrain.data.formats import detect_format, fill_variables, row_to_conversation
+from posttrain.data.policy import ContentProblem
 from posttrain.records import Conversation, Message
 from posttrain.errors import DataError
 
@@ -37,17 +38,19 @@ def test_alpaca_optional_fields_may_be_null_or_empty():
     assert roles(conv) == [("user", "Say hi"), ("assistant", "hi")]
 
 
-@pytest.mark.parametrize("output", [None, ""])
-def test_alpaca_missing_output_names_line_and_field(output):
+@pytest.mark.parametrize("output, problem", [(None, "is missing/empty"), ("", r"is empty \[empty_response\]"),
+                                             (" \n", r"is empty \[empty_response\]")])
+def test_alpaca_missing_output_names_line_and_field(output, problem):
     row = {"instruction": "x", "output": output}
-    with pytest.raises(DataError, match=r"data\.jsonl line 7: field 'output' is missing/empty"):
+    with pytest.raises(DataError, match=rf"data\.jsonl line 7: field 'output' {problem}") as err:
         convert(row, "alpaca")
+    assert isinstance(err.value, ContentProblem) == (output is not None)  # blank: content; missing: structural
 
 
 def test_alpaca_renamed_column_is_named_too():
     conv = convert({"instruction": "q", "answer": "a"}, columns={"output": "answer"})
     assert roles(conv)[-1] == ("assistant", "a")
-    with pytest.raises(DataError, match=r"field 'output' \(column 'answer'\) is missing/empty"):
+    with pytest.raises(DataError, match=r"field 'output' \(column 'answer'\) is empty"):
         convert({"instruction": "q", "answer": ""}, "alpaca", columns={"output": "answer"})
 
 
@@ -173,7 +176,7 @@ def test_bad_role_tags_target():
 def test_text_format():
     conv = convert({"text": "Once upon a time"})
     assert conv.text == "Once upon a time" and conv.messages == []
-    with pytest.raises(DataError, match=r"line 7: field 'text' is missing/empty"):
+    with pytest.raises(DataError, match=r"line 7: field 'text' is empty \[empty_text\]"):
         convert({"text": ""}, "text")
 
 

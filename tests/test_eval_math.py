@@ -1,14 +1,19 @@
 """Pure-math eval pieces: BLEU/ROUGE on hand-computed strings, win rates, Elo/Bradley-Terry, MC data files."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from rouge_score import rouge_scorer
+from rouge_score.tokenizers import Tokenizer
 
 from posttrain.errors import DataError
 from posttrain.eval import ratings
 from posttrain.eval.mc_data import load_split, read_csv_items
-from posttrain.eval.metrics import corpus_bleu, reference_scores, rouge_l, rouge_n, tokenize
+from posttrain.eval.metrics import reference_scores, tokenize
 from posttrain.eval.judges import ReferenceJudge
 from posttrain.eval.multiple_choice import build_prompt, summarize
 from posttrain.eval.mc_categories import CEVAL_CATEGORIES
@@ -16,32 +21,65 @@ from posttrain.eval.mc_categories import CEVAL_CATEGORIES
 from conftest import SHARED_ASSETS
 
 
-def test_tokenize_words_and_chinese_characters():
-    assert tokenize("The cat, sat!") == ["the", "cat", ",", "sat", "!"]
+def test_tokenize_is_rouge_score_plus_cjk_characters():
+    assert tokenize("The cat, sat!") == ["the", "cat", "sat"]  # rouge-score's own tokenization
     assert tokenize("我爱北京 ok", segment="char") == ["我", "爱", "北", "京", "ok"]
+    assert tokenize("我爱北京天安门", segment="jieba") == ["我", "爱", "北京", "天安门"]
 
 
-def test_bleu_hand_computed():
-    hyp = "the cat sat on the mat".split()
-    ref = "the cat is on the mat".split()
-    # clipped matches 1..4-gram: 5/6, 3/5, 1/4, 0/3 -> BLEU 0 (no smoothing)
-    assert corpus_bleu([hyp], [ref]) == 0.0
-    hyp2 = "a b c d e f".split()
-    ref2 = "a b c d e f g h".split()
-    # all precisions 1, brevity penalty exp(1 - 8/6)
-    assert corpus_bleu([hyp2], [ref2]) == pytest.approx(100 * math.exp(1 - 8 / 6), abs=1e-9)
-    assert corpus_bleu([ref2], [ref2]) == pytest.approx(100.0)
+CORPUS = [  # (prediction, reference): Chinese, mixed and English rows
+    ("我爱上海的天安门。", "我爱北京天安门。"),
+    ("今天天气很好，我们去公园散步吧。", "今天天气不错，我们一起去公园散步。"),
+    ("将85华氏度转换为摄氏度约为29.4度。", "85华氏度约等于29.4摄氏度。"),
+    ("小问是西南财经大学开发的助手。", "我是小问，由SWUFE开发的AI助手。"),
+    ("The cat is on the mat.", "The cat sat on the mat."),
+    ("Paris is the capital.", "The capital of France is Paris."),
+]
 
 
-def test_rouge_hand_computed():
-    hyp = "the cat sat on the mat".split()
-    ref = "the cat is on the mat".split()
-    assert rouge_n(hyp, ref, 1) == pytest.approx(5 / 6)  # p = r = 5/6
-    assert rouge_n(hyp, ref, 2) == pytest.approx(3 / 5)  # the cat, on the, the mat
-    assert rouge_l(hyp, ref) == pytest.approx(5 / 6)  # LCS the cat on the mat
-    scores = reference_scores(["我爱北京"], ["我爱上海"], segment="char")
-    assert scores["rouge1"] == pytest.approx(50.0)
-    assert scores["rouge2"] == pytest.approx(100 / 3)
+def _sacrebleu_cli(tmp_path, preds, refs, tok):
+    (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    (tmp_path / "hyp.txt").write_text("\n".join(preds) + "\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
+                          "-tok", tok, "-w", "6"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("rows,tok", [(CORPUS, "zh"), (CORPUS[4:], "13a")])
+def test_bleu_equals_sacrebleu_command_line(tmp_path, rows, tok):
+    preds, refs = [p for p, _ in rows], [r for _, r in rows]
+    cli = _sacrebleu_cli(tmp_path, preds, refs, tok)
+    scores = reference_scores(preds, refs)
+    assert scores["bleu4"] == pytest.approx(cli["score"], abs=1e-6) and cli["score"] > 0
+    assert scores["bleu_signature"] == cli["signature"] and f"tok:{tok}" in cli["signature"]
+
+
+NO_PUNCT = str.maketrans("", "", "。，")
+
+
+class _Whitespace(Tokenizer):
+    def tokenize(self, text):
+        return text.split()
+
+
+def test_rouge_equals_rouge_score():
+    english = CORPUS[4:]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])  # the library's defaults
+    ours = reference_scores([p for p, _ in english], [r for _, r in english])
+    for key in ("rouge1", "rouge2", "rougeL"):
+        lib = 100 * sum(scorer.score(r, p)[key].fmeasure for p, r in english) / len(english)
+        assert ours[key] == pytest.approx(lib, abs=1e-9)
+    # all-Chinese rows: punctuation dropped (as rouge-score's tokenizer does), characters spaced out by
+    # hand, then rouge-score with a whitespace tokenizer
+    chinese = CORPUS[:2]
+    spaced = [(" ".join(p.translate(NO_PUNCT)), " ".join(r.translate(NO_PUNCT))) for p, r in chinese]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Whitespace())
+    ours = reference_scores([p for p, _ in chinese], [r for _, r in chinese])
+    for key in ("rouge1", "rouge2", "rougeL"):
+        lib = 100 * sum(scorer.score(r, p)[key].fmeasure for p, r in spaced) / len(spaced)
+        assert ours[key] == pytest.approx(lib, abs=1e-9) and 0 < lib < 100
+    hand = reference_scores(["我爱北京"], ["我爱上海"], segment="char")
+    assert hand["rouge1"] == pytest.approx(50.0) and hand["rouge2"] == pytest.approx(100 / 3)
 
 
 def _votes(strengths: dict, n: int, rng) -> list[dict]:
@@ -168,6 +206,6 @@ def test_reference_judge_hand_computed():
     assert judge.score("I SmolLM", ref) == pytest.approx(1 / 3)
     vote = judge.compare([], "I SmolLM", "I am Aria", reference=ref)
     assert vote["winner"] == "model_b" and vote["score_b"] == pytest.approx(6 / 7)
-    assert judge.compare([], "I am Aria", "I am Aria!", reference=ref)["winner"] == "tie"  # 6/7 vs 3/4: within 0.15
+    assert judge.compare([], "I am Aria", "I am Aria!", reference=ref)["winner"] == "tie"  # 6/7 both ('!' is no token)
     with pytest.raises(DataError, match="reference answer"):
         judge.compare([], "a", "b", reference=None)

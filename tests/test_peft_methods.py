@@ -148,3 +148,47 @@ def test_method_config_rules(tiny_dir):
         make_cfg(tiny_dir, {"method.type": "prefix", "prompt.init_text": "hello"})
     with pytest.raises(ConfigError, match="lisa"):
         make_cfg(tiny_dir, {"method.type": "lisa", "lisa.layers": 0})
+
+
+PISSA_RUN = """
+import sys
+from posttrain.train.config import load_config
+from posttrain.models.load import load_base
+from posttrain.models.methods import apply_method
+from posttrain.models.run import save_model
+
+cfg = load_config(None, [], **{"data.datasets": [{"path": "x.jsonl"}], "model.name_or_path": sys.argv[1],
+                                "lora.init": "pissa"})
+base, tok = load_base(cfg.model, "cpu")
+model = apply_method(base, cfg.methods)
+save_model(model, tok, sys.argv[2])
+print(model.posttrain_pissa_init)
+"""
+
+
+def test_pissa_init_folder_goes_away_with_the_model_and_at_exit(tmp_path, tiny_dir):
+    """The initial adapter PiSSA's save conversion needs leaves no posttrain-pissa-init-* folder behind."""
+    import gc
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base, tokenizer = load_base(make_cfg(tiny_dir, {}).model, "cpu")
+    model = apply_method(base, make_cfg(tiny_dir, METHODS["pissa"][0]).methods)
+    init_dir = Path(model.posttrain_pissa_init)
+    save_model(model, tokenizer, tmp_path / "saved")
+    assert init_dir.is_dir()  # still there for later saves (checkpoints, then the final model)
+    del model, base
+    gc.collect()
+    assert not init_dir.exists()
+    # a process that never drops its model (a training run) removes it at exit
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", PISSA_RUN, str(tiny_dir), str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip().splitlines()[-1]).parent == temp  # it was made where we look
+    assert (tmp_path / "run" / "adapter_config.json").is_file()
+    assert list(temp.glob("posttrain-pissa-init-*")) == []

@@ -174,9 +174,11 @@ def test_ppo_run_changes_only_lora_and_value_head(tmp_path, tiny_dir):
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 0.5, "ppo.ptx_datasets": [
         {"path": str(tmp_path / "sft.jsonl")}], "ppo.ptx_val_size": 2})
+    with (tmp_path / "prompts.jsonl").open("a") as f:  # a blank prompt: dropped, counted in the summary
+        f.write("\n" + json.dumps({"messages": [{"role": "user", "content": " "}]}))
     summary = ppo.run(cfg)
     out = tmp_path / "out"
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and summary["prompts"] == 3 and summary["dropped"] == {"empty_prompt": 1}
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert train[0]["kl"] == 0.0  # step 1: policy == reference (LoRA B starts at zero)

@@ -37,3 +37,5 @@ class DataConfig:
     mask: Literal["all", "last", "full"] = opt(
         "all", "loss on: every assistant turn, the last assistant turn, or the whole sequence")
     variables: dict[str, str] = opt({}, "values for {{placeholders}} in the data, e.g. {name: Aria}")
+    strict: bool = opt(False, "content problems in a row (empty response, chosen == rejected, too long) are fatal "
+                              "instead of dropped and counted by reason; structural problems are always fatal")

@@ -15,6 +15,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (YAML) or the subcommand's options")
 
 
+STRICT_HELP = "stop at a prompt row with a content problem (a blank prompt) instead of dropping and counting it"
+
 # optional `eval compare` flags -> config keys
 _COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
                   ("judge_max_tokens", int, "eval.compare.judge_max_tokens"),
@@ -53,6 +55,7 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
         for flag, kind, key in _COMPARE_FLAGS:
             p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         return p
     p.add_argument("--model", required=True, help="run dir, model folder, built-in or hub id")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
@@ -66,8 +69,10 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
         p.add_argument("--data", required=True, help="prompts with reference answers (any SFT layout)")
         p.add_argument("--out", required=True, help="predictions JSONL; scores go to OUT.scores.json")
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         p.add_argument("--segment", default="auto", choices=["auto", "char", "jieba"],
-                       help="Chinese segmentation for BLEU/ROUGE (auto: jieba if installed, else characters)")
+                       help="CJK tokens for ROUGE: characters (auto, char) or jieba words; BLEU is sacrebleu "
+                            "with tokenize zh when references have CJK text, else 13a")
     return p
 
 
@@ -81,6 +86,8 @@ def _compare_config(args):
     for flag, _, key in _COMPARE_FLAGS:
         if getattr(args, flag) is not None:
             extra[key] = getattr(args, flag)
+    if args.strict:
+        extra["eval.compare.strict"] = True
     return load_eval_config(None, [], **extra).eval
 
 
@@ -135,6 +142,7 @@ def main(target: str, rest: list[str], parser_class) -> int:
         from posttrain.eval.generation import run
 
         result = run(args.model, args.data, args.out, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, segment=args.segment, device=args.device)
+                     max_new_tokens=args.max_new_tokens, segment=args.segment, device=args.device,
+                     strict=args.strict)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

@@ -149,7 +149,7 @@ def run(ev: EvalConfig) -> dict:
     out = Path(ev.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = model_names(cmp.models)
-    prompts = read_prompts(cmp.prompts)
+    prompts = read_prompts(cmp.prompts, strict=cmp.strict)
     if not prompts:
         raise DataError(f"{cmp.prompts}: no prompts")
     device = str(pick_device(ev.device))

@@ -45,6 +45,8 @@ class MultipleChoiceConfig:
 class CompareConfig:
     models: list[str] = opt([], "models to compare (2 or more): run dirs, model folders, built-in names, hub ids")
     prompts: str = opt("", "prompt file: {prompt, reference?, category?, id?} rows, or any SFT layout")
+    strict: bool = opt(False, "a prompt row with a content problem (a blank prompt) stops the run instead of being "
+                              "dropped and counted (the data policy)")
     judge: str = opt("", "reward-model folder, OpenAI-compatible base URL (http...), or 'reference' "
                          "(ROUGE-L against each prompt's reference answer)")
     judge_model: str = opt("gpt-4o-mini", "model name sent to an LLM judge endpoint")

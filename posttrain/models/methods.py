@@ -11,6 +11,9 @@ head sits is models/anatomy.py.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -123,10 +126,12 @@ def _apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "CAUSAL
 
 def _keep_pissa_init(model: nn.Module) -> None:
     """PiSSA rewrites the base weights (W - AB); keep the initial adapter so saving can convert the
-    trained one into a plain LoRA that applies to the untouched base (PEFT's weight conversion)."""
-    import tempfile
+    trained one into a plain LoRA that applies to the untouched base (PEFT's weight conversion).
 
+    Every save (checkpoints, the final model) needs it, so it lives as long as the model: removed
+    when the model is garbage-collected, or at interpreter exit at the latest."""
     init_dir = tempfile.mkdtemp(prefix="posttrain-pissa-init-")
+    weakref.finalize(model, shutil.rmtree, init_dir, ignore_errors=True)
     config = model.peft_config["default"]
     config.init_lora_weights = True  # saved as a plain init so loading it never re-runs the SVD
     model.save_pretrained(init_dir)

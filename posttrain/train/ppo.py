@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from posttrain.train.config import RunConfig
 from posttrain.data.batches import sft_batches
 from posttrain.data.pipeline import build_sft_data
+from posttrain.data.policy import drop_summary
 from posttrain.errors import ConfigError
 from posttrain.losses.ppo import explained_variance, gae, kl_per_token, masked_mean, policy_loss, value_loss, whiten
 from posttrain.models.generate import generate_reply
@@ -59,14 +60,15 @@ def run(cfg: RunConfig) -> dict:
     trainable -= count_parameters(policy)[0] - prepared.trainable  # LISA: the policy's blocks take turns
 
     # data: prompts to sample from; optional ptx (SFT / pre-training) data with a held-out split
-    prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
+    prompts, drops = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
     ptx_train = ptx_eval = None
     if p.ptx_datasets:
         ptx_cfg = dataclasses.replace(cfg.data, datasets=p.ptx_datasets, eval_datasets=[], val_size=p.ptx_val_size)
         ptx = build_sft_data(ptx_cfg, cfg.template, tokenizer, cfg.train.seed)
         ptx_train = sft_batches(ptx.train, tokenizer.pad_token_id)
         ptx_eval = sft_batches(ptx.eval, tokenizer.pad_token_id) if ptx.eval is not None else None
-    log.info("prompts: %d (%d dropped); trainable parameters %d of %d", len(prompts), dropped, trainable, total)
+    log.info("prompts: %d (dropped: %s); trainable parameters %d of %d", len(prompts), drop_summary(drops) or "none",
+             trainable, total)
 
     steps = PPOSteps(cfg, pv, ref_model, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,
                      ptx_train, ptx_eval)
@@ -79,7 +81,8 @@ def run(cfg: RunConfig) -> dict:
         save_file({k: v.contiguous().cpu() for k, v in pv.value_head.state_dict().items()},
                   out / "value_head.safetensors")
 
-    extra = {"stage": "ppo", "prompts": len(prompts), "trainable_params": trainable, "total_params": total}
+    extra = {"stage": "ppo", "prompts": len(prompts), "dropped": drops, "trainable_params": trainable,
+             "total_params": total}
     return loop.run(save, extra_summary=extra)
 
 

@@ -90,7 +90,8 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
     if cfg.rm.normalize_data:
-        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg.data, cfg.template.system, Counter())
+        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg.data, cfg.template.system, Counter(),
+                                  cfg.data.strict)
     loss_fn = functools.partial(rm_forward, center_coef=cfg.rm.center_coef)
     steps = DataSteps(preference_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=cfg.data.packing,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,

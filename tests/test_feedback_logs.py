@@ -88,7 +88,8 @@ def test_from_logs_scrubs_dedups_caps_and_counts_every_removed_row(tmp_path):
                                            "Once upon"]
     assert (report["records"], report["malformed"], report["kept"]) == (8, 2, 5)
     assert report["removed"] == {"duplicate": 1, "user_cap": 1, "empty_prompt": 1}
-    assert report["pii_scrubbed"] == 2 and report["malformed_lines"][0].endswith("chat-000001.jsonl line 5")
+    assert report["pii_scrubbed"] == 2 and report["pii_matches"] == {"email": 1, "phone": 1}
+    assert report["malformed_lines"][0].endswith("chat-000001.jsonl line 5")
     assert report["records"] + report["malformed"] == 10  # every line accounted for
     assert sum(report["removed"].values()) == len(read(tmp_path / "prompts.removed.jsonl"))
     ids = {r["prompt"]: r["user_id"] for r in rows}

@@ -5,7 +5,7 @@ duplicate prompts, keep at most 200 prompts per user id, and keep the user id so
 `data split --by user_id` never puts one user's prompts in two splits. Steps, in log order
 (oldest file first):
 1. a line that is not a JSON object with `messages` (chat) or `prompt` (completions) is `malformed`;
-2. PII (e-mail, phone, id numbers; curate.filter's patterns) becomes <email>, <phone>, <id>;
+2. PII (e-mail, phone, id numbers; curate.filter's scrubber) becomes <email>, <phone>, <id>;
 3. no user turn -> `empty_prompt`; sft rows with an empty reply -> `empty_response`;
 4. the same prompt (sft: prompt and reply) seen before, after lower-casing and collapsing
    spaces -> `duplicate`;
@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from posttrain.curate.dedup import exact_key
-from posttrain.curate.filter import PII, scrub_pii
+from posttrain.curate.filter import PiiScrubber
 from posttrain.curate.stream import AtomicJsonl, side_path
 from posttrain.errors import DataError
 
@@ -115,10 +115,11 @@ def from_logs(log_dir: str | Path, out: str | Path, *, mode: str = "prompts", pe
     seen: set[int] = set()
     per: Counter = Counter()
     records = scrubbed = 0
+    scrub = PiiScrubber(("email", "phone", "id"))  # names need a list of names: data filter's `pii` rule has it
     with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "removed")) as rejects:
         for n, (source, record, msgs) in enumerate(read_records(paths, malformed)):
             records += 1
-            clean = scrub_pii({"messages": msgs, "responses": record["responses"]}, tuple(PII))
+            clean = scrub({"messages": msgs, "responses": record["responses"]})
             scrubbed += clean != {"messages": msgs, "responses": record["responses"]}
             uid = user_id(record.get("user"), keep_user_ids)
             row, reason = _row(record | {"responses": clean["responses"]}, clean["messages"], mode, uid, n)
@@ -134,4 +135,5 @@ def from_logs(log_dir: str | Path, out: str | Path, *, mode: str = "prompts", pe
             writer.write(row)
     return {"files": [str(p) for p in paths], "records": records, "malformed": len(malformed),
             "malformed_lines": malformed[:MAX_LOCATIONS], "kept": writer.count, "removed": dict(removed),
-            "pii_scrubbed": scrubbed, "users": len(per), "out": str(out), "removed_file": str(rejects.path)}
+            "pii_scrubbed": scrubbed, "pii_matches": dict(scrub.counts),
+            "users": len(per), "out": str(out), "removed_file": str(rejects.path)}

@@ -18,7 +18,6 @@ from posttrain.eval.mc_data import MCItem, detect_layout
 from posttrain.eval.mc_prompts import option_token_ids
 from posttrain.eval.mc_scoring import continuation_logps, next_token_logps, split_common_prefix
 from posttrain.eval.report import write_mc_report
-from posttrain.models.run import load_model_for_inference
 
 QUESTIONS = [("What is two plus two?", ["three", "four", "five apples", "a tree"], "B"),
              ("Which animal barks?", ["cat", "the dog", "fish", "a small bird"], "B"),
@@ -60,12 +59,6 @@ def _cfg(model_dir, bench, out, **extra):
 def _rows(out: Path) -> dict:
     (path,) = out.glob("items-*.jsonl")
     return {r["key"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
-    return model, tokenizer
 
 
 def _next_logps(model, ids: list[int]) -> torch.Tensor:

@@ -19,21 +19,7 @@ from posttrain.train.loop import Dist, Loop
 from posttrain.data.batches import Batches
 from posttrain.train.steps import DataSteps
 
-
-def make_data(n=16, seed=0, vocab=300, learnable=False):
-    """Random token rows of 6..19 tokens; `learnable` rows count upwards (next = current + 1)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, weights = [], []
-    for _ in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=g))
-        if learnable:
-            start = int(torch.randint(3, vocab - 20, (1,), generator=g))
-            ids.append(list(range(start, start + length)))
-        else:
-            ids.append(torch.randint(3, vocab, (length,), generator=g).tolist())
-        prompt = length // 3  # a "prompt" part without loss, then an answer part with loss
-        weights.append([0.0] * prompt + [1.0] * (length - prompt))
-    return ids, weights
+from conftest import make_data
 
 
 def batches(ids, weights):
@@ -141,7 +127,7 @@ def test_resume_reaches_the_same_weights(tiny_dir, tmp_path):
 
 WORKER = r'''
 import functools, json, sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 from test_loop import batches, config, make_data, make_loop, model_for, trainable
 from posttrain.train.loop import Dist
 from pathlib import Path
@@ -158,7 +144,8 @@ if dist_ctx.main:
 
 def test_two_processes_match_one(tiny_dir, tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), tiny=str(tiny_dir)))
+    here = Path(__file__).parent
+    script.write_text(WORKER.format(here=str(here), tests=str(here.parent), tiny=str(tiny_dir)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(script), str(one), "train.grad_accum=2"], check=True, env=env)

@@ -2,8 +2,6 @@
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -15,13 +13,6 @@ from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 from posttrain.eval.mc_data import MCItem
 from posttrain.eval.mc_prompts import letter_token_ids
 from posttrain.eval.mc_scoring import next_token_logps
-from posttrain.models.run import load_model_for_inference
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
-    return model, tokenizer
 
 
 def test_mc_scoring_matches_hand_logprobs_and_picks_max(tiny):
@@ -97,47 +88,31 @@ def test_reward_model_judge(tiny_dir, tmp_path):
     assert judge.compare(prompt, "hello", "go away now")["winner"] == "tie"
 
 
-class _FakeJudgeAPI(BaseHTTPRequestHandler):
+class FakeJudge:
     """Prefers the answer containing 'good'; with bias=True always says the first answer (position bias)."""
 
-    bias = False
-    seen: list = []
+    def __init__(self):
+        self.bias, self.seen = False, []
 
-    def do_POST(self):  # noqa: N802 (http.server API)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def __call__(self, body, headers):
         text = body["messages"][0]["content"]
-        type(self).seen.append((body["model"], self.headers["Authorization"]))
+        self.seen.append((body["model"], headers["Authorization"]))
         first = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
         verdict = "A" if self.bias or "good" in first else "B"
-        content = f"Reasoning... [[{verdict}]]"
         if body.get("max_tokens", 1000) < 8:  # a short cap cuts the reply before its verdict
-            content = "Reasoning..."
-        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return "Reasoning..."
+        return f"Reasoning... [[{verdict}]]"
 
 
-def test_llm_judge_against_fake_server_with_order_swap():
-    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "judge-x", api_key="k")
-        prompt = [Message("user", "q")]
-        assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "model_a"
-        assert judge.compare(prompt, "bad answer", "good answer")["winner"] == "model_b"
-        _FakeJudgeAPI.bias = True  # always "A": the swap exposes it and the vote is a tie
-        assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "tie"
-        assert _FakeJudgeAPI.seen[0] == ("judge-x", "Bearer k")
-    finally:
-        _FakeJudgeAPI.bias = False
-        server.shutdown()
+def test_llm_judge_against_fake_server_with_order_swap(fake_openai):
+    fake = FakeJudge()
+    judge = OpenAIJudge(fake_openai(fake), "judge-x", api_key="k")
+    prompt = [Message("user", "q")]
+    assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "model_a"
+    assert judge.compare(prompt, "bad answer", "good answer")["winner"] == "model_b"
+    fake.bias = True  # always "A": the swap exposes it and the vote is a tie
+    assert judge.compare(prompt, "good answer", "bad answer")["winner"] == "tie"
+    assert fake.seen[0] == ("judge-x", "Bearer k")
 
 
 def test_mc_item_letters():
@@ -145,23 +120,18 @@ def test_mc_item_letters():
     assert item.answer == "C"
 
 
-def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
+def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path, fake_openai):
     from posttrain.eval.config import load_eval_config
     from posttrain.eval import compare
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": "tell me more"}\n', encoding="utf-8")
-    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg = load_eval_config(None, [], **{
-            "eval.task": "compare", "eval.output_dir": str(tmp_path / "cmp"), "eval.device": "cpu",
-            "eval.compare.models": [str(tiny_dir), str(tiny_dir) + "/"], "eval.compare.prompts": str(prompts),
-            "eval.compare.judge": f"http://127.0.0.1:{server.server_port}/v1", "eval.compare.judge_model": "j",
-            "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5}).eval
-        result = compare.run(cfg)
-    finally:
-        server.shutdown()
+    cfg = load_eval_config(None, [], **{
+        "eval.task": "compare", "eval.output_dir": str(tmp_path / "cmp"), "eval.device": "cpu",
+        "eval.compare.models": [str(tiny_dir), str(tiny_dir) + "/"], "eval.compare.prompts": str(prompts),
+        "eval.compare.judge": fake_openai(FakeJudge()), "eval.compare.judge_model": "j",
+        "eval.compare.max_new_tokens": 4, "eval.compare.rounds": 5}).eval
+    result = compare.run(cfg)
     assert result["votes"] == 2 and list(result["models"]) == ["model", "model-2"]
     assert result["judge"].startswith("llm:j@http://127.0.0.1")
     votes = compare.read_votes(tmp_path / "cmp" / "votes.jsonl")
@@ -170,7 +140,7 @@ def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path):
         assert (tmp_path / "cmp" / name).is_file()
 
 
-def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
+def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path, fake_openai):
     """A judge cut short (judge_max_tokens) gives no verdict: votes kept with winner None, cached (not
     re-asked), left out of ratings, reported; another judge_max_tokens is another judge and asks again."""
     from posttrain.eval import compare
@@ -182,23 +152,18 @@ def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
     answers = {"x": {"p0": {"prediction": "good one"}, "p1": {"prediction": "good two"}},
                "y": {"p0": {"prediction": "bad one"}, "p1": {"prediction": "bad two"}}}
     votes_path = tmp_path / "votes.jsonl"
-    server = HTTPServer(("127.0.0.1", 0), _FakeJudgeAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/v1"
-    _FakeJudgeAPI.seen = []
-    try:
-        short = OpenAIJudge(url, "j", max_tokens=4)
-        votes = compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path)
-        assert [(v["winner"], v["verdicts"]) for v in votes] == [(None, ["unparsed", "unparsed"])] * 2
-        assert len(_FakeJudgeAPI.seen) == 4  # two prompts, asked in both orders
-        assert compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path) == votes
-        assert len(_FakeJudgeAPI.seen) == 4  # cached, not re-asked
-        long = OpenAIJudge(url, "j", max_tokens=64)
-        assert long.id != short.id and short.id.endswith(":max_tokens=4")
-        decided = compare.judge_pairs(long, ["x", "y"], prompts, answers, votes_path)
-        assert len(_FakeJudgeAPI.seen) == 8 and [v["winner"] for v in decided] == ["model_a", "model_a"]
-    finally:
-        server.shutdown()
+    fake = FakeJudge()
+    url = fake_openai(fake)
+    short = OpenAIJudge(url, "j", max_tokens=4)
+    votes = compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path)
+    assert [(v["winner"], v["verdicts"]) for v in votes] == [(None, ["unparsed", "unparsed"])] * 2
+    assert len(fake.seen) == 4  # two prompts, asked in both orders
+    assert compare.judge_pairs(short, ["x", "y"], prompts, answers, votes_path) == votes
+    assert len(fake.seen) == 4  # cached, not re-asked
+    long = OpenAIJudge(url, "j", max_tokens=64)
+    assert long.id != short.id and short.id.endswith(":max_tokens=4")
+    decided = compare.judge_pairs(long, ["x", "y"], prompts, answers, votes_path)
+    assert len(fake.seen) == 8 and [v["winner"] for v in decided] == ["model_a", "model_a"]
     meta = {"models": {"x": "x", "y": "y"}, "prompts": "p.jsonl", "judge": short.id}
     none = {**meta, **compare.ratings_from_votes(votes, rounds=5)}
     assert (none["votes"], none["no_verdict"], none["bradley_terry"], none["win_matrix"]) == (0, 2, [], {})

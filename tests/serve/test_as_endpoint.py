@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from test_serve_api import free_port
+from test_api import free_port
 
 from posttrain.cli import main
 from posttrain.curate import synth

@@ -185,7 +185,7 @@ def test_pissa_init_folder_goes_away_with_the_model_and_at_exit(tmp_path, tiny_d
     # a process that never drops its model (a training run) removes it at exit
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", PISSA_RUN, str(tiny_dir), str(tmp_path / "run")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

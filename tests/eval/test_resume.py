@@ -17,9 +17,7 @@ from posttrain.eval import compare, generation, multiple_choice
 from posttrain.eval.judges import ReferenceJudge
 from posttrain.models.run import load_model_for_inference
 
-from conftest import SHARED_ASSETS
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, SHARED_ASSETS
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from posttrain.models.fast_lora import disable_fast_lora, enable_fast_lora
 from posttrain.models.methods import apply_method
 from posttrain.models.head_logps import token_logps
 from posttrain.models.forward import sft_forward
-from test_loop import make_data
+
+from conftest import make_data
 
 
 def lora_model(tiny_dir, tmp_path, *extra):

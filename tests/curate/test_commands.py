@@ -1,4 +1,4 @@
-"""Data construction commands on the shipped fixtures (tests/data/build): outputs, reports, errors, seeding."""
+"""Data construction commands on the shipped fixtures (tests/curate/fixtures): outputs, reports, errors, seeding."""
 
 import json
 import shutil
@@ -12,7 +12,7 @@ from posttrain.curate import convert, dedup, filter as filt, from_task, mix, spl
 from posttrain.curate.stream import iter_rows, parse
 from posttrain.errors import DataError
 
-FIX = Path(__file__).parent / "data" / "build"
+FIX = Path(__file__).parent / "fixtures"
 
 
 def rows(path):

@@ -1,6 +1,6 @@
 """Anthropic hh-rlhf's raw transcripts read directly: turns, shared prompt, drops counted, strict, auto-detected.
 
-tests/data/hh_rlhf_raw.jsonl is hand-written in the exact raw layout (each side a whole
+tests/data/fixtures/hh_rlhf_raw.jsonl is hand-written in the exact raw layout (each side a whole
 "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript), with the cases the real files hold: several
 turns, an empty final reply, "Human:" inside a reply, prompts that differ, a reply split by a
 repeated "Assistant:" marker, and chosen == rejected.
@@ -20,7 +20,7 @@ from posttrain.data.preference import build_preference_data, read_preferences, r
 from posttrain.data.transcripts import split_transcript
 from posttrain.errors import DataError
 
-RAW = Path(__file__).parent / "data" / "hh_rlhf_raw.jsonl"
+RAW = Path(__file__).parent / "fixtures" / "hh_rlhf_raw.jsonl"
 
 
 def _rows():

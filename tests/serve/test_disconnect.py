@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from test_serve_api import LiveServer, expected, post
+from test_api import LiveServer, expected, post
 
 from posttrain.records import Message
 from posttrain.serve.api import Models, create_app, load_engine

@@ -108,14 +108,8 @@ def test_export_full_run_and_overwrite_rules(tmp_path, tiny_dir):
     assert (export_merged(run_dir, empty) / "model.safetensors").is_file()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
-    return model, tokenizer
-
-
-def test_generate_reply_greedy_is_deterministic_and_streams(tiny_model):
-    model, tokenizer = tiny_model
+def test_generate_reply_greedy_is_deterministic_and_streams(tiny):
+    model, tokenizer = tiny
     messages = [Message("user", "Who are you?")]
     pieces: list[str] = []
     first = generate_reply(model, tokenizer, messages, max_new_tokens=12, stream_to=pieces.append)
@@ -150,8 +144,8 @@ def test_generate_reply_stops_at_end_of_turn(tiny_dir):
     assert reply == "" and lengths == [1]
 
 
-def test_repl_multi_turn_clear_and_exit(tiny_model, monkeypatch):
-    model, tokenizer = tiny_model
+def test_repl_multi_turn_clear_and_exit(tiny, monkeypatch):
+    model, tokenizer = tiny
     seen: list[list[str]] = []
     real = chat.generate_reply
 
@@ -170,8 +164,8 @@ def test_repl_multi_turn_clear_and_exit(tiny_model, monkeypatch):
     assert next(script) == "never read"
 
 
-def test_repl_ends_on_eof(tiny_model):
-    model, tokenizer = tiny_model
+def test_repl_ends_on_eof(tiny):
+    model, tokenizer = tiny
 
     def eof(_prompt):
         raise EOFError

@@ -1,4 +1,4 @@
-"""The data commands on Chinese text (fixtures in tests/data/build/zh, written for these tests):
+"""The data commands on Chinese text (fixtures in tests/curate/fixtures/zh, written for these tests):
 seed-style records, from-task in Chinese, filter rules and PII, stats with jieba and a CJK font."""
 
 import json
@@ -14,7 +14,7 @@ from posttrain.curate import convert, dedup, filter as filt, from_task, stats, v
 from posttrain.curate.lang import is_cjk, lang_of, script_of, units
 from posttrain.errors import DataError
 
-ZH = Path(__file__).parent / "data" / "build" / "zh"
+ZH = Path(__file__).parent / "fixtures" / "zh"
 
 
 def rows(path):

@@ -3,7 +3,6 @@ seeds), the heuristics in both languages, and ROUGE-L by hand."""
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -34,44 +33,31 @@ PROPOSALS_ZH = [
 ]
 
 
-class FakeTeacher(BaseHTTPRequestHandler):
-    """Answers Self-Instruct's three prompt kinds; fails the first request with HTTP 500 (retries)."""
+class FakeTeacher:
+    """Answers Self-Instruct's three prompt kinds in English and Chinese; fails the first request with HTTP 500
+    (retries)."""
 
-    calls = 0
-    proposals = PROPOSALS
-    lock = threading.Lock()
-    seen: list[tuple[str, str, str]] = []  # (prompt kind, language of the prompt, language of the task in it)
+    def __init__(self):
+        self.calls, self.proposals, self.lock = 0, PROPOSALS, threading.Lock()
+        self.seen: list[tuple[str, str, str]] = []  # (prompt kind, language of the prompt, language of the task)
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def __call__(self, body, headers):
         prompt = body["messages"][0]["content"]
-        with FakeTeacher.lock:
-            FakeTeacher.calls += 1
-            first = FakeTeacher.calls == 1
-        if first:
-            self.send_response(500)
-            self.end_headers()
-            return
+        with self.lock:
+            self.calls += 1
+            if self.calls == 1:
+                return 500
         chinese = prompt.startswith("请你想出") or "任务：" in prompt  # the prompt's own language, not its examples
-        text = self.reply_zh(prompt) if chinese else self.reply_en(prompt)
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return self.reply_zh(prompt) if chinese else self.reply_en(prompt)
 
     def reply_en(self, prompt):
         if prompt.startswith("Come up with a series of tasks"):
-            FakeTeacher.seen.append(("propose", "en", "en"))
+            self.seen.append(("propose", "en", "en"))
             n = prompt.count("\nTask ")
             return "\n".join(f"Task {n + i}: {p}" for i, p in enumerate(self.proposals))
         task = prompt.rsplit("Task: ", 1)[-1]
         if "classification task with finite output labels" in prompt:
-            FakeTeacher.seen.append(("classify", "en", "en" if task.isascii() else "zh"))
+            self.seen.append(("classify", "en", "en" if task.isascii() else "zh"))
             return "Yes" if "sentiment" in prompt else "No"
         if "Class label:" in prompt:
             return "Class label: positive\nInput: A joyful film with a great cast."
@@ -79,12 +65,12 @@ class FakeTeacher(BaseHTTPRequestHandler):
 
     def reply_zh(self, prompt):
         if prompt.startswith("请你想出一系列任务"):
-            FakeTeacher.seen.append(("propose", "zh", "zh"))
+            self.seen.append(("propose", "zh", "zh"))
             n = prompt.count("\n任务")
             return "\n".join(f"任务{n + i}：{p}" for i, p in enumerate(PROPOSALS_ZH))
         task = prompt.rsplit("任务：", 1)[-1]
         if "输出标签有限的分类任务" in prompt:
-            FakeTeacher.seen.append(("classify", "zh", "en" if task.isascii() else "zh"))
+            self.seen.append(("classify", "zh", "en" if task.isascii() else "zh"))
             return "是" if "情感" in task else "否"
         if "类别标签：" in prompt:
             return "类别标签：正面\n输入：这部电影的演员阵容很强，看得很开心。"
@@ -92,12 +78,13 @@ class FakeTeacher(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def teacher():
-    FakeTeacher.calls, FakeTeacher.proposals, FakeTeacher.seen = 0, PROPOSALS, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield synth.OpenAITeacher(f"http://127.0.0.1:{server.server_port}/v1", backoff=0.01)
-    server.shutdown()
+def fake_teacher():
+    return FakeTeacher()
+
+
+@pytest.fixture
+def teacher(fake_openai, fake_teacher):
+    return synth.OpenAITeacher(fake_openai(fake_teacher), backoff=0.01)
 
 
 @pytest.fixture
@@ -146,11 +133,11 @@ def test_rouge_l_on_chinese_characters():
     assert synth.rouge_l("给出三条保持健康的建议。", "写一首关于秋天落叶的短诗。") < 0.2
 
 
-def test_synth_chinese_seeds_chinese_prompts(teacher, tmp_path):
+def test_synth_chinese_seeds_chinese_prompts(teacher, fake_teacher, tmp_path):
     seeds = _seed_file(tmp_path / "seeds.jsonl", SEEDS_ZH)
     report = synth.synth(seeds, tmp_path / "zh.jsonl", teacher, 5, concurrency=1, max_rounds=5, log=lambda m: None)
     rows = [json.loads(line) for line in (tmp_path / "zh.jsonl").read_text().splitlines()]
-    assert report["prompts"] == {"zh": report["rounds"]} and {lang for _, lang, _ in FakeTeacher.seen} == {"zh"}
+    assert report["prompts"] == {"zh": report["rounds"]} and {lang for _, lang, _ in fake_teacher.seen} == {"zh"}
     assert report["heuristic_reasons"] == {"blocked keyword": 1, "length": 1} and report["similar"] >= 1
     assert rows[0] == {"instruction": PROPOSALS_ZH[0], "input": "这部电影的演员阵容很强，看得很开心。",
                        "output": "正面", "is_classification": True}
@@ -160,7 +147,7 @@ def test_synth_chinese_seeds_chinese_prompts(teacher, tmp_path):
     assert counted == report["proposed"]  # every proposal accounted for
 
 
-def test_synth_mixed_seeds_each_language_its_own_prompts(teacher, seeds, tmp_path):
+def test_synth_mixed_seeds_each_language_its_own_prompts(teacher, fake_teacher, seeds, tmp_path):
     mixed = _seed_file(tmp_path / "mixed.jsonl", SEEDS_ZH + [json.loads(line)["instruction"]
                                                               for line in seeds.read_text().splitlines()])
     report = synth.synth(mixed, tmp_path / "m.jsonl", teacher, 10, concurrency=2, seed=1, max_rounds=10,
@@ -168,13 +155,13 @@ def test_synth_mixed_seeds_each_language_its_own_prompts(teacher, seeds, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert set(report["prompts"]) == {"en", "zh"}
     assert {r["instruction"].isascii() for r in rows} == {True, False}
-    checks = [(asked, task) for kind, asked, task in FakeTeacher.seen if kind == "classify"]
+    checks = [(asked, task) for kind, asked, task in fake_teacher.seen if kind == "classify"]
     assert {asked for asked, _ in checks} == {"en", "zh"}
     assert all(asked == task for asked, task in checks)  # each asked in its instruction's own language
-    FakeTeacher.seen = []
+    fake_teacher.seen.clear()
     forced = synth.synth(mixed, tmp_path / "f.jsonl", teacher, 3, concurrency=1, lang="zh", max_rounds=5,
                          log=lambda m: None)
-    assert {asked for _, asked, _ in FakeTeacher.seen} == {"zh"}  # English instructions checked in Chinese too
+    assert {asked for _, asked, _ in fake_teacher.seen} == {"zh"}  # English instructions checked in Chinese too
     assert forced["prompts"] == {"zh": forced["rounds"]}
 
 
@@ -209,8 +196,8 @@ def test_synth_resumes_from_partial(teacher, seeds, tmp_path):
     assert report["resumed"] == 1 and rows[0] == done and len(rows) == 3
 
 
-def test_synth_gives_up_but_keeps_progress(teacher, seeds, tmp_path):
-    FakeTeacher.proposals = ["Give three tips for staying healthy."]  # never novel
+def test_synth_gives_up_but_keeps_progress(teacher, fake_teacher, seeds, tmp_path):
+    fake_teacher.proposals = ["Give three tips for staying healthy."]  # never novel
     with pytest.raises(PosttrainError, match=r"0/2 rows after 2 rounds"):
         synth.synth(seeds, tmp_path / "s.jsonl", teacher, 2, concurrency=1, max_rounds=2, log=lambda m: None)
     assert (tmp_path / "s.partial.jsonl").exists() and not (tmp_path / "s.jsonl").exists()

@@ -27,7 +27,7 @@ from posttrain.models.tiny import build_tiny  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.chatlog import ChatLog  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402
-from test_serve_api import LiveServer  # noqa: E402
+from test_api import LiveServer  # noqa: E402
 
 TOKEN = "browser-test-token-0123456789"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

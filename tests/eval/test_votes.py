@@ -3,13 +3,9 @@ judge or annotator, counts what it leaves out, and writes eval compare's own rep
 
 import json
 
-from inprocess import call
 from posttrain.cli import main
 from posttrain.eval.compare import ratings_from_votes
 from posttrain.eval.votes import human_vote
-from posttrain.serve.ui.app import create_ui_app
-
-TOKEN = "ratings-test-token-0123456789"
 
 
 def write(path, rows):
@@ -70,20 +66,3 @@ def test_filter_by_annotator_or_judge(tmp_path):
     assert main(["eval", "ratings", *files, "--out", str(tmp_path / "llm"), "--judge", "llm:"]) == 0
     r = ratings(tmp_path / "llm")
     assert (r["votes"], r["no_verdict"], r["win_rates"][0]["losses"]) == (1, 1, 1)
-
-
-def test_ui_arena_vote_is_written_in_the_shared_format(tmp_path):
-    app = create_ui_app(tmp_path / "ui", token=TOKEN)
-    body = {"model_a": "a", "model_b": "b", "winner": "model_b", "annotator": "alice", "prompt": "hi",
-            "response_a": "x", "response_b": "y"}
-    reply = call(app, "POST", "/ui/vote", headers={"Content-Type": "application/json",
-                                                   "Authorization": f"Bearer {TOKEN}"}, body=json.dumps(body).encode())
-    assert reply.status == 200
-    vote = json.loads((tmp_path / "ui" / "votes.jsonl").read_text())
-    assert vote["judge"] == "human:alice" and vote["prompt_id"].startswith("p-") and vote["winner"] == "model_b"
-    assert main(["eval", "ratings", str(tmp_path / "ui" / "votes.jsonl"), "--out", str(tmp_path / "r")]) == 0
-    assert ratings(tmp_path / "r")["win_rates"][0]["losses"] == 1  # a lost to b
-    bad = call(app, "POST", "/ui/vote", headers={"Content-Type": "application/json",
-                                                 "Authorization": f"Bearer {TOKEN}"},
-               body=json.dumps(body | {"model_b": ""}).encode())
-    assert bad.status == 400

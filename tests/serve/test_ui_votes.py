@@ -24,7 +24,9 @@ def test_ui_arena_vote_is_written_in_the_shared_format(tmp_path):
     assert vote["judge"] == "human:alice" and vote["prompt_id"].startswith("p-") and vote["winner"] == "model_b"
     assert main(["eval", "ratings", str(tmp_path / "ui" / "votes.jsonl"), "--out", str(tmp_path / "r")]) == 0
     assert ratings(tmp_path / "r")["win_rates"][0]["losses"] == 1  # a lost to b
-    bad = call(app, "POST", "/ui/vote", headers={"Content-Type": "application/json",
-                                                 "Authorization": f"Bearer {TOKEN}"},
-               body=json.dumps(body | {"model_b": ""}).encode())
-    assert bad.status == 400
+    blank = call(app, "POST", "/ui/vote", headers={"Content-Type": "application/json",
+                                                   "Authorization": f"Bearer {TOKEN}"},
+                 body=json.dumps(body | {"model_b": ""}).encode())
+    assert blank.status == 200  # saved as given; rating counts it
+    assert main(["eval", "ratings", str(tmp_path / "ui" / "votes.jsonl"), "--out", str(tmp_path / "r2")]) == 0
+    assert ratings(tmp_path / "r2")["left_out"] == {"malformed": 1}

@@ -76,8 +76,6 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
             raise ApiError(400, f"winner must be one of {', '.join(WINNERS)}", param="winner")
         fields = [body.get(k) if isinstance(body.get(k), str) else None
                   for k in ("model_a", "model_b", "annotator", "prompt", "response_a", "response_b")]
-        if not (fields[0] and fields[1]):
-            raise ApiError(400, "a vote names both models (model_a and model_b)", param="model_a")
         record = human_vote(fields[0], fields[1], body["winner"], *fields[2:])  # the format eval ratings reads
         with state.lock, state.votes_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

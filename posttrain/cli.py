@@ -102,12 +102,28 @@ def cmd_eval(args) -> int:
     return eval_main(args.target, args.rest, _Parser)
 
 
+def _chat_log(args):
+    from posttrain.serve.chatlog import ChatLog
+
+    if args.log_dir is None:
+        return None
+    if args.log_max_mb <= 0:
+        raise PosttrainError("--log-max-mb must be > 0")
+    return ChatLog(args.log_dir, max_bytes=int(args.log_max_mb * 2**20))
+
+
+def _add_log_flags(p: argparse.ArgumentParser, user: str) -> None:
+    p.add_argument("--log-dir", help="log every answered request (time, model, user, messages, replies) as JSON "
+                   f"lines in this folder; off unless given. The user is {user}")
+    p.add_argument("--log-max-mb", type=float, default=50, help="rotate the log file at this size (default 50 MiB)")
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from posttrain.serve.api import Limits, serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
-          name=args.name, limits=Limits(max_tokens=args.max_tokens))
+          name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args))
     return 0
 
 
@@ -116,7 +132,8 @@ def cmd_ui(args) -> int:
     from posttrain.serve.ui.app import run_ui
 
     run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
-           token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir)
+           token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir,
+           chat_log=_chat_log(args))
     return 0
 
 
@@ -206,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
+    _add_log_flags(p, "the request's 'user' field")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")
@@ -220,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="the token the page and API clients must give (default: a new random one, "
                    "printed with the URL); POSTTRAIN_UI_TOKEN also sets it, out of sight of `ps`")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
+    _add_log_flags(p, "the annotator name the page shows")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("score", help="score preference data with a reward model: pairwise accuracy, margins")

@@ -44,6 +44,7 @@ class RankedResponses:
     ranks: list[int]  # one per response, lower is better
     margin: float = 0.0  # required reward gap for a pair (Llama 2 style), 0 = none
     source: str = ""
+    margins: list[float] | None = None  # per pair, in pairs() order (from score gaps); overrides margin
 
     def pairs(self) -> list[tuple[int, int]]:
         """Every ordered (better, worse) index pair; ties give none (InstructGPT's C(K,2))."""

@@ -77,6 +77,31 @@ def _synth(a) -> int:
     return 0
 
 
+def _from_logs(a) -> int:
+    from posttrain.curate.from_logs import from_logs
+
+    _print(from_logs(a.log_dir, a.out, mode=a.mode, per_user=a.per_user, keep_user_ids=a.keep_user_ids))
+    return 0
+
+
+def _candidates(a) -> int:
+    from posttrain.curate.candidates import GenSettings, generate_candidates
+
+    settings = GenSettings(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
+    refs = [m.strip() for m in a.models.split(",") if m.strip()]
+    _print(generate_candidates(a.path, refs, a.out, settings, device=a.device))
+    return 0
+
+
+def _label(a) -> int:
+    from posttrain.curate.label import label, make_judge
+
+    judge = make_judge(a.judge, judge_model=a.judge_model, epsilon=a.epsilon, device=a.device,
+                       max_tokens=a.judge_max_tokens)
+    _print(label(a.path, a.out, judge, epsilon=a.epsilon))
+    return 0
+
+
 def _dedup(a) -> int:
     from posttrain.curate.dedup import dedup
 
@@ -157,6 +182,39 @@ def _synth_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _from_logs_args(p) -> None:
+    p.add_argument("log_dir", help="the folder given to serve --log-dir or ui --log-dir")
+    p.add_argument("--out", required=True, help="rows to write; removed rows go to <out>.removed.jsonl")
+    p.add_argument("--as", dest="mode", default="prompts", choices=["prompts", "sft"],
+                   help="prompts (the conversation up to the reply) or sft (with the logged reply); default prompts")
+    p.add_argument("--per-user", type=int, default=200, help="rows kept per user id (default 200, as InstructGPT)")
+    p.add_argument("--keep-user-ids", action="store_true", help="write user ids as logged (default: hashed)")
+
+
+def _candidates_args(p) -> None:
+    p.add_argument("path", help="prompts ({'prompt'} rows or any SFT layout; one user turn each)")
+    p.add_argument("--models", required=True, help="comma-separated model references (runs, folders, built-ins)")
+    p.add_argument("--out", required=True, help="candidates JSONL: {id, prompt, responses, models}")
+    p.add_argument("--k", type=int, default=3, help="candidates per prompt, spread over the models (default 3)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1.0)")
+    p.add_argument("--max-tokens", type=int, default=128, help="reply length limit (default 128)")
+    p.add_argument("--seed", type=int, help="prompt i samples with seed + i (default: unseeded)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _label_args(p) -> None:
+    p.add_argument("path", help="candidates JSONL ({prompt, responses, models?}), e.g. from data candidates")
+    p.add_argument("--judge", required=True, help="reward-model folder (scores all K), or an OpenAI-compatible "
+                   "base URL (every pair, both orders)")
+    p.add_argument("--out", required=True, help="ranked rows for stage rm/dpo; unparsed verdicts go to "
+                   "<out>.unparsed.jsonl")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to an LLM judge")
+    p.add_argument("--judge-max-tokens", type=int, help="reply length cap for an LLM judge")
+    p.add_argument("--epsilon", type=float, default=0.0, help="rewards this close tie (reward-model judge)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+
+
 def add_data_parser(sub) -> None:
     """Register `posttrain data ...` on the top-level subparsers."""
     data = sub.add_parser("data", help="build datasets: validate, convert, from-task, synth, dedup, filter, ...")
@@ -188,6 +246,12 @@ def add_data_parser(sub) -> None:
     p.add_argument("--ops", default="add,sub", help="comma-separated: add, sub, mul (default add,sub)")
     p.add_argument("--seed", type=int, default=0)
     _synth_args(cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False))
+    _from_logs_args(cmd("from-logs", _from_logs, "request logs (serve/ui --log-dir) -> prompt or SFT rows: PII "
+                        "scrub, dedup, per-user cap", path=False))
+    _candidates_args(cmd("candidates", _candidates, "K responses per prompt from 1+ models (the UI's generation), "
+                         "blind order", path=False))
+    _label_args(cmd("label", _label, "rank candidates with a reward model or an LLM judge -> ranked preference "
+                    "rows (RLAIF)", path=False))
     p = cmd("dedup", _dedup, "remove exact, near (MinHash) and semantic duplicates, keep-first")
     p.add_argument("--out", required=True)
     p.add_argument("--near", type=float, help=NEAR_HELP)

@@ -20,6 +20,9 @@ class DatasetConfig:
     max_samples: int | None = opt(None, "cap on rows taken from this file (after shuffling), None = all")
     columns: dict[str, str] = opt({}, "rename columns: {our_name: file_column}, e.g. {output: answer}")
     role_tags: dict[str, str] = opt({}, "sharegpt 'from' values -> roles, added to human/gpt/system/...")
+    # --- scores as preferences (ranked rows with `scores` instead of `ranks`; data/scores.py) ---
+    score_epsilon: float = opt(0.0, "responses whose scores differ by at most this tie (no pair between them)")
+    score_margin: float = opt(0.0, "pair margin = this * score gap (0: no margin from scores)")
 
 
 @dataclass

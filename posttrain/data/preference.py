@@ -6,7 +6,8 @@ Layouts (auto-detected per row):
 - hh-rlhf: `chosen` + `rejected` strings, each a whole "\n\nHuman: ... \n\nAssistant: ..." transcript
   (data/transcripts.py): the shared turns are the prompt, the final Assistant turns the responses;
 - sharegpt: `conversations` (the prompt turns) + `chosen` + `rejected` turns ({from, value});
-- ranked: `prompt` + `responses` (K = 2..9 strings or messages) + `ranks` (0 = best, ties allowed).
+- ranked: `prompt` + `responses` (K = 2..9 strings or messages) + `ranks` (0 = best, ties allowed),
+  or `scores` instead of `ranks` (higher is better; data/scores.py turns them into ranks and margins).
 Optional `margin` (pairs). Message lists go through the SFT parsers in data.formats, so roles,
 role_tags and errors behave the same; errors name file, line and field. Content problems (an empty
 response, prompts that differ, chosen == rejected, too long) are dropped and counted by reason, or
@@ -25,6 +26,7 @@ from posttrain.data.formats import (EMPTY_RESPONSE, RowContext, fill_variables, 
                                     refuse_media, rename_columns, role_map)
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
+from posttrain.data.scores import pair_margins, row_ranks
 from posttrain.data.transcripts import transcript_pair
 from posttrain.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
@@ -89,29 +91,35 @@ def _margin(value, ctx: RowContext) -> float:
     return float(value)
 
 
-def _ranked(row: Mapping, ctx: RowContext, tags) -> RankedResponses:
+def _ranked(row: Mapping, ctx: RowContext, tags, scoring: tuple[float, float]) -> RankedResponses:
+    """scoring: (epsilon, margin_scale) for rows that give `scores` instead of `ranks`."""
     responses = ctx.items(row.get("responses"), "responses")
-    ranks = row.get("ranks")
     if not 2 <= len(responses) <= MAX_RANKED:
         raise ctx.fail("responses", f"must hold 2..{MAX_RANKED} responses, got {len(responses)}")
+    ranks, scores = row_ranks(row, len(responses), scoring[0], ctx)
     if (not isinstance(ranks, list) or len(ranks) != len(responses)
             or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
         raise ctx.fail("ranks", f"must be a list of {len(responses)} integers (0 = best, ties allowed), got {ranks!r}")
     prompt = _messages(row.get("prompt"), ctx, "prompt", tags)
     out = [_response(r, ctx, f"responses[{i}]", tags) for i, r in enumerate(responses)]
-    return RankedResponses(prompt, out, list(ranks), 0.0, ctx.source)
+    rec = RankedResponses(prompt, out, list(ranks), 0.0, ctx.source)
+    if scores is not None and scoring[1]:
+        rec.margins = pair_margins(scores, rec.pairs(), scoring[1])
+    return rec
 
 
 def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] | None = None,
                       role_tags: Mapping[str, str] | None = None,
-                      variables: Mapping[str, str] | None = None) -> RankedResponses:
-    """One file row in any supported layout -> RankedResponses (a pair is K = 2)."""
+                      variables: Mapping[str, str] | None = None,
+                      scoring: tuple[float, float] = (0.0, 0.0)) -> RankedResponses:
+    """One file row in any supported layout -> RankedResponses (a pair is K = 2). scoring: (epsilon,
+    margin_scale) for ranked rows with `scores` (see data/scores.py)."""
     columns = columns or {}
     row = rename_columns(row, columns)
     ctx, tags = RowContext(source, columns), role_map(role_tags)
     refuse_media(row, ctx)
     if row.get("responses") is not None:
-        rec = _ranked(row, ctx, tags)
+        rec = _ranked(row, ctx, tags, scoring)
     elif row.get("chosen") is None or row.get("rejected") is None:
         raise DataError(f"{source}: not a preference row: expected chosen + rejected (with prompt or "
                         f"conversations, or full conversations), or prompt + responses + ranks; got "
@@ -149,6 +157,7 @@ class PrefSample:
     pairs: list[tuple[int, int]]
     margin: float = 0.0
     ref_logps: list[float] | None = None  # reference log-prob per response, when precomputed
+    pair_margins: list[float] | None = None  # one per pair (from score gaps); else `margin` for every pair
     source: str = ""
 
 
@@ -173,7 +182,7 @@ def encode_preference(rec: RankedResponses, tokenizer, *, max_length: int | None
         (enc,) = encode_conversation(conv, tokenizer, mask="last", max_length=max_length, system=system)
         ids.append(enc.input_ids)
         weights.append(enc.weights)
-    return PrefSample(ids, weights, pairs, rec.margin, source=rec.source)
+    return PrefSample(ids, weights, pairs, rec.margin, source=rec.source, pair_margins=rec.margins)
 
 
 def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None, drops: Counter | None = None,
@@ -181,11 +190,12 @@ def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None, drops: 
     """A file's rows as records; rows with content problems are counted in `drops` (fatal when strict)."""
     rows = read_rows(ds_cfg.path)
     drops = Counter() if drops is None else drops
+    scoring = (ds_cfg.score_epsilon, ds_cfg.score_margin)
     recs = []
     for i, row in enumerate(rows):
         try:
             recs.append(row_to_preference(row, source=source_of(ds_cfg.path, i), columns=ds_cfg.columns,
-                                          role_tags=ds_cfg.role_tags, variables=variables))
+                                          role_tags=ds_cfg.role_tags, variables=variables, scoring=scoring))
         except ContentProblem as problem:
             count_problem(drops, problem, strict)
     if ds_cfg.max_samples is not None and ds_cfg.max_samples < len(recs):
@@ -283,10 +293,10 @@ def collate_preferences(units: list[list[int]], samples: list[PrefSample], pad_i
             s, base = samples[i], len(flat)
             p = shared_prefix(s) if pack and share_prompt else 0
             flat += [(ids, ws, p, i) for ids, ws in zip(s.input_ids, s.weights)]
-            for b, w in s.pairs:
+            for k, (b, w) in enumerate(s.pairs):
                 better.append(base + b)
                 worse.append(base + w)
-                margin.append(s.margin)
+                margin.append(s.margin if s.pair_margins is None else s.pair_margins[k])
                 weight.append(1.0 / len(s.pairs))
             ref += s.ref_logps or []
     if pack:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """`eval CONFIG.yaml [overrides]` or `eval {ppl,generate,compare} ...`, parsed by cmd_eval."""
-    parser.add_argument("target", help="eval config YAML (eval.task mc or compare), or one of: ppl, generate, compare")
+    parser.add_argument("target", help="eval config YAML (eval.task mc or compare), or one of: ppl, generate, compare, "
+                        "ratings")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (YAML) or the subcommand's options")
 
 
@@ -24,8 +25,23 @@ _COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
                   ("batch_size", int, "eval.batch_size"), ("device", str, "eval.device"))
 
 
+def _ratings_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("votes", nargs="+", help="vote files: the UI's ui-data/votes.jsonl, eval compare's votes.jsonl")
+    p.add_argument("--out", required=True, help="folder for ratings.json, report.md and the plots")
+    p.add_argument("--judge", action="append", default=[], help="rate only votes whose judge starts with this "
+                   "(repeatable), e.g. human, llm:, reward_model:")
+    p.add_argument("--annotator", action="append", default=[], help="rate only this person's votes (repeatable; "
+                   "same as --judge human:NAME)")
+    p.add_argument("--models", help="comma-separated models to rate; votes naming others are counted unknown_model")
+    p.add_argument("--rounds", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    return p
+
+
 def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
     p = parser_class(prog=f"posttrain eval {name}")
+    if name == "ratings":
+        return _ratings_parser(p)
     if name == "compare":  # flags become eval.compare.* overrides: the defaults live in the config schema
         p.add_argument("--models", required=True, help="comma-separated model references (2 or more)")
         p.add_argument("--prompts", required=True, help="prompt file ({'prompt', 'reference'?, 'category'?} rows "
@@ -76,7 +92,8 @@ def _compare_config(args):
 
 
 def _print_compare(result: dict) -> None:
-    keep = ("judge", "votes", "no_verdict", "win_rates", "win_matrix", "bradley_terry", "elo", "by_category")
+    keep = ("judge", "read", "left_out", "malformed_lines", "votes", "ties", "no_verdict", "win_rates",
+            "win_matrix", "bradley_terry", "elo", "by_category")
     print(json.dumps({k: result[k] for k in keep if k in result}, indent=2, ensure_ascii=False))
     print(f"report: {result['report']}", file=sys.stderr)
 
@@ -101,13 +118,21 @@ def run_config(ev) -> int:
 
 
 def main(target: str, rest: list[str], parser_class) -> int:
-    if target not in ("ppl", "generate", "compare"):
+    if target not in ("ppl", "generate", "compare", "ratings"):
         from posttrain.eval.config import load_eval_config
 
         return run_config(load_eval_config(target, rest).eval)
     args = _sub_parser(target, parser_class).parse_args(rest)
     if target == "compare":
         return run_config(_compare_config(args))
+    if target == "ratings":
+        from posttrain.eval.votes import rate_votes
+
+        models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+        result = rate_votes(args.votes, args.out, judges=args.judge, annotators=args.annotator, models=models,
+                            rounds=args.rounds, seed=args.seed)
+        _print_compare(result)
+        return 0
     if target == "ppl":
         from posttrain.eval.perplexity import run_file
 

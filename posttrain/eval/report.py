@@ -66,8 +66,11 @@ def write_compare_report(out: Path, result: dict) -> Path:
     (bootstrap intervals), per-category win rates when present, and three PNG plots; the votes
     without a verdict are counted at the top, and with no decided vote the report says so and stops."""
     lines = [f"# Pairwise comparison: {result['votes']} votes", "",
-             f"Judge: `{result['judge']}`. Prompts: `{result['prompts']}`. Models: "
+             f"Judge: `{result['judge']}`. {result.get('prompts_label', 'Prompts')}: `{result['prompts']}`. Models: "
              + ", ".join(f"`{n}` = `{r}`" for n, r in result["models"].items()) + "."]
+    if result.get("left_out"):  # eval ratings: votes read but not rated, by reason
+        lines += ["", f"{result['read']} vote lines read; left out: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(result["left_out"].items())) + "."]
     if result.get("no_verdict"):
         lines += ["", f"{result['no_verdict']} judged pairs got a judge reply without a verdict (`winner: null` in "
                   "votes.jsonl, counted as `no_verdict`); they are left out of the rates and ratings below."]

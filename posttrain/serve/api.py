@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from posttrain.errors import PosttrainError
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import Message
+from posttrain.serve.chatlog import ChatLog, request_logger
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
 from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json, request_images
@@ -72,9 +73,10 @@ class Models:
 
 
 def create_app(models: Models, *, api_key: str | None = None, limits: Limits | None = None,
-               hosts: frozenset[str] | None = LOOPBACK_NAMES, token: str | None = None) -> FastAPI:
+               hosts: frozenset[str] | None = LOOPBACK_NAMES, token: str | None = None,
+               chat_log: ChatLog | None = None) -> FastAPI:
     """The API app. `hosts`: Host names answered (None: any, for a wildcard bind); `token`: the UI's token,
-    wanted on every route (see guard.py)."""
+    wanted on every route (see guard.py); `chat_log`: where answered requests are logged (None: nowhere)."""
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -115,7 +117,9 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         prompt_ids = encode_prompt(messages, engine.tokenizer, system=engine.system)
         sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling, images=images)
-        return await _respond(engine, job, req, request, chat=True)
+        log = request_logger(chat_log, engine.name, req.user, endpoint="chat",
+                             messages=[{"role": m.role, "content": m.content} for m in messages])
+        return await _respond(engine, job, req, request, chat=True, log=log)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -130,7 +134,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
             raise ApiError(400, "prompt is empty", param="prompt")
         sampling = _sampling(req, req.max_tokens or 16, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling, strip=False)
-        return await _respond(engine, job, req, request, chat=False)
+        log = request_logger(chat_log, engine.name, req.user, endpoint="completions", prompt=req.prompt)
+        return await _respond(engine, job, req, request, chat=False, log=log)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -220,14 +225,16 @@ def _usage(prompt_len: int, gens) -> dict:
     return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
 
-async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: bool):
+async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: bool, log=None):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": engine.name}
     if req.stream:
-        return StreamingResponse(_stream(engine, job, req, head, chat), media_type="text/event-stream",
+        return StreamingResponse(_stream(engine, job, req, head, chat, log), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     gens = await _wait(engine, job, request)
+    if log is not None:
+        log(gens)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
                     "logprobs": None} for i, g in enumerate(gens)]
@@ -238,7 +245,7 @@ async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: boo
     return {**head, "choices": choices, "usage": _usage(len(job.prompt_ids), gens)}
 
 
-async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool):
+async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool, log=None):
     """SSE: one chunk per streamed piece, a final chunk with finish_reason per choice, then [DONE]."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -270,6 +277,8 @@ async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool):
             yield f"data: {json.dumps(ApiError(500, INTERNAL_ERROR, 'server_error').body)}\n\n"
             return
         gens = future.result()
+        if log is not None:
+            log(gens)
         for index, gen in enumerate(gens):
             yield chunk(index, None, gen.finish_reason)
         if req.include_usage():
@@ -313,13 +322,16 @@ def _load_reward_engine_model(ref: str, device: str | None):
 
 
 def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, limits: Limits | None = None) -> None:
+          name: str | None = None, limits: Limits | None = None, chat_log: ChatLog | None = None) -> None:
     """`posttrain serve`: load the model, then answer until Ctrl-C / SIGTERM (graceful: queued jobs finish)."""
     import uvicorn
 
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    if chat_log is not None:
+        print(chat_log.announcement("posttrain serve"), file=sys.stderr, flush=True)
     engine = load_engine(ref, name)
-    app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits, hosts=hosts_for(host))
+    app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits, hosts=hosts_for(host),
+                     chat_log=chat_log)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

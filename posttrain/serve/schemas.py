@@ -124,6 +124,7 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
+    user: str | None = Field(None, max_length=256)  # who asks (OpenAI's field); logged with --log-dir
 
     @field_validator("stop")
     @classmethod

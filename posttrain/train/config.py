@@ -159,6 +159,8 @@ def validate(cfg: RunConfig) -> None:
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         if not ds.path:
             raise ConfigError(f"dataset #{i}: path is required")
+        if ds.score_epsilon < 0 or ds.score_margin < 0:
+            raise ConfigError(f"dataset #{i}: score_epsilon and score_margin must be >= 0")
     if cfg.data.val_size < 0:
         raise ConfigError("data.val_size must be >= 0")
     if cfg.data.max_length < 8:

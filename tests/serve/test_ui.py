@@ -25,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from posttrain.records import Message  # noqa: E402
 from posttrain.models.tiny import build_tiny  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
+from posttrain.serve.chatlog import ChatLog  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402
 from test_api import LiveServer  # noqa: E402
 
@@ -38,7 +39,7 @@ def ui(tiny_dir, tmp_path_factory):
     other = build_tiny(tmp_path_factory.mktemp("tiny-b") / "model-b", seed=1)
     workdir, data = tmp_path_factory.mktemp("ui"), tmp_path_factory.mktemp("data")
     live = LiveServer(create_ui_app(workdir, [str(tiny_dir), str(other)], annotator="alice", device="cpu",
-                                    token=TOKEN, data_dirs=[data]))
+                                    token=TOKEN, data_dirs=[data], chat_log=ChatLog(workdir / "logs")))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
@@ -85,6 +86,9 @@ def test_chat_streams_reply_and_arena_vote_is_saved(ui, tiny_dir):
     # textContent, not .text: the browser's rendered text turns a bare \r of random-model output into a line
     # break and folds tabs and the like
     assert f"assistant: {want}" in el(driver, "log-a").get_attribute("textContent")
+    (logged,) = [json.loads(x) for x in (workdir / "logs" / "chat.jsonl").read_text().splitlines()]
+    assert logged["user"] == "alice" and [r.strip() for r in logged["responses"]] == [want]  # annotator = user
+    assert logged["messages"][-1] == {"role": "user", "content": "Who are you?"}
 
     el(driver, "clear").click()
     el(driver, "arena").click()
@@ -125,7 +129,7 @@ def test_rank_polish_skip_and_export(ui):
     wait_text(driver, "ann-progress", lambda t: t.startswith("2/2"))
     el(driver, "ann-export").click()
     out = wait_text(driver, "ann-export-out", lambda t: "exported" in t, timeout=30)
-    assert "exported 1 ranked items, 3 pairs" in out
+    assert "exported 1 ranked items, 3 pairs, 1 SFT rows" in out
     ranked = [json.loads(x) for x in Path(out.splitlines()[1]).read_text().splitlines()]
     assert ranked == [{"prompt": "Name a colour.", "responses": ["Red is a colour.", "Blue is a colour.",
                                                                  TURTLES], "ranks": [0, 1, 2],
@@ -134,6 +138,8 @@ def test_rank_polish_skip_and_export(ui):
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         ("Red is a colour.", "Blue is a colour."), ("Red is a colour.", TURTLES),
         ("Blue is a colour.", TURTLES)]
+    (sft,) = [json.loads(x) for x in Path(out.splitlines()[3]).read_text().splitlines()]
+    assert sft["messages"][1] == {"role": "assistant", "content": "Blue is a colour."} and sft["polished"]
     labels = (workdir / "annotations").glob("cands-*.labels.jsonl")
     records = [json.loads(x) for f in labels for x in f.read_text().splitlines()]
     assert [r["status"] for r in records] == ["ranked", "skipped"] and records[0]["edited"] == [0]

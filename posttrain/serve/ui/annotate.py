@@ -1,4 +1,4 @@
-"""Ranking annotation: prompts with K candidate responses -> labels -> ranked and pairwise data.
+"""Ranking annotation: prompts with K candidate responses -> labels -> ranked, pairwise and SFT data.
 
 Input rows: {"prompt": str, "responses": [str, ...]} (optional "id", and "models": who wrote each
 response, as the UI's candidate generation records it), read by data.reading like any dataset; a
@@ -6,6 +6,8 @@ file that grows (candidates still being generated) is read again. Every label is
 `<task>.labels.jsonl` the moment it is given (the last label of an item wins), so a refresh or a
 crash loses nothing. Items being shown to one annotator are held
 for a few minutes so several annotators can work at once without labelling the same item.
+The export also writes `<task>.sft.jsonl`: per ranked item, the polished (edited) answer, or the
+top-ranked one with sft="top", as a conversation `stage: sft` trains on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from posttrain.errors import DataError
 
 CLAIM_SECONDS = 300  # how long an item shown to one annotator is kept from the others
 STATUSES = ("ranked", "skipped", "flagged")
+SFT_CHOICES = ("polished", "top")  # which answer of a ranked item the .sft.jsonl export keeps
 
 
 @dataclass
@@ -130,20 +133,26 @@ class AnnotationTask:
             self.claims.pop(item.id, None)
         return label
 
-    def export(self) -> dict:
-        """Ranked lists (best first) and every pairwise preference implied by them, as JSONL."""
+    def export(self, sft: str = "polished") -> dict:
+        """Ranked lists (best first), every pairwise preference implied by them, and SFT conversations, as JSONL.
+
+        sft="polished": per ranked item, its best-ranked answer that the annotator edited (items without an
+        edit give none); sft="top": per ranked item, its top-ranked answer (edited or not)."""
+        if sft not in SFT_CHOICES:
+            raise DataError(f"sft must be one of {', '.join(SFT_CHOICES)}")
         ranked = [lab for lab in self.labels().values() if lab["status"] == "ranked"]
-        ranked_path = self.dir / f"{self.name}.ranked.jsonl"
-        pairs_path = self.dir / f"{self.name}.pairwise.jsonl"
-        n_pairs = 0
-        with ranked_path.open("w", encoding="utf-8") as rf, pairs_path.open("w", encoding="utf-8") as pf:
+        paths = {kind: self.dir / f"{self.name}.{kind}.jsonl" for kind in ("ranked", "pairwise", "sft")}
+        n_pairs = n_sft = 0
+        with paths["ranked"].open("w", encoding="utf-8") as rf, paths["pairwise"].open("w", encoding="utf-8") as pf, \
+                paths["sft"].open("w", encoding="utf-8") as sf:
             for lab in ranked:
                 order = sorted(range(len(lab["responses"])), key=lambda i: lab["ranking"][i])
                 best_first = [lab["responses"][i] for i in order]
                 meta = {"id": lab["item"], "annotator": lab["annotator"]}
                 item = self.by_id.get(lab["item"])
-                if item is not None and item.models:
-                    meta["models"] = [item.models[i] for i in order]  # best first, like responses
+                models = [item.models[i] for i in order] if item is not None and item.models else None
+                if models:
+                    meta["models"] = models  # best first, like responses
                 # `ranks` (0 = best) makes the file the ranked-list layout the rm and dpo stages read
                 row = {"prompt": lab["prompt"], "responses": best_first, "ranks": list(range(len(best_first)))}
                 rf.write(json.dumps(row | meta, ensure_ascii=False) + "\n")
@@ -151,4 +160,21 @@ class AnnotationTask:
                     pf.write(json.dumps({"prompt": lab["prompt"], "chosen": better, "rejected": worse, **meta},
                                         ensure_ascii=False) + "\n")
                     n_pairs += 1
-        return {"ranked": str(ranked_path), "pairwise": str(pairs_path), "items": len(ranked), "pairs": n_pairs}
+                if (conv := _sft_row(lab, order, sft, models)) is not None:
+                    sf.write(json.dumps(conv, ensure_ascii=False) + "\n")
+                    n_sft += 1
+        return {"ranked": str(paths["ranked"]), "pairwise": str(paths["pairwise"]), "sft": str(paths["sft"]),
+                "items": len(ranked), "pairs": n_pairs, "sft_rows": n_sft, "sft_mode": sft}
+
+
+def _sft_row(lab: dict, order: list[int], sft: str, models: list[str] | None) -> dict | None:
+    """One conversation (the `stage: sft` layout) for a ranked label, or None (sft="polished", no edit)."""
+    edited = set(lab.get("edited") or [])
+    rank = next((r for r, i in enumerate(order) if sft == "top" or i in edited), None)
+    if rank is None:
+        return None
+    i = order[rank]
+    row = {"messages": [{"role": "user", "content": lab["prompt"]},
+                        {"role": "assistant", "content": lab["responses"][i]}],
+           "id": lab["item"], "annotator": lab["annotator"], "rank": rank, "polished": i in edited}
+    return row | ({"model": models[rank]} if models else {})

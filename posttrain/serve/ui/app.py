@@ -13,7 +13,6 @@ import asyncio
 import json
 import sys
 import threading
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +20,9 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
 
 from posttrain.errors import ConfigError
+from posttrain.eval.votes import human_vote
 from posttrain.serve.api import ApiError, Models, create_app, load_engine, read_json
+from posttrain.serve.chatlog import ChatLog
 from posttrain.serve.guard import LOOPBACK_NAMES, MIN_TOKEN_CHARS, hosts_for, is_loopback, new_token
 from posttrain.serve.ui.annotate import AnnotationTask
 from posttrain.serve.ui.candidates import CandidateJob, GenSettings
@@ -43,8 +44,9 @@ class UIState:
 
 def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annotator: str | None = None,
                   device: str | None = None, *, token: str | None = None, data_dirs: list[str] = (),
-                  hosts: frozenset[str] | None = LOOPBACK_NAMES):
-    """The UI app; `token` (None: a fresh random one, in `app.state.token`) is wanted on every route."""
+                  hosts: frozenset[str] | None = LOOPBACK_NAMES, chat_log: ChatLog | None = None):
+    """The UI app; `token` (None: a fresh random one, in `app.state.token`) is wanted on every route;
+    `chat_log`: where chat requests are logged, with the annotator name as the user (None: nowhere)."""
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the UI token must be at least {MIN_TOKEN_CHARS} characters (or leave it out: one is made)")
     workdir = Path(workdir)
@@ -53,7 +55,7 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
     state = UIState(workdir, list(models), annotator)
     token = token or new_token()
     app = create_app(Models(loader=lambda ref: load_engine(allowed.model(ref), name=ref, device=device)),
-                     hosts=hosts, token=token)
+                     hosts=hosts, token=token, chat_log=chat_log)
     app.state.ui, app.state.token = state, token
     gen_lock = asyncio.Lock()
 
@@ -72,9 +74,9 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
         body = await read_json(request)
         if body.get("winner") not in WINNERS:
             raise ApiError(400, f"winner must be one of {', '.join(WINNERS)}", param="winner")
-        record = {k: body.get(k) for k in ("model_a", "model_b", "prompt", "winner", "annotator")}
-        record |= {"response_a": body.get("response_a"), "response_b": body.get("response_b"),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        fields = [body.get(k) if isinstance(body.get(k), str) else None
+                  for k in ("model_a", "model_b", "annotator", "prompt", "response_a", "response_b")]
+        record = human_vote(fields[0], fields[1], body["winner"], *fields[2:])  # the format eval ratings reads
         with state.lock, state.votes_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         return {"saved": str(state.votes_path)}
@@ -109,7 +111,7 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
 
     @app.post("/ui/annotate/export")
     def annotate_export(body: dict = Depends(read_json)):
-        return task(body).export()
+        return task(body).export(sft=str(body.get("sft") or "polished"))
 
     @app.post("/ui/annotate/generate")
     async def annotate_generate(body: dict = Depends(read_json)):
@@ -176,11 +178,15 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
 
 
 def run_ui(*, host: str = "127.0.0.1", port: int = 7860, models: list[str] = (), workdir: str = "ui-data",
-           annotator: str | None = None, token: str | None = None, data_dirs: list[str] = ()) -> None:
+           annotator: str | None = None, token: str | None = None, data_dirs: list[str] = (),
+           chat_log: ChatLog | None = None) -> None:
     """`posttrain ui`: prints the address to open (with the token it made, like Jupyter), then serves."""
     import uvicorn
 
-    app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host))
+    app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host),
+                        chat_log=chat_log)
+    if chat_log is not None:
+        print(chat_log.announcement("posttrain ui", "the annotator name as the user"), flush=True)
     shown = "127.0.0.1" if hosts_for(host) is None else f"[{host}]" if ":" in host else host
     if token is None:
         print(f"posttrain ui on http://{shown}:{port}/?token={app.state.token}", flush=True)

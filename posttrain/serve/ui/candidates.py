@@ -1,9 +1,8 @@
 """Candidate generation for the Annotate tab: K responses per prompt from 1+ models, inside the server.
 
 Each chosen model answers through its `Engine`, the one the chat tab and the API use (same prompt
-rendering by `encode_prompt`, same batching). Model i of M writes every M-th of the K candidates, and
-each prompt's candidates are then shuffled (seeded by the prompt id, so reruns agree) so that a
-position never gives away a model to the annotator. Each finished prompt is appended at once to
+rendering by `encode_prompt`, same batching). Who writes which candidate, and the blind shuffle, are
+curate/candidates.py's (the same rules as `posttrain data candidates`). Each finished prompt is appended at once to
 `<workdir>/candidates/<prompts>-<hash>.jsonl` in the annotation input layout plus `models` (who
 wrote each response); the hash covers the prompts file and the settings, so starting the same
 generation again resumes it and a refresh or a crash loses at most the prompts in flight.
@@ -14,64 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from posttrain.curate.candidates import GenSettings, blind_row, read_single_turn, share
+from posttrain.errors import ConfigError
 from posttrain.records import Message
-from posttrain.data.prompts import read_prompts
-from posttrain.errors import ConfigError, DataError
 from posttrain.serve.engine import Engine, Job, Sampling
 from posttrain.templates.render import encode_prompt
 
 log = logging.getLogger(__name__)
-MAX_K = 8  # candidates per prompt; more than a person can rank with care
-
-
-@dataclass(frozen=True)
-class GenSettings:
-    k: int = 3  # candidates per prompt, spread evenly over the chosen models
-    temperature: float = 0.8  # > 0, or every sample of one model is the same text
-    top_p: float = 1.0
-    max_tokens: int = 128
-    seed: int | None = None  # set: prompt i samples with seed + i, so a rerun repeats the candidates
-
-    def check(self, n_models: int) -> None:
-        if not 2 <= self.k <= MAX_K:
-            raise ConfigError(f"K must be 2..{MAX_K} candidates per prompt (got {self.k})")
-        if self.k < n_models:
-            raise ConfigError(f"K={self.k} candidates cannot include all {n_models} chosen models")
-        if self.temperature <= 0 and self.k > n_models:
-            raise ConfigError(f"temperature 0 is greedy: with {n_models} model(s) and K={self.k} a model would write "
-                              "the same answer twice; raise the temperature or choose K models")
-        if self.max_tokens < 1 or not 0 < self.top_p <= 1 or not 0 <= self.temperature <= 2:
-            raise ConfigError("max tokens must be >= 1, top_p in (0, 1] and temperature in [0, 2]")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ConfigError("seed must be between 0 and 2**32 - 1")
-
-
-def share(n_models: int, k: int) -> list[int]:
-    """How many of the k candidates each model writes (model i writes candidates i, i + M, ...)."""
-    return [len(range(i, k, n_models)) for i in range(n_models)]
-
-
 def output_path(prompts: Path, models: list[str], settings: GenSettings, workdir: Path) -> Path:
     key = json.dumps([str(prompts.resolve()), models, asdict(settings)])
     return workdir / "candidates" / f"{prompts.stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl"
-
-
-def read_single_turn(path: Path) -> list[tuple[str, str]]:
-    """(id, user text) per prompt, from {"prompt": ...} rows or any SFT layout (a trailing answer is ignored)."""
-    out = []
-    for i, item in enumerate(read_prompts(path)):
-        if len(item.messages) != 1:
-            raise DataError(f"{path} prompt {i + 1} (id {item.id}): candidates are generated for one user turn; "
-                            f"this prompt has {len(item.messages)} messages")
-        out.append((item.id, item.messages[0].content))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
 
 
 class CandidateJob:
@@ -145,12 +100,8 @@ class CandidateJob:
         if futures is None:
             self.dropped["too_long"] = self.dropped.get("too_long", 0) + 1
             return None
-        outputs = {name: [g.text for g in future.result()] for name, future in futures.items()}
-        names = list(self.engines)
-        order = [names[j % len(names)] for j in range(self.settings.k)]
-        random.Random(f"candidates:{pid}").shuffle(order)  # blind: no model owns a position
-        responses = [outputs[name].pop(0) for name in order]
-        return {"id": pid, "prompt": text, "responses": responses, "models": order}
+        return blind_row(pid, text, {name: [g.text for g in future.result()] for name, future in futures.items()},
+                         self.settings.k)
 
 
 def _saved_rows(path: Path) -> list[dict]:

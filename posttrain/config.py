@@ -136,6 +136,23 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = opt(
+        True, "free each block's gathered weights after its forward and gather them again for backward (less memory, "
+        "one more all-gather per block); false keeps them from forward to backward")
+    cpu_offload: bool = opt(
+        False, "keep the sharded weights, gradients and optimizer state in CPU memory (CUDA runs: less GPU memory, "
+        "the optimizer steps on the CPU)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[2, 3] = opt(2, "ZeRO stage: 2 shards optimizer state and gradients, 3 also the weights")
+    offload_optimizer: bool = opt(False, "ZeRO-Offload: optimizer state in CPU memory, the optimizer steps there")
+    offload_params: bool = opt(False, "ZeRO-3 only: weights in CPU memory between uses")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = from epochs)")
@@ -154,6 +171,18 @@ class TrainConfig:
     fused: bool = opt(
         True, "fused LoRA linears and LM-head log-probs (same maths, fewer passes over memory); false = plain "
         "PEFT/autograd path (the reference for tests and benchmarks)")
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = opt(
+        "none", "engine of a multi-process run (torchrun / accelerate launch): none = one process; ddp = torch DDP "
+        "(replicas, gradients all-reduced); fsdp = FSDP2 (weights, gradients and optimizer state sharded per decoder "
+        "block, see train.fsdp); deepspeed = ZeRO-2/3 (see train.deepspeed; pip install 'posttrain[deepspeed]')")
+    fsdp: FSDPConfig = opt(FSDPConfig(), "FSDP2 options (train.distributed=fsdp)")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed ZeRO options (train.distributed=deepspeed)")
+    gradient_checkpointing: bool = opt(
+        False, "recompute each decoder block's activations during backward (non-reentrant): far less activation "
+        "memory for about one more forward pass")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "compute precision: bf16 / fp16 autocast the matmuls while trainable weights stay float32 (master "
+        "weights); fp16 adds loss scaling and needs CUDA")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def run_loop(tiny_dir, out, *overrides, learnable=False, data_seed=0):
     cfg = config(out, "method.type=lora", "lora.r=4", "train.micro_batch_size=2", "train.grad_accum=2",
                  "train.epochs=2", *overrides)
     model = model_for(tiny_dir, cfg)
-    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda d: None)
+    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda out, trained: None)
     return model, summary
 
 
@@ -149,7 +149,7 @@ cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
 dist_ctx = Dist.from_environment("cpu")
-make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda d: None)
+make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda out, trained: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
 '''

@@ -157,12 +157,15 @@ class PolicyAndValue(nn.Module):
 
 @torch.no_grad()
 def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts: list[Prompt], seeds: list[int],
-            ppo_cfg, reward_fn) -> tuple[Experience, list[str]]:
+            ppo_cfg, reward_fn, synced: bool = False) -> tuple[Experience, list[str]]:
     """Sample one response per prompt (row i with seed seeds[i]), then log-probs, values, reference
-    log-probs and raw rewards. Returns the experience and the decoded responses."""
+    log-probs and raw rewards. Returns the experience and the decoded responses.
+
+    synced: every process samples at once with sharded weights (see models/generate.py)."""
     p = ppo_cfg
     s = sample_ids(pv.policy, tokenizer, [q.ids for q in prompts], max_new_tokens=p.max_new_tokens,
-                   temperature=p.temperature, top_p=p.top_p, row_seeds=seeds, stop_strings=p.stop_strings or None)
+                   temperature=p.temperature, top_p=p.top_p, row_seeds=seeds, stop_strings=p.stop_strings or None,
+                   synced=synced)
     device = next(pv.parameters()).device
     input_ids = torch.cat([s.prompt_ids, s.response_ids], 1).to(device)  # (B, P+R)
     attention_mask = torch.cat([s.prompt_mask, s.response_mask], 1).to(device)  # (B, P+R)

@@ -30,10 +30,10 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     from posttrain.data.pipeline import build_sft_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.lm_forward import sft_forward
+    from posttrain.models.forward import sft_forward
     from posttrain.train.loop import Dist, Loop
     from posttrain.train.steps import DataSteps
-    from posttrain.train.sft import to_batches
+    from posttrain.data.batches import sft_batches
 
     path = Path(tmp) / "messages.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
@@ -52,7 +52,7 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     model = apply_method(model, cfg)
     forward = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=cfg.train.head_positions)
-    steps = DataSteps(to_batches(data.train, tokenizer.pad_token_id), forward, train=cfg.train,
+    steps = DataSteps(sft_batches(data.train, tokenizer.pad_token_id), forward, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=Dist())
     loop = Loop(cfg, model, steps)
     return loop, steps.plans(0)

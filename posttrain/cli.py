@@ -38,9 +38,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from posttrain.train import dpo, ppo, reward, sft
+    from posttrain.train import dpo, ppo, rm, sft
 
-    summary = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
+    summary = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[cfg.stage].run(cfg)
     if summary.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     if summary.get("already_complete"):
@@ -61,7 +61,7 @@ def _sampling(args) -> dict:
 
 def cmd_chat(args) -> int:
     _quiet_libraries()
-    from posttrain.data.records import Message
+    from posttrain.records import Message
     from posttrain.models.run import load_model_for_inference
     from posttrain.models.generate import generate_reply
     from posttrain.serve.chat import run_repl
@@ -116,7 +116,7 @@ def cmd_score(args) -> int:
     import json
 
     from posttrain.errors import ConfigError
-    from posttrain.train.reward_scoring import normalize_rewards, score_preferences
+    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences
 
     if not args.data and not args.normalize:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", nargs="?", help="only keys containing this text")
     p.set_defaults(func=cmd_keys)
 
-    from posttrain.data.build.cli import add_data_parser
+    from posttrain.curate.cli import add_data_parser
 
     add_data_parser(sub)
     return parser

@@ -143,7 +143,7 @@ def test_conversation_ending_with_a_user_turn_is_dropped_and_counted(config, tmp
 
 
 def test_filter_rule_says_it_will_download_before_building_the_tokenizer(tmp_path, monkeypatch, caplog):
-    from posttrain.data.build.filter import load_rules
+    from posttrain.curate.filter import load_rules
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(sources.WHEEL_ENV, raising=False)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.models.run import load_model_for_inference
 from posttrain.models.generate import generate_reply
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from posttrain.cli import main
-from posttrain.data.build import convert, dedup, filter as filt, from_task, mix, split, stats, validate
-from posttrain.data.build.stream import iter_rows, parse
+from posttrain.curate import convert, dedup, filter as filt, from_task, mix, split, stats, validate
+from posttrain.curate.stream import iter_rows, parse
 from posttrain.errors import DataError
 
 FIX = Path(__file__).parent / "data" / "build"

@@ -3,7 +3,7 @@
 import pytest
 
 from posttrain.data.formats import detect_format, fill_variables, row_to_conversation
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import DataError
 
 SRC = "data.jsonl line 7"

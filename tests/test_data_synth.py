@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.data.build import synth
+from posttrain.curate import synth
 from posttrain.errors import PosttrainError
 
 PROPOSALS = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.eval.judges import OpenAIJudge, RewardModelJudge
 from posttrain.eval.mc_data import MCItem
 from posttrain.eval.mc_prompts import letter_token_ids
@@ -53,7 +53,7 @@ def test_generate_batch_matches_single_greedy(tiny):
 def test_perplexity_equals_manual_masked_nll(tiny, tmp_path):
     from posttrain.eval.perplexity import perplexity
     from posttrain.templates.render import encode_conversation
-    from posttrain.data.records import Conversation
+    from posttrain.records import Conversation
 
     model, tok = tiny
     path = tmp_path / "held.jsonl"
@@ -173,7 +173,7 @@ def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path):
     """A judge cut short (judge_max_tokens) gives no verdict: votes kept with winner None, cached (not
     re-asked), left out of ratings, reported; another judge_max_tokens is another judge and asks again."""
     from posttrain.eval import compare
-    from posttrain.eval.generation import PromptItem
+    from posttrain.data.prompts import PromptItem
     from posttrain.eval.report import write_compare_report
 
     prompts = [PromptItem("p0", [Message("user", "q0")], None, None),

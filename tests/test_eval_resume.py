@@ -11,6 +11,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.config import load_config
+from posttrain.data.prompts import read_prompts
 from posttrain.errors import DataError
 from posttrain.eval import compare, generation, multiple_choice
 from posttrain.eval.judges import ReferenceJudge
@@ -127,7 +128,7 @@ def test_generation_resume_and_stale_cache_errors(tiny_dir, tmp_path, counted):
         loads.append(1)
         return load_model_for_inference(str(tiny_dir), device="cpu")[:2]
 
-    full, part = (generation.read_prompts(_prompts(tmp_path, n, f"p{n}.jsonl")) for n in (4, 2))
+    full, part = (read_prompts(_prompts(tmp_path, n, f"p{n}.jsonl")) for n in (4, 2))
     kwargs = {"model_ref": str(tiny_dir), "batch_size": 1, "max_new_tokens": 4}  # batch 1: no padding effects
     whole = generation.generate_file(load, full, tmp_path / "whole.jsonl", **kwargs)
     assert counted["generated"] == 4
@@ -141,7 +142,7 @@ def test_generation_resume_and_stale_cache_errors(tiny_dir, tmp_path, counted):
     assert again == resumed and not loads and counted["generated"] == 8  # nothing to do: no model loaded
     with pytest.raises(DataError, match="max_new_tokens"):
         generation.generate_file(load, full, tmp_path / "resumed.jsonl", **{**kwargs, "max_new_tokens": 7})
-    changed = generation.read_prompts(_prompts(tmp_path, 4, "changed.jsonl"))
+    changed = read_prompts(_prompts(tmp_path, 4, "changed.jsonl"))
     changed[1].messages[-1].content = "a different question"
     with pytest.raises(DataError, match="'p1' has changed"):
         generation.generate_file(load, changed, tmp_path / "resumed.jsonl", **kwargs)
@@ -170,7 +171,7 @@ def test_compare_resume_generates_and_judges_only_missing(tiny_dir, other_tiny, 
     assert {k: resumed[k] for k in RATED} == {k: whole[k] for k in RATED}  # Elo too: votes in a fixed order
 
     # Further reruns through the pieces of run() (no plots): reversed model order, then another judge.
-    prompts, out = generation.read_prompts(full), tmp_path / "resumed"
+    prompts, out = read_prompts(full), tmp_path / "resumed"
     names = compare.model_names([str(m) for m in models[::-1]])
     answers = compare.generate_answers([str(m) for m in models[::-1]], names, prompts, out, batch_size=4,
                                        max_new_tokens=3)

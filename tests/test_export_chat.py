@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config, save_config
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.models.export import EXPORT_MARKER, export_merged
 from posttrain.models.load import load_base

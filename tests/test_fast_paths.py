@@ -4,7 +4,7 @@ Naive = what a plain HF causal LM with PEFT does: padded rows with an attention 
 LoRA forward, full-vocabulary logits at every position, `labels` with -100 on prompt and padding.
 Optimised = posttrain's packed rows (block-diagonal attention from position ids), fused LoRA
 linears (models/fast_lora.py), the LM head only at supervised positions with log-probs and their
-gradient formed chunk by chunk (train/head_logps.py). Benchmarks switch these off for before/after.
+gradient formed chunk by chunk (models/head_logps.py). Benchmarks switch these off for before/after.
 """
 
 import pytest
@@ -16,8 +16,8 @@ from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.fast_lora import disable_fast_lora, enable_fast_lora
 from posttrain.models.methods import apply_method
-from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.head_logps import token_logps
+from posttrain.models.forward import sft_forward
 from test_loop import make_data
 
 
@@ -207,7 +207,7 @@ def test_dpo_packed_shared_prompt_logps_match_padded_plain(tiny_dir, tmp_path):
 
 
 def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_path, monkeypatch):
-    from posttrain.train.lm_forward import hidden_states
+    from posttrain.models.forward import hidden_states
 
     ids, weights = make_data(5, seed=6)
     model = lora_model(tiny_dir, tmp_path)

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import load_config
 from posttrain.data.collate import collate
 from posttrain.models.methods import apply_method
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.forward import sft_forward
 from posttrain.train.loop import Dist, Loop
-from posttrain.train.steps import Batches, DataSteps
+from posttrain.data.batches import Batches
+from posttrain.train.steps import DataSteps
 
 
 def make_data(n=16, seed=0, vocab=300, learnable=False):

@@ -5,7 +5,8 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.errors import ConfigError
-from posttrain.models.methods import apply_method, count_parameters, find_layers, lm_head_and_backbone
+from posttrain.models.anatomy import find_layers, lm_head_and_backbone
+from posttrain.models.methods import apply_method, count_parameters
 
 
 def _model(tiny_dir):

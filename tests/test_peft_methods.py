@@ -10,9 +10,10 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.export import export_merged
 from posttrain.models.load import load_base
 from posttrain.models.fast_lora import disable_fast_lora
-from posttrain.models.methods import apply_method, lm_head_and_backbone, optimizer_groups, quantization_config
+from posttrain.models.anatomy import lm_head_and_backbone
+from posttrain.models.methods import apply_method, optimizer_groups, quantization_config
 from posttrain.models.run import load_model_for_inference, save_model
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.forward import sft_forward
 
 torch.manual_seed(0)
 IDS = torch.randint(3, 500, (2, 12))  # (B, T) one fixed batch, avoiding special tokens
@@ -117,7 +118,7 @@ def test_qlora_base_is_4bit_and_export_dequantises(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_virtual_tokens_split_head_chat_and_no_export(tmp_path, tiny_dir, kind):
-    from posttrain.data.records import Message
+    from posttrain.records import Message
     from posttrain.models.generate import generate_reply
 
     cfg = make_cfg(tiny_dir, {"method.type": kind, "prompt.num_virtual_tokens": 3})

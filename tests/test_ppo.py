@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from posttrain.losses.ppo import (entropy_from_logits, explained_variance, gae, kl_per_token, policy_loss, value_loss,
                                   whiten)
-from posttrain.train.rewards import AdaptiveKL, HttpReward, RunningMoments, load_function
+from posttrain.train.reward_sources import AdaptiveKL, HttpReward, RunningMoments, load_function
 
 ONE = torch.ones(1, 1, dtype=torch.bool)
 
@@ -128,7 +128,7 @@ def test_http_reward_source():
 def test_reward_model_source(tmp_path, tiny_dir, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.train.rewards import RewardModel
+    from posttrain.models.reward_head import RewardModel
 
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, num_labels=1,
@@ -200,7 +200,8 @@ def _ppo_steps(cfg, pv, tok, prompts, **kwargs):
 def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.rollout import PolicyAndValue, collect, load_prompts
+    from posttrain.data.prompts import load_prompts
+    from posttrain.train.rollout import PolicyAndValue, collect
 
     cfg = _write_run(tmp_path, tiny_dir)
     base, tok = load_base(cfg.model, "cpu")
@@ -223,7 +224,8 @@ def test_rows_sample_the_same_whatever_batch_they_are_in(tmp_path, tiny_dir):
     """Each row draws from its own seed: splitting a rollout batch over processes changes no sample."""
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.rollout import PolicyAndValue, collect, load_prompts
+    from posttrain.data.prompts import load_prompts
+    from posttrain.train.rollout import PolicyAndValue, collect
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.max_new_tokens": 12})
     base, tok = load_base(cfg.model, "cpu")
@@ -242,14 +244,14 @@ def test_ptx_term_changes_the_gradient(tmp_path, tiny_dir):
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
     from posttrain.train.rollout import PolicyAndValue
-    from posttrain.train.sft import to_batches
+    from posttrain.data.batches import sft_batches
 
     cfg = _write_run(tmp_path, tiny_dir, **{"ppo.ptx_coef": 1.0, "ppo.ptx_datasets": [
         {"path": str(tmp_path / "sft.jsonl")}]})
     base, tok = load_base(cfg.model, "cpu")
     pv = PolicyAndValue(apply_method(base, cfg), base.config.hidden_size)
     data = build_sft_data(dataclasses.replace(cfg.data, datasets=cfg.ppo.ptx_datasets), cfg.template, tok, 0)
-    steps = _ppo_steps(cfg, pv, tok, [], ptx_train=to_batches(data.train, tok.pad_token_id))
+    steps = _ppo_steps(cfg, pv, tok, [], ptx_train=sft_batches(data.train, tok.pad_token_id))
     grads = {}
     for coef in (0.0, 1.0, 2.0):
         steps.p = dataclasses.replace(cfg.ppo, ptx_coef=coef)

@@ -34,10 +34,10 @@ def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys,
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.cli import main
-    from posttrain.train import reward
+    from posttrain.train import rm
 
     out = tmp_path / "rm"
-    reward.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=6", f"train.seed={seed}"))
+    rm.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=6", f"train.seed={seed}"))
     train, evals = _history(out)
     # last / first loss 0.01-0.03 over train.seed 0-9 (the first one, near log 2, varies with the random head)
     assert train[-1]["loss"] < 0.25 * train[0]["loss"] and evals[-1]["accuracy"] == 1.0
@@ -66,10 +66,11 @@ def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys,
 
 
 def _all_rewards(model, samples, pad_id):
-    from posttrain.train.reward import sequence_rewards, to_batches
+    from posttrain.data.batches import preference_batches
+    from posttrain.models.reward_head import sequence_rewards
 
     with torch.no_grad():
-        return sequence_rewards(model.eval(), to_batches(samples, pad_id).collate([list(range(len(samples)))]))
+        return sequence_rewards(model.eval(), preference_batches(samples, pad_id).collate([list(range(len(samples)))]))
 
 
 def test_reward_std_is_the_std_over_every_response(tiny_dir, prefs, tmp_path):
@@ -78,12 +79,12 @@ def test_reward_std_is_the_std_over_every_response(tiny_dir, prefs, tmp_path):
 
     from posttrain.data.preference import build_preference_data
     from posttrain.models.load import load_tokenizer
-    from posttrain.train import reward
+    from posttrain.train import rm
 
     out = tmp_path / "rm"
     # lr 0: the weights that produced the logged metrics are the saved ones; 8 train prompts = 4 x 2 micro-batches
     cfg = _cfg("rm", tiny_dir, prefs, out, "train.max_steps=1", "optim.lr=0", "train.grad_accum=2")
-    reward.run(cfg)
+    rm.run(cfg)
     train, evals = _history(out)
     tok = load_tokenizer(str(out))
     data = build_preference_data(cfg.data, cfg.template, tok, cfg.train.seed)
@@ -105,15 +106,15 @@ def test_normalized_reward_model_scores_the_reference_set_at_zero(tiny_dir, pref
 
     from posttrain.cli import main
     from posttrain.data.preference import encode_preference, row_to_preference
-    from posttrain.data.records import Message
+    from posttrain.records import Message
     from posttrain.models.load import load_tokenizer
     from posttrain.serve.api import ApiError, _generator, load_engine
     from posttrain.serve.engine import Job, Sampling
-    from posttrain.train import reward
-    from posttrain.train.rewards import RewardModel
+    from posttrain.train import rm
+    from posttrain.models.reward_head import RewardModel
 
     out = tmp_path / "rm"
-    reward.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=2", f"rm.normalize_data={prefs}"))
+    rm.run(_cfg("rm", tiny_dir, prefs, out, "train.max_steps=2", f"rm.normalize_data={prefs}"))
     offset = json.loads((out / "train_summary.json").read_text())["reward_offset"]
     assert json.loads((out / "config.json").read_text())["reward_offset"] == offset and abs(offset) > 1e-3
 
@@ -176,7 +177,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
     from posttrain.train.dpo import dpo_forward, precompute_reference, response_logps
-    from posttrain.train.reward import to_batches
+    from posttrain.data.batches import preference_batches
 
     cfg = _cfg("dpo", tiny_dir, prefs, "unused", f"method.type={method}", "prompt.num_virtual_tokens=3")
     model, tok = load_base(cfg.model, "cpu")
@@ -191,7 +192,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
                 p.normal_(0, 0.05)
             elif "prompt_encoder" in name:  # virtual tokens: a random init can sit close to the base's loss
                 p.normal_(0, 1.0)
-    batch = to_batches(data.train, tok.pad_token_id).collate([[0], [1], [2]])
+    batch = preference_batches(data.train, tok.pad_token_id).collate([[0], [1], [2]])
     losses = [float(dpo_forward(model, batch, 3.0, dpo_cfg=cfg.dpo)[0])]  # precomputed ref_logps
     no_pre = {k: v for k, v in batch.items() if k != "ref_logps"}
     losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo)[0]))  # adapters disabled

@@ -14,7 +14,7 @@ from posttrain.config import load_config, save_config
 from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method
 from posttrain.models.run import load_model_for_inference, save_model
-from posttrain.train.rewards import RewardModel
+from posttrain.models.reward_head import RewardModel
 
 PLANTED = """from pathlib import Path
 Path({marker!r}).write_text("remote code ran")

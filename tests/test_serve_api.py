@@ -14,7 +14,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from posttrain.data.records import Message  # noqa: E402
+from posttrain.records import Message  # noqa: E402
 from posttrain.serve.api import Limits, Models, create_app, load_engine  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.engine import Job, Sampling, StopFilter, _Halt  # noqa: E402

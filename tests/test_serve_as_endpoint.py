@@ -17,7 +17,7 @@ import pytest
 from test_serve_api import free_port
 
 from posttrain.cli import main
-from posttrain.data.build import synth
+from posttrain.curate import synth
 from posttrain.eval.compare import read_votes
 
 SEEDS = ["Give three tips for staying healthy.", "Translate the sentence into French.",

@@ -10,7 +10,7 @@ import time
 import pytest
 from test_serve_api import LiveServer, expected, post
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.serve.api import Models, create_app, load_engine
 from posttrain.serve.engine import Job, Sampling
 from posttrain.templates.render import encode_prompt

@@ -22,7 +22,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from posttrain.data.records import Message  # noqa: E402
+from posttrain.records import Message  # noqa: E402
 from posttrain.models.tiny import build_tiny  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402

@@ -73,9 +73,9 @@ def stage_config(stage: str, method: str, tiny_dir, files, out, **extra):
 
 def run_and_watch(stage: str, cfg, monkeypatch) -> tuple[dict, dict, dict]:
     """(summary, parameters right after apply_method, parameters when the stage saves) for one stage run."""
-    from posttrain.train import dpo, ppo, reward, sft
+    from posttrain.train import dpo, ppo, rm, sft
 
-    module = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}[stage]
+    module = {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo}[stage]
     seen: dict = {}
     real_apply = module.apply_method
     save_name = "save_reward_model" if stage == "rm" else "save_model"
@@ -170,8 +170,8 @@ def _rm(tiny_dir, method: str, **extra):
 def test_virtual_token_reward_reads_the_last_real_token_and_reloads(tmp_path, tiny_dir, method):
     from posttrain.config import ModelConfig
     from posttrain.models.load import load_reward_model
-    from posttrain.train.reward import save_reward_model, sequence_rewards
-    from posttrain.train.rewards import RewardModel
+    from posttrain.models.reward_head import RewardModel, sequence_rewards
+    from posttrain.train.rm import save_reward_model
 
     cfg, model, tokenizer = _rm(tiny_dir, method)
     ids = torch.randint(3, 500, (2, 9))  # (R, T)
@@ -196,7 +196,8 @@ def test_qlora_reward_model_is_saved_merged_on_the_dequantised_base(tmp_path, ti
     import bitsandbytes as bnb
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.train.reward import save_reward_model, sequence_rewards
+    from posttrain.models.reward_head import sequence_rewards
+    from posttrain.train.rm import save_reward_model
 
     cfg, model, tokenizer = _rm(tiny_dir, "qlora")
     with torch.no_grad():  # a trained-looking adapter and head

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import SHARED_ASSETS
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.templates import DropSample, Encoded, apply_template, encode_conversation, encode_prompt
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import ConfigError, DataError
 from posttrain.models.tiny import build_tiny
 from posttrain.serve.api import load_engine

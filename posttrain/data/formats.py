@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
-from posttrain.data.records import ROLES, Conversation, Message
+from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")

@@ -17,6 +17,7 @@ import numpy as np
 from posttrain.data.formats import detect_format, rename_columns, row_to_conversation
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
 ROW_COLUMN = "__posttrain_row"  # the row's index in its file, for error messages after shuffling
 
@@ -47,8 +48,6 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
     Eval sets take max_samples but not weight (mixing is about training). Template and
     variables change the cache fingerprint, so edited settings re-encode; unchanged ones reuse it.
     """
-    from posttrain.templates.render import apply_template
-
     apply_template(tokenizer, template_cfg.name)
     train = [_read(ds_cfg, seed, (0, i)) for i, ds_cfg in enumerate(data_cfg.datasets)]
     evals = [_read(ds_cfg, seed, (1, i)) for i, ds_cfg in enumerate(data_cfg.eval_datasets)]
@@ -198,8 +197,6 @@ class _Encoder:
     code: str
 
     def __call__(self, batch: dict) -> dict:
-        from posttrain.templates.render import DropSample, encode_conversation
-
         out = {name: [] for name in _encoded_features()}
         names = [k for k in batch if k != ROW_COLUMN]
         for j, row_index in enumerate(batch[ROW_COLUMN]):

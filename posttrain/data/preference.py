@@ -20,8 +20,9 @@ import numpy as np
 from posttrain.data.formats import (RowContext, fill_variables, parse_openai, parse_sharegpt, refuse_media,
                                     rename_columns, role_map)
 from posttrain.data.reading import read_rows, source_of
-from posttrain.data.records import Conversation, Message, PreferencePair, RankedResponses
+from posttrain.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
+from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
 MAX_RANKED = 9
 
@@ -151,8 +152,6 @@ class PrefData:
 
 def encode_preference(rec: RankedResponses, tokenizer, *, max_length: int | None, system: str | None) -> PrefSample:
     """Tokenize each prompt + response with the one template path; raises DropSample to drop."""
-    from posttrain.templates.render import DropSample, encode_conversation
-
     if len({(m.content, str(m.tool_calls)) for m in rec.responses}) < len(rec.responses):
         raise DropSample("chosen_equals_rejected", rec.source)
     pairs = rec.pairs()
@@ -178,8 +177,6 @@ def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None) -> list
 
 
 def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops: Counter) -> list[PrefSample]:
-    from posttrain.templates.render import DropSample
-
     out = []
     for rec in recs:
         try:
@@ -191,8 +188,6 @@ def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops
 
 def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefData:
     """Read, hold out (val_size or eval_datasets), and encode preference files."""
-    from posttrain.templates.render import apply_template
-
     apply_template(tokenizer, template_cfg.name)
     train = [r for ds in data_cfg.datasets for r in read_preferences(ds, data_cfg.variables)]
     evals = [r for ds in data_cfg.eval_datasets for r in read_preferences(ds, data_cfg.variables)]

@@ -140,7 +140,7 @@ def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
 
 def run(cfg) -> dict:
     """Answers, votes, ratings.json and report.md for cfg.eval.compare, in cfg.eval.output_dir."""
-    from posttrain.eval.generation import read_prompts
+    from posttrain.data.prompts import read_prompts
     from posttrain.eval.report import write_compare_report
     from posttrain.models.load import pick_device
 

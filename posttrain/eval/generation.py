@@ -1,8 +1,6 @@
 """Generate answers for a prompt file (batched, cached, resumable) and score them against references.
 
-A prompt file is JSONL/JSON/CSV in any SFT layout (alpaca, sharegpt, openai): the last assistant
-turn is the reference and the turns before it are the prompt. Rows of the form
-{"prompt": ..., "reference": ...} work too (reference optional: comparisons need none).
+Prompt files are read by data/prompts.py (any SFT layout, or {"prompt", "reference"?} rows).
 """
 
 from __future__ import annotations
@@ -10,49 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data.records import Message
+from posttrain.data.prompts import PromptItem, read_prompts
 from posttrain.errors import DataError
 from posttrain.eval.progress import Progress
-
-
-@dataclass
-class PromptItem:
-    id: str
-    messages: list[Message]  # the conversation to answer (ends with a user turn)
-    reference: str | None
-    category: str | None = None  # optional "category" field: comparisons also report win rates per category
-
-
-def read_prompts(path: str | Path, variables: dict[str, str] | None = None) -> list[PromptItem]:
-    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers."""
-    from posttrain.data.formats import row_to_conversation
-    from posttrain.data.reading import read_rows, source_of
-
-    items: list[PromptItem] = []
-    seen: set[str] = set()
-    for i, row in enumerate(read_rows(path)):
-        source = source_of(path, i)
-        item_id = str(row["id"] if row.get("id") is not None else i)
-        if item_id in seen:  # ids key the answer and vote caches
-            raise DataError(f"{source}: duplicate prompt id {item_id!r}")
-        seen.add(item_id)
-        category = row.get("category")
-        if isinstance(row.get("prompt"), str):
-            ref = row.get("reference") or row.get("output") or row.get("answer")
-            items.append(PromptItem(item_id, [Message("user", row["prompt"])], ref, category))
-            continue
-        fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
-        conv = row_to_conversation(fields, "auto", source=source, variables=variables)
-        messages, ref = list(conv.messages), None
-        if messages and messages[-1].role == "assistant":
-            ref = messages.pop().content
-        if not messages or messages[-1].role != "user":
-            raise DataError(f"{source}: a prompt must end with a user turn")
-        items.append(PromptItem(item_id, messages, ref, category))
-    return items
 
 
 def _prompt_hash(item: PromptItem, system: str | None) -> str:

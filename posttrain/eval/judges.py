@@ -21,7 +21,7 @@ import urllib.request
 
 import torch
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
 
 DEFAULT_JUDGE_PROMPT = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import TemplateError
 from posttrain.eval.mc_data import LETTERS, MCItem
 from posttrain.templates.render import encode_prompt

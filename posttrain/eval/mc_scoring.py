@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.models.methods import is_prompt_learning, lm_head_and_backbone, unwrap
+from posttrain.models.anatomy import is_prompt_learning, lm_head_and_backbone, unwrap
 from posttrain.models.packed_attention import packed_attention
 
 Group = tuple[list[int], list[list[int]]]  # (prefix ids, children ids); every child non-empty

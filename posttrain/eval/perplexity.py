@@ -23,7 +23,7 @@ def perplexity(model, tokenizer, data_cfg: DataConfig, template_cfg: TemplateCon
     """Token-level mean NLL over supervised tokens and its exp (perplexity) for data_cfg.datasets."""
     from posttrain.data.collate import collate
     from posttrain.data.pipeline import build_sft_data
-    from posttrain.train.lm_forward import sft_forward
+    from posttrain.models.forward import sft_forward
 
     data = build_sft_data(dataclasses.replace(data_cfg, val_size=0.0, eval_datasets=[]), template_cfg,
                           tokenizer, seed)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.models.methods import is_prompt_learning
+from posttrain.models.anatomy import is_prompt_learning
 from posttrain.models.generate import stop_token_ids
 from posttrain.models.run import is_peft_model, load_model_for_inference
 

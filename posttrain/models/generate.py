@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
     StoppingCriteriaList, TextStreamer
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.templates.render import encode_prompt
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi

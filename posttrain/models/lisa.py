@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from posttrain.models.methods import find_layers, unwrap
+from posttrain.models.anatomy import find_layers, unwrap
 
 
 def _layer_index(model: nn.Module) -> dict[str, int]:

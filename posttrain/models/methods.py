@@ -3,9 +3,8 @@
 LoRA (with DoRA / rsLoRA / PiSSA / LoRA+ / modules_to_save), QLoRA (LoRA on a 4-bit base),
 full, freeze, LISA (see models/lisa.py), prompt and prefix tuning. A stage calls, in order:
 `quantization_config(cfg, device)` when loading the base, `apply_method(model, cfg)`, then
-hands `optimizer_groups(model, cfg)` and `step_hook(model, cfg)` to the Loop.
-`lm_head_and_backbone(model)` splits a causal LM (plain or PEFT-wrapped) into decoder and head,
-so the training loop can apply the head only at the positions that carry loss.
+hands `optimizer_groups(model, cfg)` and `step_hook(model, cfg)` to the Loop. Which blocks a
+model has and where its head sits is models/anatomy.py.
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ from torch import nn
 
 from posttrain.config import PROMPT_METHODS
 from posttrain.errors import ConfigError
-
-# Attribute paths (under the causal LM's backbone) where decoder blocks live, by model family.
-_LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
+from posttrain.models.anatomy import find_layers, unwrap
+from posttrain.models.lisa import LisaSchedule, apply_lisa, lisa_parameters
 
 
 def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
@@ -44,8 +42,6 @@ def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Modu
     if kind == "freeze":
         return _apply_freeze(model, cfg.freeze)
     if kind == "lisa":
-        from posttrain.models.lisa import apply_lisa
-
         return apply_lisa(model)
     if kind in PROMPT_METHODS:
         return _apply_virtual_tokens(model, cfg, task_type)
@@ -70,8 +66,6 @@ def quantization_config(cfg, device: torch.device | str):
 def optimizer_groups(model: nn.Module, cfg) -> list[dict]:
     """AdamW parameter groups: LoRA+ gives B its own lr; LISA hands over every block it may unfreeze."""
     if cfg.method.type == "lisa":
-        from posttrain.models.lisa import lisa_parameters
-
         return [{"params": lisa_parameters(model)}]
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ratio = cfg.lora.lr_ratio if cfg.method.type in ("lora", "qlora") else 1.0
@@ -86,8 +80,6 @@ def step_hook(model: nn.Module, cfg) -> Callable[[int, torch.optim.Optimizer], N
     """Called by the Loop before every optimizer step (LISA re-draws its blocks); None for other methods."""
     if cfg.method.type != "lisa":
         return None
-    from posttrain.models.lisa import LisaSchedule
-
     return LisaSchedule(model, cfg.lisa, seed=cfg.train.seed)
 
 
@@ -148,28 +140,6 @@ def _apply_virtual_tokens(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -
     return get_peft_model(model, peft_cfg)
 
 
-def is_prompt_learning(model: nn.Module) -> bool:
-    """True for a PEFT model whose adapter adds virtual tokens (prompt / prefix tuning)."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
-
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted prefix, ModuleList) of the decoder blocks of a Llama-like causal LM, plain or PEFT."""
-    inner = unwrap(model)
-    backbone = getattr(inner, "base_model", inner)
-    prefix = "" if backbone is inner else inner.base_model_prefix + "."
-    for path in _LAYER_PATHS:
-        node = backbone
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList) and len(node) > 0:
-            return prefix + path, node
-    # Fall back to the longest ModuleList anywhere: decoder stacks dwarf everything else.
-    lists = [(name, mod) for name, mod in inner.named_modules() if isinstance(mod, nn.ModuleList)]
-    if not lists:
-        raise ConfigError(f"freeze: cannot find the decoder blocks of {type(inner).__name__}")
-    return max(lists, key=lambda item: len(item[1]))
 
 
 def _apply_freeze(model: nn.Module, freeze_cfg) -> nn.Module:
@@ -207,48 +177,3 @@ def _n_values(param: torch.Tensor) -> int:
     return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside a PEFT wrapper (or `model` itself when not wrapped)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def lm_head_and_backbone(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Module]:
-    """(backbone, head): `head(backbone(input_ids=..., attention_mask=...))` equals `model(...).logits`.
-
-    The backbone returns the final hidden states (B, T, H) after the last norm. Under PEFT the
-    LoRA layers are injected in place, so the unwrapped decoder already carries the adapters.
-    Prompt / prefix tuning add virtual tokens inside PeftModel.forward, so there the backbone
-    runs the PEFT model itself (the one switch for those methods).
-    """
-    if is_prompt_learning(model):
-        return _virtual_token_backbone(model), unwrap(model).get_output_embeddings()
-    inner = unwrap(model)
-    decoder = getattr(inner, "base_model", None)
-    head = inner.get_output_embeddings()
-    if decoder is None or decoder is inner or head is None:
-        raise ConfigError(f"{type(inner).__name__}: cannot split into decoder and LM head")
-    if getattr(inner.config, "final_logit_softcapping", None):
-        # Gemma-2 style soft-capping sits between head and logits: the split would drift.
-        raise ConfigError(f"{type(inner).__name__}: logit soft-capping is not supported by the split head")
-
-    def backbone(**inputs) -> torch.Tensor:
-        inputs.setdefault("use_cache", False)  # training never needs the KV cache
-        return decoder(**inputs).last_hidden_state  # (B, T, H)
-
-    return backbone, head
-
-
-def _virtual_token_backbone(model: nn.Module) -> Callable[..., torch.Tensor]:
-    """Hidden states (B, T, H) of the real tokens, through PeftModel.forward (virtual tokens added)."""
-
-    def backbone(**inputs) -> torch.Tensor:
-        # PEFT ignores position ids here (with a warning); validate() forbids packing for these methods.
-        inputs.pop("position_ids", None)
-        inputs.setdefault("use_cache", False)
-        seq_len = inputs["input_ids"].shape[1]
-        # logits_to_keep=1: the head runs on one position only; the caller applies it where loss is taken.
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1][:, -seq_len:]  # prompt tuning prepends its virtual tokens
-
-    return backbone

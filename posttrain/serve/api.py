@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.errors import PosttrainError
 from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for

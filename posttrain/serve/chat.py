@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 from posttrain.models.generate import generate_reply
 from posttrain.templates.render import encode_prompt
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.models.load import reward_offset
 from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
 from posttrain.templates.render import Encoded, encode_conversation

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from posttrain.data.records import Message
+from posttrain.records import Message
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes; beyond it, it overflows

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from posttrain.data.records import Conversation, Message
+from posttrain.records import Conversation, Message
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.templates.builtin import BUILTIN_TEMPLATES, NEEDS_EOS
 

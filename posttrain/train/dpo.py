@@ -19,17 +19,18 @@ from contextlib import nullcontext
 import torch
 
 from posttrain.config import RunConfig, adapter_off_is_base
+from posttrain.data.batches import preference_batches
 from posttrain.data.preference import PrefSample, build_preference_data
 from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
-from posttrain.models.methods import (apply_method, count_parameters, lm_head_and_backbone, optimizer_groups,
-                                      quantization_config, step_hook)
+from posttrain.models.anatomy import lm_head_and_backbone
+from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
+                                      step_hook)
 from posttrain.models.run import save_model
-from posttrain.train.head_logps import token_logps
-from posttrain.train.lm_forward import hidden_states
+from posttrain.models.head_logps import token_logps
+from posttrain.models.forward import hidden_states
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.steps import DataSteps
-from posttrain.train.reward import to_batches
 
 log = logging.getLogger("posttrain")
 
@@ -70,7 +71,7 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
     """Store each response's reference log-prob on its sample (run before any training step)."""
     was_training = model.training
     model.eval()
-    batches = to_batches(samples, pad_id, pack, share_prompt=pack)
+    batches = preference_batches(samples, pad_id, pack, share_prompt=pack)
     for start in range(0, len(samples), micro):
         units = [[i] for i in range(start, min(start + micro, len(samples)))]
         batch = {k: v.to(device) for k, v in batches.collate(units).items()}
@@ -139,9 +140,9 @@ def run(cfg: RunConfig) -> dict:
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
                                 fused=cfg.train.fused)
-    steps = DataSteps(to_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
+    steps = DataSteps(preference_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
-                      eval_data=to_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)
+                      eval_data=preference_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)
     loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,

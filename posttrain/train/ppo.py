@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from posttrain.config import RunConfig, adapter_off_is_base
+from posttrain.data.batches import sft_batches
 from posttrain.data.pipeline import build_sft_data
 from posttrain.errors import ConfigError
 from posttrain.losses.ppo import explained_variance, gae, kl_per_token, masked_mean, policy_loss, value_loss, whiten
@@ -28,13 +29,12 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
                                       step_hook)
 from posttrain.models.run import save_model
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.forward import sft_forward
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.ppo_report import plot_reward_kl, write_sample
-from posttrain.train.rewards import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
-from posttrain.train.rollout import (Experience, PolicyAndValue, Rollout, collect, gather, load_prompts,
-                                     prompt_indices, row_seed)
-from posttrain.train.sft import to_batches
+from posttrain.train.reward_sources import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
+from posttrain.data.prompts import load_prompts
+from posttrain.train.rollout import Experience, PolicyAndValue, Rollout, collect, gather, prompt_indices, row_seed
 from posttrain.train.steps import StepSource, evaluate_lm
 
 log = logging.getLogger("posttrain")
@@ -65,8 +65,8 @@ def run(cfg: RunConfig) -> dict:
     if p.ptx_datasets:
         ptx_cfg = dataclasses.replace(cfg.data, datasets=p.ptx_datasets, eval_datasets=[], val_size=p.ptx_val_size)
         ptx = build_sft_data(ptx_cfg, cfg.template, tokenizer, cfg.train.seed)
-        ptx_train = to_batches(ptx.train, tokenizer.pad_token_id)
-        ptx_eval = to_batches(ptx.eval, tokenizer.pad_token_id) if ptx.eval is not None else None
+        ptx_train = sft_batches(ptx.train, tokenizer.pad_token_id)
+        ptx_eval = sft_batches(ptx.eval, tokenizer.pad_token_id) if ptx.eval is not None else None
     log.info("prompts: %d (%d dropped); trainable parameters %d of %d", len(prompts), dropped, trainable, total)
 
     steps = PPOSteps(cfg, pv, ref_model, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,

@@ -21,7 +21,7 @@ import torch
 from posttrain.data.preference import PrefSample
 
 # files whose edits may change log-probs
-_CODE = ("train/dpo.py", "train/lm_forward.py", "train/head_logps.py", "models/methods.py",
+_CODE = ("train/dpo.py", "models/forward.py", "models/head_logps.py", "models/methods.py",
          "models/fast_lora.py", "models/packed_attention.py")
 
 

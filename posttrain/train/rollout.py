@@ -1,4 +1,4 @@
-"""RL experience: prompts from data files, sampled responses with their log-probs, values and rewards.
+"""RL experience: sampled responses with their log-probs, values and rewards.
 
 `collect` samples this process's share of a rollout batch (through the one generation layer, each
 row with its own seed, so the draw does not depend on how the batch is split over processes) and
@@ -16,25 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.data.formats import row_to_conversation
-from posttrain.data.reading import read_rows, source_of
-from posttrain.data.records import Message
-from posttrain.errors import PosttrainError
+from posttrain.data.prompts import Prompt
 from posttrain.losses.ppo import entropy_from_logits
 from posttrain.models.generate import sample_ids
-from posttrain.models.methods import lm_head_and_backbone
-from posttrain.templates.render import encode_prompt
-
-
-@dataclass
-class Prompt:
-    messages: list[Message]  # the conversation up to (not including) the reply to generate
-    ids: list[int]  # encode_prompt(messages): template + generation header, as in training
-
-    @property
-    def text(self) -> str:
-        """The last user message: what rule rewards and reward models read as the prompt."""
-        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+from posttrain.models.anatomy import lm_head_and_backbone
 
 
 @dataclass
@@ -73,36 +58,6 @@ class Rollout:
     def select(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (a mini-batch)."""
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], int]:
-    """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
-
-    Returns (prompts, dropped): prompts whose ids leave no room for max_new_tokens within
-    data.max_length are dropped and counted.
-    """
-    prompts, dropped = [], 0
-    for ds in data_cfg.datasets:
-        rows = read_rows(ds.path)
-        limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
-        for i in range(limit):
-            conv = row_to_conversation(rows[i], ds.format, source=source_of(ds.path, i), columns=ds.columns,
-                                       role_tags=ds.role_tags, variables=data_cfg.variables)
-            messages = list(conv.messages)
-            while messages and messages[-1].role == "assistant":
-                messages.pop()
-            if not any(m.role == "user" for m in messages):
-                dropped += 1
-                continue
-            ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
-            if len(ids) + max_new_tokens > data_cfg.max_length:
-                dropped += 1
-                continue
-            prompts.append(Prompt(messages, ids))
-    if not prompts:
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets ({dropped} dropped: no user turn "
-                             "or too long for data.max_length - ppo.max_new_tokens)")
-    return prompts, dropped
 
 
 def prompt_indices(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:

@@ -7,27 +7,18 @@ import logging
 
 
 from posttrain.config import RunConfig
-from posttrain.data.collate import collate
+from posttrain.data.batches import sft_batches
 from posttrain.data.pipeline import build_sft_data
 from posttrain.models.load import load_base
 from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
                                       step_hook)
 from posttrain.models.run import save_model
-from posttrain.train.lm_forward import sft_forward
+from posttrain.models.forward import sft_forward
 from posttrain.train.loop import Loop, start_run
-from posttrain.train.steps import Batches, DataSteps
+from posttrain.train.steps import DataSteps
 
 log = logging.getLogger("posttrain")
 
-
-def to_batches(dataset, pad_id: int) -> Batches:
-    """Pull the tokenized columns into memory once; collation then indexes plain lists."""
-    input_ids, weights = dataset["input_ids"], dataset["weights"]
-    return Batches(
-        lengths=[len(x) for x in input_ids],
-        loss_tokens=[sum(1 for w in ws[1:] if w != 0) for ws in weights],
-        collate=functools.partial(collate, input_ids=input_ids, weights=weights, pad_id=pad_id),
-    )
 
 
 def run(cfg: RunConfig) -> dict:
@@ -48,9 +39,9 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     loss_fn = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=cfg.train.head_positions,
                                 fused=cfg.train.fused)
-    steps = DataSteps(to_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=cfg.data.packing,
+    steps = DataSteps(sft_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=cfg.data.packing,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,
-                      eval_data=to_batches(data.eval, pad_id) if data.eval is not None and len(data.eval) else None)
+                      eval_data=sft_batches(data.eval, pad_id) if data.eval is not None and len(data.eval) else None)
     loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "sft", "method": cfg.method.type, "train_samples": len(data.train),
              "eval_samples": len(data.eval) if data.eval is not None else 0, "rows_read": data.n_rows,

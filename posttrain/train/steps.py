@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from posttrain.config import TrainConfig
+from posttrain.data.batches import Batches
 from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
 from posttrain.losses.moments import fold_moments, is_moment
 
@@ -25,14 +25,6 @@ LossFn = Callable[[nn.Module, dict, float], tuple[torch.Tensor, dict]]
 Update = Callable[[list], dict]  # the loop's `update(micro_batches) -> metrics`
 _CORE_METRICS = {"nll_sum", "tokens"}  # what every loss may report; any other key is summed as a stage metric
 
-
-@dataclass
-class Batches:
-    """A tokenized dataset as the loop sees it."""
-
-    lengths: list[int]  # tokens per sample
-    loss_tokens: list[int]  # supervised tokens per sample (the accumulation normaliser counts these)
-    collate: Callable[[list[list[int]]], dict]  # units -> tensors (on CPU)
 
 
 class StepSource:

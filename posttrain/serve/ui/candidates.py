@@ -19,7 +19,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from posttrain.data.records import Message
+from posttrain.records import Message
+from posttrain.data.prompts import read_prompts
 from posttrain.errors import ConfigError, DataError
 from posttrain.serve.engine import Engine, Job, Sampling
 from posttrain.templates.render import encode_prompt
@@ -62,8 +63,6 @@ def output_path(prompts: Path, models: list[str], settings: GenSettings, workdir
 
 def read_single_turn(path: Path) -> list[tuple[str, str]]:
     """(id, user text) per prompt, from {"prompt": ...} rows or any SFT layout (a trailing answer is ignored)."""
-    from posttrain.eval.generation import read_prompts
-
     out = []
     for i, item in enumerate(read_prompts(path)):
         if len(item.messages) != 1:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.reward_head import RewardModel
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -55,54 +56,6 @@ def load_function(ref: str) -> RewardFn:
     if not callable(fn):
         raise ConfigError(f"reward.function {ref!r}: {module_ref} has no function {name!r}")
     return fn
-
-
-class RewardModel:
-    """A scalar reward model: AutoModelForSequenceClassification (num_labels=1), or a PEFT adapter on one.
-
-    Each (prompt, response) pair is rendered with the reward model's own chat template, the way
-    the preference stage trains it; a tokenizer without a template gets `prompt\\nresponse`.
-    """
-
-    def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 8):
-        from posttrain.config import ModelConfig
-        from posttrain.models.load import load_reward_model, reward_offset
-
-        folder = Path(path)
-        if not folder.is_dir():
-            raise ConfigError(f"reward.model: {path} is not a folder")
-        if (folder / "config.json").is_file():  # a full model (an adapter folder has none): check its head
-            from transformers import AutoConfig
-
-            num_labels = AutoConfig.from_pretrained(str(folder)).num_labels
-            if num_labels != 1:
-                raise ConfigError(f"reward.model {path}: expected num_labels=1, found {num_labels}")
-        model, self.tokenizer = load_reward_model(ModelConfig(name_or_path=str(folder)), device)
-        self.tokenizer.padding_side = "right"
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.device, self.batch_size = torch.device(device), batch_size
-        self.offset = reward_offset(model)  # `rm.normalize_data`: raw score - offset is the reward
-
-    def _encode(self, prompt: str, response: str) -> list[int]:
-        from posttrain.data.records import Conversation, Message
-        from posttrain.templates.render import encode_conversation
-
-        if getattr(self.tokenizer, "chat_template", None):
-            conv = Conversation([Message("user", prompt), Message("assistant", response)])
-            return encode_conversation(conv, self.tokenizer, mask="full")[0].input_ids
-        return self.tokenizer(f"{prompt}\n{response}", add_special_tokens=False)["input_ids"]
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from posttrain.train.reward import sequence_rewards
-
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids = [self._encode(p, r) for p, r in zip(prompts[start:start + self.batch_size],
-                                                      responses[start:start + self.batch_size])]
-            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-            scores += (sequence_rewards(self.model, batch) - self.offset).tolist()
-        return scores
 
 
 class HttpReward:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, normalise, progress,
+from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, normalise, progress,
                                          prompt_text, response_text, side_path)
 from posttrain.errors import DataError
 

@@ -1,7 +1,7 @@
 """Causal-LM forward that applies the LM head only where a loss is taken.
 
 The decoder runs on every token, but the (hidden x vocabulary) head and the cross-entropy run
-only on positions whose next token carries loss, in chunks (train/head_logps.py), so prompt and
+only on positions whose next token carries loss, in chunks (models/head_logps.py), so prompt and
 padding positions never materialise full-vocabulary logits.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import sft_loss, sft_loss_from_logps
-from posttrain.models.methods import lm_head_and_backbone, unwrap
+from posttrain.models.anatomy import lm_head_and_backbone, unwrap
 from posttrain.models.packed_attention import packed_attention
-from posttrain.train.head_logps import token_logps
+from posttrain.models.head_logps import token_logps
 
 
 def supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ def _print(report: dict) -> None:
 
 
 def _validate(a) -> int:
-    from posttrain.data.build.validate import format_report, validate
+    from posttrain.curate.validate import format_report, validate
 
     report = validate(a.path, a.format, a.max_errors)
     print(format_report(report))
@@ -30,14 +30,14 @@ def _validate(a) -> int:
 
 
 def _convert(a) -> int:
-    from posttrain.data.build.convert import convert
+    from posttrain.curate.convert import convert
 
     _print(convert(a.path, a.out, a.to, a.format, a.skip_bad))
     return 0
 
 
 def _from_task(a) -> int:
-    from posttrain.data.build.from_task import from_task
+    from posttrain.curate.from_task import from_task
 
     labels = a.labels.split(",") if a.labels else None
     _print(from_task(a.path, a.out, a.task, a.templates, a.seed, labels))
@@ -45,7 +45,7 @@ def _from_task(a) -> int:
 
 
 def _synth(a) -> int:
-    from posttrain.data.build.synth import LocalTeacher, OpenAITeacher, synth
+    from posttrain.curate.synth import LocalTeacher, OpenAITeacher, synth
 
     if a.teacher.startswith(("http://", "https://")):
         teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps, max_tokens=a.max_tokens)
@@ -59,7 +59,7 @@ def _synth(a) -> int:
 
 
 def _dedup(a) -> int:
-    from posttrain.data.build.dedup import dedup
+    from posttrain.curate.dedup import dedup
 
     _print(dedup(a.path, a.out, near=a.near, semantic=a.semantic, key=a.key, fmt=a.format, num_perm=a.num_perm,
                  ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed))
@@ -67,28 +67,28 @@ def _dedup(a) -> int:
 
 
 def _filter(a) -> int:
-    from posttrain.data.build.filter import filter_file
+    from posttrain.curate.filter import filter_file
 
     _print(filter_file(a.path, a.out, a.rules, a.format))
     return 0
 
 
 def _mix(a) -> int:
-    from posttrain.data.build.mix import mix
+    from posttrain.curate.mix import mix
 
     _print(mix(a.mix, a.out, a.seed))
     return 0
 
 
 def _split(a) -> int:
-    from posttrain.data.build.split import split
+    from posttrain.curate.split import split
 
     _print(split(a.path, a.out_dir, val=a.val, test=a.test, by=a.by, seed=a.seed))
     return 0
 
 
 def _stats(a) -> int:
-    from posttrain.data.build.stats import stats
+    from posttrain.curate.stats import stats
 
     report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by)
     print(f"wrote {report['report']} and {', '.join(report['plots'])}", file=sys.stderr)
@@ -145,7 +145,7 @@ def add_data_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p = cmd("filter", _filter, "drop rows by declarative rules; scrub PII")
     p.add_argument("--out", required=True)
-    p.add_argument("--rules", required=True, help="rules YAML (see posttrain/data/build/filter.py)")
+    p.add_argument("--rules", required=True, help="rules YAML (see posttrain/curate/filter.py)")
     p = cmd("mix", _mix, "combine sources with weights and caps", path=False)
     p.add_argument("mix", help="mix YAML: seed, to, sources [{path, weight, cap, variables, name}]")
     p.add_argument("--out", required=True)

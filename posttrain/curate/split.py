@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from posttrain.data.build.stream import AtomicJsonl, iter_rows, progress
+from posttrain.curate.stream import AtomicJsonl, iter_rows, progress
 from posttrain.errors import DataError
 
 SPLITS = ("train", "val", "test")

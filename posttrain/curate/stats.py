@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.data.build.dedup import exact_key
-from posttrain.data.build.filter import script_of
-from posttrain.data.build.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
+from posttrain.curate.dedup import exact_key
+from posttrain.curate.filter import script_of
+from posttrain.curate.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
 from posttrain.errors import DataError
 
 FUNCTION_WORDS = set("""a an the this that these those of to in on for with from by at as and or but if is are be

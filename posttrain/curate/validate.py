@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from posttrain.data.build.stream import FileParser, iter_rows, progress
+from posttrain.curate.stream import FileParser, iter_rows, progress
 from posttrain.errors import DataError
 
 

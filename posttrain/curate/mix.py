@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from posttrain.data.build.convert import CannotCarry, conversation_to_row, metadata
-from posttrain.data.build.stream import AtomicJsonl, FileParser, is_json_lines, progress, side_path
+from posttrain.curate.convert import CannotCarry, conversation_to_row, metadata
+from posttrain.curate.stream import AtomicJsonl, FileParser, is_json_lines, progress, side_path
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text

@@ -12,8 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from posttrain.data.build.stream import AtomicJsonl, FileParser, iter_rows, progress, side_path
-from posttrain.data.records import Conversation
+from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, side_path
+from posttrain.records import Conversation
 from posttrain.errors import DataError
 
 TARGETS = ("alpaca", "sharegpt", "openai")

@@ -23,7 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from posttrain.data.build.stream import iter_rows, side_path
+from posttrain.curate.stream import iter_rows, side_path
 from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError, http_error_text
 
@@ -123,7 +123,7 @@ class LocalTeacher:
         self.max_tokens = max_tokens
 
     def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
-        from posttrain.data.records import Message
+        from posttrain.records import Message
         from posttrain.models.generate import generate_reply
 
         max_tokens = min(max_tokens, self.max_tokens or max_tokens)

@@ -1,10 +1,6 @@
-"""Scoring with a saved reward model: `posttrain score` (pairwise accuracy, margins) and the reward offset.
-
-The offset is InstructGPT's bias step (Ouyang et al. 2022, sec. 3.5): shift the rewards so that a
-reference set (the demonstrations) scores 0 on average. transformers' `*ForSequenceClassification`
-head has no bias, and a Llama-style final RMSNorm leaves no constant feature to fold one into, so
-the offset is stored in the model's config.json as `reward_offset`. `posttrain score`, the PPO
-reward-model source and `posttrain serve` subtract it; plain transformers returns the raw score.
+"""`posttrain score`: a saved reward model's pairwise accuracy and margins on a preference file, and
+`--normalize`, which stores the reward offset (models/reward_head.py) that makes a file's reference
+responses score 0 on average.
 """
 
 from __future__ import annotations
@@ -16,70 +12,12 @@ from pathlib import Path
 
 import torch
 
-from posttrain.errors import ModelSourceError, PosttrainError
+from posttrain.data.references import reference_ids
+from posttrain.errors import ModelSourceError
 from posttrain.models.load import REWARD_OFFSET, reward_offset
+from posttrain.models.reward_head import fit_offset, raw_rewards
 
 log = logging.getLogger("posttrain")
-
-
-@torch.no_grad()
-def raw_rewards(model, ids: list[list[int]], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """(N,) raw score of each token-id row (no offset), right-padded in batches of `batch_size`."""
-    from posttrain.data.collate import collate
-    from posttrain.train.reward import sequence_rewards
-
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(ids), batch_size):
-        rows = ids[start:start + batch_size]
-        batch = collate([[k] for k in range(len(rows))], rows, [[0.0] * len(r) for r in rows], pad_id)
-        out.append(sequence_rewards(model, {"input_ids": batch["input_ids"].to(device)}).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def reference_ids(path: str, tokenizer, cfg, drops: Counter) -> list[list[int]]:
-    """Token ids of a file's reference responses, rendered as the run renders them.
-
-    A preference file gives each prompt's chosen (top-ranked) responses; a conversation file
-    (alpaca, sharegpt, openai) gives each conversation ending in an assistant reply.
-    """
-    from posttrain.config import DatasetConfig
-    from posttrain.data.formats import detect_format, row_to_conversation
-    from posttrain.data.preference import encode_all, read_preferences
-    from posttrain.data.reading import read_rows, source_of
-    from posttrain.templates.render import DropSample, encode_conversation
-
-    rows = read_rows(path)
-    length, system = cfg.data.max_length, cfg.template.system
-    if {"chosen", "responses"} & set(rows.column_names):
-        samples = encode_all(read_preferences(DatasetConfig(path=str(path)), cfg.data.variables), tokenizer,
-                             length, system, drops)
-        out = [ids for s in samples for k, ids in enumerate(s.input_ids) if k not in {w for _, w in s.pairs}]
-    else:
-        fmt, out = detect_format(rows.column_names, str(path)), []
-        for i, row in enumerate(rows):
-            conv = row_to_conversation(row, fmt, source=source_of(path, i), variables=cfg.data.variables)
-            if not conv.messages or conv.messages[-1].role != "assistant":
-                drops["no_final_reply"] += 1
-                continue
-            try:
-                out.append(encode_conversation(conv, tokenizer, mask="last", max_length=length, system=system)[0]
-                           .input_ids)
-            except DropSample as drop:
-                drops[drop.reason] += 1
-    if not out:
-        counts = ", ".join(f"{k}: {v}" for k, v in sorted(drops.items())) or "none"
-        raise PosttrainError(f"{path}: no reference responses to normalise rewards on (dropped {counts})")
-    return out
-
-
-def fit_offset(model, ids: list[list[int]], pad_id: int, batch_size: int, device) -> float:
-    """Store the mean raw reward of `ids` as the model's offset: those responses now average 0."""
-    offset = float(raw_rewards(model, ids, pad_id, batch_size, device).double().mean())
-    model.config.reward_offset = offset
-    return offset
 
 
 def _load_for_scoring(run_dir: str, device: str | None):

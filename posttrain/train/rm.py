@@ -5,7 +5,7 @@ on the last non-pad token. The run folder is saved as a plain HF sequence-classi
 (LoRA merged in; a QLoRA base de-quantised first), so `posttrain score`, the PPO stage and plain
 transformers all load it. Prompt / prefix tuning cannot be merged: those runs save a PEFT adapter
 (virtual tokens + head) that `load_reward_model` puts back on its base. With `rm.normalize_data`, a
-reward offset is stored too (see train/reward_scoring.py).
+reward offset is stored too (see models/reward_head.py).
 """
 
 from __future__ import annotations
@@ -16,49 +16,25 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from posttrain.config import RunConfig
-from posttrain.data.preference import PrefSample, build_preference_data, collate_preferences
+from posttrain.data.batches import preference_batches
+from posttrain.data.preference import build_preference_data
+from posttrain.data.references import reference_ids
 from posttrain.losses import pairwise_reward_loss
 from posttrain.models.load import REWARD_OFFSET, REWARD_OFFSET_FILE, load_reward_model
-from posttrain.models.methods import (apply_method, count_parameters, is_prompt_learning, optimizer_groups,
-                                      quantization_config, step_hook, unwrap)
+from posttrain.models.anatomy import is_prompt_learning, unwrap
+from posttrain.models.methods import apply_method, count_parameters, optimizer_groups, quantization_config, step_hook
+from posttrain.models.reward_head import fit_offset, sequence_rewards
 from posttrain.train.loop import Loop, start_run
-from posttrain.train.steps import Batches, DataSteps
-from posttrain.train.reward_scoring import fit_offset, reference_ids
+from posttrain.train.steps import DataSteps
 
 log = logging.getLogger("posttrain")
-
-
-def sequence_rewards(model, batch: dict) -> torch.Tensor:
-    """(R,) scalar reward of each right-padded row, exactly as plain transformers computes it."""
-    input_ids = batch["input_ids"]  # (R, T)
-    if not is_prompt_learning(model):
-        return model(input_ids=input_ids, use_cache=False).logits[:, 0].float()
-    # Prompt tuning feeds embeddings, so transformers' head would read the last (padding) position:
-    # take each row's last non-pad token ourselves, by the rule transformers uses for input ids.
-    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -input_ids.shape[1]:]  # (R, T, H) the real positions
-    inner = unwrap(model)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = ((input_ids != inner.config.pad_token_id) * positions).argmax(-1)  # (R,)
-    return inner.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def rm_forward(model, batch: dict, normalizer: float, center_coef: float = 0.0):
     rewards = sequence_rewards(model, batch)  # (R,)
     return pairwise_reward_loss(rewards, batch["pair_better"], batch["pair_worse"], batch["pair_margin"],
                                 batch["pair_weight"], normalizer, center_coef)
-
-
-def to_batches(samples: list[PrefSample], pad_id: int, pack: bool = False, share_prompt: bool = False) -> Batches:
-    """One unit per prompt; loss_tokens=1 makes the loop's normaliser the prompt count.
-
-    pack / share_prompt: see collate_preferences (DPO; a reward model reads one row per sequence)."""
-    return Batches(lengths=[max(len(x) for x in s.input_ids) for s in samples], loss_tokens=[1] * len(samples),
-                   collate=functools.partial(collate_preferences, samples=samples, pad_id=pad_id, pack=pack,
-                                             share_prompt=share_prompt))
 
 
 def save_reward_model(model, tokenizer, out_dir: Path, cfg: RunConfig | None = None) -> None:
@@ -120,9 +96,10 @@ def run(cfg: RunConfig) -> dict:
     reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
     if cfg.rm.normalize_data:
         reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter())
-    steps = DataSteps(to_batches(data.train, pad_id), functools.partial(rm_forward, center_coef=cfg.rm.center_coef),
-                      train=cfg.train, packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
-                      eval_data=to_batches(data.eval, pad_id) if data.eval else None)
+    loss_fn = functools.partial(rm_forward, center_coef=cfg.rm.center_coef)
+    steps = DataSteps(preference_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=cfg.data.packing,
+                      max_length=cfg.data.max_length, dist_ctx=dist_ctx,
+                      eval_data=preference_batches(data.eval, pad_id) if data.eval else None)
     loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
     extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train), "train_pairs": n_pairs,
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.data.build.stream import AtomicJsonl, iter_rows, progress
+from posttrain.curate.stream import AtomicJsonl, iter_rows, progress
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
 
-BUILTIN = Path(__file__).resolve().parents[2] / "resources" / "task_templates.yaml"
+BUILTIN = Path(__file__).resolve().parents[1] / "resources" / "task_templates.yaml"
 
 
 def load_templates(extra: str | Path | None = None) -> dict:

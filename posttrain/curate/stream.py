@@ -16,7 +16,7 @@ from pathlib import Path
 
 from posttrain.data.formats import detect_format, row_to_conversation
 from posttrain.data.reading import iter_json_lines, read_rows, source_of
-from posttrain.data.records import Conversation
+from posttrain.records import Conversation
 from posttrain.errors import DataError
 
 

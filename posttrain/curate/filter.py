@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.data.build.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
+from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
                                          response_text, side_path)
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text

@@ -1,0 +1,93 @@
+"""Prompts read from data files: items to answer and score (eval generate / compare, the UI's candidates)
+and the prompts an RL stage samples responses to.
+
+A prompt file is JSONL/JSON/CSV in any SFT layout (alpaca, sharegpt, openai): the last assistant turn
+is the reference and the turns before it are the prompt. Rows of the form {"prompt": ..., "reference": ...}
+work too (reference optional: comparisons need none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.data.formats import row_to_conversation
+from posttrain.data.reading import read_rows, source_of
+from posttrain.errors import DataError, PosttrainError
+from posttrain.records import Message
+from posttrain.templates.render import encode_prompt
+
+
+@dataclass
+class PromptItem:
+    id: str
+    messages: list[Message]  # the conversation to answer (ends with a user turn)
+    reference: str | None
+    category: str | None = None  # optional "category" field: comparisons also report win rates per category
+
+
+def read_prompts(path: str | Path, variables: dict[str, str] | None = None) -> list[PromptItem]:
+    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers."""
+    items: list[PromptItem] = []
+    seen: set[str] = set()
+    for i, row in enumerate(read_rows(path)):
+        source = source_of(path, i)
+        item_id = str(row["id"] if row.get("id") is not None else i)
+        if item_id in seen:  # ids key the answer and vote caches
+            raise DataError(f"{source}: duplicate prompt id {item_id!r}")
+        seen.add(item_id)
+        category = row.get("category")
+        if isinstance(row.get("prompt"), str):
+            ref = row.get("reference") or row.get("output") or row.get("answer")
+            items.append(PromptItem(item_id, [Message("user", row["prompt"])], ref, category))
+            continue
+        fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
+        conv = row_to_conversation(fields, "auto", source=source, variables=variables)
+        messages, ref = list(conv.messages), None
+        if messages and messages[-1].role == "assistant":
+            ref = messages.pop().content
+        if not messages or messages[-1].role != "user":
+            raise DataError(f"{source}: a prompt must end with a user turn")
+        items.append(PromptItem(item_id, messages, ref, category))
+    return items
+
+
+@dataclass
+class Prompt:
+    messages: list[Message]  # the conversation up to (not including) the reply to generate
+    ids: list[int]  # encode_prompt(messages): template + generation header, as in training
+
+    @property
+    def text(self) -> str:
+        """The last user message: what rule rewards and reward models read as the prompt."""
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+
+
+def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], int]:
+    """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
+
+    Returns (prompts, dropped): prompts whose ids leave no room for max_new_tokens within
+    data.max_length are dropped and counted.
+    """
+    prompts, dropped = [], 0
+    for ds in data_cfg.datasets:
+        rows = read_rows(ds.path)
+        limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
+        for i in range(limit):
+            conv = row_to_conversation(rows[i], ds.format, source=source_of(ds.path, i), columns=ds.columns,
+                                       role_tags=ds.role_tags, variables=data_cfg.variables)
+            messages = list(conv.messages)
+            while messages and messages[-1].role == "assistant":
+                messages.pop()
+            if not any(m.role == "user" for m in messages):
+                dropped += 1
+                continue
+            ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
+            if len(ids) + max_new_tokens > data_cfg.max_length:
+                dropped += 1
+                continue
+            prompts.append(Prompt(messages, ids))
+    if not prompts:
+        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets ({dropped} dropped: no user turn "
+                             "or too long for data.max_length - ppo.max_new_tokens)")
+    return prompts, dropped

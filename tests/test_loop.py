@@ -146,10 +146,10 @@ from test_loop import batches, config, make_data, make_loop, model_for, trainabl
 from posttrain.train.loop import Dist
 from pathlib import Path
 out = Path(sys.argv[1])
-cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "train.max_steps=3")
+cfg = config(out, "method.type=full", "train.micro_batch_size=2", *sys.argv[2:], "train.max_steps=3")
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
-dist_ctx = Dist.from_environment("cpu")
+dist_ctx = Dist.from_environment(cfg.train)
 make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda out, trained: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
@@ -163,7 +163,8 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(script), str(one), "train.grad_accum=2"], check=True, env=env)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    subprocess.run([*torchrun, str(script), str(two), "train.grad_accum=1"], check=True, env=env)
+    subprocess.run([*torchrun, str(script), str(two), "train.grad_accum=1", "train.distributed=ddp"], check=True,
+                   env=env)
     a, b = torch.load(one / "weights.pt"), torch.load(two / "weights.pt")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name

@@ -183,12 +183,12 @@ class PPOSteps(StepSource):
 
     def ptx_forward(self, idx: list[int], normalizer: float, model: PolicyAndValue) -> tuple[torch.Tensor, dict]:
         """ptx_coef * LM loss on this process's rows of a random ptx batch (InstructGPT's PPO-ptx)."""
-        weight = self.p.ptx_coef
-        if not idx:  # more processes than ptx rows: a zero-weight pass keeps this process in step with the others
-            idx, weight = [0], 0.0
-        batch = {k: v.to(self.dist.device) for k, v in self.ptx_train.collate([[i] for i in idx]).items()}
+        filler = not idx  # more processes than ptx rows: a zero-weight pass keeps this process in step with the rest
+        batch = {k: v.to(self.dist.device) for k, v in self.ptx_train.collate([[i] for i in idx or [0]]).items()}
         loss, _ = self.lm_loss(model.policy, batch, normalizer)
-        return weight * loss, {"ptx_loss": float(loss.detach()) if weight else 0.0}
+        if filler:
+            return 0.0 * loss, {"ptx_loss": 0.0}
+        return self.p.ptx_coef * loss, {"ptx_loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ the loop's hooks
 

@@ -12,6 +12,8 @@ plain copy of the modules (made on the meta device before sharding, so it costs 
 from __future__ import annotations
 
 import copy
+import pathlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ SHARDED_DIR = "sharded"
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # LoRA: the frozen base is not checkpointed
 _METADATA_TYPES = [dcp_meta.Metadata, dcp_meta.TensorStorageMetadata, dcp_meta.BytesStorageMetadata,
                    dcp_meta.ChunkStorageMetadata, dcp_meta.TensorProperties, dcp_meta.MetadataIndex,
-                   dcp_meta.StorageMeta, dcp_meta._MEM_FORMAT_ENCODING, dcp_files._StorageInfo]
+                   dcp_meta.StorageMeta, dcp_meta._MEM_FORMAT_ENCODING, dcp_files._StorageInfo, pathlib.PosixPath]
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -72,6 +74,16 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     path, _, leaf = dotted.rpartition(".")
     return (root.get_submodule(path) if path else root), leaf
+
+
+class _WeightsOnlyWriter(FileSystemWriter):
+    """Writes DCP's .metadata file again in pickle protocol 2 once DCP has written it: the weights-only
+    unpickler does not read the frames of newer protocols."""
+
+    def finish(self, metadata, results) -> None:
+        super().finish(metadata, results)  # fills metadata in place, then writes it
+        with open(Path(self.path) / ".metadata", "wb") as file:
+            pickle.dump(metadata, file, protocol=2)
 
 
 class _WeightsOnlyReader(FileSystemReader):
@@ -124,7 +136,7 @@ class FSDPEngine(Engine):
 
     def save_weights(self, tmp: Path) -> None:
         model_state, optim_state = get_state_dict(self.root, self.optimizer, options=_TRAINABLE)
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=FileSystemWriter(tmp / SHARDED_DIR))
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=_WeightsOnlyWriter(tmp / SHARDED_DIR))
 
     def optimizer_state(self) -> dict:
         return {}  # in the sharded folder

@@ -437,6 +437,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
         _validate_ppo(cfg)
+    _validate_engine(cfg)
     if cfg.stage in ("rm", "dpo") and cfg.data.packing:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
@@ -446,6 +447,25 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"dpo.reference=adapter needs an adapter whose removal gives the base model (lora, qlora, "
                           f"prompt, prefix; not PiSSA), not method.type={cfg.method.type}{pissa}; "
                           "use dpo.reference=copy or precompute")
+
+
+def _validate_engine(cfg: RunConfig) -> None:
+    """train.distributed / fsdp / deepspeed rules (the device-dependent ones are checked on joining)."""
+    t = cfg.train
+    sharded = t.distributed == "fsdp" or t.distributed == "deepspeed"
+    if sharded and cfg.method.type == "qlora":
+        raise ConfigError(f"train.distributed={t.distributed} does not shard a 4-bit (bitsandbytes) base: use "
+                          "method.type=qlora with train.distributed=ddp or none, or method.type=lora")
+    if sharded and cfg.method.type == "lisa":
+        raise ConfigError(f"method.type=lisa changes which weights train every few steps, which "
+                          f"train.distributed={t.distributed} cannot follow (its sharded optimizer is built once): "
+                          "use ddp or none")
+    if t.distributed == "deepspeed" and t.precision == "fp16":
+        raise ConfigError("train.precision=fp16 with train.distributed=deepspeed is not supported (the loop's loss "
+                          "scaler does not see inside ZeRO's optimizer): use bf16")
+    if t.deepspeed.offload_params and t.deepspeed.zero_stage != 3:
+        raise ConfigError("train.deepspeed.offload_params needs train.deepspeed.zero_stage=3 (stage 2 keeps whole "
+                          "weights on every process)")
 
 
 def _validate_ppo(cfg: RunConfig) -> None:

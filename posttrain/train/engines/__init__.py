@@ -29,15 +29,17 @@ INSTALL_DEEPSPEED = ("pip install 'posttrain[deepspeed]' (DeepSpeed builds from 
 def join(train) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; joins the process group when an engine is set."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(train.device)
+    if train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (loss-scaled fp16 matmuls); on a CPU use bf16 or fp32")
     if train.distributed == "none":
         if world > 1:
             raise ConfigError(f"this is one of {world} processes (WORLD_SIZE={world}, set by torchrun / accelerate "
                               "launch) but train.distributed is none: set train.distributed to ddp, fsdp or deepspeed")
-        return 0, 1, pick_device(train.device)
+        return 0, 1, device
     _check_launcher(train.distributed)
     if train.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"train.distributed=deepspeed: DeepSpeed is not installed; {INSTALL_DEEPSPEED}")
-    device = pick_device(train.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

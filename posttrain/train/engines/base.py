@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.errors import ConfigError
 from posttrain.models.checkpointing import enable_gradient_checkpointing
 from posttrain.train import checkpoint as ckpt
 
@@ -61,17 +60,18 @@ class Engine:
 
     def __init__(self, cfg, dist_ctx):
         self.cfg, self.dist = cfg, dist_ctx
-        precision = cfg.train.precision
-        if precision == "fp16" and dist_ctx.device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA GPU (loss-scaled fp16 matmuls); on a CPU use bf16 "
-                              "or fp32")
+        precision = cfg.train.precision  # fp16 on a CPU was refused on joining (engines.join)
         self.amp_dtype = AMP_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(dist_ctx.device.type) if precision == "fp16" else None
+        self.scaler = self.make_scaler() if precision == "fp16" else None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------ setup
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        """fp16's loss scaler (every process holds whole gradients here, so they agree on overflow)."""
+        return torch.amp.GradScaler(self.dist.device.type)
 
     def prepare(self, model: nn.Module, groups: list[dict]) -> list[dict]:
         """Precision, gradient checkpointing, then the engine's wrapping; returns the optimizer's groups."""

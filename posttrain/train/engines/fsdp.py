@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from posttrain.train.engines.base import Engine, Forward
 
@@ -116,6 +117,10 @@ class FSDPEngine(Engine):
         self.root = fully_shard(Forward(model), mesh=mesh, reshard_after_forward=False, offload_policy=offload)
         sharded = dict(self.root.named_parameters())
         return [{**g, "params": [sharded["inner." + names[id(p)]] for p in g["params"]]} for g in groups]
+
+    def make_scaler(self):
+        # each process sees only its shard of the gradients: the overflow check is all-reduced
+        return ShardedGradScaler(self.dist.device.type)
 
     def forward(self, micro):
         with self.autocast():

@@ -208,6 +208,13 @@ def run_alternating(script: Path, spec: dict, repeats: int, ablations: str) -> t
     return order, before, runs
 
 
+def check_ablations(ap, ablations: str, variants) -> None:
+    """Unknown --ablations names end the command at once, not after every main run has finished."""
+    unknown = [a for a in ablations.split(",") if a and a not in variants]
+    if unknown:
+        ap.error(f"unknown --ablations {', '.join(unknown)}; choose from {', '.join(v for v in variants)}")
+
+
 def vs_trl_parser(doc: str, data: str, data_help: str, micro_help: str, ablations: str, name: str):
     """The arguments every posttrain-vs-TRL benchmark takes (each script adds its own)."""
     import argparse

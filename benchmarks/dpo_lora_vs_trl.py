@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    check_ablations,
     vs_trl_parser,
     run_alternating,
     trl_step_timer,
@@ -94,7 +95,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
     import torch
 
     import posttrain.train.dpo as dpo_mod
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.train.loop import Loop
 
     data_path = Path(spec["tmp"]) / "prefs.jsonl"
@@ -283,6 +284,7 @@ def main() -> None:
         result = worker_trl(SPEC) if args.worker == "trl" else worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
         Path(args.out).write_text(json.dumps(result))
         return
+    check_ablations(ap, args.ablations, POSTTRAIN_VARIANTS)
 
     data = Path(args.data)
     if not data.is_file():

@@ -43,15 +43,15 @@ def cpu_flags() -> str:
 
 
 def worker(spec: dict, side: str) -> dict:
-    from posttrain.config import load_config
+    from posttrain.eval.config import load_eval_config
     from posttrain.eval import multiple_choice
 
     out = Path(spec["tmp"]) / "eval"
-    cfg = load_config(None, [], stage="eval", **{
+    cfg = load_eval_config(None, [], **{
         "eval.model": "smollm2-135m-instruct", "eval.output_dir": str(out), "eval.device": "cpu",
         "eval.batch_size": spec["batch_size"], "eval.mc.data": spec["data"], "eval.mc.split": "val",
         "eval.mc.subjects": spec["subjects"], "eval.mc.shots": spec["shots"], "eval.mc.scoring": spec["scoring"],
-        "eval.mc.shared_prefix": SIDES[side]})
+        "eval.mc.shared_prefix": SIDES[side]}).eval
     summary = multiple_choice.run(cfg)
     (cache,) = out.glob("items-*.jsonl")
     picks = {r["key"]: r["pred"] for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}

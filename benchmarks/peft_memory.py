@@ -41,7 +41,7 @@ HEADERS = ["method", "trainable params", "trainable", "peak RSS MB (/ CUDA MB)",
 
 def child(method: str, args: argparse.Namespace) -> dict:
     """Train one method in this process and return the run summary (with the lr it ran at)."""
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.train import sft
 
     tree = {

@@ -26,7 +26,7 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     """(loop, plans) exactly as `posttrain train` builds them for the benchmark's settings."""
     import functools
 
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.data.pipeline import build_sft_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    check_ablations,
     vs_trl_parser,
     run_alternating,
     trl_step_timer,
@@ -80,7 +81,7 @@ def keep_fitting(pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
 def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
 
     import posttrain.train.sft as sft_mod
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
     from posttrain.train.loop import Loop
 
     data_path = Path(spec["tmp"]) / "messages.jsonl"
@@ -242,6 +243,7 @@ def main() -> None:
             result = worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
         Path(args.out).write_text(json.dumps(result))
         return
+    check_ablations(ap, args.ablations, POSTTRAIN_VARIANTS)
 
     data = Path(args.data)
     if not data.is_file():

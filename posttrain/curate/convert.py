@@ -3,7 +3,9 @@
 Rows are parsed by the spine's parser into a Conversation, then written back out. Columns the
 formats do not own (ids, user ids, sources) pass through unchanged. A row the target format
 cannot hold (tool calls in alpaca) is rejected to a side file with the reason; a field that
-is lost (per-turn loss_weight outside openai) is counted in the report.
+is lost (per-turn loss_weight outside openai) is counted in the report, and so are alpaca rows
+the parser reshaped: a list-valued `input` (joined with a newline) and a row with `input` but
+no `instruction` (the input becomes the prompt).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, side_path
+from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, reason_of, side_path
+from posttrain.data.formats import ALPACA_INPUT_SEPARATOR
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.records import Conversation
 from posttrain.errors import DataError
 
@@ -103,11 +107,24 @@ def metadata(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in FORMAT_COLUMNS}
 
 
-def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False) -> dict:
-    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}."""
+def _reshaped(row: dict, fmt: str, counts: Counter) -> None:
+    """Count what parse_alpaca changed in the row's shape (the report says so; nothing is silent)."""
+    if fmt != "alpaca":
+        return
+    if isinstance(row.get("input"), list):
+        counts[f"list-valued input joined with {ALPACA_INPUT_SEPARATOR!r}"] += 1
+    if not row.get("instruction") and row.get("input"):
+        counts["no instruction: the input is the prompt"] += 1
+
+
+def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_bad: bool = False,
+            strict: bool = False) -> dict:
+    """Convert one file; returns a report {rows, written, rejected: {reason: n}, lost: {field: n}}.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     if to not in WRITERS:
         raise DataError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
-    lost, rejected = Counter(), Counter()
+    lost, rejected, reshaped = Counter(), Counter(), Counter()
     rows = 0
     parse = FileParser(fmt)
     with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
@@ -116,13 +133,17 @@ def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_
             try:
                 conv = parse(row, source)
                 writer.write(conversation_to_row(conv, to, lost, metadata(row)))
+                _reshaped(row, parse.fmt, reshaped)
             except CannotCarry as err:
                 rejected[str(err)] += 1
                 rejects.write({"source": source, "reason": str(err), "row": row})
+            except ContentProblem as problem:
+                count_problem(rejected, problem, strict)
+                rejects.write({"source": source, "reason": str(problem), "row": row})
             except DataError as err:
                 if not skip_bad:
                     raise
-                rejected["unparseable row"] += 1
+                rejected[reason_of(err, source)] += 1
                 rejects.write({"source": source, "reason": str(err), "row": row})
     return {"rows": rows, "written": writer.count, "rejected": dict(rejected), "lost": dict(lost),
-            "out": str(out), "rejected_file": str(rejects.path) if rejects.count else None}
+            "reshaped": dict(reshaped), "out": str(out), "rejected_file": str(rejects.path) if rejects.count else None}

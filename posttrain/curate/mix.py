@@ -28,6 +28,7 @@ import yaml
 from posttrain.curate.convert import CannotCarry, conversation_to_row, metadata
 from posttrain.curate.stream import AtomicJsonl, FileParser, is_json_lines, progress, side_path
 from posttrain.data.reading import read_rows, source_of
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
 
@@ -106,7 +107,7 @@ def choose(n: int, weight: float, cap: int | None, rng: np.random.Generator) -> 
     return np.concatenate([subset] * full + [rng.choice(subset, rest, replace=False)])
 
 
-def mix(mix_path: str | Path, out: str | Path, seed: int | None = None) -> dict:
+def mix(mix_path: str | Path, out: str | Path, seed: int | None = None, strict: bool = False) -> dict:
     spec = load_mix(mix_path)
     seed = int(spec.get("seed", 0) if seed is None else seed)
     to = spec.get("to", "openai")
@@ -122,13 +123,16 @@ def mix(mix_path: str | Path, out: str | Path, seed: int | None = None) -> dict:
             src = spec["sources"][src_i]
             name = src.get("name") or Path(src["path"]).stem
             source, row = files[src_i].get(row_i)
-            conv = parsers[src_i](row, source)
             try:
+                conv = parsers[src_i](row, source)
                 writer.write(conversation_to_row(conv, to, lost, {**metadata(row), "source": name}))
                 taken[name] += 1
             except CannotCarry as err:
                 rejected[str(err)] += 1
                 rejects.write({"source": source, "reason": str(err), "row": row})
+            except ContentProblem as problem:  # data/policy.py: rejected by reason, or fatal when strict
+                count_problem(rejected, problem, strict)
+                rejects.write({"source": source, "reason": str(problem), "row": row})
     return {"rows": writer.count, "per_source": dict(taken), "available": {Path(s["path"]).stem: len(f)
             for s, f in zip(spec["sources"], files)}, "rejected": dict(rejected), "lost": dict(lost),
             "seed": seed, "out": str(out)}

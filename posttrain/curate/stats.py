@@ -2,13 +2,18 @@
 and a verb-noun view of instructions, as stats.json, stats.md and PNG plots.
 
 The verb-noun view follows the Self-Instruct paper's figure (root verb + its first noun)
-with a heuristic instead of a parser: the first word of the instruction (instructions are
-mostly imperatives) and the first later word that is not a function word.
+with heuristics instead of a parser. English: the first word of the instruction (instructions
+are mostly imperatives) and the first later word that is not a function word. Chinese: jieba's
+part-of-speech tagger (optional extra `zh`): the first verb among the first four words (skipping
+请, 给定 and other auxiliaries) and the first noun after it. Plots render CJK labels with Noto
+Sans SC (OFL-1.1) from the `zh` extra, or a CJK font the system has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -16,14 +21,40 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.curate.dedup import exact_key
-from posttrain.curate.filter import script_of
+from posttrain.curate.lang import CJK_CHAR, is_cjk, script_of
 from posttrain.curate.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 
 FUNCTION_WORDS = set("""a an the this that these those of to in on for with from by at as and or but if is are be
 was were it its me my you your i we our us they their them some any all each every one two three following given
 new short few about into out up how what which who whom whose why when where there here please than then so
 very more most also just not no do does can could would should will may might""".split())
+
+
+ZH_AUXILIARIES = set("请 给定 根据 是 有 能 能够 可以 要 需要 应该 会 让 使用 用".split())
+NO_JIEBA = "install posttrain[zh] (jieba) for Chinese verb-noun pairs"
+
+
+def _pos_tagger():
+    """jieba.posseg.lcut, or None when the optional extra is not installed."""
+    try:
+        import jieba
+        import jieba.posseg
+    except ImportError:
+        return None
+    jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" lines in the report output
+    return jieba.posseg.lcut
+
+
+def verb_noun_zh(instruction: str, tag) -> tuple[str, str] | None:
+    """First verb in the first four words (auxiliaries skipped) and the first noun after it."""
+    words = [(p.word, p.flag) for p in tag(instruction) if p.word.strip()]
+    verb = next((i for i, (w, f) in enumerate(words[:4]) if f.startswith("v") and w not in ZH_AUXILIARIES), None)
+    if verb is None:
+        return None
+    noun = next((w for w, f in words[verb + 1:] if f.startswith("n")), None)
+    return (words[verb][0], noun) if noun else None
 
 
 def verb_noun(instruction: str) -> tuple[str, str] | None:
@@ -34,16 +65,25 @@ def verb_noun(instruction: str) -> tuple[str, str] | None:
     return (words[0], noun) if noun else None
 
 
-def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str = "source") -> dict:
-    """One streaming pass: per-row lengths go into int arrays, everything else into counters."""
+def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str = "source",
+            strict: bool = False) -> dict:
+    """One streaming pass: per-row lengths go into int arrays, everything else into counters.
+
+    Rows with content problems (data/policy.py) are left out and counted in `dropped`, or fatal when strict."""
     lengths: dict[str, list[int]] = {"prompt_chars": [], "response_chars": []}
     if tokenizer is not None:
         lengths.update(prompt_tokens=[], response_tokens=[])
     turns, scripts, groups, pairs, hashes = Counter(), Counter(), Counter(), Counter(), set()
-    rows = dups = 0
+    rows = dups = untagged = 0
+    dropped: Counter = Counter()
     parse = FileParser(fmt)
+    tag = _pos_tagger()
     for source, row in progress(iter_rows(path), "stats"):
-        conv = parse(row, source)
+        try:
+            conv = parse(row, source)
+        except ContentProblem as problem:
+            count_problem(dropped, problem, strict)
+            continue
         rows += 1
         prompt, response = prompt_text(conv), response_text(conv)
         lengths["prompt_chars"].append(len(prompt))
@@ -55,18 +95,26 @@ def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str =
         text = conversation_text(conv)
         scripts[script_of(text)] += 1
         groups[str(row.get(group_by, "(none)"))] += 1
-        if (vn := verb_noun(prompt)) is not None:
+        if not is_cjk(prompt):
+            vn = verb_noun(prompt)
+        elif tag is not None:
+            vn = verb_noun_zh(prompt, tag)
+        else:
+            vn, untagged = None, untagged + 1
+        if vn is not None:
             pairs[vn] += 1
         key = exact_key(text)
         dups += key in hashes
         hashes.add(key)
     if rows == 0:
         raise DataError(f"{path}: no rows")
-    return {"file": str(path), "rows": rows, "duplicate_rate": dups / rows,
+    return {"file": str(path), "rows": rows, "dropped": dict(dropped), "duplicate_rate": dups / rows,
             "lengths": {k: _summary(np.array(v)) for k, v in lengths.items()},
             "turns": dict(sorted(turns.items())), "scripts": dict(scripts.most_common()),
             group_by: dict(groups.most_common(50)),
             "verb_noun": [[v, n, c] for (v, n), c in pairs.most_common(50)],
+            "verb_noun_rows": sum(pairs.values()),
+            **({"verb_noun_skipped": f"{untagged} Chinese instructions: {NO_JIEBA}"} if untagged else {}),
             "_arrays": {k: np.array(v) for k, v in lengths.items()}}
 
 
@@ -84,6 +132,10 @@ def plot(stats: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    fonts = cjk_fonts()
+    plt.rcParams["font.family"] = ["DejaVu Sans"] + fonts  # per-glyph fallback to the CJK font
+    if not fonts and any(CJK_CHAR.search(v + n) for v, n, _ in stats["verb_noun"]):
+        stats["plot_note"] = "no CJK font found, Chinese labels show as boxes: install posttrain[zh]"
     paths = []
     arrays = stats["_arrays"]
     unit = "tokens" if "prompt_tokens" in arrays else "chars"
@@ -109,8 +161,28 @@ def plot(stats: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def cjk_fonts() -> list[str]:
+    """Families with CJK glyphs that matplotlib can use: Noto Sans SC from the `zh` extra, else system fonts."""
+    from matplotlib import font_manager, ft2font  # matplotlib loads only when plotting (start-up time)
+
+    try:  # optional extra `zh`
+        from justmytype_intl_cjk import get_font_pack
+    except ImportError:
+        get_font_pack = None
+    if get_font_pack is not None:
+        path = get_font_pack().get_font_directories()[0] / "ofl" / "notosanssc" / "NotoSansSC[wght].ttf"
+        if path.is_file() and not any(f.fname == str(path) for f in font_manager.fontManager.ttflist):
+            fonts = font_manager.fontManager.ttflist
+            fonts.append(dataclasses.replace(font_manager.ttfFontProperty(ft2font.FT2Font(str(path))), weight=400))
+            # ^ a variable font's default instance reads as weight 100: call it normal, or every lookup warns
+    known = {f.name for f in font_manager.fontManager.ttflist}
+    return [name for name in ("Noto Sans SC", "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+                              "WenQuanYi Micro Hei") if name in known]
+
+
 def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
-    lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']}",
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
+    lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']} (left out, content problems: {dropped})",
              f"- exact duplicate rate: {stats['duplicate_rate']:.2%}", "",
              "| length | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
     for name, s in stats["lengths"].items():
@@ -118,21 +190,24 @@ def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
         lines.append(f"| {name} | {cells} |")
     for title, table in (("turns per row", stats["turns"]), ("script", stats["scripts"]), (group_by, stats[group_by])):
         lines += ["", f"| {title} | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table.items()]
-    lines += ["", "| verb | noun | rows |", "|---|---|---|"] + [f"| {v} | {n} | {c} |" for v, n, c in
-                                                              stats["verb_noun"][:20]]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", f"Verb-noun pairs found in {stats['verb_noun_rows']} of {stats['rows']} instructions.",
+              *([f"Skipped: {stats['verb_noun_skipped']}."] if "verb_noun_skipped" in stats else []),
+              "", "| verb | noun | rows |", "|---|---|---|"]
+    lines += [f"| {v} | {n} | {c} |" for v, n, c in stats["verb_noun"][:20]]
+    lines += [""] + ([f"Note: {stats['plot_note']}.", ""] if "plot_note" in stats else [])
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
 def stats(path: str | Path, report_dir: str | Path, fmt: str = "auto", tokenizer: str | None = None,
-          group_by: str = "source") -> dict:
+          group_by: str = "source", strict: bool = False) -> dict:
     tok = None
     if tokenizer:
         from posttrain.models.load import load_tokenizer
         from posttrain.models.sources import resolve_model
 
         tok = load_tokenizer(resolve_model(tokenizer))
-    result = collect(path, fmt, tok, group_by)
+    result = collect(path, fmt, tok, group_by, strict)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(result, out)

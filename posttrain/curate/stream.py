@@ -96,6 +96,13 @@ class AtomicJsonl:
             self.tmp.unlink(missing_ok=True)
 
 
+def reason_of(err: Exception, source: str) -> str:
+    """A row error's reason without its source and value, to count rows by reason:
+    "f.jsonl line 4: field 'output' must be a string, got int: 5" -> "field 'output' must be a string"."""
+    text = str(err).removeprefix(f"{source}: ")
+    return re.split(r", got |: ", text, maxsplit=1)[0]
+
+
 def side_path(out: str | Path, what: str) -> Path:
     """out.jsonl -> out.<what>.jsonl: where removed/rejected rows go, beside the output."""
     out = Path(out)

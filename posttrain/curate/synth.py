@@ -4,10 +4,13 @@ Each round samples 8 in-context instructions (6 seeds + 2 machine-made, when the
 asks the teacher for more, keeps a new instruction only if it passes the paper's heuristic
 filters and its ROUGE-L to every instruction kept so far is below 0.7, then asks whether it
 is a classification task and generates an instance (output-first for classification, as in
-the paper). Kept rows are appended to `<out>.partial.jsonl` as they come, so an interrupted
-run resumes where it stopped; the finished file is renamed onto `out`. Every proposed
-instruction ends up kept or counted under one drop reason: heuristic, similar, no_instance, or
-surplus (novel, but `n` rows were already kept).
+the paper). Prompts come in English and Chinese (`synth_prompts`): `lang` auto gives each
+request the language of its in-context seeds (mixed seed files are split by language) and each
+instance request the language of its instruction. Kept rows are appended to
+`<out>.partial.jsonl` as they come, so an interrupted run resumes where it stopped; the
+finished file is renamed onto `out`. Every proposed instruction ends up kept or counted under
+one drop reason: heuristic, similar, no_instance, or surplus (novel, but `n` rows were
+already kept).
 """
 
 from __future__ import annotations
@@ -15,47 +18,27 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from posttrain.curate.lang import LANGS, lang_of
 from posttrain.curate.stream import iter_rows, side_path
+from posttrain.curate.synth_prompts import (PROMPTS, heuristic_reject, is_yes, parse_input_output,  # noqa: F401
+                                            parse_label_input, parse_proposals, propose_prompt)
 from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError, http_error_text
 
 ROUGE_LIMIT = 0.7  # the paper's novelty threshold
-BLOCKED = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
-           "plot", "go to", "video", "audio", "music", "flowchart", "diagram")  # tasks a text model cannot do
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge_l(a: str | list[str], b: str | list[str]) -> float:
-    """ROUGE-L F1 between two texts (the novelty test of Self-Instruct); the metric lives in eval.metrics."""
-    x = _tokens(a) if isinstance(a, str) else a
-    y = _tokens(b) if isinstance(b, str) else b
-    return metrics.rouge_l(x, y)
-
-
-def heuristic_reject(instruction: str) -> str | None:
-    """The paper's filters: length, tasks needing images/files, programs, odd first characters."""
-    words = instruction.split()
-    if len(words) <= 3 or len(words) > 150:
-        return "length"
-    lowered = instruction.lower()
-    if any(re.search(rf"\b{re.escape(b)}\b", lowered) for b in BLOCKED):
-        return "blocked keyword"
-    if lowered.startswith("write a program"):
-        return "program"
-    if not instruction[0].isascii() or not instruction[0].isalnum():
-        return "first character"
-    return None
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1 between two instructions (the novelty test of Self-Instruct): rouge-score, CJK by character."""
+    return metrics.rouge_l(a, b)
 
 
 class SynthIncomplete(PosttrainError):
@@ -144,79 +127,86 @@ def load_seeds(path: str | Path) -> list[str]:
     return seeds
 
 
-def propose_prompt(examples: list[str]) -> str:
-    lines = ["Come up with a series of tasks:"] + [f"Task {i}: {e}" for i, e in enumerate(examples, start=1)]
-    return "\n".join(lines + [f"Task {len(examples) + 1}:"])
+def make_instance(teacher, instruction: str, lang: str = "auto") -> dict | None:
+    """Ask whether the task is classification, then generate one instance (output-first if so)."""
+    prompts = PROMPTS[lang_of(instruction) if lang == "auto" else lang]
+    answer = teacher.complete(prompts["is_classification"].format(instruction=instruction), max_tokens=5,
+                              temperature=0.0)
+    if is_yes(answer):
+        pair = parse_label_input(teacher.complete(prompts["output_first"].format(instruction=instruction)))
+        return {"input": pair[1], "output": pair[0], "is_classification": True} if pair else None
+    pair = parse_input_output(teacher.complete(prompts["input_first"].format(instruction=instruction)))
+    return {"input": pair[0], "output": pair[1], "is_classification": False} if pair else None
 
 
-def parse_proposals(text: str) -> list[str]:
+def _prompts(rng: random.Random, seeds: dict[str, list[str]], made: list[dict], lang: str, count: int):
+    """`count` (language, prompt) pairs: 6 seeds + 2 machine-made examples each, as in the paper.
+
+    With lang auto, a prompt's language is drawn in proportion to the seeds in each language and its
+    examples come from that language only, so the teacher sees one language per request.
+    """
     out = []
-    for line in text.splitlines():
-        line = re.sub(r"^\s*(?:Task\s*)?\d+\s*[:.)]\s*", "", line).strip()
-        if line:
-            out.append(line)
+    for _ in range(count):
+        if lang == "auto":
+            langs = sorted(seeds)
+            use = rng.choices(langs, weights=[len(seeds[g]) for g in langs])[0]
+            pool = seeds[use]
+            machine = [r["instruction"] for r in made if lang_of(r["instruction"]) == use]
+        else:
+            use, pool = lang, [t for group in seeds.values() for t in group]
+            machine = [r["instruction"] for r in made]
+        examples = rng.sample(pool, min(6, len(pool))) + rng.sample(machine, min(2, len(machine)))
+        out.append((use, propose_prompt(examples, use)))
     return out
 
 
-def make_instance(teacher, instruction: str) -> dict | None:
-    """Ask whether the task is classification, then generate one instance (output-first if so)."""
-    answer = teacher.complete("Can the following task be regarded as a classification task with finite output "
-                              f"labels? Answer Yes or No.\n\nTask: {instruction}", max_tokens=5, temperature=0.0)
-    is_cls = answer.strip().lower().startswith("yes")
-    if is_cls:
-        text = teacher.complete("Given the classification task definition, first write a class label, then an "
-                                "input of that class. Reply exactly as\nClass label: <label>\nInput: <input>\n\n"
-                                f"Task: {instruction}")
-        m = re.search(r"Class label:\s*(.+?)\s*\n\s*Input:\s*(.*)", text, re.S)
-        return {"input": m.group(2).strip(), "output": m.group(1).strip(), "is_classification": True} if m else None
-    text = teacher.complete("Come up with one example for the following task. Reply exactly as\nInput: <the input, "
-                            f"or <noinput> when none is needed>\nOutput: <the output>\n\nTask: {instruction}")
-    m = re.search(r"Input:\s*(.*?)\s*\n\s*Output:\s*(.+)", text, re.S)
-    if not m:
-        return None
-    inp = "" if m.group(1).strip() in ("", "<noinput>") else m.group(1).strip()
-    return {"input": inp, "output": m.group(2).strip(), "is_classification": False}
-
-
 def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0, concurrency: int = 4,
-          max_rounds: int | None = None, log=print) -> dict:
-    """Generate `n` new instruction rows; resumes from `<out>.partial.jsonl` when it exists."""
+          max_rounds: int | None = None, lang: str = "auto", log=print) -> dict:
+    """Generate `n` new instruction rows; resumes from `<out>.partial.jsonl` when it exists.
+
+    lang: auto (prompts in each seed's language), en or zh (every prompt in that language)."""
+    if lang not in LANGS:
+        raise DataError(f"--lang must be one of {', '.join(LANGS)}, got {lang!r}")
     out = Path(out)
     partial = side_path(out, "partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     seed_tasks = load_seeds(seeds)
+    by_lang: dict[str, list[str]] = {}
+    for task in seed_tasks:
+        by_lang.setdefault(lang_of(task), []).append(task)
     made = [json.loads(line) for line in partial.open()] if partial.exists() else []
-    pool_tokens = [_tokens(t) for t in seed_tasks + [r["instruction"] for r in made]]
+    pool = seed_tasks + [r["instruction"] for r in made]
     rng = random.Random(seed + len(made))  # resumed runs draw fresh examples, still deterministically
     stats = {"proposed": 0, "kept": 0, "similar": 0, "heuristic": 0, "no_instance": 0, "surplus": 0,
              "resumed": len(made)}
+    prompt_langs, reasons = Counter(), Counter()
     rounds = 0
-    with ThreadPoolExecutor(concurrency) as pool, partial.open("a", encoding="utf-8") as sink:
+    with ThreadPoolExecutor(concurrency) as workers, partial.open("a", encoding="utf-8") as sink:
         while len(made) < n:
             rounds += 1
             if max_rounds is not None and rounds > max_rounds:
-                raise SynthIncomplete(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}); "
+                raise SynthIncomplete(f"synth: only {len(made)}/{n} rows after {max_rounds} rounds ({stats}, "
+                                      f"heuristic reasons {dict(reasons)}); "
                                       f"progress is kept in {partial}, rerun to continue",
-                                      {"rows": len(made), "rounds": max_rounds, **stats, "out": str(partial)})
-            prompts = []
-            for _ in range(concurrency):
-                machine = [r["instruction"] for r in made]
-                examples = rng.sample(seed_tasks, min(6, len(seed_tasks)))
-                examples += rng.sample(machine, min(2, len(machine)))
-                prompts.append(propose_prompt(examples))
+                                      {"rows": len(made), "rounds": max_rounds, **stats,
+                                       "heuristic_reasons": dict(reasons), "prompts": dict(prompt_langs),
+                                       "out": str(partial)})
+            prompts = _prompts(rng, by_lang, made, lang, concurrency)
+            prompt_langs.update(use for use, _ in prompts)
             accepted = []
-            for reply in pool.map(teacher.complete, prompts):
+            for reply in workers.map(teacher.complete, [p for _, p in prompts]):
                 for instruction in parse_proposals(reply):
                     stats["proposed"] += 1
-                    toks = _tokens(instruction)
-                    if heuristic_reject(instruction):
+                    if reason := heuristic_reject(instruction):
                         stats["heuristic"] += 1
-                    elif any(rouge_l(toks, other) >= ROUGE_LIMIT for other in pool_tokens):
+                        reasons[reason] += 1
+                    elif any(rouge_l(instruction, other) >= ROUGE_LIMIT for other in pool):
                         stats["similar"] += 1
                     else:
-                        pool_tokens.append(toks)
+                        pool.append(instruction)
                         accepted.append(instruction)
-            for instruction, inst in zip(accepted, pool.map(lambda i: make_instance(teacher, i), accepted)):
+            instances = workers.map(lambda i: make_instance(teacher, i, lang), accepted)
+            for instruction, inst in zip(accepted, instances):
                 if inst is None:
                     stats["no_instance"] += 1
                 elif len(made) >= n:
@@ -228,4 +218,5 @@ def synth(seeds: str | Path, out: str | Path, teacher, n: int, *, seed: int = 0,
                     sink.flush()
             log(f"synth: round {rounds}: {len(made)}/{n} kept ({stats})")
     os.replace(partial, out)
-    return {"rows": len(made), "rounds": rounds, **stats, "out": str(out)}
+    return {"rows": len(made), "rounds": rounds, **stats, "heuristic_reasons": dict(reasons),
+            "prompts": dict(prompt_langs), "out": str(out)}

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
+from posttrain.data.policy import ContentProblem
 from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
@@ -37,14 +38,14 @@ def detect_format(columns: Iterable[str], source: str = "") -> str:
         return "openai"
     if "conversations" in names:
         return "sharegpt"
-    if "instruction" in names and "output" in names:
+    if "output" in names and ("instruction" in names or "input" in names):
         return "alpaca"
     if "text" in names:
         return "text"
     where = f"{source}: " if source else ""
     raise DataError(
         f"{where}cannot detect the data format from columns {sorted(names)}; expected 'messages' (openai), "
-        "'conversations' (sharegpt), 'instruction'+'output' (alpaca) or 'text'. Set `format` and "
+        "'conversations' (sharegpt), 'instruction'+'output' or 'input'+'output' (alpaca) or 'text'. Set `format` and "
         "`columns` (e.g. columns: {output: answer}) in the dataset config. Each row is one object with such "
         "fields: a .json file holds a JSON array of them ([{...}, {...}]), a .jsonl file one object per line")
 
@@ -88,7 +89,7 @@ def row_to_conversation(
     elif fmt == "openai":
         conv = parse_openai(row, ctx, role_map(role_tags))
     elif fmt == "text":
-        conv = Conversation(text=ctx.text(row.get("text"), "text"))
+        conv = Conversation(text=ctx.text(row.get("text"), "text", empty="empty_text"))
     else:
         raise DataError(f"{source}: unknown data format {fmt!r}; use one of {', '.join(FORMATS)} or auto")
     conv.source = source
@@ -123,18 +124,27 @@ class RowContext:
         renamed = f" (column '{self.columns[top]}')" if self.columns.get(top, top) != top else ""
         return DataError(f"{self.source}: field '{field}'{renamed} {problem}")
 
-    def text(self, value, field: str, *, allow_empty: bool = False) -> str:
-        """A string field; a list of OpenAI text parts is joined, anything else is an error."""
+    def problem(self, reason: str, field: str, problem: str) -> ContentProblem:
+        """A content problem of this row (data/policy.py): dropped and counted unless data.strict."""
+        return ContentProblem(reason, str(self.fail(field, problem)))
+
+    def text(self, value, field: str, *, allow_empty: bool = False, empty: str = "empty_prompt") -> str:
+        """A string field; a list of OpenAI text parts is joined, anything else is an error.
+
+        Missing (None) or not a string: structural, a DataError. Blank: a content problem `empty`."""
         if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
             value = "".join(str(p.get("text") or "") for p in value)
-        if value is None or (value == "" and not allow_empty):
+        if value is None:
             raise self.fail(field, "is missing/empty")
         if not isinstance(value, str):
             raise self.fail(field, f"must be a string, got {type(value).__name__}: {_short(value)}")
+        if not value.strip() and not allow_empty:
+            raise self.problem(empty, field, "is empty")
         return value
 
     def optional_text(self, value, field: str) -> str | None:
-        return None if value is None or value == "" else self.text(value, field)
+        blank = value is None or (isinstance(value, str) and not value.strip())
+        return None if blank else self.text(value, field)
 
     def items(self, value, field: str) -> list:
         if value is None or (isinstance(value, list) and not value):
@@ -142,6 +152,13 @@ class RowContext:
         if not isinstance(value, list):
             raise self.fail(field, f"must be a list, got {type(value).__name__}: {_short(value)}")
         return value
+
+
+EMPTY_RESPONSE = "empty_response"  # drop reason of a blank assistant reply; any other blank text is empty_prompt
+
+
+def empty_reason(role: str) -> str:
+    return EMPTY_RESPONSE if role == "assistant" else "empty_prompt"
 
 
 def _short(value, limit: int = 60) -> str:
@@ -219,19 +236,28 @@ def _system_first(conv: Conversation, system: str | None) -> Conversation:
     return conv
 
 
+ALPACA_INPUT_SEPARATOR = "\n"  # joins a list-valued `input` (e.g. sentences to paraphrase)
+
+
 def parse_alpaca(row: Mapping, ctx: RowContext) -> Conversation:
-    """instruction (+ "\\n" + input) -> output, after optional history pairs and system."""
-    prompt = ctx.text(row.get("instruction"), "instruction")
-    extra = ctx.optional_text(row.get("input"), "input")
+    """instruction (+ "\\n" + input) -> output, after optional history pairs and system. A list-valued
+    input is joined with newlines; a row with input but no instruction has the input as its prompt."""
+    value = row.get("input")
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ALPACA_INPUT_SEPARATOR.join(value)
+    extra = ctx.optional_text(value, "input")
     if extra:
-        prompt = f"{prompt}\n{extra}"
-    output = ctx.text(row.get("output"), "output")
+        instruction = ctx.optional_text(row.get("instruction"), "instruction")
+        prompt = f"{instruction}\n{extra}" if instruction else extra
+    else:
+        prompt = ctx.text(row.get("instruction"), "instruction")
+    output = ctx.text(row.get("output"), "output", empty=EMPTY_RESPONSE)
     messages = []
     for i, pair in enumerate(row.get("history") or []):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ctx.fail(f"history[{i}]", f"must be a [user, assistant] pair, got {_short(pair)}")
         messages.append(Message("user", ctx.text(pair[0], f"history[{i}][0]")))
-        messages.append(Message("assistant", ctx.text(pair[1], f"history[{i}][1]")))
+        messages.append(Message("assistant", ctx.text(pair[1], f"history[{i}][1]", empty=EMPTY_RESPONSE)))
     messages += [Message("user", prompt), Message("assistant", output)]
     conv = Conversation(messages=messages)
     return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
@@ -250,7 +276,7 @@ def parse_sharegpt(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Co
         if role == "function_call":
             messages.append(_function_call(value, ctx, field + ".value"))
         else:
-            messages.append(Message(role, ctx.text(value, field + ".value")))
+            messages.append(Message(role, ctx.text(value, field + ".value", empty=empty_reason(role))))
     conv = Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
     return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
 
@@ -287,7 +313,7 @@ def parse_openai(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conv
         content = raw.get("content")
         if calls and content is None:  # OpenAI sends content: null beside tool_calls
             content = ""
-        content = ctx.text(content, field + ".content", allow_empty=calls is not None)
+        content = ctx.text(content, field + ".content", allow_empty=calls is not None, empty=empty_reason(role))
         weight = _weight(raw.get("loss_weight"), ctx, field)
         messages.append(Message(role, content, loss_weight=weight, tool_calls=calls))
     return Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))

@@ -1,8 +1,9 @@
 """The SFT data pipeline: files -> rows -> Conversations -> token ids + per-token loss weights.
 
 Per dataset: read, cap (max_samples, seeded), hold out eval rows, mix by weight, then one
-cached `datasets.map` converts and encodes. Samples the template refuses (DropSample) leave
-as a `drop` reason, are counted, and are filtered out; an empty result names those counts.
+cached `datasets.map` converts and encodes. Rows with content problems (data/policy.py: a blank
+reply, too long, no final reply) leave as a `drop` reason, are counted, and are filtered out, or
+stop the run under data.strict; an empty result names those counts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.data.formats import detect_format, rename_columns, row_to_conversation
+from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
@@ -60,7 +62,7 @@ def build_sft_data(data_cfg, template_cfg, tokenizer, seed: int) -> SFTData:
         src.train_idx = _mix(src.train_idx, src.cfg.weight, np.random.default_rng([seed, 2, i]))
 
     encoder_args = {"tokenizer": tokenizer, "mask": data_cfg.mask, "max_length": data_cfg.max_length,
-                    "variables": data_cfg.variables, "system": template_cfg.system}
+                    "variables": data_cfg.variables, "system": template_cfg.system, "strict": data_cfg.strict}
     train_ds, train_drops = _encode_all(train, "train_idx", encoder_args)
     eval_ds, eval_drops = _encode_all(train + evals, "eval_idx", encoder_args)
     drops = dict(train_drops + eval_drops)
@@ -168,7 +170,8 @@ def _code_version() -> str:
     template or format parser would silently reuse stale cached token ids.
     """
     root = Path(__file__).resolve().parents[1]
-    files = [root / "data" / "formats.py", root / "data" / "pipeline.py", *sorted((root / "templates").glob("*.py"))]
+    files = [root / "data" / name for name in ("formats.py", "pipeline.py", "policy.py")]
+    files += sorted((root / "templates").glob("*.py"))
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
@@ -190,6 +193,7 @@ class _Encoder:
     max_length: int | None
     variables: dict[str, str]
     system: str | None
+    strict: bool  # content problems raise instead of leaving as a drop reason
     path: str
     fmt: str
     columns: dict[str, str]
@@ -200,15 +204,21 @@ class _Encoder:
         out = {name: [] for name in _encoded_features()}
         names = [k for k in batch if k != ROW_COLUMN]
         for j, row_index in enumerate(batch[ROW_COLUMN]):
-            conv = row_to_conversation(
-                {k: batch[k][j] for k in names}, self.fmt, source=source_of(self.path, row_index),
-                columns=self.columns, role_tags=self.role_tags, variables=self.variables)
+            source, drops = source_of(self.path, row_index), Counter()
             try:
+                conv = row_to_conversation({k: batch[k][j] for k in names}, self.fmt, source=source,
+                                           columns=self.columns, role_tags=self.role_tags, variables=self.variables)
                 samples = encode_conversation(conv, self.tokenizer, mask=self.mask,
                                               max_length=self.max_length, system=self.system)
-                reason = "" if samples else "empty"
+                if not samples:
+                    drop_sample(drops, DropSample("empty"), source, self.strict)
+            except ContentProblem as problem:
+                samples = []
+                count_problem(drops, problem, self.strict)
             except DropSample as drop:
-                samples, reason = [], getattr(drop, "reason", "") or "dropped"
+                samples = []
+                drop_sample(drops, drop, source, self.strict)
+            reason = next(iter(drops), "")
             if reason:  # one placeholder row carries the reason; it is counted, then filtered out
                 _append(out, row_index, [], [], reason)
             for sample in samples:

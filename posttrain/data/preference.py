@@ -3,10 +3,14 @@
 Layouts (auto-detected per row):
 - explicit prompt: `prompt` + `chosen` + `rejected`, each a string or a message list;
 - implicit prompt: `chosen` + `rejected` full conversations; their shared prefix is the prompt;
+- hh-rlhf: `chosen` + `rejected` strings, each a whole "\n\nHuman: ... \n\nAssistant: ..." transcript
+  (data/transcripts.py): the shared turns are the prompt, the final Assistant turns the responses;
 - sharegpt: `conversations` (the prompt turns) + `chosen` + `rejected` turns ({from, value});
 - ranked: `prompt` + `responses` (K = 2..9 strings or messages) + `ranks` (0 = best, ties allowed).
 Optional `margin` (pairs). Message lists go through the SFT parsers in data.formats, so roles,
-role_tags and errors behave the same; errors name file, line and field.
+role_tags and errors behave the same; errors name file, line and field. Content problems (an empty
+response, prompts that differ, chosen == rejected, too long) are dropped and counted by reason, or
+fatal under data.strict (data/policy.py).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.data.formats import (RowContext, fill_variables, parse_openai, parse_sharegpt, refuse_media,
-                                    rename_columns, role_map)
+from posttrain.data.formats import (EMPTY_RESPONSE, RowContext, fill_variables, parse_openai, parse_sharegpt,
+                                    refuse_media, rename_columns, role_map)
+from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
+from posttrain.data.transcripts import transcript_pair
 from posttrain.records import Conversation, Message, PreferencePair, RankedResponses
 from posttrain.errors import DataError, PosttrainError
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
@@ -48,7 +54,7 @@ def _messages(value, ctx: RowContext, name: str, tags) -> list[Message]:
 def _response(value, ctx: RowContext, name: str, tags, sharegpt: bool = False) -> Message:
     """One assistant response: a string, a {from, value} / {role, content} turn, or a one-turn list."""
     if isinstance(value, str):
-        return Message("assistant", ctx.text(value, name))
+        return Message("assistant", ctx.text(value, name, empty=EMPTY_RESPONSE))
     if not isinstance(value, (list, dict)):
         raise ctx.fail(name, f"must be a string or an assistant turn, got {type(value).__name__}: {value!r:.60}")
     turns = value if isinstance(value, list) else [value]
@@ -67,9 +73,11 @@ def _split_implicit(chosen: list[Message], rejected: list[Message], ctx: RowCont
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if len(msgs) != n + 1 or msgs[-1].role != "assistant":
-            raise ctx.fail(name, f"must equal the other side up to its final assistant turn (shared prefix: {n} "
-                           "messages); only the last assistant message may differ")
+        if msgs[-1].role != "assistant":
+            raise ctx.problem("no_final_reply", name, "does not end with an assistant message")
+        if len(msgs) != n + 1:
+            raise ctx.problem("prefix_differs", name, f"must equal the other side up to its final assistant turn "
+                              f"(shared prefix: {n} messages); only the last assistant message may differ")
     return chosen[:n], chosen[-1], rejected[-1]
 
 
@@ -116,6 +124,8 @@ def row_to_preference(row: Mapping, *, source: str, columns: Mapping[str, str] |
         rec = PreferencePair(_messages(row["prompt"], ctx, "prompt", tags),
                              _response(row["chosen"], ctx, "chosen", tags),
                              _response(row["rejected"], ctx, "rejected", tags))
+    elif isinstance(row["chosen"], str) or isinstance(row["rejected"], str):
+        rec = PreferencePair(*transcript_pair(row["chosen"], row["rejected"], ctx))
     else:
         rec = PreferencePair(*_split_implicit(_messages(row["chosen"], ctx, "chosen", tags),
                                               _messages(row["rejected"], ctx, "rejected", tags), ctx))
@@ -166,32 +176,43 @@ def encode_preference(rec: RankedResponses, tokenizer, *, max_length: int | None
     return PrefSample(ids, weights, pairs, rec.margin, source=rec.source)
 
 
-def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None) -> list[RankedResponses]:
+def read_preferences(ds_cfg, variables: Mapping[str, str] | None = None, drops: Counter | None = None,
+                     strict: bool = False) -> list[RankedResponses]:
+    """A file's rows as records; rows with content problems are counted in `drops` (fatal when strict)."""
     rows = read_rows(ds_cfg.path)
-    recs = [row_to_preference(row, source=source_of(ds_cfg.path, i), columns=ds_cfg.columns,
-                              role_tags=ds_cfg.role_tags, variables=variables) for i, row in enumerate(rows)]
+    drops = Counter() if drops is None else drops
+    recs = []
+    for i, row in enumerate(rows):
+        try:
+            recs.append(row_to_preference(row, source=source_of(ds_cfg.path, i), columns=ds_cfg.columns,
+                                          role_tags=ds_cfg.role_tags, variables=variables))
+        except ContentProblem as problem:
+            count_problem(drops, problem, strict)
     if ds_cfg.max_samples is not None and ds_cfg.max_samples < len(recs):
         keep = np.sort(np.random.default_rng(0).permutation(len(recs))[: ds_cfg.max_samples])
         recs = [recs[i] for i in keep]
     return recs
 
 
-def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops: Counter) -> list[PrefSample]:
+def encode_all(recs: list[RankedResponses], tokenizer, max_length, system, drops: Counter,
+               strict: bool = False) -> list[PrefSample]:
     out = []
     for rec in recs:
         try:
             out.append(encode_preference(rec, tokenizer, max_length=max_length, system=system))
         except DropSample as drop:
-            drops[drop.reason] += 1
+            drop_sample(drops, drop, rec.source, strict)
     return out
 
 
 def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefData:
     """Read, hold out (val_size or eval_datasets), and encode preference files."""
     apply_template(tokenizer, template_cfg.name)
-    train = [r for ds in data_cfg.datasets for r in read_preferences(ds, data_cfg.variables)]
-    evals = [r for ds in data_cfg.eval_datasets for r in read_preferences(ds, data_cfg.variables)]
-    n_rows = len(train) + len(evals)
+    drops: Counter = Counter()
+    strict = data_cfg.strict
+    train = [r for ds in data_cfg.datasets for r in read_preferences(ds, data_cfg.variables, drops, strict)]
+    evals = [r for ds in data_cfg.eval_datasets for r in read_preferences(ds, data_cfg.variables, drops, strict)]
+    n_rows = len(train) + len(evals) + sum(drops.values())
     if not evals and data_cfg.val_size > 0:
         n_val = int(data_cfg.val_size) if data_cfg.val_size >= 1 else max(1, round(data_cfg.val_size * len(train)))
         if n_val >= len(train):
@@ -199,9 +220,8 @@ def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefD
         held = set(np.random.default_rng([seed, 3]).choice(len(train), n_val, replace=False).tolist())
         evals = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
-    drops: Counter = Counter()
-    train_s = encode_all(train, tokenizer, data_cfg.max_length, template_cfg.system, drops)
-    eval_s = encode_all(evals, tokenizer, data_cfg.max_length, template_cfg.system, drops)
+    train_s = encode_all(train, tokenizer, data_cfg.max_length, template_cfg.system, drops, strict)
+    eval_s = encode_all(evals, tokenizer, data_cfg.max_length, template_cfg.system, drops, strict)
     if not train_s:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(drops.items())) or "no rows"
         raise PosttrainError(f"no preference samples left ({n_rows} rows read; dropped {counts})")

@@ -8,14 +8,19 @@ work too (reference optional: comparisons need none).
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data.formats import row_to_conversation
+from posttrain.data.formats import RowContext, row_to_conversation
+from posttrain.data.policy import ContentProblem, count_problem, drop_or_raise, drop_summary
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import DataError, PosttrainError
 from posttrain.records import Message
 from posttrain.templates.render import encode_prompt
+
+log = logging.getLogger("posttrain")
 
 
 @dataclass
@@ -26,30 +31,43 @@ class PromptItem:
     category: str | None = None  # optional "category" field: comparisons also report win rates per category
 
 
-def read_prompts(path: str | Path, variables: dict[str, str] | None = None) -> list[PromptItem]:
-    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers."""
+def read_prompts(path: str | Path, variables: dict[str, str] | None = None, strict: bool = False) -> list[PromptItem]:
+    """Prompt items in file order; ids are the rows' "id" fields, else their 0-based row numbers.
+
+    Rows with content problems (a blank prompt or turn) are dropped, counted and logged by reason,
+    or fatal with `strict` (data/policy.py); structural problems always are."""
     items: list[PromptItem] = []
     seen: set[str] = set()
+    drops: Counter = Counter()
     for i, row in enumerate(read_rows(path)):
         source = source_of(path, i)
         item_id = str(row["id"] if row.get("id") is not None else i)
         if item_id in seen:  # ids key the answer and vote caches
             raise DataError(f"{source}: duplicate prompt id {item_id!r}")
         seen.add(item_id)
-        category = row.get("category")
-        if isinstance(row.get("prompt"), str):
-            ref = row.get("reference") or row.get("output") or row.get("answer")
-            items.append(PromptItem(item_id, [Message("user", row["prompt"])], ref, category))
-            continue
-        fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
-        conv = row_to_conversation(fields, "auto", source=source, variables=variables)
-        messages, ref = list(conv.messages), None
-        if messages and messages[-1].role == "assistant":
-            ref = messages.pop().content
-        if not messages or messages[-1].role != "user":
-            raise DataError(f"{source}: a prompt must end with a user turn")
-        items.append(PromptItem(item_id, messages, ref, category))
+        try:
+            items.append(_prompt_item(row, item_id, source, variables))
+        except ContentProblem as problem:
+            count_problem(drops, problem, strict)
+    if drops:
+        log.warning("%s: dropped %d prompts (%s)", path, sum(drops.values()), drop_summary(drops))
     return items
+
+
+def _prompt_item(row: dict, item_id: str, source: str, variables: dict[str, str] | None) -> PromptItem:
+    category = row.get("category")
+    if isinstance(row.get("prompt"), str):
+        ref = row.get("reference") or row.get("output") or row.get("answer")
+        text = RowContext(source, {}).text(row["prompt"], "prompt")
+        return PromptItem(item_id, [Message("user", text)], ref, category)
+    fields = {k: v for k, v in row.items() if v is not None and k not in ("id", "category")}
+    conv = row_to_conversation(fields, "auto", source=source, variables=variables)
+    messages, ref = list(conv.messages), None
+    if messages and messages[-1].role == "assistant":
+        ref = messages.pop().content
+    if not messages or messages[-1].role != "user":
+        raise DataError(f"{source}: a prompt must end with a user turn")
+    return PromptItem(item_id, messages, ref, category)
 
 
 @dataclass
@@ -63,31 +81,38 @@ class Prompt:
         return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
 
 
-def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], int]:
+def load_prompts(data_cfg, template_cfg, tokenizer, max_new_tokens: int) -> tuple[list[Prompt], dict[str, int]]:
     """Every conversation in data.datasets, cut before its final assistant turn, encoded for generation.
 
-    Returns (prompts, dropped): prompts whose ids leave no room for max_new_tokens within
-    data.max_length are dropped and counted.
+    Returns (prompts, drops by reason): rows with content problems (data/policy.py: a blank turn, no
+    user turn, ids leaving no room for max_new_tokens within data.max_length) are dropped and counted,
+    or fatal under data.strict.
     """
-    prompts, dropped = [], 0
+    prompts, drops = [], Counter()
     for ds in data_cfg.datasets:
         rows = read_rows(ds.path)
         limit = len(rows) if ds.max_samples is None else min(ds.max_samples, len(rows))
         for i in range(limit):
-            conv = row_to_conversation(rows[i], ds.format, source=source_of(ds.path, i), columns=ds.columns,
-                                       role_tags=ds.role_tags, variables=data_cfg.variables)
+            source = source_of(ds.path, i)
+            try:
+                conv = row_to_conversation(rows[i], ds.format, source=source, columns=ds.columns,
+                                           role_tags=ds.role_tags, variables=data_cfg.variables)
+            except ContentProblem as problem:
+                count_problem(drops, problem, data_cfg.strict)
+                continue
             messages = list(conv.messages)
             while messages and messages[-1].role == "assistant":
                 messages.pop()
             if not any(m.role == "user" for m in messages):
-                dropped += 1
+                drop_or_raise(drops, "no_user_turn", source, data_cfg.strict)
                 continue
             ids = encode_prompt(messages, tokenizer, tools=conv.tools, system=template_cfg.system)
             if len(ids) + max_new_tokens > data_cfg.max_length:
-                dropped += 1
+                drop_or_raise(drops, "too_long", source, data_cfg.strict, f"prompt of {len(ids)} tokens leaves no room "
+                              f"for ppo.max_new_tokens={max_new_tokens} within data.max_length={data_cfg.max_length}")
                 continue
             prompts.append(Prompt(messages, ids))
     if not prompts:
-        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets ({dropped} dropped: no user turn "
-                             "or too long for data.max_length - ppo.max_new_tokens)")
-    return prompts, dropped
+        dropped = drop_summary(drops) or "none"
+        raise PosttrainError(f"stage ppo: no usable prompts in data.datasets (dropped: {dropped})")
+    return prompts, dict(drops)

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from posttrain.errors import DataError
+from posttrain.eval.config import CompareConfig, EvalConfig
 from posttrain.eval.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def model_names(refs: list[str]) -> list[str]:
     return names
 
 
-def make_judge(cmp_cfg, device: str | None = None):
+def make_judge(cmp_cfg: CompareConfig, device: str | None = None):
     """The judge named by eval.compare.judge: 'reference', an http(s) URL, or a reward-model folder."""
     from posttrain.eval.judges import DEFAULT_JUDGE_PROMPT, OpenAIJudge, ReferenceJudge, RewardModelJudge
 
@@ -138,17 +139,17 @@ def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
     return result
 
 
-def run(cfg) -> dict:
-    """Answers, votes, ratings.json and report.md for cfg.eval.compare, in cfg.eval.output_dir."""
+def run(ev: EvalConfig) -> dict:
+    """Answers, votes, ratings.json and report.md for ev.compare, in ev.output_dir."""
     from posttrain.data.prompts import read_prompts
     from posttrain.eval.report import write_compare_report
     from posttrain.models.load import pick_device
 
-    ev, cmp = cfg.eval, cfg.eval.compare
+    cmp = ev.compare
     out = Path(ev.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = model_names(cmp.models)
-    prompts = read_prompts(cmp.prompts)
+    prompts = read_prompts(cmp.prompts, strict=cmp.strict)
     if not prompts:
         raise DataError(f"{cmp.prompts}: no prompts")
     device = str(pick_device(ev.device))

@@ -80,13 +80,13 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
 
 
 def run(model_ref: str, data: str, out: str, *, batch_size: int = 8, max_new_tokens: int = 256,
-        temperature: float = 0.0, segment: str = "auto", device: str | None = None) -> dict:
+        temperature: float = 0.0, segment: str = "auto", device: str | None = None, strict: bool = False) -> dict:
     """Generate predictions for `data` into `out` (JSONL) and write BLEU/ROUGE beside it (.scores.json)."""
     from posttrain.eval.metrics import reference_scores
     from posttrain.models.run import load_model_for_inference, run_config_of
 
     cfg = run_config_of(model_ref)
-    items = read_prompts(data)
+    items = read_prompts(data, strict=strict)
     rows = generate_file(lambda: load_model_for_inference(model_ref, device=device)[:2], items, out,
                          model_ref=model_ref, batch_size=batch_size, system=cfg.template.system if cfg else None,
                          max_new_tokens=max_new_tokens, temperature=temperature)

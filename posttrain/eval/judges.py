@@ -23,6 +23,7 @@ import torch
 
 from posttrain.records import Conversation, Message
 from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
+from posttrain.eval.metrics import rouge_l
 
 DEFAULT_JUDGE_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -145,20 +146,18 @@ class OpenAIJudge:
 
 
 class ReferenceJudge:
-    """The answer closer to the prompt's reference answer wins: ROUGE-L F1 (0-1) on words, CJK text by
-    jieba or character; |s_a - s_b| <= epsilon is a tie. Cheap, offline and deterministic, and it
+    """The answer closer to the prompt's reference answer wins: ROUGE-L F1 (0-1, rouge-score) on words, CJK
+    text by character or jieba word; |s_a - s_b| <= epsilon is a tie. Cheap, offline and deterministic, and it
     measures one thing only: how close each answer comes to the behaviour the reference spells out."""
 
     name = "reference"
 
     def __init__(self, epsilon: float = 0.0, segment: str = "auto"):
         self.epsilon, self.segment = epsilon, segment
-        self.id = f"reference:rougeL:{segment}" + (f":epsilon={epsilon}" if epsilon else "")
+        self.id = f"reference:rouge-score-L:{segment}" + (f":epsilon={epsilon}" if epsilon else "")
 
     def score(self, answer: str, reference: str) -> float:
-        from posttrain.eval.metrics import rouge_l, tokenize
-
-        return rouge_l(tokenize(answer, self.segment), tokenize(reference, self.segment))
+        return rouge_l(answer, reference, self.segment)
 
     def compare(self, messages: list[Message], answer_a: str, answer_b: str, reference: str | None = None) -> dict:
         if not reference:

@@ -1,100 +1,99 @@
-"""Reference metrics for generated text: corpus BLEU-4 and ROUGE-1/2/L (F1), in plain Python.
+"""Reference metrics for generated text: corpus BLEU through sacrebleu, ROUGE-1/2/L F1 through rouge-score.
 
-Tokenization decides these numbers, so it is explicit: English (and any non-CJK text) splits
-into lower-cased words and punctuation; CJK text goes to jieba when installed, else to single
-characters (the usual fallback, and what `segment="char"` forces).
+The libraries make the figures comparable with papers that report them; tokenization still decides
+the numbers, so it is explicit and reported:
+- BLEU: sacrebleu's `zh` tokenizer when any reference contains CJK text (each Chinese character is a
+  token, other text is split like 13a), otherwise `13a`; the signature goes into the scores.
+- ROUGE: rouge-score's own tokenizer (lower-cased ASCII letters and digits, as ROUGE-1.5.5) for
+  non-CJK text, which alone would drop Chinese entirely; so CJK runs become one token per character
+  (`segment="char"`, the default) or jieba words (`segment="jieba"`, as rouge-chinese + jieba in
+  LLaMA-Factory). On text without CJK both equal rouge-score's default tokenizer.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
+from functools import lru_cache
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
-_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|\w+|[^\w\s]", re.UNICODE)
+from rouge_score import rouge_scorer, tokenize as rouge_tokenize
+from rouge_score.tokenizers import Tokenizer
+from sacrebleu.metrics import BLEU
+
+_CJK_CLASS = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+_CJK = re.compile(f"[{_CJK_CLASS}]")
+_CJK_RUN = re.compile(f"([{_CJK_CLASS}]+)")
+SEGMENTS = ("auto", "char", "jieba")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def has_cjk(text: str) -> bool:
+    return _CJK.search(text) is not None
+
+
+class CjkTokenizer(Tokenizer):
+    """rouge-score's tokenizer on non-CJK text; CJK runs split into characters or jieba words."""
+
+    def __init__(self, segment: str = "auto"):
+        if segment not in SEGMENTS:
+            raise ValueError(f"segment must be one of {SEGMENTS}, got {segment!r}")
+        self.segment = "char" if segment == "auto" else segment
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        for i, part in enumerate(_CJK_RUN.split(text)):
+            if i % 2 == 0:  # split() puts the captured CJK runs at odd positions
+                tokens += rouge_tokenize.tokenize(part, None)
+            elif self.segment == "char":
+                tokens += list(part)
+            else:
+                tokens += _jieba_words(part)
+        return tokens
+
+
+def _jieba_words(text: str) -> list[str]:
+    import jieba  # optional extra `zh`; imported only when asked for (start-up time, dictionary load)
+
+    return [w for w in jieba.lcut(text) if w.strip()]
 
 
 def tokenize(text: str, segment: str = "auto") -> list[str]:
-    """Words for metric counting. segment: auto (jieba for CJK if installed), char, or jieba."""
-    text = text.lower().strip()
-    if segment == "jieba" or (segment == "auto" and _CJK.search(text) and _has_jieba()):
-        import jieba
-
-        return [t for t in (w.strip() for w in jieba.lcut(text)) if t]
-    return _WORD.findall(text)  # CJK characters one by one, other scripts by word
+    """The tokens ROUGE counts: see the module docstring."""
+    return CjkTokenizer(segment).tokenize(text)
 
 
-def _has_jieba() -> bool:
-    try:
-        import jieba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's tokenizer for this corpus: zh if any reference has CJK text, else 13a."""
+    return "zh" if any(has_cjk(r) for r in references) else "13a"
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def corpus_bleu(predictions: list[str], references: list[str]) -> tuple[float, str]:
+    """(BLEU-4 0-100, sacrebleu signature) of predictions against one reference each."""
+    bleu = BLEU(tokenize=bleu_tokenizer(references))
+    score = bleu.corpus_score(predictions, [references]).score
+    return score, str(bleu.get_signature())
 
 
-def corpus_bleu(hypotheses: list[list[str]], references: list[list[str]], max_n: int = 4) -> float:
-    """Corpus BLEU (Papineni et al. 2002, eq. 1-2): geometric mean of clipped n-gram precisions
-    summed over the corpus, times the brevity penalty; one reference per hypothesis, 0-100."""
-    matches = [0] * max_n
-    totals = [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        hyp_len += len(hyp)
-        ref_len += len(ref)
-        for n in range(1, max_n + 1):
-            h, r = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if min(matches) == 0 or hyp_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return 100.0 * brevity * math.exp(log_precision)
+@lru_cache(maxsize=8)
+def _scorer(types: tuple[str, ...], segment: str) -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(list(types), tokenizer=CjkTokenizer(segment))
 
 
-def _f1(overlap: int, hyp_total: int, ref_total: int) -> float:
-    if overlap == 0:
-        return 0.0
-    p, r = overlap / hyp_total, overlap / ref_total
-    return 2 * p * r / (p + r)
+def rouge_l(prediction: str, reference: str, segment: str = "auto") -> float:
+    """ROUGE-L F1 (0-1) of one prediction against one reference."""
+    return _scorer(("rougeL",), segment).score(reference, prediction)["rougeL"].fmeasure
 
 
-def rouge_n(hyp: list[str], ref: list[str], n: int) -> float:
-    """ROUGE-N F1 (Lin 2004): clipped n-gram overlap over hypothesis / reference n-gram counts."""
-    h, r = _ngrams(hyp, n), _ngrams(ref, n)
-    overlap = sum(min(c, r[g]) for g, c in h.items())
-    return _f1(overlap, sum(h.values()), sum(r.values()))
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(hyp: list[str], ref: list[str]) -> float:
-    """ROUGE-L F1: longest common subsequence over hypothesis and reference lengths."""
-    return _f1(_lcs(hyp, ref), len(hyp), len(ref))
-
-
-def reference_scores(predictions: list[str], references: list[str], segment: str = "auto") -> dict[str, float]:
+def reference_scores(predictions: list[str], references: list[str], segment: str = "auto") -> dict:
     """Corpus BLEU-4 and mean sentence ROUGE-1/2/L F1 (all 0-100) over prediction/reference pairs."""
-    hyps = [tokenize(p, segment) for p in predictions]
-    refs = [tokenize(r, segment) for r in references]
-    n = max(len(hyps), 1)
-    return {
-        "bleu4": corpus_bleu(hyps, refs),
-        "rouge1": 100.0 * sum(rouge_n(h, r, 1) for h, r in zip(hyps, refs)) / n,
-        "rouge2": 100.0 * sum(rouge_n(h, r, 2) for h, r in zip(hyps, refs)) / n,
-        "rougeL": 100.0 * sum(rouge_l(h, r) for h, r in zip(hyps, refs)) / n,
-        "samples": float(len(hyps)),
-    }
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    bleu, signature = corpus_bleu(predictions, references) if predictions else (0.0, "")
+    scorer = _scorer(ROUGE_TYPES, segment)
+    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, ref in zip(predictions, references):
+        for key, score in scorer.score(ref, pred).items():
+            sums[key] += score.fmeasure
+    n = max(len(predictions), 1)
+    return {"bleu4": bleu, **{k: 100.0 * v / n for k, v in sums.items()}, "samples": float(len(predictions)),
+            "bleu_signature": signature,
+            "rouge_tokens": f"rouge-score tokenizer, CJK by {CjkTokenizer(segment).segment}"}

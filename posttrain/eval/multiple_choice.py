@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from posttrain.errors import DataError
+from posttrain.eval.config import EvalConfig
 from posttrain.eval.mc_categories import choose_categories
 from posttrain.eval.mc_data import LETTERS, MCItem, detect_layout, load_split
 from posttrain.eval.mc_prompts import (CLOZE_HEADERS, CUES, HEADERS, QUESTION_LABELS, build_cloze_prompt,
@@ -221,8 +222,8 @@ def _cached_and_todo(entries: list[Entry], cached: dict[str, dict]) -> tuple[lis
     return results, todo
 
 
-def run(cfg) -> dict:
-    """Score cfg.eval.mc with cfg.eval.model; write results.json; return the summary.
+def run(ev: EvalConfig) -> dict:
+    """Score ev.mc with ev.model; write results.json; return the summary.
 
     Results already in the output folder's cache (same model weights, same prompt tokens, same scoring)
     are reused, so an interrupted run, or a larger one after a smaller one, only scores what is new.
@@ -230,7 +231,7 @@ def run(cfg) -> dict:
     from posttrain.models.load import pick_device
     from posttrain.models.run import load_model_for_inference, model_stamp
 
-    ev, mc = cfg.eval, cfg.eval.mc
+    mc = ev.mc
     out_dir = Path(ev.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = load_split(mc.data, mc.split, mc.subjects or None)

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from posttrain.config import DataConfig, DatasetConfig, TemplateConfig
+from posttrain.data.config import DataConfig, DatasetConfig
+from posttrain.templates.config import TemplateConfig
 from posttrain.eval.progress import Progress
 
 

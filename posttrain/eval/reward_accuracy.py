@@ -12,24 +12,46 @@ from pathlib import Path
 
 import torch
 
+from posttrain.data.config import DatasetConfig
+from posttrain.data.preference import encode_all, read_preferences
 from posttrain.data.references import reference_ids
 from posttrain.errors import ModelSourceError
-from posttrain.models.load import REWARD_OFFSET, reward_offset
+from posttrain.models.config import ModelConfig
+from posttrain.models.load import REWARD_OFFSET, is_reward_model, load_reward_model, pick_device, reward_offset
 from posttrain.models.reward_head import fit_offset, raw_rewards
+from posttrain.models.run import SavedRun, find_run_config, read_run
+from posttrain.templates.render import apply_template
 
 log = logging.getLogger("posttrain")
 
 
-def _load_for_scoring(run_dir: str, device: str | None):
-    """(model, tokenizer, the run's config or defaults, device), rendering set up as the run trained."""
-    from posttrain.config import ModelConfig, RunConfig, load_config
-    from posttrain.models.load import load_reward_model, pick_device
-    from posttrain.models.run import find_run_config
-    from posttrain.templates.render import apply_template
+def check_reward_folder(run_dir: str) -> None:
+    """A local folder must hold a reward model: config + weights of a one-label sequence classifier, or a
+    reward-model (SEQ_CLS) adapter; otherwise one line says what is missing. Names and hub ids pass."""
+    folder = Path(run_dir).expanduser()
+    if not folder.is_dir():
+        return
+    expected = "expected a reward-model run or an HF sequence-classification folder"
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
+        if task != "SEQ_CLS":
+            raise ModelSourceError(f"{folder} holds a {task or 'PEFT'} adapter, not a reward model; {expected}")
+        return
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    if not (folder / "config.json").is_file() or not weights:
+        raise ModelSourceError(f"no model weights / config in {folder}; {expected}")
+    if not is_reward_model(folder):
+        raise ModelSourceError(f"{folder} holds a model without a one-label sequence-classification head "
+                               f"(config.json architectures / id2label); {expected}")
 
+
+def _load_for_scoring(run_dir: str, device: str | None):
+    """(model, tokenizer, the run's saved config or defaults, device), rendering set up as the run trained."""
+    check_reward_folder(run_dir)
     cfg_path = find_run_config(Path(run_dir)) if Path(run_dir).is_dir() else None
-    cfg = load_config(cfg_path) if cfg_path is not None else RunConfig()
-    dev = pick_device(device or cfg.train.device)
+    cfg = read_run(cfg_path) if cfg_path is not None else SavedRun()
+    dev = pick_device(device or cfg.device)
     model_cfg = ModelConfig(name_or_path=str(run_dir), dtype=cfg.model.dtype,
                             attn_implementation=cfg.model.attn_implementation)
     model, tokenizer = load_reward_model(model_cfg, dev)
@@ -38,14 +60,16 @@ def _load_for_scoring(run_dir: str, device: str | None):
     return model, tokenizer, cfg, dev
 
 
-def normalize_rewards(run_dir: str, ref_path: str, batch_size: int = 8, device: str | None = None) -> dict:
+def normalize_rewards(run_dir: str, ref_path: str, batch_size: int = 8, device: str | None = None,
+                      strict: bool = False) -> dict:
     """`posttrain score --normalize`: write the offset that makes `ref_path`'s reference responses average 0."""
+    check_reward_folder(run_dir)
     config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{run_dir}: no config.json to store the reward offset in")
     model, tokenizer, cfg, dev = _load_for_scoring(run_dir, device)
     drops: Counter = Counter()
-    ids = reference_ids(ref_path, tokenizer, cfg, drops)
+    ids = reference_ids(ref_path, tokenizer, cfg.data, cfg.template.system, drops, strict)
     offset = fit_offset(model, ids, tokenizer.pad_token_id, batch_size, dev)
     meta = json.loads(config_file.read_text(encoding="utf-8"))
     meta[REWARD_OFFSET] = offset  # only this key changes
@@ -56,19 +80,18 @@ def normalize_rewards(run_dir: str, ref_path: str, batch_size: int = 8, device: 
 
 
 @torch.no_grad()
-def score_preferences(run_dir: str, data_path: str, batch_size: int = 8, device: str | None = None) -> dict:
+def score_preferences(run_dir: str, data_path: str, batch_size: int = 8, device: str | None = None,
+                      strict: bool = False) -> dict:
     """Score every response of a preference file with a saved reward model; pairwise accuracy etc.
 
     Rendering (template, system, max_length) follows the run's config.yaml when there is one;
-    rewards are the raw scores minus the model's stored offset.
+    rewards are the raw scores minus the model's stored offset. Rows with content problems are
+    dropped and counted (`dropped`), or fatal with `strict`.
     """
-    from posttrain.config import DatasetConfig
-    from posttrain.data.preference import encode_all, read_preferences
-
     model, tokenizer, cfg, dev = _load_for_scoring(run_dir, device)
     drops: Counter = Counter()
-    samples = encode_all(read_preferences(DatasetConfig(path=data_path), cfg.data.variables), tokenizer,
-                         cfg.data.max_length, cfg.template.system, drops)
+    recs = read_preferences(DatasetConfig(path=data_path), cfg.data.variables, drops, strict)
+    samples = encode_all(recs, tokenizer, cfg.data.max_length, cfg.template.system, drops, strict)
     offset = reward_offset(model)
     flat = raw_rewards(model, [ids for s in samples for ids in s.input_ids], tokenizer.pad_token_id,
                        batch_size, dev) - offset

@@ -1,9 +1,9 @@
 """Gradient checkpointing: each decoder block's activations are recomputed during backward.
 
 Non-reentrant (`use_reentrant=False`): gradients reach LoRA weights inside a block whose inputs do not
-require grad, and the recompute may run FSDP2's hooks again (transformers checkpoints a block's
-`__call__`), which non-reentrant checkpointing allows. The recompute runs in backward, after the
-forward's packed-attention block has closed; `recompute_context` re-enters it, so packed rows and
+require grad, and FSDP2's hooks stay outside the recomputed region (transformers checkpoints a block's
+`forward`, not its `__call__`). The recompute runs in backward, after the forward's packed-attention
+block has closed; `recompute_context` re-enters it, so packed rows and
 shared prompts attend exactly as in the forward pass.
 """
 

@@ -1,36 +1,51 @@
 """Fine-tuning methods: decide which weights train.
 
 LoRA (with DoRA / rsLoRA / PiSSA / LoRA+ / modules_to_save), QLoRA (LoRA on a 4-bit base),
-full, freeze, LISA (see models/lisa.py), prompt and prefix tuning. A stage calls, in order:
-`quantization_config(cfg, device)` when loading the base, `apply_method(model, cfg)`, then
-hands `optimizer_groups(model, cfg)` and `step_hook(model, cfg)` to the Loop. Which blocks a
-model has and where its head sits is models/anatomy.py.
+full, freeze, LISA (see models/lisa.py), prompt and prefix tuning. Every function reads the method
+sections bundled as `Methods` (models/config.py). A stage calls, in order: `quantization_config(methods,
+device)` when loading the base, `apply_method(model, methods, ...)`, then hands `optimizer_groups(model,
+methods, lr)` and `step_hook(model, methods, seed)` to the Loop. Which blocks a model has and where its
+head sits is models/anatomy.py.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from posttrain.config import PROMPT_METHODS
 from posttrain.errors import ConfigError
+from posttrain.models.config import PROMPT_METHODS, FreezeConfig, LoraConfig, Methods
 from posttrain.models.anatomy import find_layers, unwrap
 from posttrain.models.lisa import LisaSchedule, apply_lisa, lisa_parameters
 
 
-def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
-    """Prepare `model` for training under `cfg.method.type`; returns the (possibly wrapped) model.
+def apply_method(model: nn.Module, methods: Methods, *, task_type: str = "CAUSAL_LM", fused: bool = True,
+                 base_model: str = "") -> nn.Module:
+    """Prepare `model` for training under `methods.type`; returns the (possibly wrapped) model.
 
     task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters
-    (LoRA family and virtual tokens alike).
+    (LoRA family and virtual tokens alike). fused: LoRA linears in one autograd op each (false: PEFT's
+    own path, the reference). base_model: the model reference, whose tokenizer reads prompt.init_text.
     """
-    kind = cfg.method.type
+    model = _apply(model, methods, task_type, fused, base_model)
+    if task_type == "SEQ_CLS":  # a reward model's head always trains (freeze, full and LISA too)
+        for name, param in model.named_parameters():
+            if ".score." in f".{name}" and "original_module" not in name:
+                param.requires_grad_(True)
+    return model
+
+
+def _apply(model: nn.Module, methods: Methods, task_type: str, fused: bool, base_model: str) -> nn.Module:
+    kind = methods.type
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
-        model = _apply_lora(model, cfg.lora, task_type)
-        if cfg.train.fused:  # same maths in one autograd op per linear (models/fast_lora.py)
+        model = _apply_lora(model, methods.lora, task_type)
+        if fused:  # same maths in one autograd op per linear (models/fast_lora.py)
             from posttrain.models.fast_lora import enable_fast_lora
 
             enable_fast_lora(model)
@@ -40,51 +55,53 @@ def apply_method(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Modu
             param.requires_grad_(True)
         return model
     if kind == "freeze":
-        return _apply_freeze(model, cfg.freeze)
+        return _apply_freeze(model, methods.freeze)
     if kind == "lisa":
         return apply_lisa(model)
     if kind in PROMPT_METHODS:
-        return _apply_virtual_tokens(model, cfg, task_type)
+        return _apply_virtual_tokens(model, methods, task_type, base_model)
     raise ConfigError(f"method.type {kind!r} is not one of lora, qlora, full, freeze, lisa, prompt, prefix")
 
 
-def quantization_config(cfg, device: torch.device | str):
+def quantization_config(methods: Methods, device: torch.device | str):
     """BitsAndBytesConfig for method.type=qlora (None otherwise): 4-bit base, compute dtype for the device."""
-    if cfg.method.type != "qlora":
+    if methods.type != "qlora":
         return None
     from transformers import BitsAndBytesConfig
 
     from posttrain.models.load import pick_dtype
 
-    q = cfg.quant
+    q = methods.quant
     # bf16 compute is ~15x slower than fp32 on this CPU class (KNOWN.md): auto picks fp32 there.
     compute = pick_dtype(q.compute_dtype, device)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
 
 
-def optimizer_groups(model: nn.Module, cfg) -> list[dict]:
-    """AdamW parameter groups: LoRA+ gives B its own lr; LISA hands over every block it may unfreeze."""
-    if cfg.method.type == "lisa":
+def optimizer_groups(model: nn.Module, methods: Methods, lr: float) -> list[dict]:
+    """AdamW parameter groups: LoRA+ gives B its own lr (lr x lora.lr_ratio); LISA hands over every block it
+    may unfreeze."""
+    if methods.type == "lisa":
         return [{"params": lisa_parameters(model)}]
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ratio = cfg.lora.lr_ratio if cfg.method.type in ("lora", "qlora") else 1.0
+    ratio = methods.lora.lr_ratio if methods.type in ("lora", "qlora") else 1.0
     if ratio == 1.0:
         return [{"params": [p for _, p in params]}]
     lora_b = [p for n, p in params if "lora_B" in n]
     rest = [p for n, p in params if "lora_B" not in n]
-    return [{"params": rest}, {"params": lora_b, "lr": cfg.optim.lr * ratio}]
+    return [{"params": rest}, {"params": lora_b, "lr": lr * ratio}]
 
 
-def step_hook(model: nn.Module, cfg) -> Callable[[int, torch.optim.Optimizer], None] | None:
-    """Called by the Loop before every optimizer step (LISA re-draws its blocks); None for other methods."""
-    if cfg.method.type != "lisa":
+def step_hook(model: nn.Module, methods: Methods, seed: int) -> Callable[[int, torch.optim.Optimizer], None] | None:
+    """Called by the Loop before every optimizer step (LISA re-draws its blocks, seeded); None for other methods."""
+    if methods.type != "lisa":
         return None
-    return LisaSchedule(model, cfg.lisa, seed=cfg.train.seed)
+    return LisaSchedule(model, methods.lisa, seed=seed)
 
 
-def _apply_lora(model: nn.Module, lora_cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def _apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
 
     targets = list(lora_cfg.target_modules)
     # PEFT only expands the bare string "all-linear" (every linear but the output head).
@@ -92,7 +109,7 @@ def _apply_lora(model: nn.Module, lora_cfg, task_type: str = "CAUSAL_LM") -> nn.
     if "all-linear" in targets and len(targets) > 1:
         raise ConfigError("lora.target_modules: 'all-linear' cannot be combined with other names")
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[lora_cfg.init]
-    peft_cfg = LoraConfig(
+    peft_cfg = PeftLoraConfig(
         task_type=TaskType[task_type], r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout, target_modules=target_modules, use_dora=lora_cfg.use_dora,
         use_rslora=lora_cfg.use_rslora, init_lora_weights=init,
@@ -109,10 +126,12 @@ def _apply_lora(model: nn.Module, lora_cfg, task_type: str = "CAUSAL_LM") -> nn.
 
 def _keep_pissa_init(model: nn.Module) -> None:
     """PiSSA rewrites the base weights (W - AB); keep the initial adapter so saving can convert the
-    trained one into a plain LoRA that applies to the untouched base (PEFT's weight conversion)."""
-    import tempfile
+    trained one into a plain LoRA that applies to the untouched base (PEFT's weight conversion).
 
+    Every save (checkpoints, the final model) needs it, so it lives as long as the model: removed
+    when the model is garbage-collected, or at interpreter exit at the latest."""
     init_dir = tempfile.mkdtemp(prefix="posttrain-pissa-init-")
+    weakref.finalize(model, shutil.rmtree, init_dir, ignore_errors=True)
     config = model.peft_config["default"]
     config.init_lora_weights = True  # saved as a plain init so loading it never re-runs the SVD
     model.save_pretrained(init_dir)
@@ -120,12 +139,12 @@ def _keep_pissa_init(model: nn.Module) -> None:
     model.posttrain_pissa_init = init_dir
 
 
-def _apply_virtual_tokens(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
+def _apply_virtual_tokens(model: nn.Module, methods: Methods, task_type: str, base_model: str) -> nn.Module:
     """Prompt tuning (Lester et al. 2021) or prefix tuning (Li & Liang 2021) through PEFT."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    p, task = cfg.prompt, TaskType[task_type]
-    if cfg.method.type == "prefix":
+    p, task = methods.prompt, TaskType[task_type]
+    if methods.type == "prefix":
         peft_cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
                                       prefix_projection=p.prefix_projection)
     elif p.init_text:
@@ -134,7 +153,7 @@ def _apply_virtual_tokens(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -
         peft_cfg = PromptTuningConfig(
             task_type=task, num_virtual_tokens=p.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
-            tokenizer_name_or_path=resolve_model(cfg.model.name_or_path))
+            tokenizer_name_or_path=resolve_model(base_model))
     else:
         peft_cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
     return get_peft_model(model, peft_cfg)
@@ -142,7 +161,7 @@ def _apply_virtual_tokens(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -
 
 
 
-def _apply_freeze(model: nn.Module, freeze_cfg) -> nn.Module:
+def _apply_freeze(model: nn.Module, freeze_cfg: FreezeConfig) -> nn.Module:
     layers_prefix, layers = find_layers(model)
     n = freeze_cfg.trainable_layers
     if n < 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import ModelConfig
+from posttrain.models.config import ModelConfig
 from posttrain.data.collate import collate
 from posttrain.errors import ConfigError
 from posttrain.models.anatomy import is_prompt_learning, unwrap

@@ -1,8 +1,10 @@
 """Saving a trained model into a run folder, and loading any model reference for inference.
 
-A run folder holds `config.yaml` (the resolved RunConfig), the tokenizer files, and either a
+A run folder holds `config.yaml` (the resolved run config), the tokenizer files, and either a
 PEFT adapter (method lora) or a full HF model folder (full / freeze). Inference commands take a
-run folder, a checkpoint inside one, a plain HF model folder, a built-in name or a hub id.
+run folder, a checkpoint inside one, a plain HF model folder, a built-in name or a hub id. Of a
+run's config they read only the sections that shape the model and its prompts (`SavedRun`), so
+run folders whose config.yaml holds every section (posttrain 0.1) load too.
 
 A loaded folder never decides to run code: its config.yaml's `model.trust_remote_code` is ignored,
 and folder code (config.json `auto_map`) runs only when the caller passes `trust_remote_code=True`
@@ -15,17 +17,58 @@ import dataclasses
 import hashlib
 import json
 import logging
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from posttrain.config import ModelConfig, RunConfig, load_config
-from posttrain.errors import ModelSourceError
+from posttrain.data.config import DataConfig
+from posttrain.errors import ConfigError, ModelSourceError
+from posttrain.models.config import (FreezeConfig, LisaConfig, LoraConfig, MethodConfig, Methods, ModelConfig,
+                                     PromptConfig, QuantConfig)
+from posttrain.templates.config import TemplateConfig
+from posttrain.typed_config import build, read_yaml
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
+
+
+@dataclass
+class SavedRun:
+    """The sections of a run's config.yaml that inference reads: the model, how it was trained (methods), and how
+    it rendered samples (template, data), plus the device it trained on. Defaults stand for a plain model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    device: str = "auto"  # train.device
+
+    @property
+    def methods(self) -> Methods:
+        return Methods.of(self)
+
+
+def read_run(path: str | Path) -> SavedRun:
+    """A run's config.yaml -> the sections inference reads; the other sections (optim, train, the stage's) are
+    not read, so a folder written with more or older sections loads as long as these still parse."""
+    tree = read_yaml(path)
+    sections = {}
+    for name, cls in typing.get_type_hints(SavedRun).items():
+        if name in tree and name != "device":
+            if not isinstance(tree[name], dict):
+                raise ConfigError(f"{path}: section {name} is not a mapping")
+            sections[name] = build(cls, tree[name], name + ".")
+    train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
+    return SavedRun(**sections, device=str(train.get("device", "auto")))
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -56,8 +99,8 @@ def find_run_config(folder: Path) -> Path | None:
     return None
 
 
-def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> RunConfig | None:
-    """The RunConfig a model reference was trained with, or None for anything but a run folder.
+def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> SavedRun | None:
+    """The saved run config a model reference was trained with, or None for anything but a run folder.
 
     Its `model.trust_remote_code` is replaced by the caller's (the user's command line), never taken
     from the folder."""
@@ -69,7 +112,7 @@ def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> RunConfig
         cfg_path = None
     if cfg_path is None:
         return None
-    cfg = load_config(cfg_path)
+    cfg = read_run(cfg_path)
     if cfg.model.trust_remote_code and not trust_remote_code:  # a folder handed over must not decide to run code
         log.warning("%s: ignoring model.trust_remote_code=true (a loaded folder cannot switch on remote code; "
                     "pass --trust-remote-code if you trust this folder)", cfg_path)
@@ -78,8 +121,8 @@ def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> RunConfig
 
 
 def load_model_for_inference(ref: str | Path, device: str | None = None, dequantize: bool = False,
-                             trust_remote_code: bool = False) -> tuple[nn.Module, object, RunConfig | None]:
-    """(model in eval mode, tokenizer, the run's RunConfig or None) for any model reference.
+                             trust_remote_code: bool = False) -> tuple[nn.Module, object, SavedRun | None]:
+    """(model in eval mode, tokenizer, the run's saved config or None) for any model reference.
 
     A QLoRA run loads its base in 4 bits, as trained; `dequantize` turns that base back into plain
     float weights (the NF4-rounded values the adapter was trained against) before the adapter.
@@ -121,7 +164,7 @@ def _has_full_model(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequantize: bool = False,
+def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequantize: bool = False,
                   trust_remote_code: bool = False) -> nn.Module:
     """Base model (from the run config, else the adapter's own record) + the saved adapter."""
     from peft import PeftModel
@@ -137,7 +180,7 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequa
         if not base_name:
             raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
         base_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
-    quant = quantization_config(cfg, pick_device(device or "auto")) if cfg is not None else None
+    quant = quantization_config(cfg.methods, pick_device(device or "auto")) if cfg is not None else None
     base, _ = load_base(base_cfg, device=device, quantization_config=quant)
     if quant is not None and dequantize:
         base = base.dequantize()
@@ -145,7 +188,7 @@ def _load_adapter(folder: Path, cfg: RunConfig | None, device: str | None, dequa
     return model.to(next(base.parameters()).device)
 
 
-def _load_tokenizer(folder: Path, cfg: RunConfig | None, trust_remote_code: bool = False):
+def _load_tokenizer(folder: Path, cfg: SavedRun | None, trust_remote_code: bool = False):
     """The tokenizer saved beside the weights (it carries the trained chat template)."""
     from posttrain.models.load import load_tokenizer
 

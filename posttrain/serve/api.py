@@ -296,13 +296,13 @@ def _load_reward_engine_model(ref: str, device: str | None):
     """(reward model in eval mode, tokenizer, the run's config or None), rendering as the run trained."""
     from pathlib import Path
 
-    from posttrain.config import ModelConfig, load_config
+    from posttrain.models.config import ModelConfig
     from posttrain.models.load import load_reward_model, pick_device
-    from posttrain.models.run import find_run_config
+    from posttrain.models.run import find_run_config, read_run
     from posttrain.templates.render import apply_template
 
     cfg_path = find_run_config(Path(ref).expanduser())
-    cfg = load_config(cfg_path) if cfg_path is not None else None
+    cfg = read_run(cfg_path) if cfg_path is not None else None
     model_cfg = ModelConfig(name_or_path=str(ref), **({"dtype": cfg.model.dtype} if cfg is not None else {}))
     model, tokenizer = load_reward_model(model_cfg, pick_device(device or "auto"))
     if cfg is not None:

@@ -18,18 +18,19 @@ from contextlib import nullcontext
 
 import torch
 
-from posttrain.config import RunConfig, adapter_off_is_base
+from posttrain.train.config import RunConfig
 from posttrain.data.batches import preference_batches
 from posttrain.data.preference import PrefSample, build_preference_data
 from posttrain.losses import REFERENCE_FREE, PairLogps, preference_loss
 from posttrain.models.load import load_base
 from posttrain.models.anatomy import lm_head_and_backbone
-from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
-                                      step_hook)
+from posttrain.models.config import PROMPT_METHODS
+from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
 from posttrain.models.head_logps import token_logps
 from posttrain.models.forward import hidden_states
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
 
 log = logging.getLogger("posttrain")
@@ -84,8 +85,6 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
 
 def packs_rows(cfg: RunConfig) -> bool:
     """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample."""
-    from posttrain.models.methods import PROMPT_METHODS
-
     # virtual-token methods ignore position ids, so packed sequences would see each other
     return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
@@ -112,14 +111,14 @@ def reference_mode(cfg: RunConfig) -> str:
     if cfg.dpo.loss in REFERENCE_FREE:
         return "none"
     if cfg.dpo.reference == "auto":
-        return "adapter" if adapter_off_is_base(cfg) else "precompute"
+        return "adapter" if cfg.methods.adapter_off_is_base() else "precompute"
     return cfg.dpo.reference
 
 
 def run(cfg: RunConfig) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
-    model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg, dist_ctx.device))
+    model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg.methods, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
@@ -130,11 +129,8 @@ def run(cfg: RunConfig) -> dict:
     elif mode == "precompute":  # before training, the policy is the reference
         cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx.device)
                   for split, samples in (("train", data.train), ("eval", data.eval or []))}
-    model = apply_method(model, cfg)
-    hook = step_hook(model, cfg)
-    trainable, total = count_parameters(model)
-    if hook is not None:  # LISA: what trains in one step (the frozen blocks take turns)
-        trainable = hook.trainable_per_step(model)
+    prepared = prepare_model(model, cfg)
+    model, trainable, total = prepared.model, prepared.trainable, prepared.total
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
@@ -143,7 +139,7 @@ def run(cfg: RunConfig) -> dict:
     steps = DataSteps(preference_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=preference_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)
-    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
+    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
     extra = {"stage": "dpo", "loss": cfg.dpo.loss, "reference": mode, "method": cfg.method.type,
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.config import OptimConfig, RunConfig, TrainConfig, save_config
+from posttrain.train.config import OptimConfig, RunConfig, TrainConfig, save_config
 from posttrain.losses.moments import fold_moments
 from posttrain.train.checkpoint import find_resume
 from posttrain.train.engines import build_engine, join, lockstep

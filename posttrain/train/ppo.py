@@ -19,18 +19,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from posttrain.config import RunConfig, adapter_off_is_base
+from posttrain.train.config import RunConfig
 from posttrain.data.batches import sft_batches
 from posttrain.data.pipeline import build_sft_data
+from posttrain.data.policy import drop_summary
 from posttrain.errors import ConfigError
 from posttrain.losses.ppo import explained_variance, gae, kl_per_token, masked_mean, policy_loss, value_loss, whiten
 from posttrain.models.generate import generate_reply
 from posttrain.models.load import load_base
-from posttrain.models.methods import (apply_method, count_parameters, optimizer_groups, quantization_config,
-                                      step_hook)
+from posttrain.models.methods import count_parameters, quantization_config
 from posttrain.models.run import save_model
 from posttrain.models.forward import sft_forward
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.setup import prepare_model
 from posttrain.train.ppo_report import plot_reward_kl, write_sample
 from posttrain.train.reward_sources import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
 from posttrain.data.prompts import load_prompts
@@ -49,38 +50,39 @@ def run(cfg: RunConfig) -> dict:
     device = dist_ctx.device
 
     # models: policy (+ adapter), value head, reference = adapter off (or a frozen copy taken before training)
-    base, tokenizer = load_base(cfg.model, device, quantization_config(cfg, device))
-    ref_model = None if adapter_off_is_base(cfg) else copy.deepcopy(base).requires_grad_(False).eval()
-    policy = apply_method(base, cfg)
-    critic = apply_method(load_base(cfg.model, device)[0], cfg) if p.value_model == "separate" else None
+    base, tokenizer = load_base(cfg.model, device, quantization_config(cfg.methods, device))
+    ref_model = None if cfg.methods.adapter_off_is_base() else copy.deepcopy(base).requires_grad_(False).eval()
+    prepared = prepare_model(base, cfg)
+    policy = prepared.model
+    critic = prepare_model(load_base(cfg.model, device)[0], cfg).model if p.value_model == "separate" else None
     pv = PolicyAndValue(policy, base.config.hidden_size, critic)
-    hook = step_hook(policy, cfg)  # LISA re-draws its blocks before optimizer updates
     trainable, total = count_parameters(pv)
-    if hook is not None:
-        trainable -= count_parameters(policy)[0] - hook.trainable_per_step(policy)
+    trainable -= count_parameters(policy)[0] - prepared.trainable  # LISA: the policy's blocks take turns
 
     # data: prompts to sample from; optional ptx (SFT / pre-training) data with a held-out split
-    prompts, dropped = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
+    prompts, drops = load_prompts(cfg.data, cfg.template, tokenizer, p.max_new_tokens)
     ptx_train = ptx_eval = None
     if p.ptx_datasets:
         ptx_cfg = dataclasses.replace(cfg.data, datasets=p.ptx_datasets, eval_datasets=[], val_size=p.ptx_val_size)
         ptx = build_sft_data(ptx_cfg, cfg.template, tokenizer, cfg.train.seed)
         ptx_train = sft_batches(ptx.train, tokenizer.pad_token_id)
         ptx_eval = sft_batches(ptx.eval, tokenizer.pad_token_id) if ptx.eval is not None else None
-    log.info("prompts: %d (%d dropped); trainable parameters %d of %d", len(prompts), dropped, trainable, total)
+    log.info("prompts: %d (dropped: %s); trainable parameters %d of %d", len(prompts), drop_summary(drops) or "none",
+             trainable, total)
 
     steps = PPOSteps(cfg, pv, ref_model, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,
                      ptx_train, ptx_eval)
-    groups = optimizer_groups(policy, cfg) + [{"params": [q for n, q in pv.named_parameters() if q.requires_grad
-                                                          and not n.startswith("policy.")]}]
-    loop = Loop(cfg, pv, steps, dist_ctx=dist_ctx, param_groups=groups, on_step_start=hook)
+    value_params = [q for n, q in pv.named_parameters() if q.requires_grad and not n.startswith("policy.")]
+    loop = Loop(cfg, pv, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups + [{"params": value_params}],
+                on_step_start=prepared.hook)
 
     def save(out: Path, trained: PolicyAndValue) -> None:
         save_model(trained.policy, tokenizer, out)
         save_file({k: v.contiguous().cpu() for k, v in trained.value_head.state_dict().items()},
                   out / "value_head.safetensors")
 
-    extra = {"stage": "ppo", "prompts": len(prompts), "trainable_params": trainable, "total_params": total}
+    extra = {"stage": "ppo", "prompts": len(prompts), "dropped": drops, "trainable_params": trainable,
+             "total_params": total}
     return loop.run(save, extra_summary=extra)
 
 

@@ -16,16 +16,17 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from posttrain.config import RunConfig
+from posttrain.train.config import RunConfig
 from posttrain.data.batches import preference_batches
 from posttrain.data.preference import build_preference_data
 from posttrain.data.references import reference_ids
 from posttrain.losses import pairwise_reward_loss
 from posttrain.models.load import REWARD_OFFSET, REWARD_OFFSET_FILE, load_reward_model
 from posttrain.models.anatomy import is_prompt_learning, unwrap
-from posttrain.models.methods import apply_method, count_parameters, optimizer_groups, quantization_config, step_hook
+from posttrain.models.methods import quantization_config
 from posttrain.models.reward_head import fit_offset, sequence_rewards
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
 
 log = logging.getLogger("posttrain")
@@ -68,7 +69,7 @@ def _merge_on_dequantized_base(model, tokenizer, cfg: RunConfig):
     log.warning("QLoRA reward model: the 4-bit base is de-quantised to float before the adapter is merged")
     with tempfile.TemporaryDirectory(prefix="posttrain-qlora-rm-") as tmp:
         model.save_pretrained(tmp)
-        base, _ = load_reward_model(cfg.model, device, tokenizer, quantization_config(cfg, device))
+        base, _ = load_reward_model(cfg.model, device, tokenizer, quantization_config(cfg.methods, device))
         return PeftModel.from_pretrained(base.dequantize(), tmp).merge_and_unload()
 
 
@@ -76,18 +77,12 @@ def run(cfg: RunConfig) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_reward_model(cfg.model, dist_ctx.device,
-                                         quantization_config=quantization_config(cfg, dist_ctx.device))
+                                         quantization_config=quantization_config(cfg.methods, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    model = apply_method(model, cfg, task_type="SEQ_CLS")
-    for name, param in model.named_parameters():  # the head always trains (freeze/full too)
-        if ".score." in f".{name}" and "original_module" not in name:
-            param.requires_grad_(True)
-    hook = step_hook(model, cfg)
-    trainable, total = count_parameters(model)
-    if hook is not None:  # LISA: what trains in one step (the frozen blocks take turns)
-        trainable = hook.trainable_per_step(model)
+    prepared = prepare_model(model, cfg, task_type="SEQ_CLS")  # the head always trains
+    model, trainable, total = prepared.model, prepared.trainable, prepared.total
     n_pairs = sum(len(sample.pairs) for sample in data.train)
     log.info("prompts: %d train (%d ranked pairs), %d eval; trainable parameters %d of %d", len(data.train),
              n_pairs, len(data.eval or []), trainable, total)
@@ -95,12 +90,13 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     reference = None  # read now, so a bad rm.normalize_data file fails before training, not after
     if cfg.rm.normalize_data:
-        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg, Counter())
+        reference = reference_ids(cfg.rm.normalize_data, tokenizer, cfg.data, cfg.template.system, Counter(),
+                                  cfg.data.strict)
     loss_fn = functools.partial(rm_forward, center_coef=cfg.rm.center_coef)
     steps = DataSteps(preference_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=cfg.data.packing,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=preference_batches(data.eval, pad_id) if data.eval else None)
-    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=optimizer_groups(model, cfg), on_step_start=hook)
+    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
     extra = {"stage": "rm", "method": cfg.method.type, "train_prompts": len(data.train), "train_pairs": n_pairs,
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,
              "trainable_params": trainable, "total_params": total}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from posttrain.config import TrainConfig
+from posttrain.train.config import TrainConfig
 from posttrain.data.batches import Batches
 from posttrain.data.collate import StepPlan, epoch_units, plan_epoch
 from posttrain.losses.moments import fold_moments, is_moment

@@ -17,7 +17,9 @@ import time
 import typing
 from pathlib import Path
 
-from posttrain.config import MethodConfig, RunConfig, load_config, parse_override, save_config, to_dict
+from posttrain.models.config import MethodConfig
+from posttrain.train.config import RunConfig, load_config, save_config, to_tree
+from posttrain.typed_config import parse_override
 from posttrain.data.formats import row_to_conversation
 from posttrain.data.reading import read_rows, source_of
 from posttrain.serve.api import ApiError
@@ -68,7 +70,7 @@ def build_config(form: dict, allowed: Allowed) -> tuple[RunConfig, str]:
             "method.type": form.get("method") or "lora", "train.max_steps": int_field(form, "max_steps", 0, 0, 10**9),
             "output.dir": str(allowed.workdir / "runs" / name), "output.tensorboard": False}
     cfg = load_config(None, [], **(tree | checked_overrides(form.get("overrides"), allowed)))
-    return cfg, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    return cfg, yaml.safe_dump(to_tree(cfg), sort_keys=False, allow_unicode=True)
 
 
 def checked_overrides(text, allowed: Allowed) -> dict:

@@ -1,0 +1,123 @@
+"""`posttrain eval ...`: a YAML eval run (multiple choice or compare), or the ppl / generate / compare subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """`eval CONFIG.yaml [overrides]` or `eval {ppl,generate,compare} ...`, parsed by cmd_eval."""
+    parser.add_argument("target", help="eval config YAML (eval.task mc or compare), or one of: ppl, generate, compare")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (YAML) or the subcommand's options")
+
+
+STRICT_HELP = "stop at a prompt row with a content problem (a blank prompt) instead of dropping and counting it"
+
+# optional `eval compare` flags -> config keys
+_COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
+                  ("judge_max_tokens", int, "eval.compare.judge_max_tokens"),
+                  ("epsilon", float, "eval.compare.epsilon"), ("rounds", int, "eval.compare.rounds"),
+                  ("max_new_tokens", int, "eval.compare.max_new_tokens"),
+                  ("batch_size", int, "eval.batch_size"), ("device", str, "eval.device"))
+
+
+def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
+    p = parser_class(prog=f"posttrain eval {name}")
+    if name == "compare":  # flags become eval.compare.* overrides: the defaults live in the config schema
+        p.add_argument("--models", required=True, help="comma-separated model references (2 or more)")
+        p.add_argument("--prompts", required=True, help="prompt file ({'prompt', 'reference'?, 'category'?} rows "
+                                                        "or any SFT layout)")
+        p.add_argument("--out", required=True, help="folder for answers, votes.jsonl, ratings.json, report.md")
+        p.add_argument("--judge", required=True, help="reward-model folder, OpenAI-compatible base URL, or "
+                                                      "'reference' (ROUGE-L against each prompt's reference)")
+        from posttrain.eval.config import EvalRunConfig
+        from posttrain.typed_config import describe_keys
+
+        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
+        for flag, kind, key in _COMPARE_FLAGS:
+            p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
+        return p
+    p.add_argument("--model", required=True, help="run dir, model folder, built-in or hub id")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    if name == "ppl":
+        p.add_argument("--data", required=True, help="held-out file in any SFT layout")
+        p.add_argument("--mask", default="all", choices=["all", "last", "full"], help="tokens scored (default all)")
+        p.add_argument("--max-length", type=int, default=1024, help="token limit per sample (default 1024)")
+        p.add_argument("--template", default="auto", help="chat template (default: the run's or the tokenizer's)")
+    else:
+        p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+        p.add_argument("--data", required=True, help="prompts with reference answers (any SFT layout)")
+        p.add_argument("--out", required=True, help="predictions JSONL; scores go to OUT.scores.json")
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
+        p.add_argument("--segment", default="auto", choices=["auto", "char", "jieba"],
+                       help="CJK tokens for ROUGE: characters (auto, char) or jieba words; BLEU is sacrebleu "
+                            "with tokenize zh when references have CJK text, else 13a")
+    return p
+
+
+def _compare_config(args):
+    """The eval config that `eval compare --flags` stands for (only the flags given override defaults)."""
+    from posttrain.eval.config import load_eval_config
+
+    extra = {"eval.task": "compare", "eval.output_dir": args.out, "eval.compare.prompts": args.prompts,
+             "eval.compare.judge": args.judge,
+             "eval.compare.models": [m.strip() for m in args.models.split(",") if m.strip()]}
+    for flag, _, key in _COMPARE_FLAGS:
+        if getattr(args, flag) is not None:
+            extra[key] = getattr(args, flag)
+    if args.strict:
+        extra["eval.compare.strict"] = True
+    return load_eval_config(None, [], **extra).eval
+
+
+def _print_compare(result: dict) -> None:
+    keep = ("judge", "votes", "no_verdict", "win_rates", "win_matrix", "bradley_terry", "elo", "by_category")
+    print(json.dumps({k: result[k] for k in keep if k in result}, indent=2, ensure_ascii=False))
+    print(f"report: {result['report']}", file=sys.stderr)
+
+
+def run_config(ev) -> int:
+    """Run an eval section: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
+    if ev.task == "compare":
+        from posttrain.eval.compare import run
+
+        _print_compare(run(ev))
+        return 0
+    from posttrain.eval.multiple_choice import format_table, run
+    from posttrain.eval.report import write_mc_report
+
+    summary = run(ev)
+    print(format_table(summary))
+    report = write_mc_report(Path(ev.output_dir), summary)
+    s = summary["settings"]
+    print(f"{s['seconds']:.0f} s ({s['scored']} questions scored, {s['cached']} from the cache); "
+          f"results.json and {report} in {ev.output_dir}", file=sys.stderr)
+    return 0
+
+
+def main(target: str, rest: list[str], parser_class) -> int:
+    if target not in ("ppl", "generate", "compare"):
+        from posttrain.eval.config import load_eval_config
+
+        return run_config(load_eval_config(target, rest).eval)
+    args = _sub_parser(target, parser_class).parse_args(rest)
+    if target == "compare":
+        return run_config(_compare_config(args))
+    if target == "ppl":
+        from posttrain.eval.perplexity import run_file
+
+        result = run_file(args.model, args.data, mask=args.mask, max_length=args.max_length,
+                          template=args.template, batch_size=args.batch_size, device=args.device)
+    else:
+        from posttrain.eval.generation import run
+
+        result = run(args.model, args.data, args.out, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, segment=args.segment, device=args.device,
+                     strict=args.strict)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0

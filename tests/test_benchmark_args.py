@@ -1,0 +1,22 @@
+"""The vs-TRL benchmarks check their --ablations names before the first (minutes-long) run."""
+
+import sys
+
+import pytest
+
+from benchmarks import common, dpo_lora_vs_trl, sft_lora_vs_trl
+
+
+@pytest.mark.parametrize("bench", [sft_lora_vs_trl, dpo_lora_vs_trl])
+def test_unknown_ablation_fails_before_any_run(bench, monkeypatch, capsys):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a benchmark run started before the ablation names were checked")
+
+    monkeypatch.setattr(common, "run_worker", no_run)
+    monkeypatch.setattr(common, "matmul_peak_gflops", no_run)
+    monkeypatch.setattr(sys, "argv", [bench.__file__, "--ablations", "posttrain-unfused,posttrain-nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "posttrain-nope" in err and "posttrain-unfused" in err  # the bad name and the valid ones

@@ -38,7 +38,7 @@ RUNS = {  # name -> overrides
 
 def worker(out: Path, overrides: list[str]) -> None:
     """Under torchrun: train, noting this process's peak memory before the output is gathered."""
-    import torch
+    import torch  # here: the driver process only launches, and must not count these libraries' memory
 
     from posttrain.cli import main
     from posttrain.train.engines.base import Engine

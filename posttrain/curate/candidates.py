@@ -18,9 +18,9 @@ from pathlib import Path
 from posttrain.curate.stream import AtomicJsonl
 from posttrain.data.prompts import read_prompts
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.compare import model_names
 from posttrain.models.generate import generate_from_ids
 from posttrain.models.run import load_model_for_inference
+from posttrain.models.sources import model_names
 from posttrain.records import Message
 from posttrain.templates.render import encode_prompt
 

@@ -18,20 +18,9 @@ from pathlib import Path
 from posttrain.errors import DataError
 from posttrain.eval.config import CompareConfig, EvalConfig
 from posttrain.eval.progress import Progress
+from posttrain.models.sources import model_names
 
 log = logging.getLogger(__name__)
-
-
-def model_names(refs: list[str]) -> list[str]:
-    """Short unique names for model references: the folder or built-in name, numbered on clashes."""
-    names = []
-    for ref in refs:
-        base = Path(ref.rstrip("/")).name or ref
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}-{k}", k + 1
-        names.append(name)
-    return names
 
 
 def make_judge(cmp_cfg: CompareConfig, device: str | None = None):

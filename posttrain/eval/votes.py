@@ -14,33 +14,17 @@ model against itself and votes of other judges are counted by reason; ties are c
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
+from posttrain.data.votes import human_vote, prompt_id  # noqa: F401 (the vote format, re-exported)
 from posttrain.errors import DataError
 from posttrain.eval.compare import ratings_from_votes
 from posttrain.eval.ratings import WINNERS
 from posttrain.eval.report import write_compare_report
 
 MAX_LOCATIONS = 20  # malformed lines listed by place; all are counted
-
-
-def prompt_id(prompt: str) -> str:
-    """A vote's prompt id when only the text is known (UI votes): the same text, the same id."""
-    return "p-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
-
-
-def human_vote(model_a: str | None, model_b: str | None, winner: str, annotator: str | None, prompt: str | None = None,
-               response_a: str | None = None, response_b: str | None = None) -> dict:
-    """The vote record a person's arena vote becomes (same format as a judge's vote); one that names no
-    model is kept as given, and `eval ratings` counts it as malformed."""
-    name = (annotator or "").strip()
-    return {"prompt_id": prompt_id(prompt or ""), "model_a": model_a, "model_b": model_b, "winner": winner,
-            "judge": f"human:{name}" if name else "human", "annotator": name or None, "prompt": prompt,
-            "response_a": response_a, "response_b": response_b, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _vote(value) -> dict | None:

@@ -111,11 +111,13 @@ def _pad_id(tokenizer, stops: list[int]) -> int:
 def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
               top_p: float, seed: int | None = None, row_seeds: list[int] | None = None,
               stop_strings: list[str] | None = None, streamer=None, should_stop: Callable[[], bool] | None = None,
-              top_k: int | None = None, pixel_values: torch.Tensor | None = None,
+              top_k: int | None = None, pixel_values: torch.Tensor | None = None, synced: bool = False,
               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(prompt ids (B, P) left-padded, new tokens (B, N) on the CPU, stop token ids).
 
-    pixel_values (N, 3, H, W): the images of a vision model's prompts, in the order their tokens appear."""
+    pixel_values (N, 3, H, W): the images of a vision model's prompts, in the order their tokens appear.
+    synced: every process generates, with sharded weights (FSDP, ZeRO-3): each keeps running forward passes
+    until all are done, since every pass gathers weights from all of them."""
     stops = stop_token_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, stops)
     device = next(model.parameters()).device
@@ -138,7 +140,8 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
     images = {} if pixel_values is None or not len(pixel_values) else {"pixel_values": pixel_values.to(device)}
     output = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
                             generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria,
-                            streamer=streamer, tokenizer=tokenizer if stop_strings else None, **images)
+                            streamer=streamer, tokenizer=tokenizer if stop_strings else None, synced_gpus=synced,
+                            **images)
     return prompt_ids, output[:, width:].cpu(), stops
 
 
@@ -146,7 +149,7 @@ def generate_from_ids(
     model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
     strip: bool = True, streamer=None, should_stop: Callable[[], bool] | None = None,
-    row_seeds: list[int] | None = None, pixel_values: torch.Tensor | None = None,
+    row_seeds: list[int] | None = None, pixel_values: torch.Tensor | None = None, synced: bool = False,
 ) -> list[Generation]:
     """One generation per prompt (token ids); temperature 0 is greedy, `seed` makes sampling repeatable.
 
@@ -157,7 +160,8 @@ def generate_from_ids(
         return []
     _, new_tokens, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
-                                     streamer=streamer, should_stop=should_stop, pixel_values=pixel_values)
+                                     streamer=streamer, should_stop=should_stop, pixel_values=pixel_values,
+                                     synced=synced)
     results = []
     for row in new_tokens.tolist():  # (B, N) new tokens
         end = next((i for i, t in enumerate(row) if t in stops), None)
@@ -184,24 +188,24 @@ def generate_batch(
 def generate_reply(
     model: nn.Module, tokenizer, messages: list[Message], *, system: str | None = None,
     max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-    stream_to: Callable[[str], None] | None = None, pixel_values: torch.Tensor | None = None,
+    stream_to: Callable[[str], None] | None = None, pixel_values: torch.Tensor | None = None, synced: bool = False,
 ) -> str:
     """The assistant's next reply to `messages`; temperature 0 is greedy (deterministic). A vision model's
     `<image>` placeholders take `pixel_values` (N, 3, H, W), in order."""
     streamer = CallbackStreamer(tokenizer, stream_to) if stream_to is not None else None
     prompt = encode_prompt(messages, tokenizer, system=system)
     return generate_from_ids(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, streamer=streamer, pixel_values=pixel_values)[0].text
+                             top_p=top_p, streamer=streamer, pixel_values=pixel_values, synced=synced)[0].text
 
 
 def sample_ids(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                top_p: float = 1.0, row_seeds: list[int] | None = None,
-               stop_strings: list[str] | None = None) -> SampledIds:
+               stop_strings: list[str] | None = None, synced: bool = False) -> SampledIds:
     """Sampled responses as tensors (RL rollouts): each response runs up to and including its first stop
     token; one that ended on a stop string (generate pads after it) ends at its last real token."""
     prompt_ids, response, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                             temperature=temperature, top_p=top_p, row_seeds=row_seeds,
-                                            stop_strings=stop_strings, top_k=0)  # top_k 0: off
+                                            stop_strings=stop_strings, top_k=0, synced=synced)  # top_k 0: off
     pad_id = _pad_id(tokenizer, stops)
     is_stop = torch.isin(response, torch.tensor(stops))  # (B, R)
     has_stop = is_stop.any(1)

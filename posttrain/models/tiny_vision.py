@@ -32,13 +32,12 @@ def build_tiny_vision(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_vlm(out_dir: str | Path, llm_path: str, tower_path: str, seed: int = 0) -> Path:
     """Write a LLaVA folder: tiny-random + tiny-random-vision + a seeded mlp2x_gelu projector."""
     import torch
-    from transformers import AutoImageProcessor, AutoModelForCausalLM
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.models.load import load_tokenizer
     from posttrain.models.vision import assemble_llava, llava_processor, load_tower
 
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
-    tokenizer = load_tokenizer(llm_path)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)  # not models.load: it imports sources, which builds this
     tower = load_tower(tower_path, torch.float32)
     model = assemble_llava(llm, tokenizer, tower, projector="mlp2x_gelu", seed=seed)
     out_dir = Path(out_dir)

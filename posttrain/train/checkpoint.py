@@ -1,5 +1,9 @@
 """Checkpoints for exact resume: trainable weights, optimizer, scheduler, RNG and data position.
 
+The pieces every engine composes (train/engines/base.py): a temp folder renamed when complete,
+`trainable.safetensors` for whole-weight engines (sharded ones write their own layout beside it),
+`optim_rng.pt` and `trainer_state.json`.
+
 Nothing in a checkpoint is unpickled: weights are safetensors, the position is JSON, and optim_rng.pt
 holds only tensors, numbers, strings and containers (the RNG states converted to those), so it loads
 with `torch.load(weights_only=True)`. A file that needs more (a planted payload, an older pickled
@@ -55,17 +59,29 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: dict, keep_last: int,
-                    params: list | None = None) -> Path:
-    """Write checkpoints/step-N atomically (temp folder, then rename) and delete the oldest beyond keep_last."""
-    final = folder / f"step-{position['global_step']}"
-    tmp = folder / f".tmp-step-{position['global_step']}"
+def staging(folder: Path, step: int) -> Path:
+    """The temp folder checkpoint step-N is written to before it is renamed (every process names the same)."""
+    return Path(folder) / f".tmp-step-{step}"
+
+
+def clear(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+
+
+def save_trainable(tmp: Path, model, params: list | None = None) -> None:
     save_file(trainable_state(model, params), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / OPTIM_FILE)
+
+
+def write_state(tmp: Path, state: dict, position: dict) -> None:
+    """optim_rng.pt (tensors, numbers, strings and containers only) and the JSON data position."""
+    torch.save(state, tmp / OPTIM_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(position, indent=2))
+
+
+def commit(folder: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """Rename the complete temp folder to step-N and delete the oldest checkpoints beyond keep_last."""
+    final = Path(folder) / f"step-{step}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
@@ -91,10 +107,14 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore everything saved by save_checkpoint; returns the data position."""
-    state = _load_optim_state(path / OPTIM_FILE)  # first: a refused file leaves the model untouched
-    weights = load_file(path / "trainable.safetensors")
+def read_state(path: Path) -> tuple[dict, dict]:
+    """(optim_rng.pt through the weights-only unpickler, the data position) of a checkpoint folder."""
+    return _load_optim_state(Path(path) / OPTIM_FILE), json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_trainable(path: Path, model) -> None:
+    """Copy trainable.safetensors into the model's parameters of the same names."""
+    weights = load_file(Path(path) / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -102,10 +122,6 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state["rng"])
-    return json.loads((path / STATE_FILE).read_text())
 
 
 def _load_optim_state(file: Path) -> dict:

@@ -22,6 +22,7 @@ from posttrain.models.config import (METHOD_LR, METHOD_SECTIONS, PROMPT_METHODS,
                                      LoraConfig, MethodConfig, Methods, ModelConfig, PromptConfig, QuantConfig)
 from posttrain.models.vision_config import VisionConfig, validate_vision
 from posttrain.templates.config import TemplateConfig
+from posttrain.train.engine_config import DeepSpeedConfig, FSDPConfig, validate_engine
 from posttrain.train.stage_config import (STAGE_SECTIONS, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardConfig,
                                           RewardModelConfig, validate_grpo, validate_kto, validate_reward_source)
 from posttrain.typed_config import beside, build, opt, read_tree, save_yaml
@@ -62,6 +63,19 @@ class TrainConfig:
     fused: bool = opt(
         True, "fused LoRA linears and LM-head log-probs (same maths, fewer passes over memory); false = plain "
         "PEFT/autograd path (the reference for tests and benchmarks)")
+    # ---- multi-process engine and numerics (train/engine_config.py: sections and rules)
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = opt(
+        "none", "engine of a multi-process run (torchrun / accelerate launch): none = one process; ddp = torch DDP "
+        "(replicas, gradients all-reduced); fsdp = FSDP2 (weights, gradients and optimizer state sharded per decoder "
+        "block, see train.fsdp); deepspeed = ZeRO-2/3 (see train.deepspeed; pip install 'posttrain[deepspeed]')")
+    fsdp: FSDPConfig = opt(FSDPConfig(), "FSDP2 options (train.distributed=fsdp)")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed ZeRO options (train.distributed=deepspeed)")
+    gradient_checkpointing: bool = opt(
+        False, "recompute each decoder block's activations during backward (non-reentrant): far less activation "
+        "memory for about one more forward pass")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "compute precision: bf16 / fp16 autocast the matmuls while trainable weights stay float32 (master "
+        "weights); fp16 adds loss scaling and needs CUDA")
 
 
 @dataclass
@@ -189,6 +203,7 @@ def validate(cfg: RunConfig) -> None:
         validate_grpo(cfg.grpo, cfg.reward, cfg.train.max_steps)
     if cfg.stage == "kto":
         validate_kto(cfg.kto)
+    validate_engine(cfg.train, cfg.method.type)
     if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.stage == "dpo":

@@ -137,4 +137,4 @@ def run(cfg: RunConfig) -> dict:
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total,
              "reference_logps": cached}
-    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)

@@ -3,8 +3,10 @@
 A stage hands over its model and a `StepSource` (train/steps.py): how many steps the run has and
 what one step does. A step is one or more optimizer updates, each a list of micro-batches: for
 SFT, RM and DPO one update over a planned slice of the data; for PPO a fresh rollout, then
-several updates over it. The loop alone steps the optimizer and the schedule, syncs gradients
-across processes, clips, evaluates, checkpoints, resumes exactly and reports.
+several updates over it. The loop alone steps the optimizer and the schedule, clips, evaluates,
+checkpoints, resumes exactly and reports; how the model is wrapped, how gradients meet across
+processes and how checkpoints are laid out is the engine's part (train/engines/, per
+train.distributed).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
 from torch import nn
 
-from posttrain.train.config import OptimConfig, RunConfig, save_config
+from posttrain.train.config import OptimConfig, RunConfig, TrainConfig, save_config
 from posttrain.losses.moments import fold_moments
-from posttrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from posttrain.train.checkpoint import find_resume
+from posttrain.train.engines import build_engine, join, lockstep
+from posttrain.train.engines.base import zero_weight
 from posttrain.train.reporting import RunReport, already_complete
 
 log = logging.getLogger("posttrain")
@@ -34,21 +37,37 @@ StepHook = Callable[[int, torch.optim.Optimizer], None]
 
 @dataclass
 class Dist:
-    """Where this process sits: rank, world size and device (one process: rank 0 of 1)."""
+    """Where this process sits: rank, world size and device (one process: rank 0 of 1), and how to run the
+    model outside an update (set by the loop's engine)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    lockstep: bool = False  # sharded weights: every process must run the same forward passes (FSDP, ZeRO-3)
+    runner: Callable | None = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, device: str = "auto") -> Dist:
-        """Join the process group when launched by torchrun / accelerate launch (gloo on CPU)."""
-        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-        return cls(rank=state.process_index, world=state.num_processes, device=state.device)
+    def from_environment(cls, train: TrainConfig) -> Dist:
+        """Join the process group when launched by torchrun / accelerate launch (gloo on CPU, nccl on CUDA)."""
+        rank, world, device = join(train)
+        return cls(rank=rank, world=world, device=device, lockstep=lockstep(train) and world > 1)
+
+    def forward(self, fn, *args):
+        """fn(*args) where the model's weights are usable (FSDP: inside its root forward), under the run's
+        precision; under lockstep every process makes the same calls."""
+        return fn(*args) if self.runner is None else self.runner(fn, *args)
+
+    def max(self, value: int) -> int:
+        """The largest `value` over processes."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -69,7 +88,7 @@ class Dist:
 
 def start_run(cfg: RunConfig) -> tuple[Dist, Path]:
     """What every stage does first: join the process group, seed, create the run folder, save the config."""
-    dist_ctx = Dist.from_environment(cfg.train.device)
+    dist_ctx = Dist.from_environment(cfg.train)
     if not dist_ctx.main:
         logging.getLogger("posttrain").setLevel(logging.WARNING)  # one process speaks for the run
     torch.manual_seed(cfg.train.seed)
@@ -114,8 +133,11 @@ class Loop:
         self.dist = dist_ctx or Dist()
         self.on_step_start = on_step_start
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = make_optimizer(groups, cfg.optim)
+        self.engine = build_engine(cfg, self.dist)
+        groups = self.engine.prepare(model, groups)
+        self.params = self.engine.params
+        self.optimizer = self.engine.attach(make_optimizer(groups, cfg.optim))
+        self.dist.runner = self.engine.call
         self.total_steps = steps.total_steps
         total_updates = self.total_steps * steps.updates_per_step
         warmup = int(cfg.optim.warmup_ratio * total_updates)
@@ -126,52 +148,50 @@ class Loop:
     # ------------------------------------------------------------------ one optimizer update
 
     def update(self, micro_batches: list[MicroBatch]) -> dict:
-        """Backward every micro-batch (losses arrive divided by the whole update's normaliser), sync the
-        gradients, clip, step; returns the micro-batch metrics summed over processes, with lr and grad norm."""
+        """Backward every micro-batch (losses arrive divided by the whole update's normaliser; the engine makes
+        the gradients meet across processes), clip, step; returns the micro-batch metrics summed over
+        processes, with lr and grad norm."""
         if self.on_step_start is not None:
             self.on_step_start(self.scheduler.last_epoch, self.optimizer)  # updates done so far
-        self.model.train()
+        self.engine.train()
         sums: dict[str, float] = {"loss": 0.0}
-        for micro in micro_batches:
-            loss, metrics = micro(self.model)
-            loss.backward()
+        micro_batches = self._in_step(micro_batches)
+        for k, micro in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            with self.engine.accumulating(last):
+                loss, metrics = self.engine.forward(micro)
+                self.engine.backward(loss, last)
             sums["loss"] += float(loss.detach())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        self._sync_grads()
-        clip = self.cfg.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self.engine.clip_and_step(self.cfg.optim.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return summed_metrics(self.dist.sum_dict(sums)) | {"lr": lr, "grad_norm": float(grad_norm)}
+        self.engine.zero_grad()
+        return summed_metrics(self.dist.sum_dict(sums)) | {"lr": lr, "grad_norm": grad_norm}
 
-    def _sync_grads(self) -> None:
-        """Sum gradients over processes: each loss is already divided by the global normaliser."""
+    def _in_step(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        """Every process runs as many passes as the busiest one (the engines' collectives pair them up): a
+        process with fewer micro-batches (an epoch's last step) adds zero-weight passes."""
         if self.dist.world == 1:
-            return
-        # Frozen-this-step parameters (LISA) stay gradient-free, so AdamW leaves them alone.
-        params = [p for p in self.params if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            return micro_batches
+        missing = self.dist.max(len(micro_batches)) - len(micro_batches)
+        if missing == 0:
+            return micro_batches
+        filler = zero_weight(micro_batches[0] if micro_batches else self.steps.filler())
+        return list(micro_batches) + [filler] * missing
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, save_model: Callable[[Path], None], extra_summary: dict | None = None) -> dict:
+    def run(self, save_model: Callable[[Path, nn.Module], None], extra_summary: dict | None = None) -> dict:
+        """Train to the end (or resume), evaluate, then `save_model(out_dir, model)` on the main process with
+        the trained model as plain modules with whole weights; returns the summary."""
         t = self.cfg.train
         ckpt_dir = self.out_dir / "checkpoints"
         step = 0
         resume = find_resume(t.resume, ckpt_dir)
         if resume is not None:
-            position = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            position = self.engine.load_checkpoint(resume, self.scheduler)
             step = position["global_step"]
             done = already_complete(self.out_dir, step, self.total_steps)
             if done is not None:
@@ -191,19 +211,20 @@ class Loop:
             last = metrics
             if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
                 report.eval(step, self.steps.evaluate(self.model))
-            if t.save_every and step % t.save_every == 0 and self.dist.main:
-                save_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, params=self.params,
-                                scheduler=self.scheduler, position={"global_step": step, **self.steps.state(step)},
-                                keep_last=t.keep_last)
+            if t.save_every and step % t.save_every == 0:
+                self.engine.save_checkpoint(ckpt_dir, self.scheduler, {"global_step": step, **self.steps.state(step)},
+                                            t.keep_last)
         final_eval = self.steps.evaluate(self.model)
         if final_eval:
             report.eval(step, final_eval)
+        plain = self.engine.plain_model()  # every process takes part in gathering sharded weights
         if self.dist.main:
-            save_model(self.out_dir)
+            save_model(self.out_dir, plain)
         # no step ran when resuming at the final checkpoint: the last logged loss is the final one
         final_loss = last["loss"] if "loss" in last else report.last_train("loss")
         summary = {"steps": step, "total_steps": self.total_steps, "final_train_loss": final_loss,
-                   "final_eval_loss": final_eval.get("loss"), "processes": self.dist.world, **(extra_summary or {})}
+                   "final_eval_loss": final_eval.get("loss"), "processes": self.dist.world,
+                   "distributed": t.distributed, **(extra_summary or {})}
         result = report.finish(summary | self.steps.summary(report.history, final_eval))
         if self.dist.main:
             self.steps.finish(self.out_dir, report.history)

@@ -76,9 +76,9 @@ def run(cfg: RunConfig) -> dict:
     loop = Loop(cfg, pv, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups + [{"params": value_params}],
                 on_step_start=prepared.hook)
 
-    def save(out: Path) -> None:
-        save_model(policy, tokenizer, out)
-        save_file({k: v.contiguous().cpu() for k, v in pv.value_head.state_dict().items()},
+    def save(out: Path, trained: PolicyAndValue) -> None:
+        save_model(trained.policy, tokenizer, out)
+        save_file({k: v.contiguous().cpu() for k, v in trained.value_head.state_dict().items()},
                   out / "value_head.safetensors")
 
     extra = {"stage": "ppo", "prompts": len(prompts), "dropped": drops, "trainable_params": trainable,
@@ -108,8 +108,10 @@ class PPOSteps(StepSource):
         p, world, rank = self.p, self.dist.world, self.dist.rank
         order = prompt_indices(len(self.prompts), step, p.rollout_batch_size, self.cfg.train.seed)
         mine = range(rank, p.rollout_batch_size, world)  # global rows sampled here: rank, rank + world, ...
-        exp, responses = collect(self.pv, self.ref_model, self.tokenizer, [self.prompts[order[j]] for j in mine],
-                                 [row_seed(self.cfg.train.seed, step, j) for j in mine], p, self.reward_fn)
+        exp, responses = self.dist.forward(collect, self.pv, self.ref_model, self.tokenizer,
+                                           [self.prompts[order[j]] for j in mine],
+                                           [row_seed(self.cfg.train.seed, step, j) for j in mine], p, self.reward_fn,
+                                           self.dist.lockstep)
         if self.dist.main and p.sample_every and (step == 0 or (step + 1) % p.sample_every == 0):
             sample = {"prompt": self.prompts[order[0]].text, "response": responses[0], "reward": float(exp.scores[0])}
             write_sample(Path(self.cfg.output.dir), step + 1, sample)
@@ -156,15 +158,18 @@ class PPOSteps(StepSource):
         return rollout, metrics
 
     def micro_batches(self, rollout: Rollout, mini: torch.Tensor, gen: torch.Generator) -> list:
-        """This process's micro-batches of one mini-batch (its rows rank, rank + world, ...), each weighted by
-        its share of the whole mini-batch, plus its share of a ptx batch when PPO-ptx is on."""
+        """This process's share of a ptx batch when PPO-ptx is on, then its micro-batches of one mini-batch (its
+        rows rank, rank + world, ...), each weighted by its share of the whole mini-batch. The ptx pass comes
+        first: under DDP the last pass (the one that all-reduces) must use every weight, value head included."""
         mine = mini[self.dist.rank::self.dist.world]
-        out = [functools.partial(self.ppo_forward, rollout.select(chunk.to(rollout.input_ids.device)),
-                                 len(chunk) / len(mini)) for chunk in mine.split(self.cfg.train.micro_batch_size)]
+        out = []
         if self.p.ptx_coef > 0:
             idx = torch.randint(len(self.ptx_train.lengths), (self.p.ptx_batch_size,), generator=gen).tolist()
             normalizer = max(1.0, float(sum(self.ptx_train.loss_tokens[i] for i in idx)))
             out.append(functools.partial(self.ptx_forward, idx[self.dist.rank::self.dist.world], normalizer))
+        for chunk in mine.split(self.cfg.train.micro_batch_size):
+            out.append(functools.partial(self.ppo_forward, rollout.select(chunk.to(rollout.input_ids.device)),
+                                         len(chunk) / len(mini)))
         return out
 
     def ppo_forward(self, mb: Rollout, weight: float, model: PolicyAndValue) -> tuple[torch.Tensor, dict]:
@@ -180,11 +185,11 @@ class PPOSteps(StepSource):
 
     def ptx_forward(self, idx: list[int], normalizer: float, model: PolicyAndValue) -> tuple[torch.Tensor, dict]:
         """ptx_coef * LM loss on this process's rows of a random ptx batch (InstructGPT's PPO-ptx)."""
-        if not idx:  # more processes than ptx rows: nothing here, but the update still syncs
-            return torch.zeros((), requires_grad=True), {"ptx_loss": 0.0}
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in self.ptx_train.collate([[i] for i in idx]).items()}
+        filler = not idx  # more processes than ptx rows: a zero-weight pass keeps this process in step with the rest
+        batch = {k: v.to(self.dist.device) for k, v in self.ptx_train.collate([[i] for i in idx or [0]]).items()}
         loss, _ = self.lm_loss(model.policy, batch, normalizer)
+        if filler:
+            return 0.0 * loss, {"ptx_loss": 0.0}
         return self.p.ptx_coef * loss, {"ptx_loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ the loop's hooks
@@ -192,7 +197,8 @@ class PPOSteps(StepSource):
     def evaluate(self, model) -> dict:
         if self.ptx_eval is None:
             return {}
-        return evaluate_lm(self.pv.policy, self.ptx_eval, self.lm_loss, self.cfg.train.micro_batch_size, self.dist)
+        return self.dist.forward(evaluate_lm, self.pv.policy, self.ptx_eval, self.lm_loss,
+                                 self.cfg.train.micro_batch_size, self.dist)
 
     def begin(self, report, step: int) -> None:
         if self.start is None:
@@ -217,12 +223,18 @@ class PPOSteps(StepSource):
         p = self.p
         plot_reward_kl(history, out_dir / "reward_kl.png", p.kl_target if p.kl_control == "adaptive" else None)
 
-    @torch.no_grad()
     def greedy_samples(self) -> list[dict]:
-        """Greedy replies to the first two prompts, for a before/after comparison in the summary."""
-        if not self.dist.main:
+        """Greedy replies to the first two prompts, for a before/after comparison in the summary (main process;
+        with sharded weights every process generates with it)."""
+        if not (self.dist.main or self.dist.lockstep):
             return []
+        samples = self.dist.forward(self._greedy)
+        return samples if self.dist.main else []
+
+    @torch.no_grad()
+    def _greedy(self) -> list[dict]:
         policy = self.pv.policy.eval()
         return [{"prompt": q.text, "response": generate_reply(policy, self.tokenizer, q.messages,
-                                                              max_new_tokens=self.p.max_new_tokens)}
+                                                              max_new_tokens=self.p.max_new_tokens,
+                                                              synced=self.dist.lockstep)}
                 for q in self.prompts[:2]]

@@ -101,12 +101,13 @@ def run(cfg: RunConfig) -> dict:
              "eval_prompts": len(data.eval or []), "rows_read": data.n_rows, "dropped": data.drops,
              "trainable_params": trainable, "total_params": total}
 
-    def save(out: Path) -> None:  # the loop calls this once, after the final eval and before the summary
+    def save(out: Path, trained) -> None:  # the loop calls this once, after the final eval and before the summary
         if reference is not None:  # InstructGPT's bias step: the reference responses now score 0 on average
-            extra["reward_offset"] = fit_offset(model, reference, pad_id, cfg.train.micro_batch_size, dist_ctx.device)
+            extra["reward_offset"] = fit_offset(trained, reference, pad_id, cfg.train.micro_batch_size,
+                                                dist_ctx.device)
             log.info("reward_offset %.6f: mean raw reward of %d reference responses in %s", extra["reward_offset"],
                      len(reference), cfg.rm.normalize_data)
-        save_reward_model(model, tokenizer, out, cfg)
+        save_reward_model(trained, tokenizer, out, cfg)
 
     return loop.run(save, extra_summary=extra)
 

@@ -128,12 +128,14 @@ def adapter_disabled(policy: nn.Module):
 
 
 @torch.no_grad()
-def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int], sampling_cfg) -> Samples:
+def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int], sampling_cfg,
+           synced: bool = False) -> Samples:
     """One response per prompt, row i drawn with seed seeds[i]; sampling_cfg has max_new_tokens, temperature,
-    top_p and stop_strings (ppo.* or grpo.*)."""
+    top_p and stop_strings (ppo.* or grpo.*); synced: see models/generate.py."""
     c = sampling_cfg
     s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
-                   temperature=c.temperature, top_p=c.top_p, row_seeds=seeds, stop_strings=c.stop_strings or None)
+                   temperature=c.temperature, top_p=c.top_p, row_seeds=seeds, stop_strings=c.stop_strings or None,
+                   synced=synced)
     device = next(policy.parameters()).device
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(s.response_ids, s.response_mask)]
     return Samples(torch.cat([s.prompt_ids, s.response_ids], 1).to(device),  # (B, P+R)
@@ -143,11 +145,13 @@ def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int]
 
 @torch.no_grad()
 def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts: list[Prompt], seeds: list[int],
-            ppo_cfg, reward_fn) -> tuple[Experience, list[str]]:
+            ppo_cfg, reward_fn, synced: bool = False) -> tuple[Experience, list[str]]:
     """Sample one response per prompt (row i with seed seeds[i]), then log-probs, values, reference
-    log-probs and raw rewards. Returns the experience and the decoded responses."""
+    log-probs and raw rewards. Returns the experience and the decoded responses.
+
+    synced: every process samples at once with sharded weights (see models/generate.py)."""
     p = ppo_cfg
-    s = sample(pv.policy, tokenizer, prompts, seeds, p)
+    s = sample(pv.policy, tokenizer, prompts, seeds, p, synced=synced)
     input_ids, attention_mask, responses = s.input_ids, s.attention_mask, s.texts
     device = input_ids.device
     width = s.response_mask.shape[1]

@@ -43,4 +43,4 @@ def run(cfg: RunConfig) -> dict:
     extra = {"stage": "sft", "method": cfg.method.type, "train_samples": len(data.train),
              "eval_samples": len(data.eval) if data.eval is not None else 0, "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
-    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)

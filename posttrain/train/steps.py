@@ -39,8 +39,13 @@ class StepSource:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict:
-        """Held-out metrics of `model` (the loop's), or {} when there is nothing to evaluate."""
+        """Held-out metrics of `model` (the loop's), or {} when there is nothing to evaluate. Runs on every
+        process; anything that runs the model goes through `dist.forward` (sharded engines need it)."""
         return {}
+
+    def filler(self):
+        """A micro-batch for a process left without one in an update (its loss is weighted 0)."""
+        raise NotImplementedError(f"{type(self).__name__} gives a process no micro-batch and has no filler")
 
     def state(self, step: int) -> dict:
         """JSON-able state to checkpoint after `step` steps (besides weights, optimizer and RNG)."""
@@ -67,7 +72,11 @@ def evaluate_lm(model: nn.Module, data: Batches, loss_fn: LossFn, micro: int, di
     order = [[i] for i in range(len(data.lengths))]
     loss_sum = n_tokens = 0.0
     extra: dict[str, float] = {}
-    for start in range(dist_ctx.rank * micro, len(order), micro * dist_ctx.world):
+    starts = list(range(dist_ctx.rank * micro, len(order), micro * dist_ctx.world))
+    if dist_ctx.lockstep:  # sharded weights: every process runs as many passes as the busiest one
+        for _ in range(dist_ctx.max(len(starts)) - len(starts)):
+            loss_fn(model, {k: v.to(dist_ctx.device) for k, v in data.collate(order[:micro]).items()}, 1.0)
+    for start in starts:
         batch = {k: v.to(dist_ctx.device) for k, v in data.collate(order[start:start + micro]).items()}
         loss, metrics = loss_fn(model, batch, 1.0)
         loss_sum += float(loss)
@@ -138,7 +147,11 @@ class DataSteps(StepSource):
         epoch, index = self.locate(step)  # where the next step starts (for a reader of trainer_state.json)
         return {"epoch": epoch, "step_in_epoch": index}
 
+    def filler(self):
+        return functools.partial(self._forward, [[0]], 1.0)
+
     def evaluate(self, model: nn.Module) -> dict:
         if self.eval_data is None:
             return {}
-        return evaluate_lm(model, self.eval_data, self.loss_fn, self.train.micro_batch_size, self.dist)
+        return self.dist.forward(evaluate_lm, model, self.eval_data, self.loss_fn, self.train.micro_batch_size,
+                                 self.dist)

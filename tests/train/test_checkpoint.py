@@ -11,8 +11,11 @@ import torch
 import yaml
 
 from posttrain.cli import main
+from posttrain.train.config import load_config
 from posttrain.errors import PosttrainError
-from posttrain.train.checkpoint import OPTIM_FILE, restore_rng, rng_state, save_checkpoint, load_checkpoint
+from posttrain.train.checkpoint import OPTIM_FILE, read_state, restore_rng, rng_state
+from posttrain.train.engines.base import Engine
+from posttrain.train.loop import Dist
 
 ROWS = [{"instruction": "Who are you?", "input": "", "output": "I am Aria."},
         {"instruction": "Say hi.", "input": "", "output": "Hi there!"}] * 4
@@ -66,14 +69,23 @@ def test_optimizer_and_scheduler_state_load_with_weights_only(tmp_path, groups):
         sched.step()
         opt.zero_grad()
     model = torch.nn.ParameterList([a, b, c])
-    ckpt = save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, keep_last=1,
-                           position={"global_step": 2})
+    cfg = load_config(None, ["model.name_or_path=tiny-random", f"output.dir={tmp_path}"],
+                      **{"data.datasets": [{"path": "unused.jsonl"}]})
+
+    def engine(optimizer):  # the one-process engine over these parameters and this optimizer
+        out = Engine(cfg, Dist())
+        out.prepare(model, optimizer.param_groups)
+        out.attach(optimizer)
+        return out
+
+    engine(opt).save_checkpoint(tmp_path, sched, {"global_step": 2}, keep_last=1)
+    ckpt = tmp_path / "step-2"
     stored = torch.load(ckpt / OPTIM_FILE, weights_only=True)  # raises if anything needs unpickling
     assert stored["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
     opt2 = torch.optim.AdamW([{"params": [a]}, {"params": [b, c], "lr": 0.16}] if groups == "lora_plus"
                              else [{"params": [a, b, c]}], lr=0.01)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
-    assert load_checkpoint(ckpt, model=model, optimizer=opt2, scheduler=sched2) == {"global_step": 2}
+    assert engine(opt2).load_checkpoint(ckpt, sched2) == {"global_step": 2}
     assert sched2.get_last_lr() == sched.get_last_lr() and sched2.last_epoch == 2
     for p in (a, b) if groups == "lisa_frozen_block" else (a, b, c):
         assert torch.equal(opt2.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
@@ -96,8 +108,7 @@ def test_old_pickled_checkpoint_is_a_clear_error(tmp_path):
     """Checkpoints from before this format kept numpy's RNG state as a pickled array: refused, not unpickled."""
     state = {"optimizer": {}, "scheduler": {}, "rng": {"numpy": np.random.get_state()}}
     torch.save(state, tmp_path / OPTIM_FILE)
-    (tmp_path / "trainable.safetensors").write_bytes(b"")
-    model = torch.nn.Linear(2, 2)
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 1}')
     with pytest.raises(PosttrainError, match="cannot be loaded safely") as err:
-        load_checkpoint(tmp_path, model=model, optimizer=None, scheduler=None)
+        read_state(tmp_path)
     assert str(tmp_path / OPTIM_FILE) in str(err.value) and "\n" not in str(err.value)

@@ -90,7 +90,7 @@ def run_loop(tiny_dir, out, *overrides, learnable=False, data_seed=0):
     cfg = config(out, "method.type=lora", "lora.r=4", "train.micro_batch_size=2", "train.grad_accum=2",
                  "train.epochs=2", *overrides)
     model = model_for(tiny_dir, cfg)
-    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda d: None)
+    summary = make_loop(cfg, model, batches(ids, weights)).run(lambda out, trained: None)
     return model, summary
 
 
@@ -132,11 +132,11 @@ from test_loop import batches, config, make_data, make_loop, model_for, trainabl
 from posttrain.train.loop import Dist
 from pathlib import Path
 out = Path(sys.argv[1])
-cfg = config(out, "method.type=full", "train.micro_batch_size=2", sys.argv[2], "train.max_steps=3")
+cfg = config(out, "method.type=full", "train.micro_batch_size=2", *sys.argv[2:], "train.max_steps=3")
 model = model_for({tiny!r}, cfg)
 ids, weights = make_data(12)
-dist_ctx = Dist.from_environment("cpu")
-make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda d: None)
+dist_ctx = Dist.from_environment(cfg.train)
+make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda out, trained: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
 '''
@@ -150,7 +150,8 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(script), str(one), "train.grad_accum=2"], check=True, env=env)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    subprocess.run([*torchrun, str(script), str(two), "train.grad_accum=1"], check=True, env=env)
+    subprocess.run([*torchrun, str(script), str(two), "train.grad_accum=1", "train.distributed=ddp"], check=True,
+                   env=env)
     a, b = torch.load(one / "weights.pt"), torch.load(two / "weights.pt")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name

@@ -394,7 +394,8 @@ def test_two_processes_match_one(tmp_path, tiny_dir):
     subprocess.run([sys.executable, *cli, f"output.dir={tmp_path / 'one'}"], check=True, env=env,
                    capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"]
-    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=1"], check=True,
+    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=1",
+                    "train.distributed=ddp"], check=True,
                    env=env, capture_output=True)
     one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
     assert len(one) == len(two) == 3

@@ -20,7 +20,7 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
 
 from posttrain.errors import ConfigError
-from posttrain.eval.votes import human_vote
+from posttrain.data.votes import human_vote
 from posttrain.serve.api import ApiError, Models, create_app, load_engine, read_json
 from posttrain.serve.chatlog import ChatLog
 from posttrain.serve.guard import LOOPBACK_NAMES, MIN_TOKEN_CHARS, hosts_for, is_loopback, new_token

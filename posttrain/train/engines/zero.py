@@ -1,0 +1,113 @@
+"""train.distributed: deepspeed. DeepSpeed ZeRO through `deepspeed.initialize`: stage 2 shards optimizer state
+and gradients, stage 3 also the weights (DeepSpeed's hooks gather each module's weights when it runs).
+
+The loop's AdamW and schedule stay ours: ZeRO steps the torch optimizer's groups, whose lr the schedule
+sets (`zero_allow_untested_optimizer`). The loop marks an update's last micro-batch as the accumulation
+boundary; losses arrive as shares of the global mean, so DeepSpeed does not divide them by the
+accumulation count, and its average over processes is undone by x world. Checkpoints are DeepSpeed's
+own, loaded through torch's weights-only unpickler (DeepSpeed's loader would unpickle anything). Stage 3's
+final model is gathered module by module onto a plain copy made on the meta device before sharding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from posttrain.train.engines.base import Engine, Forward
+from posttrain.train.engines.fsdp import materialize, meta_copy
+
+DEEPSPEED_DIR = "deepspeed"
+_TAG = "state"
+# What DeepSpeed's checkpoint files hold besides tensors and containers.
+_STATE_TYPES = [LossScaler, ZeroStageEnum, fragment_address, argparse.Namespace]
+
+
+def deepspeed_config(train, optim, world: int) -> dict:
+    """The DeepSpeed config of train.deepspeed.* (the accumulation boundary is set by the loop per update)."""
+    ds = train.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": train.micro_batch_size * world, "gradient_clipping": optim.max_grad_norm,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1}
+
+
+def _weights_only_load(path, map_location=None):
+    with torch.serialization.safe_globals(_STATE_TYPES):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg, dist_ctx):
+        super().__init__(cfg, dist_ctx)
+        self.stage = cfg.train.deepspeed.zero_stage
+        self.lockstep = self.stage == 3
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    def wrap(self, model, groups):
+        self.skeleton = meta_copy(model) if self.dist.main and self.stage == 3 else None
+        self.wrapper = Forward(model)
+        return groups
+
+    def attach(self, optimizer):
+        # The shared-memory all-reduce op only speeds up CPU inference, and JIT-compiles for minutes on first use.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world)
+        self.ds, _, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config,
+                                                dist_init_required=False)
+        self.ds.checkpoint_engine.load = _weights_only_load
+        self.optimizer = optimizer  # the torch optimizer: the schedule sets its groups' lr, ZeRO steps with them
+        return optimizer
+
+    def forward(self, micro):
+        with self.autocast():
+            return self.ds(micro, self.model)
+
+    def accumulating(self, last: bool):
+        self.ds.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+
+    def backward(self, loss, last: bool) -> None:
+        self.ds.backward(loss * self.dist.world, scale_wrt_gas=False)
+
+    def clip_and_step(self, max_norm: float) -> float:
+        self.ds.step()  # clips to gradient_clipping, steps, clears the gradients
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def zero_grad(self) -> None:
+        """DeepSpeed's step cleared them."""
+
+    def plain_model(self):
+        if self.stage != 3:
+            return super().plain_model()
+        state = self.ds._zero3_consolidated_16bit_state_dict()  # module by module, whole on the main process
+        if not self.dist.main:
+            return None
+        return materialize(self.skeleton, {k.removeprefix("inner."): v for k, v in state.items()})
+
+    def save_weights(self, tmp: Path) -> None:
+        self.ds.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def optimizer_state(self) -> dict:
+        return {}  # in DeepSpeed's folder
+
+    def load_weights(self, path: Path, state: dict) -> None:
+        # frozen weights were not saved: the module's state loads non-strict
+        self.ds.load_checkpoint(str(Path(path) / DEEPSPEED_DIR), tag=_TAG, load_module_strict=False,
+                                load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -1,0 +1,53 @@
+"""train.precision and the engines' bad input: a bf16 run keeps float32 master weights; fp16 on a CPU, an engine
+without its launcher or library, a sharded engine with QLoRA or LISA: one clear line each, exit 2."""
+
+import sys
+
+import pytest
+import torch
+
+from posttrain.cli import main
+from posttrain.train.config import load_config
+from posttrain.errors import ConfigError
+from posttrain.train.engines import join
+from test_loop import run_loop, trainable
+
+
+def test_bf16_run_trains_float32_master_weights(tiny_dir, tmp_path):
+    before = trainable(run_loop(tiny_dir, tmp_path / "a", "train.max_steps=0", "train.epochs=0.01")[0])
+    model, summary = run_loop(tiny_dir, tmp_path / "b", "train.precision=bf16", "train.max_steps=2")
+    after = trainable(model)
+    assert summary["steps"] == 2 and all(p.dtype == torch.float32 for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.precision=fp16"], "train.precision=fp16 needs a CUDA GPU"),
+    (["train.distributed=fsdp", "method.type=qlora"], "does not shard a 4-bit"),
+    (["train.distributed=deepspeed", "method.type=lisa"], "method.type=lisa changes which weights"),
+    (["train.distributed=deepspeed", "train.precision=bf16", "train.deepspeed.offload_params=true"],
+     "offload_params needs train.deepspeed.zero_stage=3"),
+])
+def test_bad_engine_settings_are_one_line_exit_2(tiny_dir, tmp_path, capsys, overrides, message):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "Hi", "input": "", "output": "Hello"}\n')
+    (tmp_path / "c.yaml").write_text(f"model: {{name_or_path: {tiny_dir}}}\ndata: {{datasets: [{{path: d.jsonl}}]}}\n")
+    code = main(["train", str(tmp_path / "c.yaml"), f"output.dir={tmp_path / 'out'}", "train.device=cpu", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err, err
+
+
+def test_launch_and_engine_mismatches_are_clear(monkeypatch):
+    cfg = load_config(None, ["model.name_or_path=tiny-random", "train.device=cpu"],
+                      **{"data.datasets": [{"path": "unused.jsonl"}]})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started 2 processes, but the config asks for no engine
+    with pytest.raises(ConfigError, match="train.distributed is none"):
+        join(cfg.train)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config: not half-applied
+    with pytest.raises(ConfigError, match="takes its engine from train.distributed"):
+        join(load_config(None, ["model.name_or_path=tiny-random", "train.device=cpu", "train.distributed=ddp"],
+                         **{"data.datasets": [{"path": "unused.jsonl"}]}).train)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    with pytest.raises(ConfigError, match="DeepSpeed is not installed"):
+        join(load_config(None, ["model.name_or_path=tiny-random", "train.device=cpu", "train.distributed=deepspeed"],
+                         **{"data.datasets": [{"path": "unused.jsonl"}]}).train)

@@ -85,7 +85,7 @@ def run(cfg: RunConfig) -> dict:
     extra = {"stage": "grpo", "estimator": g.estimator, "loss_norm": steps.norm, "prompts": len(prompts),
              "eval_prompts": len(eval_prompts), "dropped_prompts": drops, "trainable_params": trainable,
              "total_params": total}
-    return loop.run(lambda out: save_model(policy, tokenizer, out), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)
 
 
 def hold_out(prompts: list[Prompt], val_size: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:

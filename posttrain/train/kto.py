@@ -86,4 +86,4 @@ def run(cfg: RunConfig) -> dict:
     extra = {"stage": "kto", "method": cfg.method.type, "reference": "adapter" if adapter_reference else "copy",
              "train_samples": len(data.train), "desirable": desirable, "eval_samples": len(data.eval or []),
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
-    return loop.run(lambda d: save_model(model, tokenizer, d), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)

@@ -64,8 +64,8 @@ def run(cfg: RunConfig) -> dict:
              "eval_samples": len(data.eval) if data.eval is not None else 0, "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
 
-    def save(folder) -> None:
-        save_model(model, tokenizer, folder)
-        save_processor(model, tokenizer, folder)
+    def save(folder, trained) -> None:
+        save_model(trained, tokenizer, folder)
+        save_processor(trained, tokenizer, folder)
 
     return loop.run(save, extra_summary=extra)

@@ -175,7 +175,8 @@ def test_two_processes_match_one(tmp_path, tiny_dir):
     subprocess.run([sys.executable, *cli, f"output.dir={tmp_path / 'one'}"], check=True, env=env,
                    capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537"]
-    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=2"], check=True,
+    subprocess.run([*torchrun, *cli, f"output.dir={tmp_path / 'two'}", "train.micro_batch_size=2",
+                    "train.distributed=ddp"], check=True,
                    env=env, capture_output=True)
     for split in ("train", "eval"):
         one, two = _rows(tmp_path / "one", split), _rows(tmp_path / "two", split)

@@ -3,8 +3,6 @@ model (K-way) or an LLM judge (pairwise, both orders), counts unparsed and all-t
 train the rm stage."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -93,38 +91,22 @@ def test_reward_model_ranks_all_k_and_the_rows_train_the_rm_stage(reward_model, 
     assert summary["train_prompts"] == 3 and summary["train_pairs"] == 9
 
 
-class _Judge(BaseHTTPRequestHandler):
+def _judge(body, headers) -> str:
     """Prefers the answer with more '+' signs; says nothing parseable when an answer holds 'mute'."""
-
-    def do_POST(self):  # noqa: N802 (http.server API)
-        text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
-        a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
-        b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n")[0]
-        verdict = "A" if a.count("+") > b.count("+") else "B" if b.count("+") > a.count("+") else "C"
-        content = "I cannot say." if "mute" in a + b else f"So: [[{verdict}]]"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+    text = body["messages"][0]["content"]
+    a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
+    b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n")[0]
+    verdict = "A" if a.count("+") > b.count("+") else "B" if b.count("+") > a.count("+") else "C"
+    return "I cannot say." if "mute" in a + b else f"So: [[{verdict}]]"
 
 
-def test_llm_judge_pairwise_counts_unparsed_and_tied_prompts(tmp_path):
+def test_llm_judge_pairwise_counts_unparsed_and_tied_prompts(fake_openai, tmp_path):
     rows = [{"id": "a", "prompt": "q", "responses": ["+", "+++", "++", "+"]},
             {"id": "b", "prompt": "q", "responses": ["++", "mute"]},
             {"id": "c", "prompt": "q", "responses": ["+", "+"]}]
     write(tmp_path / "c.jsonl", rows)
-    server = HTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_port}/v1", "j")
-        report = label(tmp_path / "c.jsonl", tmp_path / "ranked.jsonl", judge)
-    finally:
-        server.shutdown()
+    judge = OpenAIJudge(fake_openai(_judge), "j")
+    report = label(tmp_path / "c.jsonl", tmp_path / "ranked.jsonl", judge)
     assert (report["written"], report["left_out"], report["pairs_judged"]) == (1, {"unparsed": 1, "all_tied": 1}, 8)
     (row,) = read(tmp_path / "ranked.jsonl")
     assert row["ranks"] == [2, 0, 1, 2] and row["judge_scores"] == [0.5, 3.0, 2.0, 0.5]

@@ -83,11 +83,12 @@ def evaluate_lm(model: nn.Module, data: Batches, loss_fn: LossFn, micro: int, di
         n_tokens += metrics.get("tokens", 0.0)
         for key in metrics.keys() - _CORE_METRICS:
             extra[key] = extra.get(key, 0.0) + metrics[key]
-    keys = sorted(extra)
-    loss_sum, n_tokens, *values = dist_ctx.sum([loss_sum, n_tokens, *(extra[k] for k in keys)])
+    # by name: a process whose shard of an uneven held-out split is empty has no stage metrics to send
+    extra = dist_ctx.sum_dict(extra | {"_loss_sum": loss_sum, "_tokens": n_tokens})
+    loss_sum, n_tokens = extra.pop("_loss_sum"), extra.pop("_tokens")
     loss = loss_sum / max(n_tokens, 1.0)
-    if keys:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses); moments as is
-        stage = {k: v if is_moment(k) else v / max(n_tokens, 1.0) for k, v in zip(keys, values, strict=True)}
+    if extra:  # stage metrics: per-unit means, like the loss (no perplexity for non-LM losses); moments as is
+        stage = {k: v if is_moment(k) else v / max(n_tokens, 1.0) for k, v in extra.items()}
         return {"loss": loss} | fold_moments(stage)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 

@@ -90,11 +90,21 @@ def test_two_processes_equal_one_and_resume_exactly(engine, sft_config, one_proc
 
 
 def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
-    """DPO on preference pairs (LoRA, reference = adapter off, 3 held-out prompts: an uneven eval split) or PPO
-    (LoRA policy + value head, a rule reward, PPO-ptx with 1 ptx row per update: one process runs a filler)."""
+    """DPO on preference pairs (LoRA, reference = adapter off, 3 held-out prompts: an uneven eval split), KTO on
+    unpaired labelled replies (LoRA, 2 held-out rows, a checkpoint every 2 updates) or PPO (LoRA policy + value
+    head, a rule reward, PPO-ptx with 1 ptx row per update: one process runs a filler)."""
     common = {"model": {"name_or_path": str(tiny_dir)}, "method": {"type": "lora"}, "optim": {"lr": 1e-2},
               "output": {"tensorboard": False}}
-    if stage == "dpo":
+    if stage == "kto":
+        words = "cats dogs tea rain books maps trees milk snow cars".split()
+        rows = [{"prompt": f"Say something about {w}.", "completion": f"{w} is good, good." if i % 3 else f"{w} bad!",
+                 "label": bool(i % 3)} for i, w in enumerate(words)]
+        (folder / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = {"stage": "kto", "kto": {"beta": 0.5}, "data": {"datasets": [{"path": str(folder / "kto.jsonl")}],
+                                                                "val_size": 2},
+               "train": {"max_steps": 5, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "keep_last": 1,
+                         "log_every": 1}}
+    elif stage == "dpo":
         rows = [{"prompt": f"Question {i}?", "chosen": "Yes. Yes.", "rejected": "No, no no no."} for i in range(11)]
         (folder / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = {"stage": "dpo", "data": {"datasets": [{"path": str(folder / "prefs.jsonl")}], "val_size": 3},
@@ -152,3 +162,30 @@ def test_sharded_dpo_and_ppo_equal_one_process(stage, engine, tiny_dir, tmp_path
         assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-4), key
     if stage == "ppo":  # so did the greedy samples
         assert summaries[1]["after"] == summaries[0]["after"]
+
+
+def test_kto_two_processes_equal_one_and_resume_exactly(tiny_dir, tmp_path):
+    """KTO (each micro-batch's KL reference point from its own mismatched pairs): 2 processes under ddp log the
+    same figures and save the same adapter as 1; stopped before update 3 and resumed from the step-2 checkpoint:
+    the same as uninterrupted, bit for bit."""
+    config = stage_config(tmp_path, tiny_dir, "kto")
+    run_worker(config, tmp_path / "one", 3)
+    run_worker(config, tmp_path / "two", 0, "train.distributed=ddp", "train.grad_accum=1", processes=2)
+    one, two = train_rows(tmp_path / "one" / "full"), train_rows(tmp_path / "two" / "full")
+    assert [r["step"] for r in one] == [1, 2, 3, 4, 5] and one[-1]["loss"] < one[0]["loss"]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"step", "split", "lr"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+    a = load_file(tmp_path / "one" / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "full" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    summaries = [json.loads((tmp_path / d / "full" / "train_summary.json").read_text()) for d in ("one", "two")]
+    assert summaries[1]["processes"] == 2  # 2 held-out rows = one micro-batch: process 1 has none
+    assert summaries[1]["final_eval_loss"] == pytest.approx(summaries[0]["final_eval_loss"], rel=1e-4)
+
+    cut = tmp_path / "one" / "cut"
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-4"]
+    assert train_rows(cut) == one
+    c = load_file(cut / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)

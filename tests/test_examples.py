@@ -19,7 +19,7 @@ def test_examples_exist():
 def test_example_config_loads(path):
     is_eval = yaml.safe_load(path.read_text(encoding="utf-8")).get("stage") == "eval"  # `posttrain eval FILE`
     cfg = load_eval_config(path) if is_eval else load_config(path)
-    assert cfg.stage in {"sft", "rm", "dpo", "ppo", "grpo", "eval"}
+    assert cfg.stage in {"sft", "rm", "dpo", "kto", "ppo", "grpo", "eval"}
 
 
 @pytest.mark.parametrize("name", ["one_node", "two_nodes"])

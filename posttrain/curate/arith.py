@@ -47,36 +47,41 @@ ASK = {"en": " Give the final answer on the last line as '#### <number>'.",
 SIGN = {"add": "+", "sub": "-", "mul": "x"}
 
 
-def _numbers(op: str, rng: random.Random) -> tuple[int, int, int]:
-    """(a, b, answer): sums of 2-20 and 2-20, differences a - b with 5 <= a <= 30 and 1 <= b < a, products 2-6 x 2-9."""
+def _numbers(op: str, rng: random.Random, top: int = 20) -> tuple[int, int, int]:
+    """(a, b, answer): sums of 2-top and 2-top, differences a - b with min(5, top) <= a <= 1.5 top and 1 <= b < a,
+    products 2-6 x 2-9 (top 20: sums of 2-20, differences from up to 30)."""
     if op == "add":
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(2, top), rng.randint(2, top)
         return a, b, a + b
     if op == "sub":
-        a = rng.randint(5, 30)
+        a = rng.randint(min(5, top), top + top // 2)
         b = rng.randint(1, a - 1)
         return a, b, a - b
     a, b = rng.randint(2, 6), rng.randint(2, 9)
     return a, b, a * b
 
 
-def make_problem(lang: str, op: str, rng: random.Random) -> dict:
-    """One problem as a messages row: user story + answer format request, assistant solution ending `#### N`."""
-    a, b, answer = _numbers(op, rng)
+def make_problem(lang: str, op: str, rng: random.Random, top: int = 20, ask: bool = True) -> dict:
+    """One problem as a messages row: user story (+ the answer format request when `ask`), assistant solution
+    ending `#### N`; operands up to `top` (see _numbers)."""
+    a, b, answer = _numbers(op, rng, top)
     name, he = rng.choice(NAMES[lang])
     story = rng.choice(STORIES[(lang, op)]).format(name=name, he=he, a=a, b=b, item=rng.choice(ITEMS[lang]))
     solution = f"{a} {SIGN[op]} {b} = {answer}\n#### {answer}"
-    return {"messages": [{"role": "user", "content": story + ASK[lang]},
+    return {"messages": [{"role": "user", "content": story + (ASK[lang] if ask else "")},
                          {"role": "assistant", "content": solution}]}
 
 
 def arith(out_dir: str | Path, *, train: int = 1000, test: int = 200, seed: int = 0, langs: list[str] = ("en",),
-          ops: list[str] = ("add", "sub")) -> dict:
-    """Write out_dir/train.jsonl and out_dir/test.jsonl; returns counts by split, language and operation."""
+          ops: list[str] = ("add", "sub"), max_operand: int = 20, ask: bool = True) -> dict:
+    """Write out_dir/train.jsonl and out_dir/test.jsonl; returns counts by split, language and operation.
+    `max_operand` sets the difficulty (sums of 2..max_operand); `ask=False` leaves the '#### N' request out
+    of the question (for rewards that read the reply's last number)."""
     bad = [x for x in langs if x not in LANGS] + [x for x in ops if x not in OPS]
-    if bad or not langs or not ops or train < 0 or test < 0:
-        raise DataError(f"posttrain data arith: languages from {LANGS}, operations from {OPS}, counts >= 0 "
-                        f"(got langs={list(langs)}, ops={list(ops)}, train={train}, test={test})")
+    if bad or not langs or not ops or train < 0 or test < 0 or max_operand < 2:
+        raise DataError(f"posttrain data arith: languages from {LANGS}, operations from {OPS}, counts >= 0, "
+                        f"max operand >= 2 (got langs={list(langs)}, ops={list(ops)}, train={train}, test={test}, "
+                        f"max_operand={max_operand})")
     rng, seen, rows, counts = random.Random(seed), set(), [], Counter()
     attempts = 0
     while len(rows) < train + test:
@@ -84,7 +89,7 @@ def arith(out_dir: str | Path, *, train: int = 1000, test: int = 200, seed: int 
         if attempts > 50 * (train + test) + 1000:
             raise DataError(f"posttrain data arith: only {len(rows)} distinct problems for {train + test} asked")
         lang, op = rng.choice(list(langs)), rng.choice(list(ops))
-        row = make_problem(lang, op, rng)
+        row = make_problem(lang, op, rng, max_operand, ask)
         question = row["messages"][0]["content"]
         if question not in seen:
             seen.add(question)

@@ -59,7 +59,8 @@ def _from_task(a) -> int:
 def _arith(a) -> int:
     from posttrain.curate.arith import arith
 
-    _print(arith(a.out_dir, train=a.train, test=a.test, seed=a.seed, langs=a.lang.split(","), ops=a.ops.split(",")))
+    _print(arith(a.out_dir, train=a.train, test=a.test, seed=a.seed, langs=a.lang.split(","), ops=a.ops.split(","),
+                 max_operand=a.max_operand, ask=not a.no_ask))
     return 0
 
 
@@ -244,6 +245,10 @@ def add_data_parser(sub) -> None:
     p.add_argument("--test", type=int, default=200, help="held-out problems (default 200)")
     p.add_argument("--lang", default="en", help="comma-separated: en, zh (default en)")
     p.add_argument("--ops", default="add,sub", help="comma-separated: add, sub, mul (default add,sub)")
+    p.add_argument("--max-operand", type=int, default=20, help="sums of 2..N, differences from up to 1.5 N "
+                   "(default 20)")
+    p.add_argument("--no-ask", action="store_true", help="leave the '#### N' request out of the question "
+                   "(the reference still ends in '#### N')")
     p.add_argument("--seed", type=int, default=0)
     _synth_args(cmd("synth", _synth, "Self-Instruct new instruction data from seed tasks", path=False))
     _from_logs_args(cmd("from-logs", _from_logs, "request logs (serve/ui --log-dir) -> prompt or SFT rows: PII "

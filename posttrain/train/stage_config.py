@@ -46,8 +46,9 @@ class DPOConfig:
 # ---------------------------------------------------------------- reward sources (stages ppo and grpo)
 
 REWARD_TYPES = Literal["function", "model", "http", "exact_match", "format"]
-_ANSWER_DOC = ("exact_match: the final answer is after the last '####' (hash), in the last \\boxed{} (boxed), or "
-               "whichever comes last (auto); a reference without either marker is the answer itself")
+_ANSWER_DOC = ("exact_match: the final answer is after the last '####' (hash), in the last \\boxed{} (boxed), "
+               "whichever comes last (auto; a reference without either marker is the answer itself), or the last "
+               "number in the text (number)")
 _PATTERN_DOC = "format: regex the whole reply (stripped) must match for reward 1 (. matches newlines)"
 
 
@@ -61,7 +62,7 @@ class RewardSourceConfig:
     function: str = opt("", "function: module:function or file.py:function -> floats")
     model: str = opt("", "model: reward-model folder")
     url: str = opt("", "http: endpoint")
-    answer: Literal["auto", "hash", "boxed"] = opt("auto", _ANSWER_DOC)
+    answer: Literal["auto", "hash", "boxed", "number"] = opt("auto", _ANSWER_DOC)
     pattern: str = opt("", _PATTERN_DOC)
 
 
@@ -74,7 +75,7 @@ class RewardConfig:
                             "(stage grpo: also references=..., if the function takes that keyword)")
     model: str = opt("", "reward-model folder (sequence classification, num_labels=1, or a PEFT adapter on one)")
     url: str = opt("", "HTTP endpoint: POST {prompts, responses} -> {rewards}")
-    answer: Literal["auto", "hash", "boxed"] = opt("auto", _ANSWER_DOC)
+    answer: Literal["auto", "hash", "boxed", "number"] = opt("auto", _ANSWER_DOC)
     pattern: str = opt("", _PATTERN_DOC)
     sources: list[RewardSourceConfig] = opt(
         [], "stage grpo: several sources, rewarded with their weighted sum (each reported as reward/<name>); "

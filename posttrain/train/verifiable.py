@@ -2,6 +2,8 @@
 
 The final answer of a text is what follows its last `####` on that line (GSM8K's convention) or the
 content of its last `\\boxed{...}` (MATH's); a reference without either marker is itself the answer.
+Kind `number` reads the last number in the text instead: what a small chat model writes unprompted
+("... so Tom has 13 apples."), with no format to learn or to game.
 Answers compare after normalisation (spaces, `$`, thousands commas and a trailing period dropped),
 and numbers by value, so `1,000` equals `1000` and `8.0` equals `8`; `14 apples` does not equal `14`.
 """
@@ -12,7 +14,8 @@ import re
 
 HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 BOXED = "\\boxed{"
-ANSWER_FORMATS = ("auto", "hash", "boxed")
+LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_FORMATS = ("auto", "hash", "boxed", "number")
 
 
 def last_boxed(text: str) -> str | None:
@@ -34,9 +37,18 @@ def last_hash(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def last_number(text: str) -> str | None:
+    """The last number in the text (sign, thousands commas and decimals kept; a sentence's period is not a
+    decimal point), or None."""
+    found = LAST_NUMBER.findall(text)
+    return found[-1].rstrip(",") if found else None
+
+
 def final_answer(text: str, kind: str = "auto") -> str | None:
     """The text's final answer by `kind`: hash (`#### N`), boxed (`\\boxed{N}`), auto (the marker that
-    appears last in the text); None when the marker is missing."""
+    appears last in the text), number (the last number); None when the marker is missing."""
+    if kind == "number":
+        return last_number(text)
     if kind == "hash":
         return last_hash(text)
     if kind == "boxed":

@@ -29,3 +29,17 @@ def test_arith_is_seeded_disjoint_and_answers_check_out(tmp_path):
         arith(tmp_path / "d", ops=["div"])
     with pytest.raises(DataError, match="distinct problems"):
         arith(tmp_path / "e", train=5000, test=0, langs=["zh"], ops=["mul"])
+
+
+def test_arith_difficulty_and_the_format_request_are_options(tmp_path):
+    arith(tmp_path / "easy", train=30, test=10, seed=1, max_operand=9, ask=False)
+    text = (tmp_path / "easy" / "train.jsonl").read_text() + (tmp_path / "easy" / "test.jsonl").read_text()
+    rows = [json.loads(x) for x in text.splitlines()]
+    for row in rows:
+        a, sign, b, _, result = row["messages"][1]["content"].split("\n")[0].split()
+        assert (int(a) <= 9 and int(b) <= 9) if sign == "+" else int(a) <= 13
+        assert "####" not in row["messages"][0]["content"] and row["messages"][1]["content"].endswith(f"#### {result}")
+    arith(tmp_path / "default", train=30, test=10, seed=1)
+    assert "'#### <number>'" in (tmp_path / "default" / "test.jsonl").read_text()
+    with pytest.raises(DataError, match="max operand >= 2"):
+        arith(tmp_path / "bad", max_operand=1)

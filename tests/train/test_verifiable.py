@@ -17,6 +17,10 @@ from posttrain.train.verifiable import ExactMatch, FormatMatch, final_answer, sa
     ("\\boxed{4", "boxed", None),  # unclosed
     ("no marker here", "auto", None),
     ("\\boxed{9}", "hash", None),  # the kind asked for only
+    ("Tom has 10 + 3 = 13 apples.\nSo 1,013 in all.", "number", "1,013"),  # the last number; the period ends it
+    ("It is -2.5, or 7", "number", "7"),
+    ("10-3=-7.", "number", "-7"),
+    ("no digits", "number", None),
 ])
 def test_final_answer(text, kind, answer):
     assert final_answer(text, kind) == answer
@@ -35,6 +39,8 @@ def test_exact_match_scores_against_the_reference():
     assert em(["q"], ["#### 7"], ["7"]) == [1.0]
     with pytest.raises(ValueError, match="reference"):
         em(["q"], ["#### 7"], [None])
+    number = ExactMatch("number")  # the reference's last number; no marker needed in the reply
+    assert number(["q"] * 3, ["So he has 7 now.", "7 + 1 = 8", "#### 7"], ["3 + 4 = 7\n#### 7"] * 3) == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="unknown answer format"):
         ExactMatch("last")
 

@@ -6,12 +6,16 @@ Errors the user can fix print as one line and exit with code 2; `--debug` shows 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 
-from posttrain.errors import PosttrainError
+from posttrain.curate.cli import add_data_parser
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.eval.cli import add_subcommands
+from posttrain.typed_config import describe_keys
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,23 +27,23 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not user news
-    import transformers
+    import transformers  # start-up time: ~3 s, only for commands that load models or data
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    import datasets
+    import datasets  # start-up time: ~3 s, only for commands that load models or data
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
 
 def cmd_train(args) -> int:
-    from posttrain.train.config import load_config
+    from posttrain.train.config import load_config  # start-up time: a command imports only what it runs
 
     cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
-    from posttrain.models.vision_load import wants_vision
-    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision
+    from posttrain.models.vision_load import wants_vision  # start-up time: a command imports only what it runs
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision  # start-up time: only what runs
 
     stages = {"sft": sft_vision if wants_vision(cfg.model, cfg.vision) else sft, "rm": rm, "dpo": dpo, "kto": kto,
               "ppo": ppo, "grpo": grpo}
@@ -64,10 +68,10 @@ def _sampling(args) -> dict:
 
 def cmd_chat(args) -> int:
     _quiet_libraries()
-    from posttrain.records import Message
-    from posttrain.models.run import load_model_for_inference
-    from posttrain.models.generate import generate_reply
-    from posttrain.serve.chat import run_repl
+    from posttrain.records import Message  # start-up time: a command imports only what it runs
+    from posttrain.models.run import load_model_for_inference  # start-up time: a command imports only what it runs
+    from posttrain.models.generate import generate_reply  # start-up time: a command imports only what it runs
+    from posttrain.serve.chat import run_repl  # start-up time: a command imports only what it runs
 
     model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:
@@ -75,7 +79,7 @@ def cmd_chat(args) -> int:
     if args.image and args.prompt is None:
         raise PosttrainError("posttrain chat: --image goes with --prompt (in the chat itself: /image PATH)")
     if args.prompt is not None:
-        from posttrain.serve.chat import prompt_images
+        from posttrain.serve.chat import prompt_images  # start-up time: a command imports only what it runs
 
         content, pixel_values = prompt_images(model, args.image, args.prompt)
         reply = generate_reply(model, tokenizer, [Message("user", content)], pixel_values=pixel_values,
@@ -88,7 +92,7 @@ def cmd_chat(args) -> int:
 
 def cmd_export(args) -> int:
     _quiet_libraries()
-    from posttrain.models.export import export_merged
+    from posttrain.models.export import export_merged  # start-up time: a command imports only what it runs
 
     out = export_merged(args.run, args.out, trust_remote_code=args.trust_remote_code)
     print(f"exported {out}", file=sys.stderr)
@@ -97,13 +101,13 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from posttrain.eval.cli import main as eval_main
+    from posttrain.eval.cli import main as eval_main  # start-up time: a command imports only what it runs
 
     return eval_main(args.target, args.rest, _Parser)
 
 
 def _chat_log(args):
-    from posttrain.serve.chatlog import ChatLog
+    from posttrain.serve.chatlog import ChatLog  # start-up time: a command imports only what it runs
 
     if args.log_dir is None:
         return None
@@ -120,7 +124,7 @@ def _add_log_flags(p: argparse.ArgumentParser, user: str) -> None:
 
 def cmd_serve(args) -> int:
     _quiet_libraries()
-    from posttrain.serve.api import Limits, serve
+    from posttrain.serve.api import Limits, serve  # start-up time: a command imports only what it runs
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
           name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args))
@@ -129,7 +133,7 @@ def cmd_serve(args) -> int:
 
 def cmd_ui(args) -> int:
     _quiet_libraries()
-    from posttrain.serve.ui.app import run_ui
+    from posttrain.serve.ui.app import run_ui  # start-up time: a command imports only what it runs
 
     run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
            token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir,
@@ -139,10 +143,7 @@ def cmd_ui(args) -> int:
 
 def cmd_score(args) -> int:
     _quiet_libraries()
-    import json
-
-    from posttrain.errors import ConfigError
-    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences
+    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences  # start-up time: only what runs
 
     if not args.data and not args.normalize:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
@@ -161,9 +162,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from posttrain.eval.config import EvalRunConfig
-    from posttrain.train.config import RunConfig
-    from posttrain.typed_config import describe_keys
+    from posttrain.eval.config import EvalRunConfig  # start-up time: a command imports only what it runs
+    from posttrain.train.config import RunConfig  # start-up time: a command imports only what it runs
 
     rows = describe_keys(RunConfig) + [row for row in describe_keys(EvalRunConfig) if row[0] != "stage"]
     for key, default, doc in rows:
@@ -210,8 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
-    from posttrain.eval.cli import add_subcommands
-
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)
 
@@ -255,8 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")
     p.set_defaults(func=cmd_keys)
-
-    from posttrain.curate.cli import add_data_parser
 
     add_data_parser(sub)
     return parser

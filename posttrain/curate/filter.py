@@ -41,6 +41,8 @@ from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text,
 from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
+from posttrain.models.load import load_tokenizer
+from posttrain.models.sources import resolve_model
 
 FIELDS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
 REFUSALS = ("i'm sorry, but i can", "i am sorry, but i can", "i cannot help", "i can't help", "as an ai language model",
@@ -147,9 +149,6 @@ def _length(spec: dict) -> Check:
         raise DataError(f"length rule: field must be one of {', '.join(FIELDS)} and unit chars or tokens, got {spec}")
     measure = len
     if unit == "tokens":
-        from posttrain.models.load import load_tokenizer
-        from posttrain.models.sources import resolve_model
-
         tok = load_tokenizer(resolve_model(spec.get("tokenizer", "smollm2-135m-instruct")))
         measure = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
 

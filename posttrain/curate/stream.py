@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from tqdm import tqdm
+
 from posttrain.data.formats import detect_format, row_to_conversation
 from posttrain.data.reading import iter_json_lines, read_rows, source_of
 from posttrain.records import Conversation
@@ -134,6 +136,4 @@ def normalise(text: str) -> str:
 
 def progress(iterable, desc: str, total: int | None = None):
     """A tqdm bar on a terminal; silent in logs and tests (tqdm's disable=None)."""
-    from tqdm import tqdm
-
     return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=None, file=sys.stderr, mininterval=1.0)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.data.formats import RowContext, refuse_media, rename_columns, role_map, row_to_conversation
+from posttrain.data.formats import refuse_media, rename_columns, role_map, row_to_conversation
+from posttrain.data.row_context import RowContext
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.preference import _messages, _response
 from posttrain.data.reading import read_rows, source_of

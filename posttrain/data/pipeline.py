@@ -130,7 +130,7 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
     Each distinct row is encoded once; weighting then repeats its samples, so drops count rows
     of the files, not copies, and weight 3 costs no extra tokenization.
     """
-    import datasets
+    import datasets  # heavy: datasets (~3 s), loaded only when data is encoded
 
     parts, drops = [], Counter()
     for src in sources:
@@ -156,7 +156,7 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
 
 def _encoded_features():
     """Explicit types: a batch of only drops would otherwise infer list<null> and break concatenation."""
-    import datasets
+    import datasets  # heavy: datasets (~3 s), loaded only when data is encoded
 
     return datasets.Features({
         "input_ids": datasets.List(datasets.Value("int32")),

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+
 from posttrain.data.images import image_key, load_image
 from posttrain.models.anatomy import unwrap
 from posttrain.models.sources import cache_dir
@@ -88,14 +91,10 @@ class FeatureCache:
 
 
 def _load(file: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     return load_file(str(file))["features"]
 
 
 def _save(file: Path, tensor: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     save_file({"features": tensor.contiguous()}, str(tmp))

@@ -31,6 +31,7 @@ from posttrain.models.head_logps import token_logps
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
+from posttrain.train import reference_cache
 
 log = logging.getLogger("posttrain")
 
@@ -84,8 +85,6 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
 
 def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:
     """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened."""
-    from posttrain.train import reference_cache
-
     if not samples:
         return "none"
     pack = packs_rows(cfg)  # packed and padded rows round differently, so the cache key names the layout

@@ -49,7 +49,7 @@ class RunReport:
             self.history = self._rows_until(start_step)
         self.jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard (~2 s), only with train.tensorboard
 
             self.tb = SummaryWriter(str(self.log_dir))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -117,10 +117,10 @@ class RunReport:
         return summary
 
     def _plot(self) -> None:
-        import matplotlib
+        import matplotlib  # heavy: matplotlib, ~1 s
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: matplotlib, ~1 s
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for split, style in (("train", "-"), ("eval", "o-")):

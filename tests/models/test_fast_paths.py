@@ -179,7 +179,7 @@ def preference_samples(seed: int) -> list:
 
 
 def test_dpo_packed_shared_prompt_logps_match_padded_plain(tiny_dir, tmp_path):
-    from posttrain.data.preference import collate_preferences, shared_prefix
+    from posttrain.data.preference_batch import collate_preferences, shared_prefix
     from posttrain.train.dpo import response_logps
 
     samples = preference_samples(5)
@@ -246,7 +246,7 @@ def test_head_positions_key_is_validated(tmp_path):
 def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
     """The whole DPO loss (policy + adapter-off reference): padded rows on PEFT's path vs packed rows,
     a shared prompt copy, fused LoRA and the fused head; same loss and same LoRA gradients."""
-    from posttrain.data.preference import collate_preferences
+    from posttrain.data.preference_batch import collate_preferences
     from posttrain.train.dpo import dpo_forward
 
     cfg = load_config(None, ["stage=dpo", f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],

@@ -181,7 +181,7 @@ def run_ui(*, host: str = "127.0.0.1", port: int = 7860, models: list[str] = (),
            annotator: str | None = None, token: str | None = None, data_dirs: list[str] = (),
            chat_log: ChatLog | None = None) -> None:
     """`posttrain ui`: prints the address to open (with the token it made, like Jupyter), then serves."""
-    import uvicorn
+    import uvicorn  # heavy: uvicorn (~0.7 s), loaded only when the server starts
 
     app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host),
                         chat_log=chat_log)

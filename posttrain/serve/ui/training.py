@@ -17,6 +17,8 @@ import time
 import typing
 from pathlib import Path
 
+import yaml
+
 from posttrain.models.config import MethodConfig
 from posttrain.train.config import RunConfig, load_config, save_config, to_tree
 from posttrain.typed_config import parse_override
@@ -64,8 +66,6 @@ def choices() -> dict:
 
 def build_config(form: dict, allowed: Allowed) -> tuple[RunConfig, str]:
     """RunConfig from the form (stage, model, data, method, max_steps, name, overrides) and its YAML."""
-    import yaml
-
     name = run_name(form.get("name")) or time.strftime("ui-%Y%m%d-%H%M%S")
     tree = {"stage": form.get("stage") or "sft", "model.name_or_path": allowed.model(form.get("model")),
             "data.datasets": [{"path": str(allowed.file(form.get("data"), "data"))}],

@@ -127,7 +127,8 @@ def cmd_serve(args) -> int:
     from posttrain.serve.api import Limits, serve  # start-up time: a command imports only what it runs
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
-          name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args))
+          name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args),
+          trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -137,8 +138,16 @@ def cmd_ui(args) -> int:
 
     run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
            token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir,
-           chat_log=_chat_log(args))
+           chat_log=_chat_log(args), run_configs=ui_run_configs())
     return 0
+
+
+def ui_run_configs():
+    """The training config as the UI's Train tab sees it, handed down from here: serve never imports train."""
+    from posttrain.serve.ui.training import RunConfigs  # start-up time: a command imports only what it runs
+    from posttrain.train.config import STAGES, resolve_tree  # start-up time: a command imports only what it runs
+
+    return RunConfigs(stages=STAGES, resolve=resolve_tree)
 
 
 def cmd_score(args) -> int:
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
     _add_log_flags(p, "the request's 'user' field")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 from posttrain import typed_config
 from posttrain.data.config import DataConfig
@@ -114,6 +114,9 @@ class RunConfig:
     def methods(self) -> Methods:
         """The method sections bundled for models/methods.py."""
         return Methods.of(self)
+
+
+STAGES: tuple[str, ...] = get_args(get_type_hints(RunConfig)["stage"])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **tree_extra: Any) -> RunConfig:
@@ -259,6 +262,12 @@ def _validate_method(cfg: RunConfig) -> None:
             raise ConfigError(f"method.type={kind} cannot train on packed rows: set data.packing=false")
         if kind == "prefix" and cfg.prompt.init_text:
             raise ConfigError("prompt.init_text applies to method.type=prompt only (prefix starts random)")
+
+
+def resolve_tree(tree: dict) -> dict:
+    """A run config given as {dotted key: value} -> its resolved tree (what save_config writes); errors as
+    load_config's. The UI's Train tab validates through this (handed in by the CLI)."""
+    return to_tree(load_config(None, [], **tree))
 
 
 def to_tree(cfg: RunConfig) -> dict:

@@ -10,7 +10,7 @@ every linear but the head, sigmoid DPO with beta 0.1, the reference = the base w
 AdamW at a constant lr, the same number of optimizer steps. Each run is its own process; sides
 alternate (A B A B ...) and medians are reported. A sanity check runs each tool's own reference
 log-prob code on the same first pairs before training: the numbers must agree across tools.
-The ablation `posttrain-unfused` (train.fused=false) is the "before" of posttrain's fast paths.
+The ablation `posttrain-unfused` (FastPaths(fused=False)) is the "before" of posttrain's fast paths.
 Writes benchmarks/results/<name>.{json,md}.
 """
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.dpo_report import render_markdown  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     check_ablations,
+    split_fast,
     vs_trl_parser,
     run_alternating,
     trl_step_timer,
@@ -36,10 +37,10 @@ DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "dpo_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# posttrain variants: config overrides on top of the shared settings
+# posttrain variants: config overrides on top of the shared settings; fast.* switch a fast path off (split_fast)
 POSTTRAIN_VARIANTS = {
     "posttrain": [],
-    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
+    "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
 }
 
 
@@ -92,12 +93,15 @@ def new_counts() -> dict:
     return {"real": 0, "computed": 0, "stored": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": [], "losses": []}
 
 
-def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
+def worker_posttrain(spec: dict, variant: list[str]) -> dict:
     import torch
 
     import posttrain.train.dpo as dpo_mod
     from posttrain.train.config import load_config
+    from posttrain.models.forward import FastPaths
     from posttrain.train.loop import Loop
+
+    overrides, fast = split_fast(variant)
 
     data_path = Path(spec["tmp"]) / "prefs.jsonl"
     data_path.write_text("".join(json.dumps(p) + "\n" for p in spec["pairs"]), encoding="utf-8")
@@ -141,7 +145,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
             return out
 
     dpo_mod.dpo_forward, dpo_mod.Loop = counting_forward, SanityLoop
-    summary = dpo_mod.run(cfg)
+    summary = dpo_mod.run(cfg, FastPaths(**fast))
     if summary.get("dropped"):
         raise RuntimeError(f"posttrain dropped pairs: {summary['dropped']} (the slice should fit max_length)")
     return finish(counts)

@@ -29,6 +29,7 @@ from posttrain.data.row_context import EMPTY_RESPONSE, RowContext
 from posttrain.data.scores import pair_margins, row_ranks
 from posttrain.data.transcripts import transcript_pair
 from posttrain.records import Conversation, Message, PreferencePair, RankedResponses
+from posttrain.data.holdout import split_off
 from posttrain.errors import DataError, PosttrainError
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
@@ -224,12 +225,7 @@ def build_preference_data(data_cfg, template_cfg, tokenizer, seed: int) -> PrefD
     evals = [r for ds in data_cfg.eval_datasets for r in read_preferences(ds, data_cfg.variables, drops, strict)]
     n_rows = len(train) + len(evals) + sum(drops.values())
     if not evals and data_cfg.val_size > 0:
-        n_val = int(data_cfg.val_size) if data_cfg.val_size >= 1 else max(1, round(data_cfg.val_size * len(train)))
-        if n_val >= len(train):
-            raise PosttrainError(f"data.val_size={data_cfg.val_size} leaves no preference rows to train on")
-        held = set(np.random.default_rng([seed, 3]).choice(len(train), n_val, replace=False).tolist())
-        evals = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
+        train, evals = split_off(train, data_cfg.val_size, seed, "preference")
     train_s = encode_all(train, tokenizer, data_cfg.max_length, template_cfg.system, drops, strict)
     eval_s = encode_all(evals, tokenizer, data_cfg.max_length, template_cfg.system, drops, strict)
     if not train_s:

@@ -113,7 +113,7 @@ def packed_attention(config, enabled: bool = True, shared_prefix: bool = False):
         yield
         if shared_prefix and _State.per_sample_calls == 0:
             raise RuntimeError("this model's attention did not take the per-sample path; rows that share a prompt "
-                               "need it (set train.fused=false)")
+                               "need it (model.attn_implementation=eager trains on padded rows instead)")
     finally:
         config._attn_implementation = "sdpa"
         _State.config, _State.shared_prefix, _State.cache = None, False, (None, [])

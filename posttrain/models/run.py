@@ -26,8 +26,7 @@ from torch import nn
 from posttrain.data.config import DataConfig
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.anatomy import unwrap
-from posttrain.models.config import (FreezeConfig, LisaConfig, LoraConfig, MethodConfig, Methods, ModelConfig,
-                                     PromptConfig, QuantConfig)
+from posttrain.models.config import Methods, ModelConfig
 from posttrain.models.vision import add_image_token
 from posttrain.models.vision_config import VisionConfig
 from posttrain.models.vision_load import attach_image_inputs, load_vision_model
@@ -44,19 +43,14 @@ RUN_CONFIG = "config.yaml"
 
 
 @dataclass
-class SavedRun:
-    """The sections of a run's config.yaml that inference reads: the model, how it was trained (methods), and how
-    it rendered samples (template, data), plus the device it trained on. Defaults stand for a plain model."""
+class SavedRun(Methods):
+    """The sections of a run's config.yaml that inference reads: how it was trained (the method sections, as
+    `Methods`), the model, how it rendered samples (template, data), plus the device it trained on. Defaults
+    stand for a plain model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     device: str = "auto"  # train.device
 

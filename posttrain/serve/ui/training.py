@@ -44,7 +44,7 @@ UI_OVERRIDES = {
     "prompt": "num_virtual_tokens init_text prefix_projection",
     "optim": "lr weight_decay betas eps scheduler warmup_ratio max_grad_norm",
     "train": "epochs max_steps micro_batch_size grad_accum eval_every save_every keep_last log_every seed device "
-             "loss_chunk head_positions fused",
+             "loss_chunk",
     "output": "tensorboard",
     "rm": "center_coef",
     "dpo": "loss beta label_smoothing gamma sft_weight reference reference_cache",

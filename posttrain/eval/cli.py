@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from posttrain.typed_config import describe_keys
-
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """`eval CONFIG.yaml [overrides]` or `eval {ppl,generate,compare} ...`, parsed by cmd_eval."""
@@ -52,6 +50,7 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--judge", required=True, help="reward-model folder, OpenAI-compatible base URL, or "
                                                       "'reference' (ROUGE-L against each prompt's reference)")
         from posttrain.eval.config import EvalRunConfig  # start-up time: only the command that runs
+        from posttrain.typed_config import describe_keys  # start-up time: yaml, ~20 ms
 
         docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
         for flag, kind, key in _COMPARE_FLAGS:

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from posttrain.errors import ModelSourceError

@@ -7,7 +7,9 @@ cached one loads with `local_files_only`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
 import socket
@@ -16,12 +18,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-
+from huggingface_hub import constants, try_to_load_from_cache
 from tokenizers import Tokenizer
-import dataclasses
-import json
-from huggingface_hub import constants
-from huggingface_hub import try_to_load_from_cache
 
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.sources import BUILTINS, resolve_model

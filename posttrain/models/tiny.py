@@ -8,8 +8,9 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CHATML = (
     "{% for message in messages %}"

@@ -7,6 +7,7 @@ tiny-random-vlm joins it to tiny-random through an MLP projector as one LLaVA fo
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from posttrain.models.dinov2_onnx import image_processor

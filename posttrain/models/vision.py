@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from tokenizers import AddedToken
+from torch import nn
 
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.anatomy import unwrap

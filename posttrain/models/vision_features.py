@@ -15,10 +15,8 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-
-from safetensors.torch import load_file
-from safetensors.torch import save_file
 
 from posttrain.data.images import image_key, load_image
 from posttrain.models.anatomy import unwrap

@@ -16,12 +16,11 @@ import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-
-from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.models.vision_load import image_inputs_of

@@ -13,10 +13,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
-
-import tempfile
 
 from posttrain.train.config import RunConfig
 from posttrain.data.batches import preference_batches

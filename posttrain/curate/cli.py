@@ -64,12 +64,14 @@ def _arith(a) -> int:
 
 
 def _synth(a) -> int:
-    from posttrain.curate.synth import LocalTeacher, OpenAITeacher, synth  # start-up time: only the command that runs
+    from posttrain.curate.synth import OpenAITeacher, synth  # start-up time: only the command that runs
 
     if a.teacher.startswith(("http://", "https://")):
         teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps, max_tokens=a.max_tokens)
     else:
         # one local model generates one reply at a time
+        from posttrain.curate.local_teacher import LocalTeacher  # start-up time: torch + transformers, ~4 s
+
         teacher, a.concurrency = LocalTeacher(a.teacher, max_tokens=a.max_tokens), 1
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _print(synth(a.seeds, a.out, teacher, a.n, seed=a.seed, concurrency=a.concurrency,

@@ -32,9 +32,6 @@ from posttrain.curate.synth_prompts import (PROMPTS, heuristic_reject, is_yes, p
                                             parse_label_input, parse_proposals, propose_prompt)
 from posttrain.eval import metrics
 from posttrain.errors import DataError, PosttrainError, http_error_text
-from posttrain.models.run import load_model_for_inference
-from posttrain.records import Message
-from posttrain.models.generate import generate_reply
 
 ROUGE_LIMIT = 0.7  # the paper's novelty threshold
 
@@ -97,20 +94,6 @@ class OpenAITeacher:
                 last = f"{type(err).__name__}: {err}"
             time.sleep(self.backoff * 2**attempt)
         raise PosttrainError(f"teacher {self.url} failed {self.retries + 1} times; last error: {last}")
-
-
-class LocalTeacher:
-    """A local model through posttrain's own generation (run dir, model folder or built-in)."""
-
-    def __init__(self, model: str, max_tokens: int | None = None):
-        self.model, self.tokenizer, _ = load_model_for_inference(model)
-        self.max_tokens = max_tokens
-
-    def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
-        max_tokens = min(max_tokens, self.max_tokens or max_tokens)
-
-        return generate_reply(self.model, self.tokenizer, [Message("user", prompt)], system=None,
-                              max_new_tokens=max_tokens, temperature=temperature, top_p=1.0)
 
 
 def load_seeds(path: str | Path) -> list[str]:

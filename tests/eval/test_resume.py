@@ -38,9 +38,7 @@ def other_tiny(tiny_dir, tmp_path_factory) -> Path:
 def counted(monkeypatch):
     """Counts what really runs: MC prompts scored, conversations generated, judge calls."""
     counts = {"scored": 0, "generated": 0, "judged": 0, "loads": 0}
-    import posttrain.models.generate as gen_module
-
-    real_score, real_gen, real_judge = multiple_choice.score_batch, gen_module.generate_batch, ReferenceJudge.compare
+    real_score, real_gen, real_judge = multiple_choice.score_batch, generation.generate_batch, ReferenceJudge.compare
 
     def score(model, entries, *args, **kwargs):
         counts["scored"] += len(entries)
@@ -55,7 +53,7 @@ def counted(monkeypatch):
         return real_judge(self, *args, **kwargs)
 
     monkeypatch.setattr(multiple_choice, "score_batch", score)
-    monkeypatch.setattr(gen_module, "generate_batch", gen)
+    monkeypatch.setattr(generation, "generate_batch", gen)
     monkeypatch.setattr(ReferenceJudge, "compare", judge)
     return counts
 

@@ -16,7 +16,9 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from conftest import greedy_replies  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
+from posttrain.models.run import load_model_for_inference  # noqa: E402
 from posttrain.records import Message  # noqa: E402
 from posttrain.serve.chat import prompt_images  # noqa: E402
 from posttrain.serve.chatlog import ChatLog  # noqa: E402
@@ -28,12 +30,12 @@ QUESTION = "What colour is this?"
 
 
 @pytest.fixture(scope="module")
-def vision_ui(tiny_vlm_dir, tiny_dir, tmp_path_factory):
-    from PIL import Image
-
+def vision_ui(tiny_vlm_dir, tiny_dir, colour_pngs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ui")
-    image = tmp_path_factory.mktemp("img") / "blue.png"  # the random tiny VLM answers this one with several tokens
-    Image.new("RGB", (40, 40), (30, 30, 220)).save(image)
+    model, tokenizer, _ = load_model_for_inference(str(tiny_vlm_dir), device="cpu")
+    picks = {c: colour_pngs[c] for c in ("red", "blue", "green", "yellow")}
+    replies = greedy_replies(model, tokenizer, picks, QUESTION, 8)  # a prefix of the 128-token reply
+    image = picks[max(replies, key=lambda c: len(replies[c]))]  # one the random tiny VLM says something about
     live = LiveServer(create_ui_app(workdir, [str(tiny_vlm_dir), str(tiny_dir)], annotator="alice", device="cpu",
                                     token=TOKEN, chat_log=ChatLog(workdir / "logs")))
     options = webdriver.ChromeOptions()

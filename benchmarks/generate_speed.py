@@ -57,10 +57,10 @@ def side_hf(model, tokenizer, prompts, max_new_tokens):
     import torch
     from transformers import GenerationConfig
 
-    from posttrain.models.generate import _pad_id, stop_token_ids
+    from posttrain.models.generate import pad_id_of, stop_token_ids
 
     stops = stop_token_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, stops)
+    pad = pad_id_of(tokenizer, stops)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

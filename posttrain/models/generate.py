@@ -93,14 +93,15 @@ def _strip_pad(row: list[int], pad_id: int) -> list[int]:
     return row
 
 
-def _pad_id(tokenizer, stops: list[int]) -> int:
+def pad_id_of(tokenizer, stops: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
 
 
 # Generation-config fields that make `model.generate` add processors the lean loop does not run.
 _HF_ONLY_FIELDS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
                    "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                   "forced_eos_token_id", "sequence_bias", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+                   "forced_eos_token_id", "sequence_bias", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                   "top_h")
 
 
 def _lean(model: nn.Module, pixel_values, synced: bool) -> bool:
@@ -138,7 +139,7 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
     synced: every process generates, with sharded weights (FSDP, ZeRO-3): each keeps running forward passes
     until all are done, since every pass gathers weights from all of them."""
     stops = stop_token_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, stops)
+    pad_id = pad_id_of(tokenizer, stops)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     # Left padding keeps every prompt's last token in the last column, where generation continues.
@@ -186,16 +187,19 @@ def generate_from_ids(
                                      temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
                                      streamer=streamer, should_stop=should_stop, pixel_values=pixel_values,
                                      synced=synced, stop_strings=stop)  # a stop string ends its row early
-    pad_id = _pad_id(tokenizer, stops)
-    results = []
-    for row in new_tokens.tolist():  # (B, N) new tokens
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        ids = row[:end] if end is not None else _strip_pad(row, pad_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        text, hit = cut_at_stop(text, stop)
-        reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
-        results.append(Generation(text.strip() if strip else text, ids, reason))
-    return results
+    pad_id = pad_id_of(tokenizer, stops)
+    return [to_generation(tokenizer, row, stops, pad_id, max_new_tokens=max_new_tokens, stop=stop, strip=strip)
+            for row in new_tokens.tolist()]  # (B, N) new tokens
+
+
+def to_generation(tokenizer, row: list[int], stops: list[int], pad_id: int, *, max_new_tokens: int,
+                  stop: list[str] | None, strip: bool) -> Generation:
+    """One row of new tokens as a reply: cut at its first stop token or stop string."""
+    end = next((i for i, t in enumerate(row) if t in stops), None)
+    ids = row[:end] if end is not None else _strip_pad(row, pad_id)
+    text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+    reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
+    return Generation(text.strip() if strip else text, ids, reason)
 
 
 def generate_batch(
@@ -231,7 +235,7 @@ def sample_ids(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new
     prompt_ids, response, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                             temperature=temperature, top_p=top_p, row_seeds=row_seeds,
                                             stop_strings=stop_strings, top_k=0, synced=synced)  # top_k 0: off
-    pad_id = _pad_id(tokenizer, stops)
+    pad_id = pad_id_of(tokenizer, stops)
     is_stop = torch.isin(response, torch.tensor(stops))  # (B, R)
     has_stop = is_stop.any(1)
     first_stop = torch.where(has_stop, is_stop.float().argmax(1), torch.full_like(has_stop, 10**9, dtype=torch.long))

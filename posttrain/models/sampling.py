@@ -47,7 +47,8 @@ def picker(model: nn.Module, *, temperature: float, top_p: float, top_k: int | N
         return lambda logits, rows: logits.argmax(-1)
     if row_seeds is not None:
         return RowSampler(row_seeds, temperature, top_p, device).draw
-    top_k = top_k if top_k is not None else getattr(getattr(model, "generation_config", None), "top_k", None) or 50  # generate's default
+    if top_k is None:  # generate's: the model's generation config, else its global default 50
+        top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 50
     warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
         ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
 

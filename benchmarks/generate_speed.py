@@ -13,7 +13,9 @@ Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up
 medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
 computes; the difference to the generated tokens is the padding waste of a batch whose rows stop at
-different steps. Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
+different steps. The step profile times one decode forward (100-token cache) against its linear layers
+alone: the floor that no decode loop gets under in fp32 (the weights are streamed from memory each step).
+Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
 """
 
 from __future__ import annotations
@@ -88,6 +90,37 @@ def stop_tokens_equal(a: list[list[int]], b: list[list[int]], stops: set[int]) -
     return sum(x == y for x, y in zip(*norm))
 
 
+def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> dict:
+    """Where a decode step's time goes: one forward of `batch` tokens over a `context`-token KV cache, against
+    the same step's linear layers alone (every weight streamed once, the FLOPs of the step: the floor no
+    decode loop gets under) and the LM head alone (ms, best of `repeats`)."""
+    import torch
+    from transformers import DynamicCache
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m: torch.randn(batch, m.in_features) for m in linears}
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.randint(0, model.config.vocab_size, (batch, context)), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        token = torch.randint(0, model.config.vocab_size, (batch, 1))
+
+        def step():
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # drop the token again: the same context every time
+        return {"step_ms": best(step), "linears_ms": best(lambda: [m(inputs[m]) for m in linears]),
+                "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}
+
+
 def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> dict:
     from posttrain.models.generate import stop_token_ids
 
@@ -108,7 +141,10 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
               f"({row_steps} row-steps)", flush=True)
     med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
     lengths = sorted(map(len, outputs["hf"]))
-    return {"batch": len(prompts), "runs": runs, "tokens_per_s": med, "speedup": med["posttrain"] / med["hf"],
+    profile = step_profile(model, len(prompts))
+    print(f"batch {len(prompts)} decode step: {profile}", flush=True)
+    return {"batch": len(prompts), "profile": profile, "runs": runs, "tokens_per_s": med,
+            "speedup": med["posttrain"] / med["hf"],
             "identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain'], stops)}/{len(prompts)}",
             "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
 
@@ -117,9 +153,11 @@ def render(result: dict) -> str:
     m = result["machine"]
     rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain"], f"**{c['speedup']:.2f}x**",
              c["identical_rows"], "{min}/{median}/{max}".format(**c["lengths"]),
-             f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}"] for c in result["cases"]]
+             f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}",
+             "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}".format(**c["profile"])] for c in result["cases"]]
     table = markdown_table(["batch", "HF generate tok/s", "posttrain tok/s", "posttrain/HF", "identical rows",
-                            "tokens per row min/median/max", "row-steps HF / posttrain"], rows)
+                            "tokens per row min/median/max", "row-steps HF / posttrain",
+                            "decode step / its linears / head ms"], rows)
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "

@@ -6,13 +6,17 @@ select, and leading columns that no remaining row uses are trimmed, so no step c
 row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
 serving engine drives it step by step so requests join a running batch (continuous batching).
 
-Why our own loop rather than the engines in transformers 5.23 (measured on SmolLM2-135M, fp32, a
-2-core AMD EPYC; benchmarks/README.md): `model.generate` keeps stepping finished rows until the
-last row stops and spends python time per step on its processors and criteria; `generate_batch`
-(continuous batching with paged attention) has no per-row seeded sampler, stop strings or streaming
-hooks; StaticCache + torch.compile cost minutes of compile on 2 cores for each new batch shape.
-The model's own forward does every step, so prefill, masks and positions are the ones HF computes
-(position = count of real tokens before, as in `generate`), and greedy outputs match `generate`.
+Why our own loop rather than the engines in transformers 5.23: `model.generate` keeps computing every
+row until the last one stops (21% of the row-steps of a batch of 8 chat prompts at 64 new tokens are
+finished rows) and cannot take a row in mid-run, which the serving engine needs. `generate_batch`
+(continuous batching over a paged cache) gives the same greedy tokens but took 27-42 s for 8 prompts
+x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself up, and takes one
+GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
+StaticCache + torch.compile were not tried: a SmolLM2 decode step costs about what its linear layers
+alone cost (benchmarks/generate_speed.py profiles it; the fp32 weights stream from memory every step),
+so removing python overhead cannot give much. The model's own forward does every step, so prefill,
+masks and positions are the ones HF computes (position = count of real tokens before, as in
+`generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
 """
 
 from __future__ import annotations

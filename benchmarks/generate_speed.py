@@ -110,9 +110,10 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
     inputs = {m: torch.randn(batch, m.in_features) for m in linears}
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.randint(0, model.config.vocab_size, (batch, context)), past_key_values=cache, use_cache=True,
+        vocab = model.config.vocab_size
+        model(input_ids=torch.randint(0, vocab, (batch, context)), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
-        token = torch.randint(0, model.config.vocab_size, (batch, 1))
+        token = torch.randint(0, vocab, (batch, 1))
 
         def step():
             model(input_ids=token, past_key_values=cache, use_cache=True)

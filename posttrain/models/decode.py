@@ -12,9 +12,9 @@ finished rows) and cannot take a row in mid-run, which the serving engine needs.
 (continuous batching over a paged cache) gives the same greedy tokens but took 27-42 s for 8 prompts
 x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself up, and takes one
 GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
-StaticCache + torch.compile were not tried: a SmolLM2 decode step costs about what its linear layers
-alone cost (benchmarks/generate_speed.py profiles it; the fp32 weights stream from memory every step),
-so removing python overhead cannot give much. The model's own forward does every step, so prefill,
+StaticCache + torch.compile were not tried: most of a SmolLM2 decode step is its linear layers streaming
+the fp32 weights (44 + 11 ms of a 78 ms batch-1 step; benchmarks/generate_speed.py profiles it), which
+removing python overhead does not touch. The model's own forward does every step, so prefill,
 masks and positions are the ones HF computes (position = count of real tokens before, as in
 `generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
 """

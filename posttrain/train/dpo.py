@@ -26,11 +26,12 @@ from posttrain.models.load import load_base
 from posttrain.models.anatomy import lm_head_and_backbone
 from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
-from posttrain.models.forward import hidden_states, packs_rows
+from posttrain.models.forward import FastPaths, hidden_states, packs_rows
 from posttrain.models.head_logps import token_logps
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
+from posttrain.train import reference_cache
 
 log = logging.getLogger("posttrain")
 
@@ -82,13 +83,12 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
     model.train(was_training)
 
 
-def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device) -> str:
-    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened."""
-    from posttrain.train import reference_cache
-
+def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, device,
+                         pack: bool) -> str:
+    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened.
+    `pack`: packed and padded rows round differently, so the cache key names the layout."""
     if not samples:
         return "none"
-    pack = packs_rows(cfg)  # packed and padded rows round differently, so the cache key names the layout
     path = reference_cache.cache_file(samples, model, cfg.model, device, pack) if cfg.dpo.reference_cache else None
     if path is not None and reference_cache.load_reference(path, samples):
         log.info("reference log-probs of %d prompts loaded from %s", len(samples), path)
@@ -108,27 +108,28 @@ def reference_mode(cfg: RunConfig) -> str:
     return cfg.dpo.reference
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, fast: FastPaths = FastPaths()) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg.methods, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    mode, pad_id, chunk, pack = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk, packs_rows(cfg)
+    mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
+    pack = packs_rows(cfg, fast.fused)
     ref_model, cached = None, {}
     if mode == "copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     elif mode == "precompute":  # before training, the policy is the reference
-        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx.device)
+        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx.device, pack)
                   for split, samples in (("train", data.train), ("eval", data.eval or []))}
-    prepared = prepare_model(model, cfg)
+    prepared = prepare_model(model, cfg, fused=fast.fused)
     model, trainable, total = prepared.model, prepared.trainable, prepared.total
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, ref_model=ref_model, chunk=chunk,
-                                fused=cfg.train.fused)
+                                fused=fast.fused)
     steps = DataSteps(preference_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=preference_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)

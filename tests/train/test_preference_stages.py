@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,7 +54,17 @@ def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys,
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.index("{"):])
     assert result["pairs"] == 12 and result["accuracy"] == 1.0 and result["mean_margin"] > 0
-    first = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    first = scored[0]
+    # the length figures come from the per-response lengths written to --out: 12 x (chosen, rejected)
+    rewards = [x for row in scored for x in row["rewards"]]
+    lengths = [n for row in scored for n in row["lengths"]]
+    assert result["length_correlation"]["responses"] == 24 and min(lengths) > 0
+    pairs = [row["lengths"] for row in scored]
+    assert result["longer_wins_accuracy"] == _mean([(c > r) + 0.5 * (c == r) for c, r in pairs])
+    pearson = result["length_correlation"]["pearson"]
+    if pearson is not None:  # None only if every reward or every length is equal
+        assert pearson == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]), abs=1e-6)
     from posttrain.data.preference import encode_preference, row_to_preference
     from posttrain.models.load import load_tokenizer
 

@@ -22,6 +22,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from posttrain.models.fast_lora import disable_fast_lora
 from posttrain.train.engines.base import Engine, Forward
 from posttrain.train.engines.fsdp import materialize, meta_copy
 
@@ -61,6 +62,8 @@ class DeepSpeedEngine(Engine):
 
     def wrap(self, model, groups):
         self.skeleton = meta_copy(model) if self.dist.main and self.stage == 3 else None
+        if self.stage == 3:  # ZeRO-3 gathers a module's weights when that module runs: the fused LoRA forward reads
+            disable_fast_lora(model)  # its children's weights without running them (empty partitions there)
         self.wrapper = Forward(model)
         return groups
 

@@ -22,7 +22,6 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from posttrain.models.fast_lora import disable_fast_lora
 from posttrain.train.engines.base import Engine, Forward
 from posttrain.train.engines.fsdp import materialize, meta_copy
 
@@ -62,8 +61,6 @@ class DeepSpeedEngine(Engine):
 
     def wrap(self, model, groups):
         self.skeleton = meta_copy(model) if self.dist.main and self.stage == 3 else None
-        if self.stage == 3:  # ZeRO-3 gathers a module's weights when that module runs: the fused LoRA forward reads
-            disable_fast_lora(model)  # its children's weights without running them (empty partitions there)
         self.wrapper = Forward(model)
         return groups
 
@@ -91,6 +88,11 @@ class DeepSpeedEngine(Engine):
     def clip_and_step(self, max_norm: float) -> float:
         self.ds.step()  # clips to gradient_clipping, steps, clears the gradients
         norm = self.ds.get_global_grad_norm()
+        if self.stage == 3:
+            # ZeRO-3 copies a weight's gradient of an update's first micro-batch into its buffer and adds the later
+            # ones: a weight the first pass does not use (PPO's value head in the ptx pass) would add onto the
+            # previous update's gradient. DeepSpeed keeps the buffer between updates: zero it.
+            self.ds.optimizer.grad_partitions_flat_buffer.zero_()
         return float(norm) if norm is not None else 0.0
 
     def zero_grad(self) -> None:

@@ -209,6 +209,20 @@ def run_alternating(script: Path, spec: dict, repeats: int, ablations: str) -> t
     return order, before, runs
 
 
+def split_fast(overrides: list[str]) -> tuple[list[str], dict]:
+    """A variant's overrides -> (config overrides, FastPaths keyword arguments). `fast.fused=false` and
+    `fast.head_positions=all` switch a fast path off: not config keys, a stage's run(cfg, fast=FastPaths(...))
+    (posttrain/models/forward.py)."""
+    config, fast = [], {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("fast."):
+            fast[key.removeprefix("fast.")] = value.lower() == "true" if value.lower() in ("true", "false") else value
+        else:
+            config.append(item)
+    return config, fast
+
+
 def check_ablations(ap, ablations: str, variants) -> None:
     """Unknown --ablations names end the command at once, not after every main run has finished."""
     unknown = [a for a in ablations.split(",") if a and a not in variants]

@@ -10,7 +10,7 @@ every linear but the head, sigmoid DPO with beta 0.1, the reference = the base w
 AdamW at a constant lr, the same number of optimizer steps. Each run is its own process; sides
 alternate (A B A B ...) and medians are reported. A sanity check runs each tool's own reference
 log-prob code on the same first pairs before training: the numbers must agree across tools.
-The ablation `posttrain-unfused` (train.fused=false) is the "before" of posttrain's fast paths.
+The ablation `posttrain-unfused` (FastPaths(fused=False)) is the "before" of posttrain's fast paths.
 Writes benchmarks/results/<name>.{json,md}.
 """
 
@@ -23,22 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.dpo_report import render_markdown  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     check_ablations,
+    split_fast,
     vs_trl_parser,
     run_alternating,
     trl_step_timer,
     finish_vs_trl,
-    ASSETS, ROOT, chat_length, llama_flops, llama_forward_flops, markdown_table, median_of, peak_rss_mb)
+    ASSETS, ROOT, chat_length, llama_flops, llama_forward_flops, median_of, peak_rss_mb)
 
 DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "dpo_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "prefs_train.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# posttrain variants: config overrides on top of the shared settings
+# posttrain variants: config overrides on top of the shared settings; fast.* switch a fast path off (split_fast)
 POSTTRAIN_VARIANTS = {
     "posttrain": [],
-    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
+    "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
 }
 
 
@@ -91,12 +93,15 @@ def new_counts() -> dict:
     return {"real": 0, "computed": 0, "stored": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": [], "losses": []}
 
 
-def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
+def worker_posttrain(spec: dict, variant: list[str]) -> dict:
     import torch
 
     import posttrain.train.dpo as dpo_mod
     from posttrain.train.config import load_config
+    from posttrain.models.forward import FastPaths
     from posttrain.train.loop import Loop
+
+    overrides, fast = split_fast(variant)
 
     data_path = Path(spec["tmp"]) / "prefs.jsonl"
     data_path.write_text("".join(json.dumps(p) + "\n" for p in spec["pairs"]), encoding="utf-8")
@@ -140,7 +145,7 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
             return out
 
     dpo_mod.dpo_forward, dpo_mod.Loop = counting_forward, SanityLoop
-    summary = dpo_mod.run(cfg)
+    summary = dpo_mod.run(cfg, FastPaths(**fast))
     if summary.get("dropped"):
         raise RuntimeError(f"posttrain dropped pairs: {summary['dropped']} (the slice should fit max_length)")
     return finish(counts)
@@ -213,56 +218,6 @@ SPEC: dict = {}
 
 
 # ---------------------------------------------------------------- driver
-
-
-def sanity_rows(runs: dict[str, list[dict]]) -> tuple[list[list], float]:
-    """Per side: first run's reference log-probs and token counts of the first pairs; max |diff| vs TRL."""
-    rows, ref = [], runs["trl"][0]["sanity"]
-    worst = 0.0
-    for side, rs in runs.items():
-        s = rs[0]["sanity"]
-        diff = max(abs(a - b) for key in ("chosen_logps", "rejected_logps") for a, b in zip(s[key], ref[key]))
-        worst = max(worst, diff)
-        rows.append([side, " / ".join(f"{v:.3f}" for v in s["chosen_logps"]),
-                     " / ".join(f"{v:.3f}" for v in s["rejected_logps"]),
-                     " / ".join(str(int(v)) for v in s["chosen_tokens"] + s["rejected_tokens"]),
-                     rs[0]["first_loss"], diff])
-    return rows, worst
-
-
-def render_markdown(result: dict) -> str:
-    med, peak, s = result["medians"], result["matmul_peak_gflops"], result["spec"]
-    headers = ["side", "runs", "tokens/s", "supervised tok/s", "train s", "process s", "peak RSS MB",
-               "first loss", "final loss", "padding", "positions run / token", "model GFLOP/s", "MFU"]
-    rows = [[side, len(result["runs"][side]), m["tokens_per_s"], m["loss_tokens_per_s"], m["train_s"],
-             m["process_wall_s"], m["peak_rss_mb"], m["first_loss"], m["final_loss"],
-             f"{100 * m['padding_fraction']:.1f}%", m["computed_per_token"], m["model_gflops_per_s"],
-             f"{100 * m['model_gflops_per_s'] / peak:.1f}%"] for side, m in med.items()]
-    sanity, worst = sanity_rows(result["runs"])
-    return "\n\n".join([
-        f"# DPO-LoRA: posttrain vs TRL DPOTrainer ({result['machine']['date']})",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
-        f"{result['machine']['torch_threads']}. Versions: {result['versions']}.",
-        f"Data: {s['data']} from row {s['start']}: {s['rows']} pairs that fit max length {s['max_length']} "
-        f"({s['skipped']} longer rows skipped); SmolLM2-135M-Instruct fp32; LoRA r={s['lora_r']} "
-        f"alpha={s['lora_alpha']} all-linear; sigmoid DPO beta={s['beta']}, reference = base with adapters off; "
-        f"{s['steps']} optimizer steps of {s['micro']}x{s['accum']} pairs; order {result['order']}.",
-        f"fp32 matmul peak (2048^3, best of 8, measured before and after the runs): {peak:.1f} GFLOP/s "
-        f"(before {result['matmul_gflops_before']:.1f}, after {result['matmul_gflops_after']:.1f}).",
-        "Medians per side:", markdown_table(headers, rows), "Ratios (medians):",
-        markdown_table(["ratio", "value"], [[k, f"{v:.2f}x"] for k, v in result["ratios"].items()]),
-        f"Sanity (first run of each side, before training): reference log-probs of the first {s['sanity_pairs']} "
-        f"pairs by each tool's own code, their token counts (chosen... / rejected...), and the first step's loss "
-        f"(log 2 = 0.693 while LoRA B = 0). Largest log-prob difference between the tools: {worst:.4f}.",
-        markdown_table(["side", "chosen logp", "rejected logp", "tokens", "first loss", "max |diff| vs TRL"],
-                       sanity),
-        "Tokens count the chosen and rejected sequences as rendered (the prompt once per response), the same "
-        "for both tools; supervised tokens are the response tokens. Positions run / token: positions the model "
-        "computed per such token (above 1: padding; below 1: posttrain stores a prompt once for its responses). "
-        "Model FLOPs: policy forward + backward (LoRA-aware, head at response positions) plus the reference "
-        "forward over those tokens, identical for both tools (a shared prompt does less than this work); "
-        "MFU = model FLOP/s / matmul peak.",
-    ]) + "\n"
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:

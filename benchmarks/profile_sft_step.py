@@ -5,7 +5,8 @@
 Same model, data and settings as benchmarks/sft_lora_vs_trl.py (SmolLM2-135M-Instruct fp32,
 alpaca slice, packed 512-token rows, LoRA r=8 on every linear). One warm-up step, then `--steps`
 profiled optimizer steps; prints the ops with the most self CPU time and a breakdown by phase
-(collate, forward, backward, optimizer). Extra `--set key=value` overrides try variants.
+(collate, forward, backward, optimizer). Extra `--set key=value` overrides try variants (`fast.fused=false`,
+`fast.head_positions=all`: the plain paths, benchmarks/common.py split_fast).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import split_fast  # noqa: E402
 from benchmarks.sft_lora_vs_trl import DEFAULT_DATA, FALLBACK_DATA, load_rows  # noqa: E402
 
 
-def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
+def build(rows: list[dict], tmp: str, micro: int, variant: list[str]):
     """(loop, plans) exactly as `posttrain train` builds them for the benchmark's settings."""
     import functools
 
@@ -30,10 +32,12 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     from posttrain.data.pipeline import build_sft_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.models.forward import sft_forward
+    from posttrain.models.forward import FastPaths, sft_forward
     from posttrain.train.loop import Dist, Loop
     from posttrain.train.steps import DataSteps
     from posttrain.data.batches import sft_batches
+
+    overrides, fast = split_fast(variant)
 
     path = Path(tmp) / "messages.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
@@ -50,8 +54,10 @@ def build(rows: list[dict], tmp: str, micro: int, overrides: list[str]):
     torch.manual_seed(0)
     model, tokenizer = load_base(cfg.model, torch.device("cpu"))
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
-    model = apply_method(model, cfg)
-    forward = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=cfg.train.head_positions)
+    fast = FastPaths(**fast)
+    model = apply_method(model, cfg.methods, fused=fast.fused)
+    forward = functools.partial(sft_forward, chunk=cfg.train.loss_chunk, head_positions=fast.head_positions,
+                                fused=fast.fused)
     steps = DataSteps(sft_batches(data.train, tokenizer.pad_token_id), forward, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=Dist())
     loop = Loop(cfg, model, steps)
@@ -64,7 +70,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="packed rows per step")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--top", type=int, default=30, help="ops listed")
-    ap.add_argument("--set", action="append", default=[], help="config override, e.g. train.head_positions=all")
+    ap.add_argument("--set", action="append", default=[], help="config override, or fast.head_positions=all")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--by-shape", action="store_true", help="also list ops grouped by input shapes")
     args = ap.parse_args()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     check_ablations,
+    split_fast,
     vs_trl_parser,
     run_alternating,
     trl_step_timer,
@@ -34,12 +35,12 @@ DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "general.jsonl"
 MODEL_DIR = Path("~/.cache/posttrain/smollm2-135m-instruct").expanduser()
 
-# posttrain variants: config overrides on top of the shared settings
+# posttrain variants: config overrides on top of the shared settings; fast.* switch a fast path off (split_fast)
 POSTTRAIN_VARIANTS = {
     "posttrain": [],
-    "posttrain-full-head": ["train.head_positions=all"],  # before: logits at every position
+    "posttrain-full-head": ["fast.head_positions=all"],  # before: logits at every position
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
-    "posttrain-unfused": ["train.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
+    "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
 }
 
 
@@ -78,11 +79,14 @@ def keep_fitting(pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
 # ---------------------------------------------------------------- workers (one process each)
 
 
-def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
+def worker_posttrain(spec: dict, variant: list[str]) -> dict:
 
     import posttrain.train.sft as sft_mod
     from posttrain.train.config import load_config
+    from posttrain.models.forward import FastPaths
     from posttrain.train.loop import Loop
+
+    overrides, fast = split_fast(variant)
 
     data_path = Path(spec["tmp"]) / "messages.jsonl"
     with open(data_path, "w", encoding="utf-8") as f:
@@ -121,9 +125,8 @@ def worker_posttrain(spec: dict, overrides: list[str]) -> dict:
 
     sft_mod.sft_forward = counting_forward
     Loop.update = timed_step
-    sft_mod.run(cfg)
-    return finish(counts, head_tokens=counts["loss"] if "train.head_positions=all" not in overrides
-                  else counts["real"])
+    sft_mod.run(cfg, FastPaths(**fast))
+    return finish(counts, head_tokens=counts["loss"] if fast.get("head_positions") != "all" else counts["real"])
 
 
 def worker_trl(spec: dict) -> dict:

@@ -6,12 +6,15 @@ Errors the user can fix print as one line and exit with code 2; `--debug` shows 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 
-from posttrain.errors import PosttrainError
+from posttrain.curate.cli import add_data_parser
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.eval.cli import add_subcommands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,23 +26,23 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not user news
-    import transformers
+    import transformers  # start-up time: ~3 s, only for commands that load models or data
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    import datasets
+    import datasets  # start-up time: ~3 s, only for commands that load models or data
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
 
 def cmd_train(args) -> int:
-    from posttrain.train.config import load_config
+    from posttrain.train.config import load_config  # start-up time: a command imports only what it runs
 
     cfg = load_config(args.config, args.overrides)  # an eval config (stage: eval) is an error naming posttrain eval
     _quiet_libraries()
-    from posttrain.models.vision_load import wants_vision
-    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision
+    from posttrain.models.vision_load import wants_vision  # start-up time: a command imports only what it runs
+    from posttrain.train import dpo, grpo, kto, ppo, rm, sft, sft_vision  # start-up time: only what runs
 
     stages = {"sft": sft_vision if wants_vision(cfg.model, cfg.vision) else sft, "rm": rm, "dpo": dpo, "kto": kto,
               "ppo": ppo, "grpo": grpo}
@@ -64,10 +67,10 @@ def _sampling(args) -> dict:
 
 def cmd_chat(args) -> int:
     _quiet_libraries()
-    from posttrain.records import Message
-    from posttrain.models.run import load_model_for_inference
-    from posttrain.models.generate import generate_reply
-    from posttrain.serve.chat import run_repl
+    from posttrain.records import Message  # start-up time: a command imports only what it runs
+    from posttrain.models.run import load_model_for_inference  # start-up time: a command imports only what it runs
+    from posttrain.models.generate import generate_reply  # start-up time: a command imports only what it runs
+    from posttrain.serve.chat import run_repl  # start-up time: a command imports only what it runs
 
     model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
     if args.system is None and cfg is not None:
@@ -75,7 +78,7 @@ def cmd_chat(args) -> int:
     if args.image and args.prompt is None:
         raise PosttrainError("posttrain chat: --image goes with --prompt (in the chat itself: /image PATH)")
     if args.prompt is not None:
-        from posttrain.serve.chat import prompt_images
+        from posttrain.serve.chat import prompt_images  # start-up time: a command imports only what it runs
 
         content, pixel_values = prompt_images(model, args.image, args.prompt)
         reply = generate_reply(model, tokenizer, [Message("user", content)], pixel_values=pixel_values,
@@ -88,7 +91,7 @@ def cmd_chat(args) -> int:
 
 def cmd_export(args) -> int:
     _quiet_libraries()
-    from posttrain.models.export import export_merged
+    from posttrain.models.export import export_merged  # start-up time: a command imports only what it runs
 
     out = export_merged(args.run, args.out, trust_remote_code=args.trust_remote_code)
     print(f"exported {out}", file=sys.stderr)
@@ -97,13 +100,13 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from posttrain.eval.cli import main as eval_main
+    from posttrain.eval.cli import main as eval_main  # start-up time: a command imports only what it runs
 
     return eval_main(args.target, args.rest, _Parser)
 
 
 def _chat_log(args):
-    from posttrain.serve.chatlog import ChatLog
+    from posttrain.serve.chatlog import ChatLog  # start-up time: a command imports only what it runs
 
     if args.log_dir is None:
         return None
@@ -120,29 +123,35 @@ def _add_log_flags(p: argparse.ArgumentParser, user: str) -> None:
 
 def cmd_serve(args) -> int:
     _quiet_libraries()
-    from posttrain.serve.api import Limits, serve
+    from posttrain.serve.api import Limits, serve  # start-up time: a command imports only what it runs
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
-          name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args))
+          name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args),
+          trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def cmd_ui(args) -> int:
     _quiet_libraries()
-    from posttrain.serve.ui.app import run_ui
+    from posttrain.serve.ui.app import run_ui  # start-up time: a command imports only what it runs
 
     run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
            token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir,
-           chat_log=_chat_log(args))
+           chat_log=_chat_log(args), run_configs=ui_run_configs())
     return 0
+
+
+def ui_run_configs():
+    """The training config as the UI's Train tab sees it, handed down from here: serve never imports train."""
+    from posttrain.serve.ui.training import RunConfigs  # start-up time: a command imports only what it runs
+    from posttrain.train.config import STAGES, resolve_tree  # start-up time: a command imports only what it runs
+
+    return RunConfigs(stages=STAGES, resolve=resolve_tree)
 
 
 def cmd_score(args) -> int:
     _quiet_libraries()
-    import json
-
-    from posttrain.errors import ConfigError
-    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences
+    from posttrain.eval.reward_accuracy import normalize_rewards, score_preferences  # start-up time: only what runs
 
     if not args.data and not args.normalize:
         raise ConfigError("posttrain score: give --data (score a preference file) and/or --normalize (set the offset)")
@@ -161,9 +170,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from posttrain.eval.config import EvalRunConfig
-    from posttrain.train.config import RunConfig
-    from posttrain.typed_config import describe_keys
+    from posttrain.eval.config import EvalRunConfig  # start-up time: a command imports only what it runs
+    from posttrain.train.config import RunConfig  # start-up time: a command imports only what it runs
+    from posttrain.typed_config import describe_keys  # start-up time: yaml, ~20 ms
 
     rows = describe_keys(RunConfig) + [row for row in describe_keys(EvalRunConfig) if row[0] != "stage"]
     for key, default, doc in rows:
@@ -210,8 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
-    from posttrain.eval.cli import add_subcommands
-
     add_subcommands(p)
     p.set_defaults(func=cmd_eval)
 
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
     _add_log_flags(p, "the request's 'user' field")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")
@@ -255,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="list every config key with its default and doc")
     p.add_argument("filter", nargs="?", help="only keys containing this text")
     p.set_defaults(func=cmd_keys)
-
-    from posttrain.curate.cli import add_data_parser
 
     add_data_parser(sub)
     return parser

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits with code 2."""
 
+import json
+
 
 class PosttrainError(Exception):
     """A problem the user can fix (bad config, bad data, missing model); never a bug."""
@@ -23,8 +25,6 @@ class ModelSourceError(PosttrainError):
 
 def http_error_text(err) -> str:
     """'HTTP 404: <message>' from an OpenAI-style error body (a urllib HTTPError), else 'HTTP 404'."""
-    import json
-
     try:
         message = json.loads(err.read())["error"]["message"]
     except Exception:  # noqa: BLE001 - any body that is not OpenAI's error shape

@@ -20,3 +20,17 @@ def test_unknown_ablation_fails_before_any_run(bench, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "posttrain-nope" in err and "posttrain-unfused" in err  # the bad name and the valid ones
+
+
+@pytest.mark.parametrize("bench", [sft_lora_vs_trl, dpo_lora_vs_trl])
+def test_variants_are_config_overrides_and_fast_path_switches(bench):
+    """Each ablation splits into valid config overrides and FastPaths fields (the switches are not config keys)."""
+    from posttrain.models.forward import FastPaths
+    from posttrain.train.config import load_config
+
+    for variant in bench.POSTTRAIN_VARIANTS.values():
+        overrides, fast = common.split_fast(variant)
+        FastPaths(**fast)
+        load_config(None, ["model.name_or_path=tiny-random", *overrides], **{"data.datasets": [{"path": "x.jsonl"}]})
+    assert common.split_fast(["fast.fused=false", "data.packing=false", "fast.head_positions=all"]) == \
+        (["data.packing=false"], {"fused": False, "head_positions": "all"})

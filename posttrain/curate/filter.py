@@ -36,11 +36,12 @@ from pathlib import Path
 import yaml
 
 from posttrain.curate.lang import SCRIPTS, char_grams, is_cjk, script_of  # noqa: F401 (re-exported)
-from posttrain.curate.stream import (AtomicJsonl, FileParser, conversation_text, iter_rows, progress, prompt_text,
-                                     response_text, side_path)
-from posttrain.data.policy import ContentProblem, count_problem
+from posttrain.curate.stream import RowPass, conversation_text, prompt_text, response_text
+from posttrain.data.policy import ContentProblem
 from posttrain.errors import DataError
 from posttrain.typed_config import yaml_error_text
+from posttrain.models.load import load_tokenizer
+from posttrain.models.sources import resolve_model
 
 FIELDS = {"all": conversation_text, "prompt": prompt_text, "response": response_text}
 REFUSALS = ("i'm sorry, but i can", "i am sorry, but i can", "i cannot help", "i can't help", "as an ai language model",
@@ -147,9 +148,6 @@ def _length(spec: dict) -> Check:
         raise DataError(f"length rule: field must be one of {', '.join(FIELDS)} and unit chars or tokens, got {spec}")
     measure = len
     if unit == "tokens":
-        from posttrain.models.load import load_tokenizer
-        from posttrain.models.sources import resolve_model
-
         tok = load_tokenizer(resolve_model(spec.get("tokenizer", "smollm2-135m-instruct")))
         measure = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
 
@@ -242,16 +240,13 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
     A row with a content problem (data/policy.py) is rejected under its reason, or fatal when strict."""
     rules = load_rules(rules_path)
     dropped, changed = Counter(), Counter()
-    rows = 0
-    parse = FileParser(fmt)
-    with AtomicJsonl(out) as writer, AtomicJsonl(side_path(out, "rejected")) as rejects:
-        for source, row in progress(iter_rows(path), "filter"):
-            rows += 1
+    with RowPass(path, out, fmt, "filter") as rows:
+        parse, writer, rejects = rows.parse, rows.writer, rows.rejects
+        for source, row in rows:
             try:
                 conv = parse(row, source)
             except ContentProblem as problem:
-                count_problem(dropped, problem, strict)
-                rejects.write({"source": source, "rule": problem.reason, "reason": str(problem), "row": row})
+                rows.reject(dropped, problem, strict, source, row, rule=problem.reason)
                 continue
             reason = None
             for name, rule in rules:
@@ -268,5 +263,5 @@ def filter_file(path: str | Path, out: str | Path, rules_path: str | Path, fmt: 
             if reason is None:
                 writer.write(row)
     scrubbed = sum((r.counts for n, r in rules if n == "pii"), Counter())
-    return {"rows": rows, "kept": writer.count, "dropped": dict(dropped), "changed": dict(changed),
+    return {"rows": rows.rows, "kept": writer.count, "dropped": dict(dropped), "changed": dict(changed),
             "pii_matches": dict(scrubbed), "out": str(out), "rejected_file": str(rejects.path)}

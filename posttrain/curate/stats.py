@@ -25,6 +25,8 @@ from posttrain.curate.lang import CJK_CHAR, is_cjk, script_of
 from posttrain.curate.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
 from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
+from posttrain.models.load import load_tokenizer
+from posttrain.models.sources import resolve_model
 
 FUNCTION_WORDS = set("""a an the this that these those of to in on for with from by at as and or but if is are be
 was were it its me my you your i we our us they their them some any all each every one two three following given
@@ -39,8 +41,8 @@ NO_JIEBA = "install posttrain[zh] (jieba) for Chinese verb-noun pairs"
 def _pos_tagger():
     """jieba.posseg.lcut, or None when the optional extra is not installed."""
     try:
-        import jieba
-        import jieba.posseg
+        import jieba  # optional extra posttrain[zh]
+        import jieba.posseg  # optional extra posttrain[zh]
     except ImportError:
         return None
     jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" lines in the report output
@@ -127,10 +129,10 @@ def _summary(a: np.ndarray) -> dict:
 
 
 def plot(stats: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, ~1 s
 
     matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, ~1 s
 
     fonts = cjk_fonts()
     plt.rcParams["font.family"] = ["DejaVu Sans"] + fonts  # per-glyph fallback to the CJK font
@@ -166,7 +168,7 @@ def cjk_fonts() -> list[str]:
     from matplotlib import font_manager, ft2font  # matplotlib loads only when plotting (start-up time)
 
     try:  # optional extra `zh`
-        from justmytype_intl_cjk import get_font_pack
+        from justmytype_intl_cjk import get_font_pack  # optional extra posttrain[zh]
     except ImportError:
         get_font_pack = None
     if get_font_pack is not None:
@@ -203,9 +205,6 @@ def stats(path: str | Path, report_dir: str | Path, fmt: str = "auto", tokenizer
           group_by: str = "source", strict: bool = False) -> dict:
     tok = None
     if tokenizer:
-        from posttrain.models.load import load_tokenizer
-        from posttrain.models.sources import resolve_model
-
         tok = load_tokenizer(resolve_model(tokenizer))
     result = collect(path, fmt, tok, group_by, strict)
     out = Path(report_dir)

@@ -11,10 +11,15 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+from tqdm import tqdm
+
 from posttrain.data.formats import detect_format, row_to_conversation
+from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.data.reading import iter_json_lines, read_rows, source_of
 from posttrain.records import Conversation
 from posttrain.errors import DataError
@@ -92,6 +97,37 @@ class AtomicJsonl:
             self.tmp.unlink(missing_ok=True)
 
 
+class RowPass:
+    """One pass of a command over a file: its rows (counted, behind a progress bar) parsed by one FileParser,
+    kept rows written to `out`, rejected ones with their reasons beside it (out.rejected.jsonl); both atomic."""
+
+    def __init__(self, path: str | Path, out: str | Path, fmt: str, desc: str):
+        self.path, self.desc, self.parse, self.rows = path, desc, FileParser(fmt), 0
+        self.writer, self.rejects = AtomicJsonl(out), AtomicJsonl(side_path(out, "rejected"))
+        self._files = ExitStack()
+
+    def __enter__(self) -> RowPass:
+        with ExitStack() as files:
+            files.enter_context(self.writer)
+            files.enter_context(self.rejects)
+            self._files = files.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.__exit__(*exc)
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        for source, row in progress(iter_rows(self.path), self.desc):
+            self.rows += 1
+            yield source, row
+
+    def reject(self, counts: Counter, problem: ContentProblem, strict: bool, source: str, row: dict, **extra) -> None:
+        """A row's content problem (data/policy.py): counted under its reason, or fatal when strict; the row is
+        kept, with why, in the rejected file."""
+        count_problem(counts, problem, strict)
+        self.rejects.write({"source": source, **extra, "reason": str(problem), "row": row})
+
+
 def reason_of(err: Exception, source: str) -> str:
     """A row error's reason without its source and value, to count rows by reason:
     "f.jsonl line 4: field 'output' must be a string, got int: 5" -> "field 'output' must be a string"."""
@@ -134,6 +170,4 @@ def normalise(text: str) -> str:
 
 def progress(iterable, desc: str, total: int | None = None):
     """A tqdm bar on a terminal; silent in logs and tests (tqdm's disable=None)."""
-    from tqdm import tqdm
-
     return tqdm(iterable, desc=desc, total=total, unit=" rows", disable=None, file=sys.stderr, mininterval=1.0)

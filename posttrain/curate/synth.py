@@ -96,25 +96,6 @@ class OpenAITeacher:
         raise PosttrainError(f"teacher {self.url} failed {self.retries + 1} times; last error: {last}")
 
 
-class LocalTeacher:
-    """A local model through posttrain's own generation (run dir, model folder or built-in)."""
-
-    def __init__(self, model: str, max_tokens: int | None = None):
-        from posttrain.models.run import load_model_for_inference
-
-        self.model, self.tokenizer, _ = load_model_for_inference(model)
-        self.max_tokens = max_tokens
-
-    def complete(self, prompt: str, max_tokens: int = 512, temperature: float = 0.7) -> str:
-        from posttrain.records import Message
-        from posttrain.models.generate import generate_reply
-
-        max_tokens = min(max_tokens, self.max_tokens or max_tokens)
-
-        return generate_reply(self.model, self.tokenizer, [Message("user", prompt)], system=None,
-                              max_new_tokens=max_tokens, temperature=temperature, top_p=1.0)
-
-
 def load_seeds(path: str | Path) -> list[str]:
     """Seed instructions from Self-Instruct's seed_tasks.jsonl or any file with an `instruction` column."""
     seeds = []

@@ -12,7 +12,8 @@ import torch
 
 from posttrain.data.collate import collate
 from posttrain.data.kto import KTOSample
-from posttrain.data.preference import PrefSample, collate_preferences
+from posttrain.data.preference import PrefSample
+from posttrain.data.preference_batch import collate_preferences
 
 
 @dataclass

@@ -7,12 +7,12 @@ so the rest of the pipeline only ever sees `Conversation`s.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 
-from posttrain.data.images import MEDIA_FIELDS, check_placeholders, content_text, image_list, no_vision_message
-from posttrain.data.policy import ContentProblem
+from posttrain.data.images import MEDIA_FIELDS, check_placeholders, image_list, no_vision_message
+from posttrain.data.row_context import EMPTY_RESPONSE, RowContext, empty_reason, short
+from posttrain.data.tool_calls import function_call_message, parse_tool_call, parse_tools
 from posttrain.records import ROLES, Conversation, Message
 from posttrain.errors import DataError
 
@@ -119,64 +119,6 @@ def refuse_media(row: Mapping, ctx: RowContext) -> None:
                              f"{name}")
 
 
-class RowContext:
-    """Where a row came from, so every check can name file, line and field (with its file column).
-
-    `images` collects the URLs of OpenAI image_url parts in order (None: the model takes no images)."""
-
-    def __init__(self, source: str, columns: Mapping[str, str], images: bool = False):
-        self.source = source
-        self.columns = columns
-        self.images: list[str] | None = [] if images else None
-
-    def fail(self, field: str, problem: str) -> DataError:
-        top = re.split(r"[\[.]", field, maxsplit=1)[0]
-        renamed = f" (column '{self.columns[top]}')" if self.columns.get(top, top) != top else ""
-        return DataError(f"{self.source}: field '{field}'{renamed} {problem}")
-
-    def problem(self, reason: str, field: str, problem: str) -> ContentProblem:
-        """A content problem of this row (data/policy.py): dropped and counted unless data.strict."""
-        return ContentProblem(reason, str(self.fail(field, problem)))
-
-    def text(self, value, field: str, *, allow_empty: bool = False, empty: str = "empty_prompt") -> str:
-        """A string field; a list of OpenAI content parts is joined (images become placeholders), anything
-        else is an error.
-
-        Missing (None) or not a string: structural, a DataError. Blank: a content problem `empty`."""
-        if isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value):
-            value = content_text(value, self, field, self.images)
-        if value is None:
-            raise self.fail(field, "is missing/empty")
-        if not isinstance(value, str):
-            raise self.fail(field, f"must be a string, got {type(value).__name__}: {_short(value)}")
-        if not value.strip() and not allow_empty:
-            raise self.problem(empty, field, "is empty")
-        return value
-
-    def optional_text(self, value, field: str) -> str | None:
-        blank = value is None or (isinstance(value, str) and not value.strip())
-        return None if blank else self.text(value, field)
-
-    def items(self, value, field: str) -> list:
-        if value is None or (isinstance(value, list) and not value):
-            raise self.fail(field, "is missing/empty")
-        if not isinstance(value, list):
-            raise self.fail(field, f"must be a list, got {type(value).__name__}: {_short(value)}")
-        return value
-
-
-EMPTY_RESPONSE = "empty_response"  # drop reason of a blank assistant reply; any other blank text is empty_prompt
-
-
-def empty_reason(role: str) -> str:
-    return EMPTY_RESPONSE if role == "assistant" else "empty_prompt"
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def role_map(role_tags: Mapping[str, str] | None) -> dict[str, str]:
     """The default role tags (user/human/gpt/...) plus a dataset's `role_tags`, each checked."""
     tags = dict(DEFAULT_ROLE_TAGS)
@@ -193,51 +135,6 @@ def _role(tag, tags: Mapping[str, str], ctx: RowContext, field: str) -> str:
             field, f"has unknown role {tag!r}; accepted: {', '.join(sorted(tags))}. Map it with `role_tags` "
             f"in the dataset config, e.g. role_tags: {{{tag}: assistant}}")
     return tags[tag]
-
-
-def _drop_nulls(value):
-    """Drop None entries from dicts: Arrow gives every struct the union of all rows' keys."""
-    if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
-    return value
-
-
-def _tools(value, ctx: RowContext) -> list[dict] | None:
-    """`tools` as a JSON string or a list of function schemas; empty means none."""
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ctx.fail("tools", f"is not valid JSON: {err.msg}") from None
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ctx.fail("tools", f"must be a list of function schemas, got {_short(value)}")
-    return _drop_nulls(value) or None
-
-
-def _tool_call(call, ctx: RowContext, field: str) -> dict:
-    """Normalise one call to {"type": "function", "function": {"name", "arguments": dict}}.
-
-    Arguments become a dict when given as a JSON string: HF chat templates render them with
-    `tojson`, which would quote a string a second time.
-    """
-    if not isinstance(call, dict):
-        raise ctx.fail(field, f"must be an object with name and arguments, got {_short(call)}")
-    fn = call.get("function", call)
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ctx.fail(field, "needs a string 'name'")
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as err:
-            raise ctx.fail(field + ".arguments", f"is not valid JSON: {err.msg}") from None
-    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 def _system_first(conv: Conversation, system: str | None) -> Conversation:
@@ -266,7 +163,7 @@ def parse_alpaca(row: Mapping, ctx: RowContext) -> Conversation:
     messages = []
     for i, pair in enumerate(row.get("history") or []):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ctx.fail(f"history[{i}]", f"must be a [user, assistant] pair, got {_short(pair)}")
+            raise ctx.fail(f"history[{i}]", f"must be a [user, assistant] pair, got {short(pair)}")
         messages.append(Message("user", ctx.text(pair[0], f"history[{i}][0]")))
         messages.append(Message("assistant", ctx.text(pair[1], f"history[{i}][1]", empty=EMPTY_RESPONSE)))
     messages += [Message("user", prompt), Message("assistant", output)]
@@ -280,28 +177,16 @@ def parse_sharegpt(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Co
     for i, turn in enumerate(ctx.items(row.get("conversations"), "conversations")):
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise ctx.fail(field, f"must be an object with 'from' and 'value', got {_short(turn)}")
+            raise ctx.fail(field, f"must be an object with 'from' and 'value', got {short(turn)}")
         tag = turn.get("from", turn.get("role"))  # some exports use role/content inside sharegpt
         value = turn.get("value", turn.get("content"))
         role = _role(tag, tags, ctx, field + ".from")
         if role == "function_call":
-            messages.append(_function_call(value, ctx, field + ".value"))
+            messages.append(function_call_message(value, ctx, field + ".value"))
         else:
             messages.append(Message(role, ctx.text(value, field + ".value", empty=empty_reason(role))))
-    conv = Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
+    conv = Conversation(messages=messages, tools=parse_tools(row.get("tools"), ctx))
     return _system_first(conv, ctx.optional_text(row.get("system"), "system"))
-
-
-def _function_call(value, ctx: RowContext, field: str) -> Message:
-    """A sharegpt function_call turn: JSON {name, arguments} (or a list of them for parallel calls)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(ctx.text(value, field))
-        except json.JSONDecodeError as err:
-            raise ctx.fail(field, f"is not valid JSON {{name, arguments}}: {err.msg}") from None
-    calls = value if isinstance(value, list) else [value]
-    tool_calls = [_tool_call(c, ctx, f"{field}[{i}]" if len(calls) > 1 else field) for i, c in enumerate(calls)]
-    return Message("assistant", "", tool_calls=tool_calls)
 
 
 def parse_openai(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conversation:
@@ -310,16 +195,16 @@ def parse_openai(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conv
     for i, raw in enumerate(ctx.items(row.get("messages"), "messages")):
         field = f"messages[{i}]"
         if not isinstance(raw, dict):
-            raise ctx.fail(field, f"must be an object with 'role' and 'content', got {_short(raw)}")
+            raise ctx.fail(field, f"must be an object with 'role' and 'content', got {short(raw)}")
         role = _role(raw.get("role"), tags, ctx, field + ".role")
         calls = raw.get("tool_calls") or None
         if calls is not None:
             if role not in ("assistant", "function_call") or not isinstance(calls, list):
                 raise ctx.fail(field + ".tool_calls", "must be a list, on an assistant message")
-            calls = [_tool_call(c, ctx, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            calls = [parse_tool_call(c, ctx, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)]
             role = "assistant"
         elif role == "function_call":
-            messages.append(_function_call(raw.get("content"), ctx, field + ".content"))
+            messages.append(function_call_message(raw.get("content"), ctx, field + ".content"))
             continue
         content = raw.get("content")
         if calls and content is None:  # OpenAI sends content: null beside tool_calls
@@ -327,12 +212,12 @@ def parse_openai(row: Mapping, ctx: RowContext, tags: Mapping[str, str]) -> Conv
         content = ctx.text(content, field + ".content", allow_empty=calls is not None, empty=empty_reason(role))
         weight = _weight(raw.get("loss_weight"), ctx, field)
         messages.append(Message(role, content, loss_weight=weight, tool_calls=calls))
-    return Conversation(messages=messages, tools=_tools(row.get("tools"), ctx))
+    return Conversation(messages=messages, tools=parse_tools(row.get("tools"), ctx))
 
 
 def _weight(value, ctx: RowContext, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ctx.fail(field + ".loss_weight", f"must be a number >= 0, got {_short(value)}")
+        raise ctx.fail(field + ".loss_weight", f"must be a number >= 0, got {short(value)}")
     return float(value)

@@ -114,7 +114,7 @@ def image_bytes(ref: str, where: str = "") -> bytes:
 
 def decode(data: bytes, where: str = ""):
     """RGB PIL image from encoded bytes; DataError when it does not decode or is implausibly large."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # heavy-ish: Pillow, loaded only when an image is decoded
 
     prefix = f"{where}: " if where else ""
     try:

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.data.formats import RowContext, refuse_media, rename_columns, role_map, row_to_conversation
+from posttrain.data.formats import refuse_media, rename_columns, role_map, row_to_conversation
+from posttrain.data.row_context import RowContext
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.preference import _messages, _response
 from posttrain.data.reading import read_rows, source_of
+from posttrain.data.holdout import split_off
 from posttrain.errors import DataError, PosttrainError
 from posttrain.records import Conversation, Message
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
@@ -127,12 +129,7 @@ def build_kto_data(data_cfg, template_cfg, tokenizer, seed: int) -> KTOData:
     train = [r for ds in data_cfg.datasets for r in read_kto(ds, data_cfg, drops)]
     evals = [r for ds in data_cfg.eval_datasets for r in read_kto(ds, data_cfg, drops)]
     if not evals and data_cfg.val_size > 0:
-        n_val = int(data_cfg.val_size) if data_cfg.val_size >= 1 else max(1, round(data_cfg.val_size * len(train)))
-        if n_val >= len(train):
-            raise PosttrainError(f"data.val_size={data_cfg.val_size} leaves no KTO rows to train on")
-        held = set(np.random.default_rng([seed, 3]).choice(len(train), n_val, replace=False).tolist())
-        evals = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
+        train, evals = split_off(train, data_cfg.val_size, seed, "KTO")
     args = (tokenizer, data_cfg.max_length, template_cfg.system, seed, drops, data_cfg.strict)
     train_s, eval_s = encode_kto(train, *args), encode_kto(evals, *args)
     if not train_s:

@@ -19,6 +19,7 @@ from posttrain.data.formats import detect_format, rename_columns, row_to_convers
 from posttrain.data.images import kept_images
 from posttrain.data.policy import ContentProblem, count_problem, drop_sample
 from posttrain.data.reading import read_rows, source_of
+from posttrain.data.holdout import held_out
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.templates.render import DropSample, apply_template, encode_conversation
 
@@ -96,17 +97,11 @@ def _read(ds_cfg, seed: int, salt: tuple[int, int]) -> _Source:
 
 
 def _hold_out(sources: list[_Source], val_size: float, seed: int) -> None:
-    """Move val_size (<1: a fraction, >=1: a count) of all picked rows to eval, seeded.
+    """Move val_size (<1: a fraction, >=1: a count) of all picked rows to eval, seeded (data/holdout.py).
 
-    Done before weighting, so a repeated row (weight > 1) can never sit in both splits. A
-    fraction holds out at least one row, so a small val_size never silently disables eval.
+    Done before weighting, so a repeated row (weight > 1) can never sit in both splits.
     """
-    total = sum(len(s.train_idx) for s in sources)
-    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * total))
-    if n_val >= total:
-        raise PosttrainError(f"data.val_size={val_size} holds out {n_val} of {total} rows, leaving none to train on")
-    held = np.zeros(total, dtype=bool)
-    held[np.random.default_rng([seed, 3]).choice(total, n_val, replace=False)] = True
+    held = held_out(sum(len(s.train_idx) for s in sources), val_size, seed)
     start = 0
     for src in sources:
         mask = held[start: start + len(src.train_idx)]
@@ -130,7 +125,7 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
     Each distinct row is encoded once; weighting then repeats its samples, so drops count rows
     of the files, not copies, and weight 3 costs no extra tokenization.
     """
-    import datasets
+    import datasets  # heavy: datasets (~3 s), loaded only when data is encoded
 
     parts, drops = [], Counter()
     for src in sources:
@@ -156,7 +151,7 @@ def _encode_all(sources: list[_Source], which: str, encoder_args: dict):
 
 def _encoded_features():
     """Explicit types: a batch of only drops would otherwise infer list<null> and break concatenation."""
-    import datasets
+    import datasets  # heavy: datasets (~3 s), loaded only when data is encoded
 
     return datasets.Features({
         "input_ids": datasets.List(datasets.Value("int32")),

@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data.formats import RowContext, row_to_conversation
+from posttrain.data.formats import row_to_conversation
+from posttrain.data.row_context import RowContext
 from posttrain.data.policy import ContentProblem, count_problem, drop_or_raise, drop_summary
 from posttrain.data.reading import read_rows, source_of
 from posttrain.errors import DataError, PosttrainError

@@ -23,7 +23,7 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 def read_rows(path: str | Path):
     """A .json (array or JSON lines), .jsonl, .csv or .parquet file -> datasets.Dataset."""
     import datasets  # heavy (pyarrow, pandas): imported on first read, not with the module
-    import pyarrow as pa
+    import pyarrow as pa  # heavy: with datasets above
 
     path = Path(path)
     builder = BUILDERS.get(path.suffix.lower())

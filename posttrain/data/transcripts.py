@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.data.formats import EMPTY_RESPONSE, RowContext
+from posttrain.data.row_context import EMPTY_RESPONSE, RowContext
 from posttrain.records import Message
 
 SPEAKERS = {"Human": "user", "Assistant": "assistant"}

@@ -19,14 +19,19 @@ from posttrain.errors import DataError
 from posttrain.eval.config import CompareConfig, EvalConfig
 from posttrain.eval.progress import Progress
 from posttrain.models.sources import model_names
+from posttrain.eval.judges import DEFAULT_JUDGE_PROMPT, OpenAIJudge, ReferenceJudge, RewardModelJudge
+from posttrain.eval.generation import generate_file
+from posttrain.models.run import load_model_for_inference, run_config_of
+from posttrain.eval.ratings import ratings_from_votes
+from posttrain.data.prompts import read_prompts
+from posttrain.eval.report import write_compare_report
+from posttrain.models.load import pick_device
 
 log = logging.getLogger(__name__)
 
 
 def make_judge(cmp_cfg: CompareConfig, device: str | None = None):
     """The judge named by eval.compare.judge: 'reference', an http(s) URL, or a reward-model folder."""
-    from posttrain.eval.judges import DEFAULT_JUDGE_PROMPT, OpenAIJudge, ReferenceJudge, RewardModelJudge
-
     if cmp_cfg.judge == "reference":
         return ReferenceJudge(epsilon=cmp_cfg.epsilon)
     if cmp_cfg.judge.startswith(("http://", "https://")):
@@ -38,9 +43,6 @@ def make_judge(cmp_cfg: CompareConfig, device: str | None = None):
 def generate_answers(refs: list[str], names: list[str], prompts, out_dir: Path, *, device: str | None = None,
                      **gen_kwargs) -> dict[str, dict]:
     """name -> {prompt id -> answer row}; one model in memory at a time, loaded only if answers are missing."""
-    from posttrain.eval.generation import generate_file
-    from posttrain.models.run import load_model_for_inference, run_config_of
-
     answers = {}
     for ref, name in zip(refs, names):
         cfg, loaded = run_config_of(ref), []
@@ -106,34 +108,8 @@ def judge_pairs(judge, names: list[str], prompts, answers: dict[str, dict], vote
     return out
 
 
-def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
-                       categories: dict[str, str] | None = None) -> dict:
-    """Win/tie/loss with intervals, the win-rate matrix, BT and Elo with bootstrap intervals, and
-    win rates per prompt category when the prompts have categories. Only votes with a winner are
-    rated; those whose judge gave no verdict (winner None) are counted as no_verdict."""
-    from posttrain.eval.ratings import bootstrap, win_matrix, win_rates
-
-    decided = [v for v in votes if v["winner"] is not None]
-    result = {"votes": len(decided), "no_verdict": len(votes) - len(decided)}
-    if not decided:
-        return {**result, "win_rates": [], "win_matrix": {}, "bradley_terry": [], "elo": []}
-    rows = win_rates(decided)
-    result.update(win_rates=rows, win_matrix=win_matrix(rows), bradley_terry=bootstrap(decided, "bt", rounds, seed),
-                  elo=bootstrap(decided, "elo", rounds, seed))
-    if categories and any(categories.values()):
-        by_cat: dict[str, list[dict]] = {}
-        for v in decided:
-            by_cat.setdefault(categories.get(v["prompt_id"]) or "(none)", []).append(v)
-        result["by_category"] = {c: win_rates(vs) for c, vs in sorted(by_cat.items())}
-    return result
-
-
 def run(ev: EvalConfig) -> dict:
     """Answers, votes, ratings.json and report.md for ev.compare, in ev.output_dir."""
-    from posttrain.data.prompts import read_prompts
-    from posttrain.eval.report import write_compare_report
-    from posttrain.models.load import pick_device
-
     cmp = ev.compare
     out = Path(ev.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ from pathlib import Path
 from posttrain.data.prompts import PromptItem, read_prompts
 from posttrain.errors import DataError
 from posttrain.eval.progress import Progress
+from posttrain.models.run import model_stamp, load_model_for_inference, run_config_of
+from posttrain.models.generate import generate_batch
+from posttrain.eval.metrics import reference_scores
 
 
 def _prompt_hash(item: PromptItem, system: str | None) -> str:
@@ -52,9 +55,6 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
     (model, tokenizer) is only called when something is left to generate. Prompts go in
     length-sorted batches (less padding); results come back in file order.
     """
-    from posttrain.models.run import model_stamp
-    from posttrain.models.generate import generate_batch
-
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_ref, "weights": hashlib.sha256(model_stamp(model_ref).encode()).hexdigest()[:12],
@@ -83,9 +83,6 @@ def run(model_ref: str, data: str, out: str, *, batch_size: int = 8, max_new_tok
         temperature: float = 0.0, segment: str = "auto", device: str | None = None, strict: bool = False) -> dict:
     """Generate predictions for `data` into `out` (JSONL) and write BLEU/ROUGE beside it (.scores.json) when the
     data has reference answers."""
-    from posttrain.eval.metrics import reference_scores
-    from posttrain.models.run import load_model_for_inference, run_config_of
-
     cfg = run_config_of(model_ref)
     items = read_prompts(data, strict=strict)
     rows = generate_file(lambda: load_model_for_inference(model_ref, device=device)[:2], items, out,

@@ -24,6 +24,9 @@ import torch
 from posttrain.records import Conversation, Message
 from posttrain.errors import DataError, ModelSourceError, PosttrainError, http_error_text
 from posttrain.eval.metrics import rouge_l
+from posttrain.models.load import load_tokenizer, reward_offset
+from posttrain.models.run import model_stamp
+from posttrain.templates.render import apply_template, encode_conversation
 
 DEFAULT_JUDGE_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -57,11 +60,7 @@ class RewardModelJudge:
     name = "reward_model"
 
     def __init__(self, path: str, epsilon: float = 0.0, device: str | None = None, template: str = "auto"):
-        from transformers import AutoModelForSequenceClassification
-
-        from posttrain.models.load import load_tokenizer
-        from posttrain.models.run import model_stamp
-        from posttrain.templates.render import apply_template
+        from transformers import AutoModelForSequenceClassification  # heavy: transformers, ~3 s
 
         self.id = f"reward_model:{model_stamp(path)}" + (f":epsilon={epsilon}" if epsilon else "")  # path#weights
         try:
@@ -80,9 +79,6 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def reward(self, messages: list[Message], answer: str) -> float:
-        from posttrain.models.load import reward_offset
-        from posttrain.templates.render import encode_conversation
-
         conv = Conversation(messages=[*messages, Message("assistant", answer)])
         ids = encode_conversation(conv, self.tokenizer, mask="full")[0].input_ids
         device = next(self.model.parameters()).device

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import DataError
+from posttrain.data.reading import read_rows, source_of
 
 LETTERS = string.ascii_uppercase
 QUESTION_COLUMNS = ("question", "input", "prompt", "query")
@@ -89,8 +90,6 @@ def read_csv_items(path: str | Path, subject: str) -> list[MCItem]:
 
 def read_jsonl_items(path: str | Path, default_subject: str) -> list[MCItem]:
     """Generic rows: question, choices (list) or lettered option fields, answer, optional subject."""
-    from posttrain.data.reading import read_rows, source_of
-
     rows = read_rows(path)
     items = []
     for i, row in enumerate(rows):

@@ -32,6 +32,8 @@ from posttrain.eval.mc_prompts import (CLOZE_HEADERS, CUES, HEADERS, QUESTION_LA
                                        build_prompt, encode_item, letter_token_ids, option_token_ids, pick_language)
 from posttrain.eval.mc_scoring import can_pack, continuation_logps, next_token_logps, split_common_prefix
 from posttrain.eval.progress import Progress
+from posttrain.models.load import pick_device
+from posttrain.models.run import load_model_for_inference, model_stamp
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +230,6 @@ def run(ev: EvalConfig) -> dict:
     Results already in the output folder's cache (same model weights, same prompt tokens, same scoring)
     are reused, so an interrupted run, or a larger one after a smaller one, only scores what is new.
     """
-    from posttrain.models.load import pick_device
-    from posttrain.models.run import load_model_for_inference, model_stamp
-
     mc = ev.mc
     out_dir = Path(ev.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

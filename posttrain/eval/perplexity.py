@@ -16,16 +16,16 @@ import torch
 from posttrain.data.config import DataConfig, DatasetConfig
 from posttrain.templates.config import TemplateConfig
 from posttrain.eval.progress import Progress
+from posttrain.data.collate import collate
+from posttrain.data.pipeline import build_sft_data
+from posttrain.models.forward import sft_forward
+from posttrain.models.run import load_model_for_inference
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, data_cfg: DataConfig, template_cfg: TemplateConfig, *,
                batch_size: int = 8, seed: int = 42) -> dict:
     """Token-level mean NLL over supervised tokens and its exp (perplexity) for data_cfg.datasets."""
-    from posttrain.data.collate import collate
-    from posttrain.data.pipeline import build_sft_data
-    from posttrain.models.forward import sft_forward
-
     data = build_sft_data(dataclasses.replace(data_cfg, val_size=0.0, eval_datasets=[]), template_cfg,
                           tokenizer, seed)
     ids, weights = data.train["input_ids"], data.train["weights"]
@@ -51,8 +51,6 @@ def perplexity(model, tokenizer, data_cfg: DataConfig, template_cfg: TemplateCon
 def run_file(model_ref: str, path: str, *, mask: str = "all", max_length: int = 1024, template: str = "auto",
              system: str | None = None, batch_size: int = 8, device: str | None = None) -> dict:
     """Load any model reference and score one data file; a run's own template settings win by default."""
-    from posttrain.models.run import load_model_for_inference
-
     model, tokenizer, cfg = load_model_for_inference(model_ref, device=device)
     template_cfg = TemplateConfig(name=template, system=system)
     if cfg is not None and template == "auto" and system is None:

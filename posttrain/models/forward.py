@@ -3,9 +3,15 @@
 The decoder runs on every token, but the (hidden x vocabulary) head and the cross-entropy run
 only on positions whose next token carries loss, in chunks (models/head_logps.py), so prompt and
 padding positions never materialise full-vocabulary logits.
+
+`FastPaths` switches the fast paths off: not config keys (every run takes them), but the reference
+that tests and benchmarks/ measure them against, passed to a stage's `run(cfg, fast=...)`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -16,11 +22,19 @@ from posttrain.models.packed_attention import packed_attention
 from posttrain.models.head_logps import token_logps
 
 
-def packs_rows(cfg) -> bool:
+@dataclass(frozen=True)
+class FastPaths:
+    """Same maths, fewer passes over memory; each False / "all" is the plain path it is measured against."""
+
+    fused: bool = True  # fused LoRA linears, LM-head log-probs and packed rows; False: PEFT / autograd, padded rows
+    head_positions: Literal["supervised", "all"] = "supervised"  # LM head where a loss is taken, or everywhere
+
+
+def packs_rows(cfg, fused: bool = True) -> bool:
     """A micro-batch's sequences share one row (no padding) where attention keeps them apart per sample
     (DPO's responses, GRPO's groups): the fused paths with sdpa attention, and no virtual tokens."""
     # virtual-token methods ignore position ids, so packed sequences would see each other
-    return cfg.train.fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
+    return fused and cfg.model.attn_implementation == "sdpa" and cfg.method.type not in PROMPT_METHODS
 
 
 def supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,7 +7,9 @@ cached one loads with `local_files_only`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
 import socket
@@ -16,6 +18,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from tokenizers import Tokenizer
 
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.sources import BUILTINS, resolve_model
@@ -54,7 +58,7 @@ def pick_dtype(pref: str, device: torch.device | str) -> torch.dtype:
 
 def load_tokenizer(path_or_id: str, revision: str = "main", trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (eos when the model has none) and right padding."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers, ~3 s
 
     local_only = _hub_local_only(path_or_id, revision, "tokenizer_config.json")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
@@ -82,8 +86,7 @@ def _keep_custom_pretokenizer(tokenizer, path_or_id: str):
     tok_file = Path(path_or_id) / "tokenizer.json"
     if not tok_file.is_file():
         return tokenizer
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers, ~3 s
 
     probe = "Hello world, 你好！ It's 2024:\n  code_x = f(y)  # ok"
     reference = Tokenizer.from_file(str(tok_file)).encode(probe, add_special_tokens=False).ids
@@ -99,7 +102,7 @@ def load_base(model_cfg, device: torch.device | str | None = None, quantization_
     `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) loads the weights quantised, straight
     onto `device` (a quantised model cannot be moved afterwards).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # heavy: transformers, ~3 s
 
     path = resolve_model(model_cfg.name_or_path)
     auto_class = AutoModelForImageTextToText if is_vlm_folder(path) else AutoModelForCausalLM
@@ -163,16 +166,13 @@ REWARD_OFFSET_FILE = "reward_offset.json"  # where a virtual-token (adapter-only
 def load_reward_model(model_cfg, device: torch.device | str, tokenizer=None, quantization_config=None):
     """(seq-classification model with one label, tokenizer) from any causal LM, a saved reward model, or a
     saved virtual-token reward adapter; `quantization_config` loads the base in 4 bits (QLoRA)."""
-    import dataclasses
-    import json
-
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification  # heavy: transformers, ~3 s
 
     path = resolve_model(model_cfg.name_or_path)
     tokenizer = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file():  # prompt / prefix reward model: its base, then the adapter and trained head
-        from peft import PeftModel
+        from peft import PeftModel  # heavy: peft, ~3 s
 
         base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
         base, _ = load_reward_model(dataclasses.replace(model_cfg, name_or_path=base_name), device, tokenizer)
@@ -198,8 +198,6 @@ def load_reward_model(model_cfg, device: torch.device | str, tokenizer=None, qua
 
 def is_reward_model(folder: str | Path) -> bool:
     """True for a saved model folder whose config.json names a one-label sequence-classification head."""
-    import json
-
     config = Path(folder).expanduser() / "config.json"
     if not config.is_file():
         return False
@@ -219,8 +217,6 @@ def reward_offset(model) -> float:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
@@ -228,7 +224,6 @@ def _hub_local_only(path_or_id: str, revision: str, probe_file: str) -> bool:
     """For a hub id: True = load from the local HF cache only; raise when neither cache nor hub works."""
     if Path(path_or_id).is_dir():
         return False
-    from huggingface_hub import try_to_load_from_cache
 
     offline = hub_offline()
     if not offline and _hub_reachable():

@@ -23,6 +23,9 @@ from posttrain.errors import ConfigError
 from posttrain.models.config import PROMPT_METHODS, FreezeConfig, LoraConfig, Methods
 from posttrain.models.anatomy import find_layers, unwrap
 from posttrain.models.lisa import LisaSchedule, apply_lisa, lisa_parameters
+from posttrain.models.fast_lora import enable_fast_lora
+from posttrain.models.load import pick_dtype
+from posttrain.models.sources import resolve_model
 
 
 def apply_method(model: nn.Module, methods: Methods, *, task_type: str = "CAUSAL_LM", fused: bool = True,
@@ -46,7 +49,6 @@ def _apply(model: nn.Module, methods: Methods, task_type: str, fused: bool, base
     if kind in ("lora", "qlora"):  # qlora = lora on a base loaded with quantization_config()
         model = apply_lora(model, methods.lora, task_type)
         if fused:  # same maths in one autograd op per linear (models/fast_lora.py)
-            from posttrain.models.fast_lora import enable_fast_lora
 
             enable_fast_lora(model)
         return model
@@ -70,9 +72,7 @@ def quantization_config(methods: Methods, device: torch.device | str):
     """BitsAndBytesConfig for method.type=qlora (None otherwise): 4-bit base, compute dtype for the device."""
     if methods.type != "qlora":
         return None
-    from transformers import BitsAndBytesConfig
-
-    from posttrain.models.load import pick_dtype
+    from transformers import BitsAndBytesConfig  # heavy: transformers, ~3 s
 
     q = methods.quant
     # bf16 matmuls are 13-20x slower than fp32 on CPUs without BF16 instructions: auto picks fp32 on CPU.
@@ -103,8 +103,8 @@ def step_hook(model: nn.Module, methods: Methods, seed: int) -> Callable[[int, t
 
 
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import TaskType, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig  # heavy: peft, ~3 s
+    from peft import TaskType, get_peft_model  # heavy: peft, ~3 s
 
     targets = list(lora_cfg.target_modules)
     # PEFT only expands the bare string "all-linear" (every linear but the output head).
@@ -144,15 +144,14 @@ def _keep_pissa_init(model: nn.Module) -> None:
 
 def _apply_virtual_tokens(model: nn.Module, methods: Methods, task_type: str, base_model: str) -> nn.Module:
     """Prompt tuning (Lester et al. 2021) or prefix tuning (Li & Liang 2021) through PEFT."""
-    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import (PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType,  # heavy: peft, ~3 s
+                      get_peft_model)
 
     p, task = methods.prompt, TaskType[task_type]
     if methods.type == "prefix":
         peft_cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
                                       prefix_projection=p.prefix_projection)
     elif p.init_text:
-        from posttrain.models.sources import resolve_model
-
         peft_cfg = PromptTuningConfig(
             task_type=task, num_virtual_tokens=p.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,

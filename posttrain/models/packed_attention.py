@@ -64,7 +64,7 @@ def _run_attention(q, k, v, runs, scaling, gqa: bool) -> torch.Tensor:
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """query (B, Hq, T, d), key/value (B, Hkv, T, d) -> ((B, T, Hq, d), None), as transformers' sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # heavy: transformers, ~3 s
 
     position_ids = kwargs.get("position_ids")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -86,8 +86,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 def _register() -> None:
     global _registered
     if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        from transformers import AttentionInterface  # heavy: transformers, ~3 s
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # heavy: transformers, ~3 s
 
         AttentionInterface.register(NAME, packed_sdpa_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the fallback path gets sdpa's own mask
@@ -113,7 +113,7 @@ def packed_attention(config, enabled: bool = True, shared_prefix: bool = False):
         yield
         if shared_prefix and _State.per_sample_calls == 0:
             raise RuntimeError("this model's attention did not take the per-sample path; rows that share a prompt "
-                               "need it (set train.fused=false)")
+                               "need it (model.attn_implementation=eager trains on padded rows instead)")
     finally:
         config._attn_implementation = "sdpa"
         _State.config, _State.shared_prefix, _State.cache = None, False, (None, [])

@@ -72,7 +72,7 @@ class RewardModel:
         if not folder.is_dir():
             raise ConfigError(f"reward.model: {path} is not a folder")
         if (folder / "config.json").is_file():  # a full model (an adapter folder has none): check its head
-            from transformers import AutoConfig
+            from transformers import AutoConfig  # heavy: transformers, ~3 s
 
             num_labels = AutoConfig.from_pretrained(str(folder)).num_labels
             if num_labels != 1:

@@ -26,13 +26,15 @@ from torch import nn
 from posttrain.data.config import DataConfig
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.anatomy import unwrap
-from posttrain.models.config import (FreezeConfig, LisaConfig, LoraConfig, MethodConfig, Methods, ModelConfig,
-                                     PromptConfig, QuantConfig)
+from posttrain.models.config import Methods, ModelConfig
 from posttrain.models.vision import add_image_token
 from posttrain.models.vision_config import VisionConfig
 from posttrain.models.vision_load import attach_image_inputs, load_vision_model
 from posttrain.templates.config import TemplateConfig
 from posttrain.typed_config import build, read_yaml
+from posttrain.models.load import load_base, pick_device, load_tokenizer
+from posttrain.models.methods import quantization_config
+from posttrain.models.sources import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,14 @@ RUN_CONFIG = "config.yaml"
 
 
 @dataclass
-class SavedRun:
-    """The sections of a run's config.yaml that inference reads: the model, how it was trained (methods), and how
-    it rendered samples (template, data), plus the device it trained on. Defaults stand for a plain model."""
+class SavedRun(Methods):
+    """The sections of a run's config.yaml that inference reads: how it was trained (the method sections, as
+    `Methods`), the model, how it rendered samples (template, data), plus the device it trained on. Defaults
+    stand for a plain model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     device: str = "auto"  # train.device
 
@@ -77,7 +74,7 @@ def read_run(path: str | Path) -> SavedRun:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: peft, ~3 s
 
     return isinstance(model, PeftModel)
 
@@ -133,8 +130,6 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
     float weights (the NF4-rounded values the adapter was trained against) before the adapter.
     `trust_remote_code` comes from the user's command line only, never from the folder's config.yaml.
     """
-    from posttrain.models.load import load_base
-
     folder = Path(ref).expanduser()
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     cfg = run_config_of(ref, trust_remote_code)
@@ -175,10 +170,7 @@ def _has_full_model(folder: Path) -> bool:
 def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequantize: bool = False,
                   trust_remote_code: bool = False) -> nn.Module:
     """Base model (from the run config, else the adapter's own record) + the saved adapter."""
-    from peft import PeftModel
-
-    from posttrain.models.load import load_base, pick_device
-    from posttrain.models.methods import quantization_config
+    from peft import PeftModel  # heavy: peft, ~3 s
 
     if cfg is not None:
         base_cfg = cfg.model
@@ -201,13 +193,10 @@ def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequan
 
 def _load_tokenizer(folder: Path, cfg: SavedRun | None, trust_remote_code: bool = False):
     """The tokenizer saved beside the weights (it carries the trained chat template)."""
-    from posttrain.models.load import load_tokenizer
-
     for candidate in (folder, folder.parent, folder.parent.parent):
         if (candidate / "tokenizer_config.json").is_file():
             return load_tokenizer(str(candidate), trust_remote_code=trust_remote_code)
     if cfg is None:
         raise ModelSourceError(f"{folder}: no tokenizer files here or in the run folder")
-    from posttrain.models.sources import resolve_model
 
     return load_tokenizer(resolve_model(cfg.model.name_or_path), trust_remote_code=trust_remote_code)

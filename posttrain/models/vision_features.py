@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from posttrain.data.images import image_key, load_image
@@ -88,14 +89,10 @@ class FeatureCache:
 
 
 def _load(file: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     return load_file(str(file))["features"]
 
 
 def _save(file: Path, tensor: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     save_file({"features": tensor.contiguous()}, str(tmp))

@@ -60,7 +60,7 @@ def load_vision_model(model_cfg, vision_cfg, device, seed: int = 0) -> tuple[nn.
 
 
 def load_image_processor(folder: str | Path):
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # heavy: transformers, ~3 s
 
     try:
         return AutoImageProcessor.from_pretrained(str(folder))

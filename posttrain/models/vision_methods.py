@@ -16,6 +16,7 @@ from posttrain.errors import ConfigError
 from posttrain.models.config import Methods
 from posttrain.models.methods import apply_lora, count_parameters
 from posttrain.models.vision_config import VISION_METHODS, VisionConfig
+from posttrain.models.fast_lora import enable_fast_lora
 
 PROJECTOR = "multi_modal_projector"
 TOWER = "vision_tower"
@@ -36,8 +37,6 @@ def apply_vision_method(model: nn.Module, methods: Methods, vision: VisionConfig
                                    modules_to_save=list(dict.fromkeys([*extra, *methods.lora.modules_to_save])))
         model = apply_lora(model, lora)
         if fused:
-            from posttrain.models.fast_lora import enable_fast_lora  # same maths, one autograd op per linear
-
             enable_fast_lora(model)
         return model
     layers = model.model.language_model.layers

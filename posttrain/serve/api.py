@@ -12,26 +12,28 @@ or not: the engine skips it if it has not started and stops generating for it be
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from posttrain.errors import PosttrainError
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import Message
 from posttrain.serve.chatlog import ChatLog, request_logger
-from posttrain.serve.engine import Engine, EngineClosed, Job, Sampling
+from posttrain.serve.engine import Engine, Job, Sampling
+from posttrain.serve.replies import INTERNAL_ERROR, respond, wait_result
 from posttrain.serve.guard import LOOPBACK_NAMES, Guard, Policy, exposure_warning, hosts_for
 from posttrain.serve.schemas import ApiError, ChatRequest, CompletionRequest, ScoreRequest, read_json, request_images
-from posttrain.templates.render import encode_prompt
+from posttrain.templates.render import encode_prompt, apply_template
+from posttrain.models.load import is_reward_model, load_reward_model, pick_device
+from posttrain.models.run import load_model_for_inference, find_run_config, read_run
+from posttrain.models.config import ModelConfig
 
 
 @dataclass
@@ -40,9 +42,6 @@ class Limits:
     default_max_tokens: int = 256  # when the request gives none
     max_n: int = 8  # choices per request
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is far beyond any chat prompt this serves
-
-
-INTERNAL_ERROR = "The server had an error while processing your request"
 
 
 class Models:
@@ -119,7 +118,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         job = Job(prompt_ids, req.n, sampling, images=images)
         log = request_logger(chat_log, engine.name, req.user, endpoint="chat",
                              messages=[{"role": m.role, "content": m.content} for m in messages])
-        return await _respond(engine, job, req, request, chat=True, log=log)
+        return await respond(engine, job, req, request, chat=True, log=log)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -135,7 +134,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
         sampling = _sampling(req, req.max_tokens or 16, len(prompt_ids), engine, limits)
         job = Job(prompt_ids, req.n, sampling, strip=False)
         log = request_logger(chat_log, engine.name, req.user, endpoint="completions", prompt=req.prompt)
-        return await _respond(engine, job, req, request, chat=False, log=log)
+        return await respond(engine, job, req, request, chat=False, log=log)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -151,7 +150,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits | N
                                f"prompt with response {i} has {length}", param=f"responses.{i}",
                                code="context_length_exceeded")
         job = Job([], 1, Sampling(), score=(messages, req.responses))
-        scores = await _wait(engine, job, request)
+        scores = await wait_result(engine, job, request)
         return {"object": "list", "model": engine.name, "score_type": engine.score_kind,
                 "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
 
@@ -194,127 +193,24 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, engine: Engine, limi
                     stop=tuple(req.stop or ()))
 
 
-async def _wait(engine: Engine, job: Job, request: Request):
-    """The job's result. If the client disconnects first, the job is cancelled (the worker skips it,
-    or stops it between tokens) and the handler ends with a 499 that nobody reads."""
-    try:
-        future = engine.submit(job)
-    except EngineClosed as err:
-        raise ApiError(503, str(err), "server_error", code="shutting_down") from err
-    result = asyncio.wrap_future(future)
-    gone = asyncio.create_task(_client_gone(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not result.done():
-        job.cancelled = True
-        raise ApiError(499, "the client closed the connection before its reply was ready",
-                       code="client_closed_request")
-    return result.result()
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns once the client has disconnected: with the body read, receive() waits for just that."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _usage(prompt_len: int, gens) -> dict:
-    completion = sum(len(g.token_ids) for g in gens)
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
-
-
-async def _respond(engine: Engine, job: Job, req, request: Request, *, chat: bool, log=None):
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": engine.name}
-    if req.stream:
-        return StreamingResponse(_stream(engine, job, req, head, chat, log), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    gens = await _wait(engine, job, request)
-    if log is not None:
-        log(gens)
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
-                    "logprobs": None} for i, g in enumerate(gens)]
-    else:
-        prefix = req.prompt if req.echo else ""
-        choices = [{"index": i, "text": prefix + g.text, "finish_reason": g.finish_reason, "logprobs": None}
-                   for i, g in enumerate(gens)]
-    return {**head, "choices": choices, "usage": _usage(len(job.prompt_ids), gens)}
-
-
-async def _stream(engine: Engine, job: Job, req, head: dict, chat: bool, log=None):
-    """SSE: one chunk per streamed piece, a final chunk with finish_reason per choice, then [DONE]."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    job.on_text = lambda index, text: loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-    def chunk(index: int, text: str | None, finish: str | None = None, first: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-    try:
-        future = engine.submit(job)
-    except EngineClosed as err:
-        yield f"data: {json.dumps(ApiError(503, str(err), 'server_error').body)}\n\n"
-        return
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
-    try:
-        # Choices stream one after another; the worker finishes choice i before starting i + 1.
-        if chat:
-            for index in range(job.n):
-                yield chunk(index, None, first=True)
-        while (item := await pieces.get()) is not None:
-            yield chunk(*item)
-        if future.exception() is not None:  # the engine logged it; the client learns no internals
-            yield f"data: {json.dumps(ApiError(500, INTERNAL_ERROR, 'server_error').body)}\n\n"
-            return
-        gens = future.result()
-        if log is not None:
-            log(gens)
-        for index, gen in enumerate(gens):
-            yield chunk(index, None, gen.finish_reason)
-        if req.include_usage():
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(len(job.prompt_ids), gens)})}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled = True  # a client that left stops its generation at the next token
-
-
-def load_engine(ref: str, name: str | None = None, device: str | None = None) -> Engine:
-    """Load any model reference (run, folder, built-in, hub id) into a started engine."""
-    from pathlib import Path
-
-    from posttrain.models.load import is_reward_model
-    from posttrain.models.run import load_model_for_inference
-
+def load_engine(ref: str, name: str | None = None, device: str | None = None,
+                trust_remote_code: bool = False) -> Engine:
+    """Load any model reference (run, folder, built-in, hub id) into a started engine. The folder's own code
+    (config.json auto_map) runs only with `trust_remote_code`, from the user's command line."""
     if is_reward_model(ref):  # a reward-model folder serves /v1/score with its head, not as a causal LM
-        model, tokenizer, cfg = _load_reward_engine_model(ref, device)
+        model, tokenizer, cfg = _load_reward_engine_model(ref, device, trust_remote_code)
     else:
-        model, tokenizer, cfg = load_model_for_inference(ref, device=device)
+        model, tokenizer, cfg = load_model_for_inference(ref, device=device, trust_remote_code=trust_remote_code)
     system = cfg.template.system if cfg is not None else None  # render exactly as the run trained
     return Engine(model, tokenizer, name or Path(ref).name or ref, system=system)
 
 
-def _load_reward_engine_model(ref: str, device: str | None):
+def _load_reward_engine_model(ref: str, device: str | None, trust_remote_code: bool = False):
     """(reward model in eval mode, tokenizer, the run's config or None), rendering as the run trained."""
-    from pathlib import Path
-
-    from posttrain.models.config import ModelConfig
-    from posttrain.models.load import load_reward_model, pick_device
-    from posttrain.models.run import find_run_config, read_run
-    from posttrain.templates.render import apply_template
-
     cfg_path = find_run_config(Path(ref).expanduser())
     cfg = read_run(cfg_path) if cfg_path is not None else None
-    model_cfg = ModelConfig(name_or_path=str(ref), **({"dtype": cfg.model.dtype} if cfg is not None else {}))
+    model_cfg = ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code,
+                            **({"dtype": cfg.model.dtype} if cfg is not None else {}))
     model, tokenizer = load_reward_model(model_cfg, pick_device(device or "auto"))
     if cfg is not None:
         apply_template(tokenizer, cfg.template.name)
@@ -322,16 +218,17 @@ def _load_reward_engine_model(ref: str, device: str | None):
 
 
 def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, limits: Limits | None = None, chat_log: ChatLog | None = None) -> None:
+          name: str | None = None, limits: Limits | None = None, chat_log: ChatLog | None = None,
+          trust_remote_code: bool = False) -> None:
     """`posttrain serve`: load the model, then answer until Ctrl-C / SIGTERM (graceful: queued jobs finish)."""
-    import uvicorn
+    import uvicorn  # heavy: uvicorn (~0.7 s), loaded only when the server starts
 
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if chat_log is not None:
         print(chat_log.announcement("posttrain serve"), file=sys.stderr, flush=True)
-    engine = load_engine(ref, name)
+    engine = load_engine(ref, name, trust_remote_code=trust_remote_code)
     app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits, hosts=hosts_for(host),
                      chat_log=chat_log)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 from posttrain import typed_config
 from posttrain.data.config import DataConfig
@@ -24,7 +24,8 @@ from posttrain.models.vision_config import VisionConfig, validate_vision
 from posttrain.templates.config import TemplateConfig
 from posttrain.train.engine_config import DeepSpeedConfig, FSDPConfig, validate_engine
 from posttrain.train.stage_config import (STAGE_SECTIONS, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardConfig,
-                                          RewardModelConfig, validate_grpo, validate_kto, validate_reward_source)
+                                          RewardModelConfig, validate_dpo, validate_grpo, validate_kto,
+                                          validate_ppo)
 from posttrain.typed_config import beside, build, opt, read_tree, save_yaml
 
 # Sections every training run has (the stage's and the method's own come on top).
@@ -58,11 +59,6 @@ class TrainConfig:
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output.dir")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto = cuda when available")
     loss_chunk: int = opt(1024, "positions per chunk of the LM head + cross-entropy (bounds logits memory)")
-    head_positions: Literal["supervised", "all"] = opt(
-        "supervised", "LM head at supervised positions only (fast), or at all (naive reference, for benchmarks)")
-    fused: bool = opt(
-        True, "fused LoRA linears and LM-head log-probs (same maths, fewer passes over memory); false = plain "
-        "PEFT/autograd path (the reference for tests and benchmarks)")
     # ---- multi-process engine and numerics (train/engine_config.py: sections and rules)
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = opt(
         "none", "engine of a multi-process run (torchrun / accelerate launch): none = one process; ddp = torch DDP "
@@ -114,6 +110,9 @@ class RunConfig:
     def methods(self) -> Methods:
         """The method sections bundled for models/methods.py."""
         return Methods.of(self)
+
+
+STAGES: tuple[str, ...] = get_args(get_type_hints(RunConfig)["stage"])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **tree_extra: Any) -> RunConfig:
@@ -198,7 +197,7 @@ def validate(cfg: RunConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas needs two values, e.g. [0.9, 0.999]")
     if cfg.stage == "ppo":
-        _validate_ppo(cfg)
+        validate_ppo(cfg.ppo, cfg.reward, cfg.train.max_steps, cfg.method.type)
     if cfg.stage == "grpo":
         validate_grpo(cfg.grpo, cfg.reward, cfg.train.max_steps)
     if cfg.stage == "kto":
@@ -207,37 +206,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.stage in ("rm", "dpo", "kto") and cfg.data.packing:
         raise ConfigError(f"stage {cfg.stage}: data.packing must be false (each prompt's responses form one unit)")
     if cfg.stage == "dpo":
-        _validate_dpo(cfg)
-
-
-def _validate_dpo(cfg: RunConfig) -> None:
-    if cfg.dpo.beta <= 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError("dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5)")
-    if cfg.dpo.reference == "adapter" and not cfg.methods.adapter_off_is_base():
-        pissa = " with lora.init=pissa" if cfg.lora.init == "pissa" else ""
-        raise ConfigError(f"dpo.reference=adapter needs an adapter whose removal gives the base model (lora, qlora, "
-                          f"prompt, prefix; not PiSSA), not method.type={cfg.method.type}{pissa}; "
-                          "use dpo.reference=copy or precompute")
-
-
-def _validate_ppo(cfg: RunConfig) -> None:
-    p, r = cfg.ppo, cfg.reward
-    if cfg.train.max_steps <= 0:
-        raise ConfigError("stage ppo: set train.max_steps (the number of rollout batches)")
-    if p.mini_batch_size < 1 or p.rollout_batch_size % p.mini_batch_size:
-        raise ConfigError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size (>= 1)")
-    if p.ppo_epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
-        raise ConfigError("ppo.ppo_epochs and ppo.max_new_tokens must be >= 1, ppo.temperature > 0")
-    if p.ptx_coef > 0 and not p.ptx_datasets:
-        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_datasets (the LM-loss data)")
-    if p.kl_control == "adaptive" and (p.kl_target <= 0 or p.kl_horizon < 1):
-        raise ConfigError("ppo.kl_target must be > 0 and ppo.kl_horizon >= 1 for adaptive KL")
-    if r.sources or r.type in ("exact_match", "format"):
-        raise ConfigError("reward.sources and reward.type exact_match / format are read by stage grpo; stage ppo "
-                          "takes one function, model or http source")
-    validate_reward_source(r, "reward")
-    if p.value_model == "separate" and cfg.method.type != "lora":
-        raise ConfigError("ppo.value_model=separate is only supported with method.type=lora")
+        validate_dpo(cfg.dpo, cfg.methods)
 
 
 def _validate_method(cfg: RunConfig) -> None:
@@ -259,6 +228,12 @@ def _validate_method(cfg: RunConfig) -> None:
             raise ConfigError(f"method.type={kind} cannot train on packed rows: set data.packing=false")
         if kind == "prefix" and cfg.prompt.init_text:
             raise ConfigError("prompt.init_text applies to method.type=prompt only (prefix starts random)")
+
+
+def resolve_tree(tree: dict) -> dict:
+    """A run config given as {dotted key: value} -> its resolved tree (what save_config writes); errors as
+    load_config's. The UI's Train tab validates through this (handed in by the CLI)."""
+    return to_tree(load_config(None, [], **tree))
 
 
 def to_tree(cfg: RunConfig) -> dict:

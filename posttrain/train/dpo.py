@@ -27,11 +27,12 @@ from posttrain.models.load import load_base
 from posttrain.models.anatomy import lm_head_and_backbone
 from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
-from posttrain.models.forward import hidden_states, packs_rows
+from posttrain.models.forward import FastPaths, hidden_states, packs_rows
 from posttrain.models.head_logps import token_logps
 from posttrain.train.loop import Dist, Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
+from posttrain.train import reference_cache
 
 log = logging.getLogger("posttrain")
 
@@ -106,15 +107,15 @@ def precompute_reference(model, samples: list[PrefSample], pad_id: int, micro: i
     model.train(was_training)
 
 
-def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, dist_ctx: Dist) -> str:
-    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened. Over
-    several processes: loaded only where every process found the file (nodes need not share a disk), computed
-    in shares otherwise, written by the main process."""
-    from posttrain.train import reference_cache
-
+def reference_from_cache(model, samples: list[PrefSample], cfg: RunConfig, pad_id: int, dist_ctx: Dist,
+                         pack: bool) -> str:
+    """Precompute the samples' reference log-probs, or load them from the disk cache; says which happened.
+    `pack`: packed and padded rows round differently, so the cache key names the layout. Over several
+    processes: loaded only where every process found the file (nodes need not share a disk), computed in shares
+    otherwise, written by the main process."""
     if not samples:
         return "none"
-    pack, device = packs_rows(cfg), dist_ctx.device  # packed and padded rows round differently: the key names it
+    device = dist_ctx.device
     path = reference_cache.cache_file(samples, model, cfg.model, device, pack) if cfg.dpo.reference_cache else None
     found = path is not None and reference_cache.load_reference(path, samples)
     if dist_ctx.sum([float(found)])[0] == dist_ctx.world:
@@ -136,26 +137,27 @@ def reference_mode(cfg: RunConfig) -> str:
     return cfg.dpo.reference
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, fast: FastPaths = FastPaths()) -> dict:
     dist_ctx, out_dir = start_run(cfg)
 
     model, tokenizer = load_base(cfg.model, dist_ctx.device, quantization_config(cfg.methods, dist_ctx.device))
     data = build_preference_data(cfg.data, cfg.template, tokenizer, cfg.train.seed)
     if data.drops:
         log.warning("dropped preference rows: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    mode, pad_id, chunk, pack = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk, packs_rows(cfg)
+    mode, pad_id, chunk = reference_mode(cfg), tokenizer.pad_token_id, cfg.train.loss_chunk
+    pack = packs_rows(cfg, fast.fused)
     ref_model, cached = None, {}
     if mode == "copy":
         ref_model = copy.deepcopy(model)
     elif mode == "precompute":  # before training, the policy is the reference
-        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx)
+        cached = {split: reference_from_cache(model, samples, cfg, pad_id, dist_ctx, pack)
                   for split, samples in (("train", data.train), ("eval", data.eval or []))}
-    prepared = prepare_model(model, cfg)
+    prepared = prepare_model(model, cfg, fused=fast.fused)
     model, trainable, total = prepared.model, prepared.trainable, prepared.total
     log.info("prompts: %d train, %d eval; loss %s, reference %s; trainable parameters %d of %d",
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
-    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, chunk=chunk, fused=cfg.train.fused)
+    loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, chunk=chunk, fused=fast.fused)
     trained = model if ref_model is None else WithReference(model, ref_model)
     steps = DataSteps(preference_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,

@@ -35,7 +35,7 @@ from posttrain.models.run import save_model
 from posttrain.train.grpo_eval import greedy_eval, plot_rewards
 from posttrain.train.config import RunConfig
 from posttrain.train.loop import Loop, start_run
-from posttrain.train.ppo_report import write_sample
+from posttrain.train.reporting import write_sample
 from posttrain.train.response_logps import response_logps
 from posttrain.train.reward_set import RewardSet, build_reward_set
 from posttrain.train.reward_sources import RunningMoments, shape_scores
@@ -193,7 +193,7 @@ class GRPOSteps(StepSource):
     def forward_logps(self, model, input_ids, attention_mask, response_mask, groups) -> torch.Tensor:
         t = self.cfg.train
         return response_logps(model, input_ids, attention_mask, response_mask, groups, pack=self.pack,
-                              temperature=self.g.temperature, chunk=t.loss_chunk, fused=t.fused)
+                              temperature=self.g.temperature, chunk=t.loss_chunk)
 
     def micro_batches(self, rollout: GroupRollout, advantages: torch.Tensor, mini: torch.Tensor) -> list:
         """This process's micro-batches of one mini-batch (its rows rank, rank + world, ... in group order, so a

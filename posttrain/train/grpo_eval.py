@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.models.generate import generate_from_ids
+from posttrain.train.reporting import figure, plot_trailing, train_rows
 
 SAMPLES_KEPT = 3  # greedy replies kept for the summary's before / after comparison
 
@@ -44,33 +45,18 @@ def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: in
 def plot_rewards(history: list[dict], path, names: list[str]) -> None:
     """reward_accuracy.png: sampled reward per step (each source and a 4-step trailing mean of the sum), and
     accuracy of the samples per step with greedy held-out accuracy at each evaluation."""
-    import matplotlib  # heavy (~0.5 s): only when a plot is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in history if r["split"] == "train"]
+    rows, steps = train_rows(history)
     if not rows:
         return
-    steps = [r["step"] for r in rows]
-    reward = [r["reward"] for r in rows]
-    trailing = [sum(reward[max(0, i - 3):i + 1]) / len(reward[max(0, i - 3):i + 1]) for i in range(len(reward))]
-    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_r.plot(steps, reward, alpha=0.4, label="reward (weighted sum), sampled")
-    ax_r.plot(steps, trailing, color="tab:blue", linewidth=2, label="reward, mean of last 4 steps")
-    if len(names) > 1:
-        for name in names:
-            ax_r.plot(steps, [r[f"reward/{name}"] for r in rows], linestyle="--", label=f"reward/{name}")
-    if "accuracy" in rows[0]:
-        ax_a.plot(steps, [r["accuracy"] for r in rows], alpha=0.5, label="accuracy of the samples")
-    evals = [r for r in history if r["split"] == "eval" and "accuracy" in r]
-    if evals:
-        ax_a.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
-                  label="held-out accuracy, greedy")
-    for ax in (ax_r, ax_a):
-        ax.set_xlabel("GRPO step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 2, xlabel="GRPO step") as (ax_r, ax_a):
+        plot_trailing(ax_r, steps, [r["reward"] for r in rows], "reward (weighted sum), sampled",
+                      "reward, mean of last 4 steps", alpha=0.4)
+        if len(names) > 1:
+            for name in names:
+                ax_r.plot(steps, [r[f"reward/{name}"] for r in rows], linestyle="--", label=f"reward/{name}")
+        if "accuracy" in rows[0]:
+            ax_a.plot(steps, [r["accuracy"] for r in rows], alpha=0.5, label="accuracy of the samples")
+        evals = [r for r in history if r["split"] == "eval" and "accuracy" in r]
+        if evals:
+            ax_a.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
+                      label="held-out accuracy, greedy")

@@ -76,8 +76,7 @@ def run(cfg: RunConfig) -> dict:
              len(data.train), desirable, len(data.eval or []), "adapter off" if adapter_reference else "copy",
              trainable, total)
 
-    loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, ref_model=ref_model, chunk=cfg.train.loss_chunk,
-                                fused=cfg.train.fused)
+    loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, ref_model=ref_model, chunk=cfg.train.loss_chunk)
     pad_id = tokenizer.pad_token_id
     steps = DataSteps(kto_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=False,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,

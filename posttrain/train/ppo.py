@@ -31,8 +31,9 @@ from posttrain.models.methods import count_parameters, quantization_config
 from posttrain.models.run import save_model
 from posttrain.models.forward import sft_forward
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.reporting import write_sample
 from posttrain.train.setup import prepare_model
-from posttrain.train.ppo_report import plot_reward_kl, write_sample
+from posttrain.train.ppo_report import plot_reward_kl
 from posttrain.train.reward_sources import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
 from posttrain.data.prompts import load_prompts
 from posttrain.train.rollout import Experience, PolicyAndValue, Rollout, collect, gather, prompt_indices, row_seed

@@ -11,14 +11,17 @@ Files: $POSTTRAIN_CACHE/ref_logps/<key>.pt.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 from posttrain.data.preference import PrefSample
+from posttrain.models.sources import resolve_model, cache_dir
 
 # files whose edits may change log-probs
 _CODE = ("train/dpo.py", "models/forward.py", "models/head_logps.py", "models/methods.py",
@@ -39,12 +42,9 @@ def data_fingerprint(samples: list[PrefSample]) -> str:
 
 def model_fingerprint(model_cfg) -> dict:
     """Where the reference weights come from: resolved source, revision, and its files' stats."""
-    from posttrain.models.sources import resolve_model
-
     source = resolve_model(model_cfg.name_or_path)
     folder = Path(source)
     if not folder.is_dir():  # a hub id: its cached snapshot folder names the commit
-        from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(source, "config.json", revision=model_cfg.revision)
         folder = Path(found).parent if isinstance(found, str) else folder
@@ -60,16 +60,12 @@ def model_fingerprint(model_cfg) -> dict:
 
 def cache_file(samples: list[PrefSample], model, model_cfg, device, packed: bool = False) -> Path:
     """The cache path for these samples' reference log-probs under this model, these settings and row layout."""
-    import transformers
-
-    from posttrain.models.sources import cache_dir
-
     root = Path(__file__).resolve().parents[1]
     key = {
         "data": data_fingerprint(samples), "model": model_fingerprint(model_cfg),
         "dtype": str(next(model.parameters()).dtype), "device": torch.device(device).type,
         "attn": getattr(model.config, "_attn_implementation", None), "packed": packed,
-        "versions": [torch.__version__, transformers.__version__],
+        "versions": [torch.__version__, importlib.metadata.version("transformers")],
         "code": hashlib.sha256(b"".join((root / f).read_bytes() for f in _CODE)).hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

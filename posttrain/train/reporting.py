@@ -1,4 +1,5 @@
-"""What a run tells the user: progress bar, metrics JSONL, TensorBoard, loss PNG, summary JSON."""
+"""What a run tells the user: progress bar, metrics JSONL, TensorBoard, loss PNG, summary JSON; and what every
+stage's report shares: sampled responses as JSON lines (RL stages) and the plot figure."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,7 +51,7 @@ class RunReport:
             self.history = self._rows_until(start_step)
         self.jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard (~2 s), only with train.tensorboard
 
             self.tb = SummaryWriter(str(self.log_dir))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -117,20 +119,50 @@ class RunReport:
         return summary
 
     def _plot(self) -> None:
-        import matplotlib
+        with figure(self.out_dir / "loss.png", figsize=(7, 4), xlabel="optimizer step", ylabel="loss") as (ax,):
+            for split, style in (("train", "-"), ("eval", "o-")):
+                points = [(r["step"], r["loss"]) for r in self.history if r["split"] == split and "loss" in r]
+                if points:
+                    ax.plot(*zip(*points), style, label=split)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r["loss"]) for r in self.history if r["split"] == split and "loss" in r]
-            if points:
-                ax.plot(*zip(*points), style, label=split)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+def write_sample(out_dir: Path, step: int, sample: dict) -> None:
+    """Append one sampled response ({"prompt", "response", "reward", ...}) to logs/samples.jsonl."""
+    with open(Path(out_dir) / "logs" / "samples.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def figure(path: Path, panels: int = 1, *, figsize=(10, 4), xlabel: str, ylabel: str | None = None):
+    """The axes of a row of `panels` plots; on exit each gets its labels, legend and grid, and the PNG is saved."""
+    import matplotlib  # heavy: matplotlib, ~1 s
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: matplotlib, ~1 s
+
+    fig, axes = plt.subplots(1, panels, figsize=figsize)
+    axes = [axes] if panels == 1 else list(axes)
+    yield axes
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.out_dir / "loss.png", dpi=100)
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_rows(history: list[dict]) -> tuple[list[dict], list[int]]:
+    """The training rows of a run's metric history and their steps (what the RL plots draw per step)."""
+    rows = [r for r in history if r["split"] == "train"]
+    return rows, [r["step"] for r in rows]
+
+
+def plot_trailing(ax, steps: list, values: list, label: str, mean_label: str, alpha: float, window: int = 4) -> None:
+    """`values` per step (faint) and their mean over the last `window` steps (bold): RL rewards are noisy."""
+    trailing = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                for i in range(len(values))]
+    ax.plot(steps, values, alpha=alpha, label=label)
+    ax.plot(steps, trailing, color="tab:blue", linewidth=2, label=mean_label)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posttrain.data.preference import pack_sequences
+from posttrain.data.preference_batch import pack_sequences
 from posttrain.models.anatomy import lm_head_and_backbone
 from posttrain.models.forward import hidden_states
 from posttrain.models.head_logps import token_logps

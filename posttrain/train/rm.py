@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from posttrain.models.reward_head import fit_offset, sequence_rewards
 from posttrain.train.loop import Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
+from posttrain.models.run import is_peft_model
 
 log = logging.getLogger("posttrain")
 
@@ -41,8 +43,6 @@ def rm_forward(model, batch: dict, normalizer: float, center_coef: float = 0.0):
 def save_reward_model(model, tokenizer, out_dir: Path, cfg: RunConfig | None = None) -> None:
     """A plain HF folder (LoRA merged into the base, the trained head under `score`), or for prompt /
     prefix tuning the PEFT adapter with its head."""
-    from posttrain.models.run import is_peft_model
-
     offset = getattr(unwrap(model).config, REWARD_OFFSET, None)
     if is_peft_model(model) and not is_prompt_learning(model):
         if cfg is not None and cfg.method.type == "qlora":
@@ -61,9 +61,7 @@ def save_reward_model(model, tokenizer, out_dir: Path, cfg: RunConfig | None = N
 def _merge_on_dequantized_base(model, tokenizer, cfg: RunConfig):
     """Merging into 4-bit weights would round the update away: reload the base, de-quantise it to the
     NF4-rounded float weights the adapter trained on, and merge there."""
-    import tempfile
-
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: peft, ~3 s
 
     device = next(model.parameters()).device
     log.warning("QLoRA reward model: the 4-bit base is de-quantised to float before the adapter is merged")

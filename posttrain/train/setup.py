@@ -21,9 +21,10 @@ class Prepared:
     total: int
 
 
-def prepare_model(model: nn.Module, cfg: RunConfig, task_type: str = "CAUSAL_LM") -> Prepared:
-    """Apply cfg's method to a loaded base (task_type SEQ_CLS: a reward model, whose head always trains)."""
-    model = apply_method(model, cfg.methods, task_type=task_type, fused=cfg.train.fused,
+def prepare_model(model: nn.Module, cfg: RunConfig, task_type: str = "CAUSAL_LM", fused: bool = True) -> Prepared:
+    """Apply cfg's method to a loaded base (task_type SEQ_CLS: a reward model, whose head always trains;
+    fused: models/forward.py FastPaths)."""
+    model = apply_method(model, cfg.methods, task_type=task_type, fused=fused,
                          base_model=cfg.model.name_or_path)
     hook = step_hook(model, cfg.methods, cfg.train.seed)
     trainable, total = count_parameters(model)

@@ -43,7 +43,7 @@ def run(cfg: RunConfig) -> dict:
     data = build_sft_data(cfg.data, cfg.template, tokenizer, cfg.train.seed, images=True)
     if data.drops:
         log.warning("dropped samples by reason: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.drops.items())))
-    model = apply_vision_method(model, cfg.methods, cfg.vision, cfg.train.fused)
+    model = apply_vision_method(model, cfg.methods, cfg.vision)
     trainable, total = count_parameters(model)
     n_images = sum(len(refs) for refs in data.train["images"])
     log.info("samples: %d train (%d images, %d tokens each), %d eval; trainable parameters %d of %d (%.2f%%)",
@@ -52,7 +52,7 @@ def run(cfg: RunConfig) -> dict:
 
     images = image_source(model, inputs, [data.train, data.eval], cfg)
     pad_id = tokenizer.pad_token_id
-    loss_fn = functools.partial(vision_sft_forward, chunk=cfg.train.loss_chunk, fused=cfg.train.fused)
+    loss_fn = functools.partial(vision_sft_forward, chunk=cfg.train.loss_chunk)
     eval_data = vision_sft_batches(data.eval, pad_id, images) if data.eval is not None and len(data.eval) else None
     steps = DataSteps(vision_sft_batches(data.train, pad_id, images), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,

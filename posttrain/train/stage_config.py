@@ -1,7 +1,8 @@
 """The stage sections of a training run: `rm` (reward model), `dpo` (the DPO family), `kto`, `ppo` and
 `grpo` and their `reward` sources. A run config may hold only its own stage's sections.
 
-Every default lives here once, beside its one-line doc (`posttrain keys` lists them).
+Every default lives here once, beside its one-line doc (`posttrain keys` lists them), and each section's
+rules beside the section (`validate_*`, called by train/config.py's `validate`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 
 from posttrain.data.config import DatasetConfig
 from posttrain.errors import ConfigError
+from posttrain.models.config import Methods
 from posttrain.typed_config import opt
 
 # The sections each stage reads, besides the sections every run has.
@@ -41,6 +43,16 @@ class DPOConfig:
     reference_cache: bool = opt(
         True, "precompute: keep the reference log-probs in $POSTTRAIN_CACHE/ref_logps, keyed by the tokenized "
         "data, the model and its settings; a later run with the same key loads them")
+
+
+def validate_dpo(d: DPOConfig, methods: Methods) -> None:
+    if d.beta <= 0 or not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError("dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5)")
+    if d.reference == "adapter" and not methods.adapter_off_is_base():
+        pissa = " with lora.init=pissa" if methods.lora.init == "pissa" else ""
+        raise ConfigError(f"dpo.reference=adapter needs an adapter whose removal gives the base model (lora, qlora, "
+                          f"prompt, prefix; not PiSSA), not method.type={methods.type}{pissa}; "
+                          "use dpo.reference=copy or precompute")
 
 
 # ---------------------------------------------------------------- reward sources (stages ppo and grpo)
@@ -126,6 +138,25 @@ class PPOConfig:
     ptx_batch_size: int = opt(4, "ptx samples per optimizer step")
     ptx_val_size: float = opt(0.0, "share (<1) or count of ptx rows held out to report LM loss")
     sample_every: int = opt(5, "write a sample generation to logs/samples.jsonl every N steps (0 = never)")
+
+
+def validate_ppo(p: PPOConfig, r: RewardConfig, max_steps: int, method_type: str) -> None:
+    if max_steps <= 0:
+        raise ConfigError("stage ppo: set train.max_steps (the number of rollout batches)")
+    if p.mini_batch_size < 1 or p.rollout_batch_size % p.mini_batch_size:
+        raise ConfigError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size (>= 1)")
+    if p.ppo_epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
+        raise ConfigError("ppo.ppo_epochs and ppo.max_new_tokens must be >= 1, ppo.temperature > 0")
+    if p.ptx_coef > 0 and not p.ptx_datasets:
+        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_datasets (the LM-loss data)")
+    if p.kl_control == "adaptive" and (p.kl_target <= 0 or p.kl_horizon < 1):
+        raise ConfigError("ppo.kl_target must be > 0 and ppo.kl_horizon >= 1 for adaptive KL")
+    if r.sources or r.type in ("exact_match", "format"):
+        raise ConfigError("reward.sources and reward.type exact_match / format are read by stage grpo; stage ppo "
+                          "takes one function, model or http source")
+    validate_reward_source(r, "reward")
+    if p.value_model == "separate" and method_type != "lora":
+        raise ConfigError("ppo.value_model=separate is only supported with method.type=lora")
 
 
 # ---------------------------------------------------------------- stage grpo

@@ -14,7 +14,7 @@ import pytest
 from posttrain.data.config import DataConfig, DatasetConfig
 from posttrain.templates.config import TemplateConfig
 from posttrain.curate.validate import validate
-from posttrain.data.formats import RowContext
+from posttrain.data.row_context import RowContext
 from posttrain.data.policy import ContentProblem
 from posttrain.data.preference import build_preference_data, read_preferences, row_to_preference
 from posttrain.data.transcripts import split_transcript

@@ -6,7 +6,8 @@ import pytest
 
 from posttrain.data.config import DataConfig, DatasetConfig
 from posttrain.templates.config import TemplateConfig
-from posttrain.data.preference import build_preference_data, collate_preferences, row_to_preference
+from posttrain.data.preference import build_preference_data, row_to_preference
+from posttrain.data.preference_batch import collate_preferences
 from posttrain.errors import DataError
 
 Q = [{"role": "user", "content": "What is 2+2?"}]

@@ -7,7 +7,8 @@ import pytest
 from posttrain.data.config import DataConfig, DatasetConfig
 from posttrain.templates.config import TemplateConfig
 from posttrain.train.config import load_config
-from posttrain.data.preference import build_preference_data, collate_preferences, row_to_preference
+from posttrain.data.preference import build_preference_data, row_to_preference
+from posttrain.data.preference_batch import collate_preferences
 from posttrain.data.scores import ranks_from_scores
 from posttrain.errors import ConfigError, DataError
 

@@ -13,7 +13,7 @@ from posttrain.cli import main
 from posttrain.eval.config import load_eval_config
 from posttrain.data.prompts import read_prompts
 from posttrain.errors import DataError
-from posttrain.eval import compare, generation, multiple_choice
+from posttrain.eval import compare, generation, multiple_choice, ratings
 from posttrain.eval.judges import ReferenceJudge
 from posttrain.models.run import load_model_for_inference
 
@@ -38,9 +38,7 @@ def other_tiny(tiny_dir, tmp_path_factory) -> Path:
 def counted(monkeypatch):
     """Counts what really runs: MC prompts scored, conversations generated, judge calls."""
     counts = {"scored": 0, "generated": 0, "judged": 0, "loads": 0}
-    import posttrain.models.generate as gen_module
-
-    real_score, real_gen, real_judge = multiple_choice.score_batch, gen_module.generate_batch, ReferenceJudge.compare
+    real_score, real_gen, real_judge = multiple_choice.score_batch, generation.generate_batch, ReferenceJudge.compare
 
     def score(model, entries, *args, **kwargs):
         counts["scored"] += len(entries)
@@ -55,7 +53,7 @@ def counted(monkeypatch):
         return real_judge(self, *args, **kwargs)
 
     monkeypatch.setattr(multiple_choice, "score_batch", score)
-    monkeypatch.setattr(gen_module, "generate_batch", gen)
+    monkeypatch.setattr(generation, "generate_batch", gen)
     monkeypatch.setattr(ReferenceJudge, "compare", judge)
     return counts
 
@@ -175,7 +173,7 @@ def test_compare_resume_generates_and_judges_only_missing(tiny_dir, other_tiny, 
                                        max_new_tokens=3)
     reordered = compare.judge_pairs(ReferenceJudge(), names, prompts, answers, out / "votes.jsonl")
     assert counted["generated"] == 24 and counted["judged"] == 24  # all cached; votes reused in either orientation
-    assert compare.ratings_from_votes(reordered)["win_rates"] == whole["win_rates"]
+    assert ratings.ratings_from_votes(reordered)["win_rates"] == whole["win_rates"]
     other = compare.judge_pairs(ReferenceJudge(epsilon=0.5), names, prompts, answers, out / "votes.jsonl")
     assert counted["judged"] == 36 and len(other) == 12  # another judge: its own 12 votes
     assert len(compare.read_votes(out / "votes.jsonl")) == 12 + 12  # both judges' votes kept in the file

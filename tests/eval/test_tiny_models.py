@@ -143,7 +143,7 @@ def test_compare_end_to_end_tiny_models_fake_judge(tiny_dir, tmp_path, fake_open
 def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path, fake_openai):
     """A judge cut short (judge_max_tokens) gives no verdict: votes kept with winner None, cached (not
     re-asked), left out of ratings, reported; another judge_max_tokens is another judge and asks again."""
-    from posttrain.eval import compare
+    from posttrain.eval import compare, ratings
     from posttrain.data.prompts import PromptItem
     from posttrain.eval.report import write_compare_report
 
@@ -165,11 +165,11 @@ def test_unparsed_votes_cached_counted_as_no_verdict_and_reported(tmp_path, fake
     decided = compare.judge_pairs(long, ["x", "y"], prompts, answers, votes_path)
     assert len(fake.seen) == 8 and [v["winner"] for v in decided] == ["model_a", "model_a"]
     meta = {"models": {"x": "x", "y": "y"}, "prompts": "p.jsonl", "judge": short.id}
-    none = {**meta, **compare.ratings_from_votes(votes, rounds=5)}
+    none = {**meta, **ratings.ratings_from_votes(votes, rounds=5)}
     assert (none["votes"], none["no_verdict"], none["bradley_terry"], none["win_matrix"]) == (0, 2, [], {})
     text = write_compare_report(tmp_path, none).read_text()
     assert "2 judged pairs got a judge reply without a verdict" in text and "No vote has a winner" in text
-    mixed = {**meta, **compare.ratings_from_votes([votes[0], decided[1]], rounds=5)}
+    mixed = {**meta, **ratings.ratings_from_votes([votes[0], decided[1]], rounds=5)}
     assert (mixed["votes"], mixed["no_verdict"]) == (1, 1)
     assert [(r["model"], r["n"], r["win_rate"]) for r in mixed["win_rates"]] == [("x", 1, 1.0)]
     text = write_compare_report(tmp_path, mixed).read_text()

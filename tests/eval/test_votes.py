@@ -4,7 +4,7 @@ judge or annotator, counts what it leaves out, and writes eval compare's own rep
 import json
 
 from posttrain.cli import main
-from posttrain.eval.compare import ratings_from_votes
+from posttrain.eval.ratings import ratings_from_votes
 from posttrain.eval.votes import human_vote
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.utils.checkpoint
 
 from posttrain.data.collate import collate
-from posttrain.data.preference import collate_preferences
+from posttrain.data.preference_batch import collate_preferences
 from posttrain.models import packed_attention
 from posttrain.models.anatomy import find_layers
 from posttrain.models.checkpointing import enable_gradient_checkpointing

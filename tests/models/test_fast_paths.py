@@ -22,12 +22,12 @@ from posttrain.models.forward import sft_forward
 from conftest import make_data
 
 
-def lora_model(tiny_dir, tmp_path, *extra):
+def lora_model(tiny_dir, tmp_path, *extra, fused: bool = True):
     cfg = load_config(None, [f"output.dir={tmp_path}", "lora.r=4", "model.name_or_path=tiny-random", *extra],
                       **{"data.datasets": [{"path": "x.jsonl"}]})
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    model = apply_method(base, cfg.methods, fused=cfg.train.fused)
+    model = apply_method(base, cfg.methods, fused=fused)
     for name, p in model.named_parameters():  # LoRA B starts at zero: perturb so A gets gradients too
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -158,7 +158,7 @@ def test_fast_lora_switches_plain_lora_only_and_respects_adapter_state(tiny_dir,
     dropout = lora_model(tiny_dir, tmp_path, "lora.dropout=0.1")  # dropout and DoRA keep PEFT's forward
     dora = lora_model(tiny_dir, tmp_path, "lora.use_dora=true")
     assert enable_fast_lora(dropout) == 0 and enable_fast_lora(dora) == 0
-    unfused = lora_model(tiny_dir, tmp_path, "train.fused=false")
+    unfused = lora_model(tiny_dir, tmp_path, fused=False)
     assert not any("forward" in m.__dict__ for m in unfused.modules())
 
 
@@ -179,7 +179,7 @@ def preference_samples(seed: int) -> list:
 
 
 def test_dpo_packed_shared_prompt_logps_match_padded_plain(tiny_dir, tmp_path):
-    from posttrain.data.preference import collate_preferences, shared_prefix
+    from posttrain.data.preference_batch import collate_preferences, shared_prefix
     from posttrain.train.dpo import response_logps
 
     samples = preference_samples(5)
@@ -235,18 +235,20 @@ def test_packed_attention_runs_per_sample_and_matches_the_mask(tiny_dir, tmp_pat
     assert_same(masked, fast, tol=1e-4)  # a sum over (B, T, H): absolute error scales with it
 
 
-def test_head_positions_key_is_validated(tmp_path):
+@pytest.mark.parametrize("key", ["train.head_positions=all", "train.fused=false"])
+def test_fast_path_switches_are_not_config_keys(key):
+    """Benchmarks switch the fast paths off through FastPaths (a stage's run argument); a user config cannot."""
     from posttrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="head_positions"):
-        load_config(None, ["train.head_positions=some"], **{"data.datasets": [{"path": "x.jsonl"}]})
+    with pytest.raises(ConfigError, match=f"unknown config key {key.split('=')[0]}"):
+        load_config(None, [key], **{"data.datasets": [{"path": "x.jsonl"}]})
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
     """The whole DPO loss (policy + adapter-off reference): padded rows on PEFT's path vs packed rows,
     a shared prompt copy, fused LoRA and the fused head; same loss and same LoRA gradients."""
-    from posttrain.data.preference import collate_preferences
+    from posttrain.data.preference_batch import collate_preferences
     from posttrain.train.dpo import dpo_forward
 
     cfg = load_config(None, ["stage=dpo", f"output.dir={tmp_path}", f"dpo.loss={loss}", "dpo.beta=0.5"],

@@ -4,6 +4,8 @@ code (the planted file never runs); only the user's own flag or training config 
 
 import json
 import shutil
+import sys
+import types
 
 import pytest
 import transformers.dynamic_module_utils as dynamic_modules
@@ -15,6 +17,8 @@ from posttrain.models.load import load_base
 from posttrain.models.methods import apply_method
 from posttrain.models.run import load_model_for_inference, save_model
 from posttrain.models.reward_head import RewardModel
+from posttrain.serve import api
+from posttrain.serve.api import load_engine
 
 PLANTED = """from pathlib import Path
 Path({marker!r}).write_text("remote code ran")
@@ -74,6 +78,31 @@ def test_chat_with_a_planted_full_run_folder_does_not_run_its_code(tmp_path, tin
     assert "ignoring model.trust_remote_code" in caplog.text
     # control: the user's own flag does run it, so the plant above is live
     assert main(["chat", str(run_dir), "--prompt", "hi", "--max-new-tokens", "3", "--trust-remote-code"]) == 0
+    assert marker.read_text() == "remote code ran"
+
+
+def test_serve_runs_folder_code_only_with_the_flag(tmp_path, tiny_dir, monkeypatch):
+    """`posttrain serve` loads like chat: the folder's code runs only with the user's --trust-remote-code."""
+    marker = tmp_path / "marker.txt"
+    run_dir = run_folder(tmp_path, tiny_dir, "full", str(tiny_dir))
+    plant(run_dir, marker)
+    engine = load_engine(str(run_dir), device="cpu")
+    engine.close()
+    assert not marker.exists() and type(engine.model).__name__ == "LlamaForCausalLM"
+    served = {}
+
+    def fake_load(ref, name, **kw):  # the command line's choice reaches the loader; no server starts
+        served["kw"] = kw
+        return types.SimpleNamespace(name="m")
+
+    monkeypatch.setattr(api, "load_engine", fake_load)
+    monkeypatch.setattr(api, "create_app", lambda *a, **kw: None)
+    monkeypatch.setitem(sys.modules, "uvicorn", types.SimpleNamespace(run=lambda *a, **kw: None))
+    for flags, expected in (([], False), (["--trust-remote-code"], True)):
+        served.clear()
+        assert main(["serve", str(run_dir), *flags]) == 0 and served["kw"] == {"trust_remote_code": expected}
+    engine = load_engine(str(run_dir), device="cpu", trust_remote_code=True)  # control: the plant is live
+    engine.close()
     assert marker.read_text() == "remote code ran"
 
 

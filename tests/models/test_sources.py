@@ -48,7 +48,7 @@ def test_tiny_random_builds_once_and_is_reused(own_cache, monkeypatch):
     def no_rebuild(*_args, **_kwargs):
         raise AssertionError("tiny-random was rebuilt")
 
-    monkeypatch.setattr("posttrain.models.tiny.build_tiny", no_rebuild)
+    monkeypatch.setattr(sources, "build_tiny", no_rebuild)
     assert resolve_model("tiny-random") == path
     assert config.stat().st_mtime_ns == mtime
     assert [p.name for p in own_cache.iterdir()] == ["tiny-random"]  # no leftover build dirs

@@ -25,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from posttrain.records import Message  # noqa: E402
 from posttrain.models.tiny import build_tiny  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
+from posttrain.cli import ui_run_configs  # noqa: E402
 from posttrain.serve.chatlog import ChatLog  # noqa: E402
 from posttrain.serve.ui.app import create_ui_app  # noqa: E402
 from test_api import LiveServer  # noqa: E402
@@ -39,7 +40,8 @@ def ui(tiny_dir, tmp_path_factory):
     other = build_tiny(tmp_path_factory.mktemp("tiny-b") / "model-b", seed=1)
     workdir, data = tmp_path_factory.mktemp("ui"), tmp_path_factory.mktemp("data")
     live = LiveServer(create_ui_app(workdir, [str(tiny_dir), str(other)], annotator="alice", device="cpu",
-                                    token=TOKEN, data_dirs=[data], chat_log=ChatLog(workdir / "logs")))
+                                    token=TOKEN, data_dirs=[data], chat_log=ChatLog(workdir / "logs"),
+                                    run_configs=ui_run_configs()))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from inprocess import call
 
+from posttrain.cli import ui_run_configs
 from posttrain.train.config import describe_keys
 from posttrain.serve.ui.app import create_ui_app
 from posttrain.serve.ui.training import OVERRIDE_KEYS
@@ -30,7 +31,8 @@ def site(tmp_path, tiny_dir, monkeypatch):
     (data / "link.jsonl").symlink_to(outside / "secret.jsonl")
     (data / "linked-folder").symlink_to(outside)
     monkeypatch.chdir(data)  # relative paths are read from where `posttrain ui` was started
-    app = create_ui_app(work, [str(tiny_dir)], token=TOKEN, data_dirs=[data], device="cpu")
+    app = create_ui_app(work, [str(tiny_dir)], token=TOKEN, data_dirs=[data], device="cpu",
+                        run_configs=ui_run_configs())
     return app, work, data, outside
 
 
@@ -68,6 +70,16 @@ def test_allowed_overrides_build_the_config(site, tiny_dir):
     text = reply.json()["yaml"]
     assert f"dir: {work.resolve() / 'runs' / 'my-run_1.2'}" in text and "lr: 0.001" in text and "r: 4" in text
     assert f"path: {(data / 'ok.jsonl').resolve()}" in text
+
+
+def test_without_run_configs_there_is_no_train_tab(site, tiny_dir):
+    """serve never imports train: the CLI hands the training config in; an app built without it trains nothing."""
+    _, work, data, _ = site
+    app = create_ui_app(work, [str(tiny_dir)], token=TOKEN, data_dirs=[data], device="cpu")
+    for path in ("/ui/train/config", "/ui/train/start"):
+        reply = post(app, path, form(str(data / "ok.jsonl"), model=str(tiny_dir)))
+        assert reply.status == 404 and reply.json()["error"]["code"] == "no_training"
+    assert app.state.ui.train_job is None and not (work / "runs").exists()
 
 
 def test_every_allowlisted_override_is_a_config_key():

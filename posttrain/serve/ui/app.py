@@ -27,7 +27,7 @@ from posttrain.serve.guard import LOOPBACK_NAMES, MIN_TOKEN_CHARS, hosts_for, is
 from posttrain.serve.ui.annotate import AnnotationTask
 from posttrain.serve.ui.candidates import CandidateJob, GenSettings
 from posttrain.serve.ui.checks import Allowed, int_field, text_field
-from posttrain.serve.ui.training import TrainJob, build_config, choices, preview
+from posttrain.serve.ui.training import RunConfigs, TrainJob, build_config, choices, preview
 
 WINNERS = ("model_a", "model_b", "tie")
 
@@ -44,9 +44,11 @@ class UIState:
 
 def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annotator: str | None = None,
                   device: str | None = None, *, token: str | None = None, data_dirs: list[str] = (),
-                  hosts: frozenset[str] | None = LOOPBACK_NAMES, chat_log: ChatLog | None = None):
+                  hosts: frozenset[str] | None = LOOPBACK_NAMES, chat_log: ChatLog | None = None,
+                  run_configs: RunConfigs | None = None):
     """The UI app; `token` (None: a fresh random one, in `app.state.token`) is wanted on every route;
-    `chat_log`: where chat requests are logged, with the annotator name as the user (None: nowhere)."""
+    `chat_log`: where chat requests are logged, with the annotator name as the user (None: nowhere);
+    `run_configs`: the training config, for the Train tab (None: no Train tab)."""
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the UI token must be at least {MIN_TOKEN_CHARS} characters (or leave it out: one is made)")
     workdir = Path(workdir)
@@ -67,7 +69,7 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
     async def info():
         loaded = list(app.state.models.engines)
         return {"models": list(dict.fromkeys(state.model_names + loaded)), "annotator": state.annotator,
-                **choices(), "workdir": str(workdir), "folders": [str(root) for root in allowed.roots]}
+                **choices(run_configs), "workdir": str(workdir), "folders": [str(root) for root in allowed.roots]}
 
     @app.post("/ui/vote")
     async def vote(request: Request):
@@ -152,16 +154,16 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
 
     @app.post("/ui/train/config")
     def train_config(body: dict = Depends(read_json)):
-        _, text = build_config(body, allowed)
+        _, text = build_config(body, allowed, run_configs)
         return {"yaml": text}
 
     @app.post("/ui/train/start")
     def train_start(body: dict = Depends(read_json)):
-        cfg, _ = build_config(body, allowed)
+        tree, _ = build_config(body, allowed, run_configs)
         with state.lock:
             if state.train_job is not None and state.train_job.proc.poll() is None:
                 raise ApiError(409, "a run is already going; stop it first", code="run_in_progress")
-            state.train_job = TrainJob(cfg, workdir)
+            state.train_job = TrainJob(tree, workdir)
         return state.train_job.status()
 
     @app.get("/ui/train/status")
@@ -179,12 +181,12 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
 
 def run_ui(*, host: str = "127.0.0.1", port: int = 7860, models: list[str] = (), workdir: str = "ui-data",
            annotator: str | None = None, token: str | None = None, data_dirs: list[str] = (),
-           chat_log: ChatLog | None = None) -> None:
+           chat_log: ChatLog | None = None, run_configs: RunConfigs | None = None) -> None:
     """`posttrain ui`: prints the address to open (with the token it made, like Jupyter), then serves."""
-    import uvicorn
+    import uvicorn  # heavy: uvicorn (~0.7 s), loaded only when the server starts
 
     app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host),
-                        chat_log=chat_log)
+                        chat_log=chat_log, run_configs=run_configs)
     if chat_log is not None:
         print(chat_log.announcement("posttrain ui", "the annotator name as the user"), flush=True)
     shown = "127.0.0.1" if hosts_for(host) is None else f"[{host}]" if ":" in host else host

@@ -5,6 +5,7 @@ starts is exactly what the command line would run; progress is read back from th
 `logs/metrics.jsonl` and its log file. The form's model and data file pass the UI's checks (checks.py),
 the run goes to <workdir>/runs/<plain name>, and extra overrides may set only the keys in
 `OVERRIDE_KEYS`: numbers, switches and choices, never code references, remote code or paths.
+The tab reads the training config only through `RunConfigs`, handed in by the CLI: serve never imports train.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from posttrain.models.config import MethodConfig
-from posttrain.train.config import RunConfig, load_config, save_config, to_tree
-from posttrain.typed_config import parse_override
+from posttrain.typed_config import parse_override, save_yaml
 from posttrain.data.formats import row_to_conversation
 from posttrain.data.reading import read_rows, source_of
 from posttrain.serve.api import ApiError
@@ -40,7 +44,7 @@ UI_OVERRIDES = {
     "prompt": "num_virtual_tokens init_text prefix_projection",
     "optim": "lr weight_decay betas eps scheduler warmup_ratio max_grad_norm",
     "train": "epochs max_steps micro_batch_size grad_accum eval_every save_every keep_last log_every seed device "
-             "loss_chunk head_positions fused",
+             "loss_chunk",
     "output": "tensorboard",
     "rm": "center_coef",
     "dpo": "loss beta label_smoothing gamma sft_weight reference reference_cache",
@@ -55,24 +59,34 @@ OVERRIDE_KEYS = frozenset(f"{section}.{key}" for section, keys in UI_OVERRIDES.i
 MODEL_KEYS = ("reward.model",)  # values are models, checked like the form's model (sets reward.type=model)
 
 
-def choices() -> dict:
+@dataclass(frozen=True)
+class RunConfigs:
+    """What the Train tab needs of the training config. `stages`: the stages a run config accepts;
+    `resolve`: a run config as {dotted key: value} -> its resolved tree (what the run saves as config.yaml),
+    raising PosttrainError for a wrong key or value, exactly as `posttrain train` would."""
+
+    stages: tuple[str, ...]
+    resolve: Callable[[dict], dict]
+
+
+def choices(configs: RunConfigs | None) -> dict:
     """Stages and methods the config accepts (read from its types, so new stages appear here)."""
-    hints = typing.get_type_hints(RunConfig)
-    return {"stages": list(typing.get_args(hints["stage"])),
+    return {"stages": list(configs.stages) if configs else [],
             "methods": list(typing.get_args(typing.get_type_hints(MethodConfig)["type"]))}
 
 
-def build_config(form: dict, allowed: Allowed) -> tuple[RunConfig, str]:
-    """RunConfig from the form (stage, model, data, method, max_steps, name, overrides) and its YAML."""
-    import yaml
-
+def build_config(form: dict, allowed: Allowed, configs: RunConfigs | None) -> tuple[dict, str]:
+    """The resolved run config tree from the form (stage, model, data, method, max_steps, name, overrides)
+    and its YAML."""
+    if configs is None:
+        raise ApiError(404, "this UI was started without training (posttrain ui has it)", code="no_training")
     name = run_name(form.get("name")) or time.strftime("ui-%Y%m%d-%H%M%S")
     tree = {"stage": form.get("stage") or "sft", "model.name_or_path": allowed.model(form.get("model")),
             "data.datasets": [{"path": str(allowed.file(form.get("data"), "data"))}],
             "method.type": form.get("method") or "lora", "train.max_steps": int_field(form, "max_steps", 0, 0, 10**9),
             "output.dir": str(allowed.workdir / "runs" / name), "output.tensorboard": False}
-    cfg = load_config(None, [], **(tree | checked_overrides(form.get("overrides"), allowed)))
-    return cfg, yaml.safe_dump(to_tree(cfg), sort_keys=False, allow_unicode=True)
+    resolved = configs.resolve(tree | checked_overrides(form.get("overrides"), allowed))
+    return resolved, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
 
 
 def checked_overrides(text, allowed: Allowed) -> dict:
@@ -110,12 +124,12 @@ def preview(path: str | Path, page: int = 0, size: int = 5) -> dict:
 class TrainJob:
     """One training subprocess started from the UI."""
 
-    def __init__(self, cfg: RunConfig, workdir: Path):
-        self.out_dir = Path(cfg.output.dir)
+    def __init__(self, tree: dict, workdir: Path):
+        self.out_dir = Path(tree["output"]["dir"])
         self.config_path = workdir / "runs" / f"{self.out_dir.name}.yaml"
         self.log_path = workdir / "runs" / f"{self.out_dir.name}.log"
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.config_path)
+        save_yaml(tree, self.config_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("w", encoding="utf-8") as log:
             self.proc = subprocess.Popen(

@@ -21,6 +21,7 @@ from posttrain.models.load import pick_device
 from posttrain.train.engines.base import Engine
 from posttrain.train.engines.ddp import DDPEngine
 from posttrain.train.engines.fsdp import FSDPEngine
+from posttrain.train.engines.zero import DeepSpeedEngine
 
 INSTALL_DEEPSPEED = ("pip install 'posttrain[deepspeed]' (DeepSpeed builds from source: DS_BUILD_OPS=0 pip install "
                      "--no-build-isolation deepspeed==0.19.8)")
@@ -59,11 +60,7 @@ def lockstep(train) -> bool:
 
 def build_engine(cfg, dist_ctx) -> Engine:
     kind = cfg.train.distributed
-    if kind == "deepspeed":
-        from posttrain.train.engines.zero import DeepSpeedEngine  # optional extra, ~2 s to import: only when asked
-
-        return DeepSpeedEngine(cfg, dist_ctx)
-    return {"none": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine}[kind](cfg, dist_ctx)
+    return {"none": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}[kind](cfg, dist_ctx)
 
 
 def _check_launcher(kind: str) -> None:

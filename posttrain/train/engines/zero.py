@@ -16,19 +16,13 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
-import deepspeed
 import torch
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from posttrain.train.engines.base import Engine, Forward
 from posttrain.train.engines.fsdp import materialize, meta_copy
 
 DEEPSPEED_DIR = "deepspeed"
 _TAG = "state"
-# What DeepSpeed's checkpoint files hold besides tensors and containers.
-_STATE_TYPES = [LossScaler, ZeroStageEnum, fragment_address, argparse.Namespace]
 
 
 def deepspeed_config(train, optim, world: int) -> dict:
@@ -46,7 +40,12 @@ def deepspeed_config(train, optim, world: int) -> dict:
 
 
 def _weights_only_load(path, map_location=None):
-    with torch.serialization.safe_globals(_STATE_TYPES):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # optional extra, ~2 s: only under deepspeed
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # optional extra
+    from deepspeed.utils.tensor_fragment import fragment_address  # optional extra
+
+    # What DeepSpeed's checkpoint files hold besides tensors and containers.
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address, argparse.Namespace]):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -65,6 +64,8 @@ class DeepSpeedEngine(Engine):
         return groups
 
     def attach(self, optimizer):
+        import deepspeed  # optional extra (posttrain[deepspeed]), ~2 s to import: only when train.distributed asks
+
         # The shared-memory all-reduce op only speeds up CPU inference, and JIT-compiles for minutes on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world)

@@ -187,7 +187,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     from posttrain.data.preference import build_preference_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.dpo import dpo_forward, precompute_reference, response_logps
+    from posttrain.train.dpo import WithReference, dpo_forward, precompute_reference, response_logps
     from posttrain.data.batches import preference_batches
 
     cfg = _cfg("dpo", tiny_dir, prefs, "unused", f"method.type={method}", "prompt.num_virtual_tokens=3")
@@ -207,7 +207,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     losses = [float(dpo_forward(model, batch, 3.0, dpo_cfg=cfg.dpo)[0])]  # precomputed ref_logps
     no_pre = {k: v for k, v in batch.items() if k != "ref_logps"}
     losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo)[0]))  # adapters disabled
-    losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo, ref_model=ref_copy)[0]))
+    losses.append(float(dpo_forward(WithReference(model, ref_copy), no_pre, 3.0, dpo_cfg=cfg.dpo)[0]))  # a copy
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) == pytest.approx(losses[2], abs=1e-6)
     with torch.no_grad():  # the policy moved away from the reference, so agreeing above means something
         policy = response_logps(model, batch, 1024)[0]

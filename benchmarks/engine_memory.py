@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--only", nargs="*", choices=list(RUNS), help="a subset of the runs")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other runs already in <out>.json (run the table in parts)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -94,16 +96,35 @@ def main() -> None:
             "data": {"datasets": [{"path": str(folder / "data.jsonl")}], "max_length": args.length, "packing": True},
             "train": {"micro_batch_size": 1, "grad_accum": 1, "log_every": 1}, "output": {"tensorboard": False}}))
         results = [run(name, args, config, folder) for name in args.only or RUNS]
+    command = "python benchmarks/engine_memory.py " + shlex.join(sys.argv[1:])
+    for r in results:
+        r["command"] = command
+    path = args.out.with_suffix(".json")
+    if args.append and path.exists():
+        new = {r["run"] for r in results}
+        kept = [r for r in json.loads(path.read_text())["results"] if r["run"] not in new]
+        results = sorted(kept + results, key=lambda r: list(RUNS).index(r["run"]))
+    where = cpu()
     lines = [f"| run | peak RSS MB per process | tokens/s | loss after {args.steps} |", "|---|---|---|---|"]
     for r in results:
         rss = " / ".join(f"{x['peak_rss_mb']:.0f}" for x in r["ranks"])
         lines.append(f"| {r['run']} | {rss} | {r['tokens_per_s']:.0f} | {r['loss']:.4f} |")
-    command = "python benchmarks/engine_memory.py " + shlex.join(sys.argv[1:])
-    args.out.with_suffix(".md").write_text("\n".join(lines) + f"\n\n`{command}`\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
-                                                         "results": results}, indent=2))
+    commands = sorted({r.get("command", command) for r in results})
+    args.out.with_suffix(".md").write_text("\n".join(lines) + f"\n\nCPU: {where}\n\n"
+                                           + "\n".join(f"`{c}`" for c in commands) + "\n")
+    path.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "cpu": where, "results": results},
+                               indent=2))
     print("\n".join(lines))
     print(command)
+
+
+def cpu() -> str:
+    """The CPU model, core count and the vector flags that change the numbers (AVX-512, BF16)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "unknown")
+    flags = next((x.split(":", 1)[1].split() for x in info.splitlines() if x.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags {' '.join(wanted) or 'none of avx2/avx512'}"
 
 
 if __name__ == "__main__":

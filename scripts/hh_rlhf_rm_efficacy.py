@@ -1,15 +1,22 @@
-"""Reward models on Anthropic hh-rlhf's raw harmless-base transcripts: the README's efficacy figure.
+"""Reward models on held-out preference pairs of other sources: the README's efficacy figures.
 
-    python scripts/hh_rlhf_rm_efficacy.py --hh harmless-base/test.jsonl.gz --work outputs/hh [--train-pairs 200]
+    python scripts/hh_rlhf_rm_efficacy.py --hh harmless-base/test.jsonl.gz --work outputs/hh --train-pairs 800 \
+        --out benchmarks/results/hh_rlhf_rm_800.json
 
 hh-rlhf (github.com/anthropics/hh-rlhf, MIT) is read as it comes: no conversion. The first
---eval-rows rows of the file are the held-out pairs; training rows come after them, skipping any
-row whose first human turn also opens a held-out row (disjoint prompts). Two reward models, the
-same recipe (examples/rm_lora.yaml: SmolLM2-135M-Instruct, LoRA r=8, 1 epoch, max_length 256),
-differ only in their data: the shipped style pairs (examples/data/prefs_train.jsonl) vs
---train-pairs hh-rlhf rows. Both are scored with `posttrain score` on the held-out rows; the
-figures go to WORK/results.json. A model already trained (WORK/rm-shipped, WORK/rm-hh-N for N
-training rows) is scored again, not retrained.
+--eval-rows rows of harmless-base/test are the held-out pairs; training rows come after them,
+skipping any row whose first human turn also opens a held-out row (disjoint prompts). Three reward
+models, all from examples/rm_lora.yaml (SmolLM2-135M-Instruct):
+  style  the recipe before issue 19: LoRA r=8, lr 5e-4, max_length 256, on the style pairs
+         examples/data/prefs_train.jsonl (terse "Answer: ..." over hedging filler);
+  broad  the shipped recipe as it is (freeze: last 4 blocks + head, lr 1e-4, max_length 384) on its
+         broad data (examples/data/prefs_broad.jsonl + prefs_demo_en_zh.jsonl), no hh-rlhf;
+  hh-N   the shipped recipe on --train-pairs hh-rlhf rows instead (max_length 256).
+Each is scored with `posttrain score` on the held-out hh-rlhf rows and on
+examples/data/prefs_helpful_heldout.jsonl (hand-written, kept out of every training set). Against
+`style`, each model's accuracy difference on the same pairs gets an exact McNemar test (two-sided
+binomial on the pairs only one model ranks right) and a paired bootstrap 95% interval. A model
+already trained (WORK/rm-NAME/train_summary.json) is scored again, not retrained.
 """
 
 from __future__ import annotations
@@ -17,12 +24,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "rm_lora.yaml"
+HELPFUL = ROOT / "examples" / "data" / "prefs_helpful_heldout.jsonl"
+STYLE = ["method.type=lora", "lora.r=8", "lora.alpha=16", "optim.lr=5e-4", "data.max_length=256",
+         f"data.datasets=[{{path: {ROOT / 'examples' / 'data' / 'prefs_train.jsonl'}}}]"]
 
 
 def first_human_turn(transcript: str) -> str:
@@ -51,28 +63,68 @@ def posttrain(*args: str) -> str:
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p: under H0 each discordant pair is A's or B's with probability 1/2."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def compare(a: dict[str, bool], b: dict[str, bool], resamples: int = 10000) -> dict:
+    """Model a vs b on the pairs both scored: accuracy difference, McNemar p, paired bootstrap 95% CI."""
+    keys = sorted(a.keys() & b.keys())
+    diffs = [int(a[k]) - int(b[k]) for k in keys]
+    rng = random.Random(0)
+    boot = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
+    only_a, only_b = diffs.count(1), diffs.count(-1)
+    return {"pairs": len(keys), "difference": sum(diffs) / len(diffs), "only_this_right": only_a,
+            "only_baseline_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b),
+            "bootstrap_95": [boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]]}
+
+
+def score(run: Path, data: Path, work: Path) -> tuple[dict, dict[str, bool]]:
+    """`posttrain score` figures and, per pair (pairwise files: chosen first), whether it ranked it right."""
+    per_pair = work / f"scores-{run.name}-{data.stem}.jsonl"
+    result = json.loads(posttrain("score", str(run), "--data", str(data), "--out", str(per_pair)))
+    rows = [json.loads(line) for line in per_pair.read_text(encoding="utf-8").splitlines()]
+    return result, {r["source"]: r["rewards"][0] > r["rewards"][1] for r in rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hh", required=True, type=Path, help="harmless-base/test.jsonl(.gz) from hh-rlhf")
     ap.add_argument("--work", default=Path("outputs/hh"), type=Path)
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows at the start of the file")
-    ap.add_argument("--train-pairs", type=int, default=200, help="hh-rlhf rows to train on (after the held-out)")
+    ap.add_argument("--train-pairs", type=int, default=800, help="hh-rlhf rows to train on (after the held-out)")
+    ap.add_argument("--out", type=Path, help="results JSON (default WORK/results.json)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     held, train, info = split(args.hh, args.work, args.eval_rows, args.train_pairs)
-    runs = {"shipped (examples/data/prefs_train.jsonl)": (args.work / "rm-shipped", []),
-            f"hh-rlhf harmless-base ({info['train_rows']} rows)": (args.work / f"rm-hh-{info['train_rows']}",
-                                                                   [f"data.datasets=[{{path: {train}}}]"])}
-    results = {"data": info, "models": {}}
-    for name, (out, overrides) in runs.items():
+    hh_data = [f"data.datasets=[{{path: {train}}}]", "data.val_size=0", "data.max_length=256"]
+    runs = {"style": STYLE, "broad": [], f"hh-{info['train_rows']}": hh_data}
+    evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL}
+    results = {"data": info, "models": {}, "vs_style": {}}
+    correct: dict[tuple[str, str], dict[str, bool]] = {}
+    for name, overrides in runs.items():
+        out = args.work / f"rm-{name}"
         if not (out / "train_summary.json").is_file():
             posttrain("train", str(RECIPE), f"output.dir={out}", *overrides)
         summary = json.loads((out / "train_summary.json").read_text())
-        scored = json.loads(posttrain("score", str(out), "--data", str(held)))
-        results["models"][name] = {"train_prompts": summary.get("train_prompts"), "steps": summary["steps"],
-                                   "wall_time_s": round(summary["wall_time_s"]), **scored}
-        print(f"{name}: accuracy {scored['accuracy']:.3f} on {scored['pairs']} pairs, dropped {scored['dropped']}")
-    (args.work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        entry = results["models"][name] = {
+            "overrides": overrides, "method": summary["method"], "train_prompts": summary["train_prompts"],
+            "train_pairs": summary.get("train_pairs"), "steps": summary["steps"],
+            "wall_time_s": round(summary["wall_time_s"]), "final_train_loss": summary["final_train_loss"]}
+        for label, data in evals.items():
+            scored, correct[name, label] = score(out, data, args.work)
+            entry[label] = scored
+            print(f"{name} on {label}: accuracy {scored['accuracy']:.3f} ({scored['pairs']} pairs), "
+                  f"reward/length spearman {scored['length_correlation']['spearman']}", flush=True)
+    for name in runs:
+        if name != "style":
+            results["vs_style"][name] = {label: compare(correct[name, label], correct["style", label])
+                                         for label in evals}
+    text = json.dumps(results, indent=2)
+    (args.out or args.work / "results.json").write_text(text + "\n", encoding="utf-8")
+    print(json.dumps(results["vs_style"], indent=2))
 
 
 if __name__ == "__main__":

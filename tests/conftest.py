@@ -115,3 +115,33 @@ def tiny_vlm_dir(tmp_path_factory, tiny_dir, tiny_vision_dir) -> Path:
     from posttrain.models.tiny_vision import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "model", str(tiny_dir), str(tiny_vision_dir))
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20),
+           "white": (245, 245, 245), "purple": (140, 40, 160)}
+
+
+@pytest.fixture(scope="session")
+def colour_pngs(tmp_path_factory) -> dict[str, Path]:
+    """Solid-colour 40 px PNGs, name -> path (what the tiny VLM answers about each one depends on the machine's
+    rounding: tests pick among them with `greedy_replies`)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colours")
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 40), rgb).save(root / f"{name}.png")
+    return {name: root / f"{name}.png" for name in COLOURS}
+
+
+def greedy_replies(model, tokenizer, images: dict, question: str, max_new_tokens: int) -> dict:
+    """name -> the greedy reply `posttrain chat --image` gives for each image (reference answers of vision tests)."""
+    from posttrain.models.generate import generate_reply
+    from posttrain.records import Message
+    from posttrain.serve.chat import prompt_images
+
+    replies = {}
+    for name, path in images.items():
+        content, pixels = prompt_images(model, [str(path)], question)
+        replies[name] = generate_reply(model, tokenizer, [Message("user", content)], max_new_tokens=max_new_tokens,
+                                       pixel_values=pixels)
+    return replies

@@ -1,5 +1,5 @@
-"""`posttrain data stats`: counts, length/turn distributions, script and source mix, duplicate rate,
-and a verb-noun view of instructions, as stats.json, stats.md and PNG plots.
+"""`posttrain data stats`: counts, length/turn distributions, script and source mix, duplicate rate, images
+(rows with them, per row, distinct), and a verb-noun view of instructions, as stats.json, stats.md and PNG plots.
 
 The verb-noun view follows the Self-Instruct paper's figure (root verb + its first noun)
 with heuristics instead of a parser. English: the first word of the instruction (instructions
@@ -12,6 +12,7 @@ Sans SC (OFL-1.1) from the `zh` extra, or a CJK font the system has.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ import numpy as np
 from posttrain.curate.dedup import exact_key
 from posttrain.curate.lang import CJK_CHAR, is_cjk, script_of
 from posttrain.curate.stream import FileParser, conversation_text, iter_rows, progress, prompt_text, response_text
+from posttrain.data.images import resolve
 from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.errors import DataError
 from posttrain.models.load import load_tokenizer
@@ -78,7 +80,9 @@ def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str =
     turns, scripts, groups, pairs, hashes = Counter(), Counter(), Counter(), Counter(), set()
     rows = dups = untagged = 0
     dropped: Counter = Counter()
-    parse = FileParser(fmt)
+    per_row_images: Counter = Counter()  # images in a row -> rows
+    distinct_images: set[str] = set()
+    parse = FileParser(fmt, images=True)
     tag = _pos_tagger()
     for source, row in progress(iter_rows(path), "stats"):
         try:
@@ -87,6 +91,8 @@ def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str =
             count_problem(dropped, problem, strict)
             continue
         rows += 1
+        per_row_images[len(conv.images)] += 1
+        distinct_images.update(image_key_text(resolve(ref, Path(path).parent)) for ref in conv.images)
         prompt, response = prompt_text(conv), response_text(conv)
         lengths["prompt_chars"].append(len(prompt))
         lengths["response_chars"].append(len(response))
@@ -113,11 +119,19 @@ def collect(path: str | Path, fmt: str = "auto", tokenizer=None, group_by: str =
     return {"file": str(path), "rows": rows, "dropped": dict(dropped), "duplicate_rate": dups / rows,
             "lengths": {k: _summary(np.array(v)) for k, v in lengths.items()},
             "turns": dict(sorted(turns.items())), "scripts": dict(scripts.most_common()),
+            "images": {"total": sum(k * v for k, v in per_row_images.items()),
+                       "rows_with_images": rows - per_row_images[0], "distinct": len(distinct_images),
+                       "per_row": dict(sorted(per_row_images.items()))},
             group_by: dict(groups.most_common(50)),
             "verb_noun": [[v, n, c] for (v, n), c in pairs.most_common(50)],
             "verb_noun_rows": sum(pairs.values()),
             **({"verb_noun_skipped": f"{untagged} Chinese instructions: {NO_JIEBA}"} if untagged else {}),
             "_arrays": {k: np.array(v) for k, v in lengths.items()}}
+
+
+def image_key_text(ref: str) -> str:
+    """What makes two image references the same for counting: the path, or a data URL's hash (not its bytes)."""
+    return "data:" + hashlib.sha256(ref.encode()).hexdigest() if ref.startswith("data:") else ref
 
 
 def _summary(a: np.ndarray) -> dict:
@@ -185,7 +199,9 @@ def cjk_fonts() -> list[str]:
 def markdown(stats: dict, group_by: str, plots: list[Path]) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
     lines = [f"# Data stats: `{stats['file']}`", "", f"- rows: {stats['rows']} (left out, content problems: {dropped})",
-             f"- exact duplicate rate: {stats['duplicate_rate']:.2%}", "",
+             f"- exact duplicate rate: {stats['duplicate_rate']:.2%}",
+             f"- images: {stats['images']['total']} in {stats['images']['rows_with_images']} rows "
+             f"({stats['images']['distinct']} distinct; rows by image count {stats['images']['per_row']})", "",
              "| length | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
     for name, s in stats["lengths"].items():
         cells = " | ".join(str(s.get(k)) for k in ("mean", "p50", "p90", "p99", "max"))

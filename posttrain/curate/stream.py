@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from posttrain.data.formats import detect_format, row_to_conversation
+from posttrain.data.images import has_images
 from posttrain.data.policy import ContentProblem, count_problem
 from posttrain.data.reading import iter_json_lines, read_rows, source_of
 from posttrain.records import Conversation
@@ -59,16 +60,18 @@ class FileParser:
     """Parse one file's rows; 'auto' detects the format from the first row, then holds it.
 
     Holding it means a later row missing a field gets the field-level error ("field 'output'
-    is missing") rather than "cannot detect the format".
+    is missing") rather than "cannot detect the format". `images`: a row that carries images is parsed as a
+    vision model's run parses it (its images kept, placeholders counted); otherwise such rows are errors.
     """
 
-    def __init__(self, fmt: str = "auto", variables: dict | None = None):
-        self.fmt, self.variables = fmt, variables
+    def __init__(self, fmt: str = "auto", variables: dict | None = None, images: bool = False):
+        self.fmt, self.variables, self.images = fmt, variables, images
 
     def __call__(self, row: dict, source: str) -> Conversation:
         if self.fmt == "auto":
             self.fmt = detect_format(row.keys(), source)
-        return row_to_conversation(row, self.fmt, source=source, variables=self.variables)
+        return row_to_conversation(row, self.fmt, source=source, variables=self.variables,
+                                   images=self.images and has_images(row))
 
 
 class AtomicJsonl:

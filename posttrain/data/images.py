@@ -62,6 +62,31 @@ def content_text(parts, ctx, field: str, images: list[str] | None) -> str:
     return "".join(text)
 
 
+def has_images(row) -> bool:
+    """Whether a raw row carries images: a non-empty `images` column, or an OpenAI image_url / image content part
+    in any message (data commands parse such rows as a vision model's training run does)."""
+    if row.get("images"):
+        return True
+    for value in row.values():
+        if not isinstance(value, list):
+            continue
+        for message in value:
+            parts = message.get("content") if isinstance(message, dict) else None
+            if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image")
+                                               for p in parts):
+                return True
+    return False
+
+
+def image_fields(conv_images: list[str], row) -> list[str]:
+    """The field each of a parsed row's images came from, in order: image_url parts first, then `images[i]`
+    (row_to_conversation collects them in that order)."""
+    value = row.get("images") or []
+    column = 1 if isinstance(value, str) else len(value)
+    parts = len(conv_images) - column
+    return [f"image_url part {k + 1}" for k in range(parts)] + [f"images[{i}]" for i in range(column)]
+
+
 def no_vision_message(what: str) -> str:
     return (f"holds {what}, but the model has no vision tower: set vision.tower (e.g. dinov2-small) or use a "
             "LLaVA model to train on images, or remove the rows with images")

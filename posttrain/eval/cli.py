@@ -1,4 +1,5 @@
-"""`posttrain eval ...`: a YAML eval run (multiple choice or compare), or the ppl / generate / compare subcommands."""
+"""`posttrain eval ...`: a YAML eval run (multiple choice, compare or vqa), or the ppl / generate / compare / vqa
+subcommands."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """`eval CONFIG.yaml [overrides]` or `eval {ppl,generate,compare} ...`, parsed by cmd_eval."""
-    parser.add_argument("target", help="eval config YAML (eval.task mc or compare), or one of: ppl, generate, compare, "
-                        "ratings")
+    parser.add_argument("target", help="eval config YAML (eval.task mc, compare or vqa), or one of: ppl, generate, "
+                        "compare, vqa, ratings")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (YAML) or the subcommand's options")
 
 
@@ -23,6 +24,10 @@ _COMPARE_FLAGS = (("judge_model", str, "eval.compare.judge_model"),
                   ("epsilon", float, "eval.compare.epsilon"), ("rounds", int, "eval.compare.rounds"),
                   ("max_new_tokens", int, "eval.compare.max_new_tokens"),
                   ("batch_size", int, "eval.batch_size"), ("device", str, "eval.device"))
+# optional `eval vqa` flags -> config keys
+_VQA_FLAGS = (("max_new_tokens", int, "eval.vqa.max_new_tokens"), ("max_questions", int, "eval.vqa.max_questions"),
+              ("seed", int, "eval.vqa.seed"), ("batch_size", int, "eval.batch_size"), ("device", str, "eval.device"))
+SUBCOMMANDS = ("ppl", "generate", "compare", "vqa", "ratings")
 
 
 def _ratings_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,10 +43,27 @@ def _ratings_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _config_flags(p: argparse.ArgumentParser, flags) -> None:
+    """Optional flags whose help and defaults are the config schema's (a flag not given keeps the default)."""
+    from posttrain.eval.config import EvalRunConfig  # start-up time: only the command that runs
+    from posttrain.typed_config import describe_keys  # start-up time: yaml, ~20 ms
+
+    docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
+    for flag, kind, key in flags:
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
+
+
 def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
     p = parser_class(prog=f"posttrain eval {name}")
     if name == "ratings":
         return _ratings_parser(p)
+    if name == "vqa":  # flags become eval.vqa.* overrides
+        p.add_argument("--model", required=True, help="a vision-language run dir, LLaVA folder or built-in")
+        p.add_argument("--data", required=True, help="image questions with reference answers (mllm / sharegpt "
+                                                     "`images`, OpenAI image_url parts)")
+        p.add_argument("--out", required=True, help="folder for results.json and answers.jsonl")
+        _config_flags(p, _VQA_FLAGS)
+        return p
     if name == "compare":  # flags become eval.compare.* overrides: the defaults live in the config schema
         p.add_argument("--models", required=True, help="comma-separated model references (2 or more)")
         p.add_argument("--prompts", required=True, help="prompt file ({'prompt', 'reference'?, 'category'?} rows "
@@ -49,12 +71,7 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder for answers, votes.jsonl, ratings.json, report.md")
         p.add_argument("--judge", required=True, help="reward-model folder, OpenAI-compatible base URL, or "
                                                       "'reference' (ROUGE-L against each prompt's reference)")
-        from posttrain.eval.config import EvalRunConfig  # start-up time: only the command that runs
-        from posttrain.typed_config import describe_keys  # start-up time: yaml, ~20 ms
-
-        docs = {key: f"{doc} (default {default})" for key, default, doc in describe_keys(EvalRunConfig)}
-        for flag, kind, key in _COMPARE_FLAGS:
-            p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=docs[key])
+        _config_flags(p, _COMPARE_FLAGS)
         p.add_argument("--strict", action="store_true", help=STRICT_HELP)
         return p
     p.add_argument("--model", required=True, help="run dir, model folder, built-in or hub id")
@@ -76,19 +93,28 @@ def _sub_parser(name: str, parser_class) -> argparse.ArgumentParser:
     return p
 
 
-def _compare_config(args):
-    """The eval config that `eval compare --flags` stands for (only the flags given override defaults)."""
+def _flags_config(args, flags, extra: dict):
+    """The eval config that a subcommand's flags stand for (only the flags given override defaults)."""
     from posttrain.eval.config import load_eval_config  # start-up time: only the command that runs
 
+    for flag, _, key in flags:
+        if getattr(args, flag) is not None:
+            extra[key] = getattr(args, flag)
+    return load_eval_config(None, [], **extra).eval
+
+
+def _compare_config(args):
     extra = {"eval.task": "compare", "eval.output_dir": args.out, "eval.compare.prompts": args.prompts,
              "eval.compare.judge": args.judge,
              "eval.compare.models": [m.strip() for m in args.models.split(",") if m.strip()]}
-    for flag, _, key in _COMPARE_FLAGS:
-        if getattr(args, flag) is not None:
-            extra[key] = getattr(args, flag)
     if args.strict:
         extra["eval.compare.strict"] = True
-    return load_eval_config(None, [], **extra).eval
+    return _flags_config(args, _COMPARE_FLAGS, extra)
+
+
+def _vqa_config(args):
+    extra = {"eval.task": "vqa", "eval.output_dir": args.out, "eval.model": args.model, "eval.vqa.data": args.data}
+    return _flags_config(args, _VQA_FLAGS, extra)
 
 
 def _print_compare(result: dict) -> None:
@@ -99,7 +125,16 @@ def _print_compare(result: dict) -> None:
 
 
 def run_config(ev) -> int:
-    """Run an eval section: a multiple-choice benchmark (table on stdout) or a comparison (JSON)."""
+    """Run an eval section: a multiple-choice benchmark (table on stdout), a comparison (JSON) or VQA (accuracy
+    beside the shuffled-image control)."""
+    if ev.task == "vqa":
+        from posttrain.eval.vqa import format_summary, run as run_vqa  # start-up time: only the command that runs
+
+        summary = run_vqa(ev)
+        print(format_summary(summary))
+        print(f"{summary['settings']['seconds']:.0f} s; results.json and answers.jsonl in {ev.output_dir}",
+              file=sys.stderr)
+        return 0
     if ev.task == "compare":
         from posttrain.eval.compare import run  # start-up time: only the command that runs
 
@@ -118,13 +153,15 @@ def run_config(ev) -> int:
 
 
 def main(target: str, rest: list[str], parser_class) -> int:
-    if target not in ("ppl", "generate", "compare", "ratings"):
+    if target not in SUBCOMMANDS:
         from posttrain.eval.config import load_eval_config  # start-up time: only the command that runs
 
         return run_config(load_eval_config(target, rest).eval)
     args = _sub_parser(target, parser_class).parse_args(rest)
     if target == "compare":
         return run_config(_compare_config(args))
+    if target == "vqa":
+        return run_config(_vqa_config(args))
     if target == "ratings":
         from posttrain.eval.votes import rate_votes  # start-up time: only the command that runs
 

@@ -1,5 +1,5 @@
-"""The eval run config (`posttrain eval FILE`): `stage: eval` and an `eval` section (multiple choice or
-pairwise comparison), read from YAML + dotted overrides, typed and validated like a training config.
+"""The eval run config (`posttrain eval FILE`): `stage: eval` and an `eval` section (multiple choice, pairwise
+comparison or visual question answering), read from YAML + dotted overrides, typed and validated like a training config.
 
 Every default lives here once, beside its one-line doc (`posttrain keys eval.` lists them).
 """
@@ -59,21 +59,32 @@ class CompareConfig:
 
 
 @dataclass
+class VQAConfig:
+    data: str = opt("", "VQA file: conversations with images (mllm / sharegpt `images`, OpenAI image_url parts) "
+                        "whose last assistant turn is the reference answer")
+    max_new_tokens: int = opt(16, "answer length limit (greedy decoding)")
+    max_questions: int | None = opt(None, "score only the first N rows (None = all)")
+    seed: int = opt(0, "order in which the shuffled-image control hands each distinct image to another question")
+
+
+@dataclass
 class EvalConfig:
-    task: Literal["mc", "compare"] = opt(
-        "mc", "what `posttrain eval CONFIG` runs: mc (multiple-choice benchmark) or compare (pairwise, ratings)")
-    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate (mc)")
+    task: Literal["mc", "compare", "vqa"] = opt(
+        "mc", "what `posttrain eval CONFIG` runs: mc (multiple-choice benchmark), compare (pairwise, ratings) or "
+              "vqa (visual question answering beside a shuffled-image control)")
+    model: str = opt("smollm2-135m-instruct", "run dir, model folder, built-in name or hub id to evaluate (mc, vqa)")
     output_dir: str = opt("outputs/eval", "where results JSON, per-item cache and reports go")
     batch_size: int = opt(8, "prompts per forward pass")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run; auto = cuda when available")
     mc: MultipleChoiceConfig = opt(MultipleChoiceConfig(), "multiple-choice benchmark (C-Eval, CMMLU, MMLU, JSONL)")
     compare: CompareConfig = opt(CompareConfig(), "pairwise comparison of models judged per prompt (task compare)")
+    vqa: VQAConfig = opt(VQAConfig(), "visual question answering accuracy, exact match, with its control (task vqa)")
 
 
 @dataclass
 class EvalRunConfig:
     stage: Literal["eval"] = opt("eval", "an eval config says stage: eval (training configs name their stage)")
-    eval: EvalConfig = opt(EvalConfig(), "evaluation: a multiple-choice benchmark or a comparison of models")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation: a multiple-choice benchmark, a comparison of models, or VQA")
 
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] = (), **tree_extra: Any) -> EvalRunConfig:
@@ -88,6 +99,7 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] = (), 
     cmp.prompts = beside(cmp.prompts, base_dir)
     cmp.models = [beside(m, base_dir) for m in cmp.models]
     cmp.judge = beside(cmp.judge, base_dir)
+    cfg.eval.vqa.data = beside(cfg.eval.vqa.data, base_dir)
     validate(cfg.eval)
     return cfg
 
@@ -110,6 +122,13 @@ def validate(ev: EvalConfig) -> None:
         fields = ("{question}", "{answer_a}", "{answer_b}")
         if cmp.judge_prompt and not all(f in cmp.judge_prompt for f in fields):
             raise ConfigError(f"eval.compare.judge_prompt must contain {', '.join(fields)}")
+        return
+    if ev.task == "vqa":
+        vqa = ev.vqa
+        if not vqa.data:
+            raise ConfigError("eval.vqa.data is empty: give a file of image questions with reference answers")
+        if vqa.max_new_tokens < 1 or (vqa.max_questions is not None and vqa.max_questions < 1):
+            raise ConfigError("eval.vqa.max_new_tokens and max_questions must be >= 1")
         return
     if not ev.mc.data:
         raise ConfigError("eval.mc.data is empty: give a benchmark folder (e.g. C-Eval) or a .jsonl file")

@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from posttrain.data.config import DatasetConfig
@@ -101,9 +102,34 @@ def score_preferences(run_dir: str, data_path: str, batch_size: int = 8, device:
         per_sample.append(rewards[pos:pos + len(s.input_ids)])
         pos += len(s.input_ids)
     gaps = [r[b] - r[w] for s, r in zip(samples, per_sample) for b, w in s.pairs]
+    lengths = [[round(sum(w)) for w in s.weights] for s in samples]  # response tokens (mask "last")
+    longer = [(n[b] > n[w]) + 0.5 * (n[b] == n[w]) for s, n in zip(samples, lengths) for b, w in s.pairs]
     return {"prompts": len(samples), "pairs": len(gaps), "dropped": dict(drops),
             "accuracy": sum(g > 0 for g in gaps) / max(len(gaps), 1),
             "mean_margin": sum(gaps) / max(len(gaps), 1), "reward_offset": offset,
             "reward_mean": float(flat.mean()) if rewards else 0.0,
             "reward_std": float(flat.std()) if len(rewards) > 1 else 0.0,
-            "scores": [{"source": s.source, "rewards": r} for s, r in zip(samples, per_sample)]}
+            # what "the longer response wins" scores on these pairs, and how far the rewards follow length
+            "longer_wins_accuracy": sum(longer) / max(len(longer), 1),
+            "length_correlation": length_correlation(rewards, [n for row in lengths for n in row]),
+            "scores": [{"source": s.source, "rewards": r, "lengths": n}
+                       for s, r, n in zip(samples, per_sample, lengths)]}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (as Spearman's rho needs)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, tie_group = np.unique(x, return_inverse=True)
+    return (np.bincount(tie_group, weights=ranks) / np.bincount(tie_group))[tie_group]
+
+
+def length_correlation(rewards: list[float], lengths: list[int]) -> dict:
+    """Pearson and Spearman correlation of reward with response length in tokens, over every scored response;
+    None where undefined (fewer than 3 responses, or constant rewards or lengths)."""
+    r, n = np.asarray(rewards, dtype=float), np.asarray(lengths, dtype=float)
+    out = {"responses": len(r), "pearson": None, "spearman": None}
+    if len(r) >= 3 and r.std() > 0 and n.std() > 0:
+        out["pearson"] = float(np.corrcoef(r, n)[0, 1])
+        out["spearman"] = float(np.corrcoef(_ranks(r), _ranks(n))[0, 1])
+    return out

@@ -17,6 +17,13 @@ from posttrain.errors import ConfigError
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer")
 
 
+def partitioned(param: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (tagged `ds_id`): whole only while its own module runs (ZeRO-3 gathers a
+    module's weights in its forward hooks), so fused code that reads weights without running the module must
+    take the module's own path instead."""
+    return hasattr(param, "ds_id")
+
+
 def is_prompt_learning(model: nn.Module) -> bool:
     """True for a PEFT model whose adapter adds virtual tokens (prompt / prefix tuning)."""
     config = getattr(model, "active_peft_config", None)

@@ -15,6 +15,8 @@ import types
 import torch
 from torch import nn
 
+from posttrain.models.anatomy import partitioned
+
 
 class _LoraLinearFn(torch.autograd.Function):
     """y = x W^T (+ bias) + s (x A^T) B^T with frozen W and bias; gradients for x, A and B.
@@ -64,8 +66,8 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.active_adapters
             or torch.is_autocast_enabled(x.device.type) or not (x.dtype == lora_a.dtype == base.weight.dtype)
-            or base.weight.requires_grad):
-        return type(self).forward(self, x, *args, **kwargs)  # any other state: PEFT's own path
+            or base.weight.requires_grad or partitioned(base.weight) or partitioned(lora_a)):
+        return type(self).forward(self, x, *args, **kwargs)  # any other state (ZeRO-3 too): PEFT's own path
     y = _LoraLinearFn.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a, lora_b,
                             float(self.scaling[name]))
     return y.view(*x.shape[:-1], y.shape[-1])

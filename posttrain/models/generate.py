@@ -2,12 +2,13 @@
 
 Prompts arrive as token ids rendered by `templates.encode_prompt` (the training path), so a reply is
 what the trained format predicts; generation stops at the template's end-of-turn tokens
-(`stop_token_ids`) and optional stop strings. Batches are left-padded into one `model.generate` call.
+(`stop_token_ids`) and optional stop strings. A batch runs in `models.decode` (a KV cache that drops each
+row once it stops: greedy output equals HF `generate`'s); vision prompts, sharded weights (`synced`) and
+models that cache differently (sliding windows, prompt-learning PEFT) go through `model.generate`.
 
-`row_seeds` gives every row its own random stream (the `RowSampler` below draws each row's token with
-that row's generator): a row's sample then does not depend on which other rows share its batch, so
-N processes sampling shards of a rollout batch draw exactly what one process drawing all of it does,
-and a resumed run redraws the same samples. HF `generate` draws all rows from one global stream.
+`row_seeds` gives every row its own random stream (`models.sampling.RowSampler`): a row's sample then
+does not depend on which other rows share its batch. Without them, sampling draws from torch's global
+stream with `generate`'s own warpers (seed it with `seed`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
-    StoppingCriteriaList, TextStreamer
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from posttrain.models.decode import Picker, decode, lean_decode_ok
+from posttrain.models.sampling import RowSampler, picker, stop_hit
 from posttrain.records import Message
 from posttrain.templates.render import encode_prompt
 
@@ -74,25 +76,6 @@ class CallbackStreamer(TextStreamer):
             self.callback(text)
 
 
-class RowSampler(LogitsProcessor):
-    """Temperature + top-p sampling with one torch.Generator per row; returns a one-hot score row
-    (0 at the drawn token, -inf elsewhere) so generate's greedy step takes exactly that token."""
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p = temperature, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
-        if self.top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p (the top token always)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # (B, V) mass before this token
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        chosen = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, chosen[:, None], 0.0)
-
-
 class _AskEachStep(StoppingCriteria):
     """Stops every row once `should_stop()` says so (checked between tokens)."""
 
@@ -103,8 +86,45 @@ class _AskEachStep(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
-def _pad_id(tokenizer, stops: list[int]) -> int:
+def _strip_pad(row: list[int], pad_id: int) -> list[int]:
+    """A row that ended on a stop string before the longest row ended: its padding removed."""
+    while row and row[-1] == pad_id:
+        row = row[:-1]
+    return row
+
+
+def pad_id_of(tokenizer, stops: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+
+
+# Generation-config fields that make `model.generate` add processors the lean loop does not run.
+_HF_ONLY_FIELDS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+                   "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                   "forced_eos_token_id", "sequence_bias", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                   "top_h")
+
+
+def _lean(model: nn.Module, pixel_values, synced: bool) -> bool:
+    """Whether the lean decode loop gives what `model.generate` would (else generate runs)."""
+    if synced or (pixel_values is not None and len(pixel_values)) or not lean_decode_ok(model):
+        return False
+    config, defaults = getattr(model, "generation_config", None), GenerationConfig._get_default_generation_params()
+    return config is None or all(getattr(config, f, None) in (None, defaults.get(f)) for f in _HF_ONLY_FIELDS)
+
+
+def _lean_generate(model: nn.Module, tokenizer, prompts: list[list[int]], prompt_ids: torch.Tensor, *, stops, pad_id,
+                   max_new_tokens: int, pick: Picker, stop_strings, streamer, should_stop) -> torch.Tensor:
+    """(B, N) new tokens on the CPU, padded with pad_id after each row's end: what `model.generate` returns."""
+    on_tokens = None
+    if streamer is not None:  # generate's streamer protocol: the prompt, then each token, then end()
+        streamer.put(prompt_ids)
+        on_tokens = lambda rows, tokens: streamer.put(tokens.cpu())  # noqa: E731
+    rows = decode(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_id, pick=pick,
+                  stop_hit=stop_hit(tokenizer, stop_strings), on_tokens=on_tokens, should_stop=should_stop)
+    if streamer is not None:
+        streamer.end()
+    width = max(map(len, rows))
+    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long).view(len(rows), width)
 
 
 @torch.no_grad()
@@ -119,7 +139,7 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
     synced: every process generates, with sharded weights (FSDP, ZeRO-3): each keeps running forward passes
     until all are done, since every pass gathers weights from all of them."""
     stops = stop_token_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, stops)
+    pad_id = pad_id_of(tokenizer, stops)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     # Left padding keeps every prompt's last token in the last column, where generation continues.
@@ -127,6 +147,14 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
     per_row = row_seeds is not None and temperature > 0
     sample = temperature > 0 and not per_row
+    if seed is not None and sample:
+        torch.manual_seed(seed)
+    model.eval()
+    if _lean(model, pixel_values, synced):
+        pick = picker(model, temperature=temperature, top_p=top_p, top_k=top_k, row_seeds=row_seeds, device=device)
+        return prompt_ids, _lean_generate(model, tokenizer, prompts, prompt_ids, stops=stops, pad_id=pad_id,
+                                          max_new_tokens=max_new_tokens, pick=pick, stop_strings=stop_strings,
+                                          streamer=streamer, should_stop=should_stop), stops
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=stops or None, pad_token_id=pad_id,
         # Sampling knobs only when generate samples: transformers warns about them under greedy decoding.
@@ -134,9 +162,6 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
         stop_strings=stop_strings or None)
     processors = LogitsProcessorList([RowSampler(row_seeds, temperature, top_p, device)] if per_row else [])
     criteria = StoppingCriteriaList([_AskEachStep(should_stop)] if should_stop is not None else [])
-    if seed is not None and sample:
-        torch.manual_seed(seed)
-    model.eval()
     images = {} if pixel_values is None or not len(pixel_values) else {"pixel_values": pixel_values.to(device)}
     output = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
                             generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria,
@@ -161,16 +186,20 @@ def generate_from_ids(
     _, new_tokens, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
                                      streamer=streamer, should_stop=should_stop, pixel_values=pixel_values,
-                                     synced=synced)
-    results = []
-    for row in new_tokens.tolist():  # (B, N) new tokens
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        ids = row[:end] if end is not None else row
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        text, hit = cut_at_stop(text, stop)
-        reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
-        results.append(Generation(text.strip() if strip else text, ids, reason))
-    return results
+                                     synced=synced, stop_strings=stop)  # a stop string ends its row early
+    pad_id = pad_id_of(tokenizer, stops)
+    return [to_generation(tokenizer, row, stops, pad_id, max_new_tokens=max_new_tokens, stop=stop, strip=strip)
+            for row in new_tokens.tolist()]  # (B, N) new tokens
+
+
+def to_generation(tokenizer, row: list[int], stops: list[int], pad_id: int, *, max_new_tokens: int,
+                  stop: list[str] | None, strip: bool) -> Generation:
+    """One row of new tokens as a reply: cut at its first stop token or stop string."""
+    end = next((i for i, t in enumerate(row) if t in stops), None)
+    ids = row[:end] if end is not None else _strip_pad(row, pad_id)
+    text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+    reason = "stop" if end is not None or hit or len(ids) < max_new_tokens else "length"
+    return Generation(text.strip() if strip else text, ids, reason)
 
 
 def generate_batch(
@@ -206,7 +235,7 @@ def sample_ids(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new
     prompt_ids, response, stops = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                             temperature=temperature, top_p=top_p, row_seeds=row_seeds,
                                             stop_strings=stop_strings, top_k=0, synced=synced)  # top_k 0: off
-    pad_id = _pad_id(tokenizer, stops)
+    pad_id = pad_id_of(tokenizer, stops)
     is_stop = torch.isin(response, torch.tensor(stops))  # (B, R)
     has_stop = is_stop.any(1)
     first_stop = torch.where(has_stop, is_stop.float().argmax(1), torch.full_like(has_stop, 10**9, dtype=torch.long))

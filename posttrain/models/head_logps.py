@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.anatomy import partitioned
+
 
 class _FrozenHeadLogps(torch.autograd.Function):
     """(N,) log softmax(h W^T + b)[y] for a frozen head; d/dh formed in forward, chunk by chunk."""
@@ -41,9 +43,10 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
 
 def fused_head_ok(head) -> bool:
-    """The fused path applies to a plain frozen nn.Linear head (else autograd takes the plain path)."""
+    """The fused path applies to a plain frozen nn.Linear head (else autograd takes the plain path), whose
+    weight is whole outside its forward (not a ZeRO-3 partition)."""
     return (type(head) is nn.Linear and not head.weight.requires_grad
-            and (head.bias is None or not head.bias.requires_grad))
+            and (head.bias is None or not head.bias.requires_grad) and not partitioned(head.weight))
 
 
 def token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,

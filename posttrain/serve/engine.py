@@ -1,8 +1,9 @@
 """The serving engine: one worker thread owns the model; requests queue up and run in batches.
 
 HTTP handlers never touch the model. They submit a `Job` and wait on its Future, so 32 parallel
-clients become a few `generate` calls of up to `max_batch` rows instead of 32 racing threads.
-Jobs with equal sampling settings share a batch; a seeded job runs alone so its seed means the
+clients share forward passes of up to `max_batch` rows instead of 32 racing threads. Greedy jobs
+join a running batch between decode steps (continuous batching, serve/batcher.py). Other jobs with
+equal sampling settings share a `generate` call; a seeded job runs alone so its seed means the
 same thing whatever else is queued. Streaming jobs run one at a time with a token callback.
 A job whose client went away (`cancelled`) is skipped if it has not started, a generate call
 stops between tokens once every job in it is cancelled, and a scoring job stops between responses,
@@ -19,18 +20,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from posttrain.models.anatomy import context_length
+from posttrain.models.decode import lean_decode_ok
 from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
 from posttrain.models.load import reward_offset
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import Conversation, Message
+from posttrain.serve.batcher import Batcher
+from posttrain.serve.jobs import Job, Sampling, StopFilter, _Halt  # noqa: F401 - importable from here too
 from posttrain.templates.render import Encoded, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -41,75 +43,21 @@ class EngineClosed(RuntimeError):
     """The server is shutting down and takes no new work."""
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def batch_key(self) -> tuple:
-        return (self.max_new_tokens, self.temperature, self.top_p, self.stop)
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    n: int
-    sampling: Sampling
-    strip: bool = True  # chat replies are stripped like `posttrain chat`; raw completions are not
-    on_text: Callable[[int, str], None] | None = None  # set: stream (choice index, piece), on the worker thread
-    score: tuple[list[Message], list[str]] | None = None  # set: a scoring job, not generation
-    future: Future = field(default_factory=Future)
-    cancelled: bool = False  # the client went away: skip the job, or stop generating for it
-    images: list = field(default_factory=list)  # PIL images for the prompt's <image> runs, in order (vision models)
-
-
-class _Halt(Exception):
-    """Raised inside a streamer to end a streamed generation early (stop string or cancelled job)."""
-
-
-class StopFilter:
-    """Forwards streamed text but holds back anything that may be the start of a stop string."""
-
-    def __init__(self, stop: tuple[str, ...], emit: Callable[[str], None]):
-        self.stop, self.emit, self.buffer, self.hit = [s for s in stop if s], emit, "", False
-
-    def feed(self, piece: str) -> None:
-        self.buffer += piece
-        cuts = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.hit = True
-            self._send(self.buffer[: min(cuts)])
-            raise _Halt
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
-        ready, held = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold:]
-        self._send(ready)
-        self.buffer = held
-
-    def flush(self) -> None:
-        self._send(self.buffer)
-
-    def _send(self, text: str) -> None:
-        self.buffer = ""
-        if text:
-            self.emit(text)
-
-
 class Engine:
     """Owns `model` on a worker thread; `submit` is safe from any thread."""
 
     def __init__(self, model: nn.Module, tokenizer, name: str, *, system: str | None = None,
-                 max_batch: int = 32, batch_wait_s: float = 0.01):
+                 max_batch: int = 32, batch_wait_s: float = 0.01, continuous: bool = True):
         self.model, self.tokenizer, self.name, self.system = model, tokenizer, name, system
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.context_length = context_length(model)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.closing = False
-        self.batches_run = 0  # generate calls made; tests read it to see that batching happened
-        self.jobs_skipped = 0  # cancelled before they started: never run
-        self.batches_stopped = 0  # generate calls (or scoring jobs) ended early because their jobs were cancelled
+        self._batches_run = 0  # generate calls made (+ the batcher's prefills); tests read it to see batching
+        self._jobs_skipped = 0  # cancelled before they started: never run
+        self._batches_stopped = 0  # generate calls, scoring jobs or batcher jobs ended early: their client left
+        # continuous: greedy jobs join a running batch between decode steps (a model the lean loop can run)
+        self.batcher = Batcher(model, tokenizer, max_batch) if continuous and lean_decode_ok(model) else None
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -131,26 +79,60 @@ class Engine:
     def _loop(self) -> None:
         done = False
         while not done:
-            first = self.queue.get()
-            jobs = [] if first is None else [first]
-            done = first is None
-            deadline = time.monotonic() + self.batch_wait_s
-            # Gather what arrives within a few ms: concurrent clients land in the same batch.
-            while not done and len(jobs) < self.max_batch:
-                try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    done = True
-                else:
-                    jobs.append(job)
+            # With rows running, take only what is already queued: the next decode step must not wait.
+            jobs, done = self._gather(block=not self.batcher)
             self._run(jobs)
+            if self.batcher:
+                self._step()
+        while self.batcher:  # shutting down: finish the running rows
+            self._step()
+
+    def _gather(self, block: bool) -> tuple[list[Job], bool]:
+        """(jobs, whether the shutdown marker came). Blocking: wait for one, then gather what arrives within a
+        few ms (concurrent clients land in the same batch)."""
+        jobs: list[Job] = []
+        deadline = None
+        while len(jobs) < self.max_batch:
+            try:
+                if not block:
+                    job = self.queue.get_nowait()
+                elif deadline is None:
+                    job = self.queue.get()
+                    deadline = time.monotonic() + self.batch_wait_s
+                else:
+                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _step(self) -> None:
+        try:
+            self.batcher.step()
+        except Exception as err:  # noqa: BLE001 - any model error belongs to the running requests only
+            log.exception("generation failed")
+            self.batcher.fail(err)
+
+    @property
+    def batches_run(self) -> int:
+        return self._batches_run + (self.batcher.prefills if self.batcher is not None else 0)
+
+    @property
+    def jobs_skipped(self) -> int:
+        return self._jobs_skipped + (self.batcher.jobs_skipped if self.batcher is not None else 0)
+
+    @property
+    def batches_stopped(self) -> int:
+        return self._batches_stopped + (self.batcher.jobs_stopped if self.batcher is not None else 0)
 
     def _run(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
-            if job.score is not None or job.on_text is not None or job.sampling.seed is not None or job.images:
+            if self.batcher is not None and self.batcher.takes(job):
+                self.batcher.add(job)
+            elif job.score is not None or job.on_text is not None or job.sampling.seed is not None or job.images:
                 self._guarded(self._run_single, [job])
             else:
                 groups.setdefault((job.sampling.batch_key(), job.strip), []).append(job)
@@ -168,7 +150,7 @@ class Engine:
         killing the worker."""
         for job in [j for j in jobs if j.cancelled]:
             job.future.cancel()  # nobody waits for it; never set_running, so the cancel always takes
-            self.jobs_skipped += 1
+            self._jobs_skipped += 1
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
@@ -184,7 +166,7 @@ class Engine:
                   jobs: list[Job] = (), images: list = ()) -> list[Generation]:
         """generate_from_ids; with `jobs`, it stops between tokens once all of them are cancelled.
         `images`: one prompt's images; every row (all copies of that prompt) gets them."""
-        self.batches_run += 1
+        self._batches_run += 1
         pixel_values = None
         if images:  # (rows * k, 3, H, W): the k images of each row, row after row
             pixel_values = image_inputs_of(self.model).pixel_values(list(images) * len(prompts))
@@ -202,7 +184,7 @@ class Engine:
                 stop=list(sampling.stop), strip=strip, streamer=streamer, should_stop=abandoned if jobs else None,
                 pixel_values=pixel_values,
             )
-        self.batches_stopped += len(stopped)
+        self._batches_stopped += len(stopped)
         return gens
 
     def _run_batch(self, jobs: list[Job]) -> None:
@@ -219,7 +201,7 @@ class Engine:
             scores = self._score(job)
             if scores is None:  # the client left mid-way: the rest of its responses are never scored
                 job.future.cancel()
-                self.batches_stopped += 1
+                self._batches_stopped += 1
             else:
                 job.future.set_result(scores)
         elif job.on_text is None:

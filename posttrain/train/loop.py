@@ -76,13 +76,19 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj) -> list:
+        """Every process's `obj` (picklable), by rank."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
         """Sum a metrics dict over processes; a key one process lacks counts as 0 there."""
         if self.world == 1:
             return dict(values)
-        names: list[list[str]] = [[] for _ in range(self.world)]
-        dist.all_gather_object(names, sorted(values))
-        keys = sorted(set().union(*names))
+        keys = sorted(set().union(*self.gather(sorted(values))))
         return dict(zip(keys, self.sum([values.get(k, 0.0) for k in keys]), strict=True))
 
 

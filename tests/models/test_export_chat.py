@@ -124,24 +124,18 @@ def test_generate_reply_greedy_is_deterministic_and_streams(tiny):
 def test_generate_reply_stops_at_end_of_turn(tiny_dir):
     model, tokenizer, _ = load_model_for_inference(str(tiny_dir), device="cpu")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # Rig the head to always pick <|im_end|>: generation must end after that one token.
-    lengths: list[int] = []
-    real_generate = model.generate
-
-    def spy(**kwargs):
-        out = real_generate(**kwargs)
-        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
+    # Rig the head to always pick <|im_end|>: generation must end after that one token, i.e. after the
+    # prompt's forward pass, with no decode step after it.
+    forwards: list[int] = []
     head = torch.nn.Linear(64, len(tokenizer), bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-10.0)
         head.bias[im_end] = 10.0
     model.lm_head = head
-    model.generate = spy
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
     reply = generate_reply(model, tokenizer, [Message("user", "hi")], max_new_tokens=50)
-    assert reply == "" and lengths == [1]
+    assert reply == "" and len(forwards) == 1
 
 
 def test_repl_multi_turn_clear_and_exit(tiny, monkeypatch):

@@ -37,22 +37,23 @@ def chat_body(prompt: str, max_tokens: int = 20) -> bytes:
 
 
 def test_queued_job_of_a_disconnected_client_is_skipped(engine):
-    submitted, calls = [], []  # jobs the API handed to the engine; prompts of every generate call
-    real_submit, real_generate = engine.submit, engine._generate
+    submitted, calls = [], []  # jobs the API handed to the engine; prompts of every prefill (forward of > 1 token)
+    real_submit = engine.submit
     started, release = threading.Event(), threading.Event()
 
     def submit(job):
         submitted.append(job)
         return real_submit(job)
 
-    def generate(prompts, *args, **kwargs):
-        calls.append(prompts)
-        if len(calls) == 1:  # the first call holds the worker until both clients have queued behind it
+    def on_forward(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] > 1:
+            calls.append(kwargs["input_ids"].tolist())
+        if len(calls) == 1:  # the first prefill holds the worker until both clients have queued behind it
             started.set()
             release.wait(60)
-        return real_generate(prompts, *args, **kwargs)
 
-    engine.submit, engine._generate = submit, generate
+    engine.submit = submit
+    handle = engine.model.register_forward_hook(on_forward, with_kwargs=True)
     live = LiveServer(create_app(Models({"tiny": engine})))
     try:
         hold = real_submit(Job(encode_prompt([Message("user", "hold")], engine.tokenizer), 1, Sampling(2)))
@@ -75,6 +76,7 @@ def test_queued_job_of_a_disconnected_client_is_skipped(engine):
         hold.result(60)
     finally:
         release.set()
+        handle.remove()
         live.stop()
     status, reply = answer["reply"]
     assert status == 200 and reply["choices"][0]["message"]["content"] == expected(engine, "hi")

@@ -1,31 +1,26 @@
-"""Images in chat and serving, on the tiny LLaVA: `posttrain chat --image` answers exactly what generate_reply
-answers with the same image; an OpenAI image_url request is answered from a prompt holding the image's
-tokens; refusals are 400s / one-line errors."""
+"""Images in chat and serving, on the tiny LLaVA: `posttrain chat --image` and a greedy OpenAI image_url request
+(streamed or not) answer exactly what generate_reply answers with the same image, and the answer depends on the
+image; refusals are 400s / one-line errors.
+
+A request without `temperature` samples (OpenAI's default is 1.0) while chat is greedy: the two agree only at
+temperature 0. (An earlier version of this test omitted it and compared a sample with the greedy reply.)"""
 
 import base64
 import json
 
 import pytest
+from conftest import greedy_replies
 from inprocess import call
 
 from posttrain.cli import main
-from posttrain.models.generate import generate_reply
 from posttrain.records import Message
 from posttrain.serve.api import Models, create_app, load_engine
-from posttrain.serve.chat import prompt_images
 from posttrain.templates.render import encode_prompt
 
 KEY = "sk-test"
 QUESTION = "What colour is this?"
-
-
-@pytest.fixture(scope="module")
-def red_png(tmp_path_factory):
-    from PIL import Image
-
-    path = tmp_path_factory.mktemp("img") / "red.png"
-    Image.new("RGB", (40, 40), (220, 30, 30)).save(path)
-    return path
+TOKENS = 6
+SERVED = ("red", "blue", "green", "yellow")
 
 
 @pytest.fixture(scope="module")
@@ -35,31 +30,44 @@ def engine(tiny_vlm_dir):
     engine.close()
 
 
-def _expected(engine, image) -> str:
-    content, pixels = prompt_images(engine.model, [str(image)], QUESTION)
-    return generate_reply(engine.model, engine.tokenizer, [Message("user", content)], max_new_tokens=4,
-                          pixel_values=pixels)
+@pytest.fixture(scope="module")
+def expected(engine, colour_pngs) -> dict:
+    """colour -> generate_reply's greedy answer for its image (what chat gives)."""
+    return greedy_replies(engine.model, engine.tokenizer, {c: colour_pngs[c] for c in SERVED}, QUESTION, TOKENS)
 
 
-def _chat(app, content) -> tuple[int, dict]:
-    body = json.dumps({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}).encode()
+def _chat(app, content, **extra) -> tuple[int, dict]:
+    body = json.dumps({"model": "m", "max_tokens": TOKENS, "temperature": 0, "messages": [
+        {"role": "user", "content": content}], **extra}).encode()
     reply = call(app, "POST", "/v1/chat/completions", body=body,
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    return reply.status, reply.json()
+    return reply.status, reply.json() if not extra.get("stream") else reply.body.decode()
 
 
-def test_server_answers_an_image_url_request_as_chat_does(engine, red_png, tiny_dir):
+def _parts(image) -> list[dict]:
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+
+
+def _streamed_text(sse: str) -> str:
+    chunks = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_server_answers_an_image_url_request_as_chat_does(engine, expected, colour_pngs, tiny_dir):
     app = create_app(Models({"m": engine}), api_key=KEY)
-    url = "data:image/png;base64," + base64.b64encode(red_png.read_bytes()).decode()
-    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
-    status, body = _chat(app, parts)
-    # the image became its 16 image tokens in the prompt the engine generated from (the reply itself is not
-    # compared: on the engine's thread it has differed from generate_reply's; see the issue's notes)
     prompt = encode_prompt([Message("user", "<image>" + QUESTION)], engine.tokenizer)
-    assert status == 200 and body["usage"]["prompt_tokens"] == len(prompt)
     assert prompt.count(engine.tokenizer.convert_tokens_to_ids("<image>")) == 16
+    for colour in SERVED:
+        status, body = _chat(app, _parts(colour_pngs[colour]))
+        assert status == 200 and body["usage"]["prompt_tokens"] == len(prompt)
+        assert body["choices"][0]["message"]["content"] == expected[colour]
+        status, sse = _chat(app, _parts(colour_pngs[colour]), stream=True)
+        assert status == 200 and _streamed_text(sse).strip() == expected[colour]
+    assert len(set(expected.values())) > 1  # the answer comes from the image, in both paths
 
-    status, body = _chat(app, [{"type": "image_url", "image_url": {"url": str(red_png)}}])
+    parts = _parts(colour_pngs["red"])
+    status, body = _chat(app, [{"type": "image_url", "image_url": {"url": str(colour_pngs["red"])}}])
     assert status == 400 and "data:image" in body["error"]["message"]  # a request never reads server files
     text_engine = load_engine(str(tiny_dir), name="m", device="cpu")
     status, body = _chat(create_app(Models({"m": text_engine}), api_key=KEY), parts)
@@ -67,9 +75,11 @@ def test_server_answers_an_image_url_request_as_chat_does(engine, red_png, tiny_
     assert status == 400 and "takes no images" in body["error"]["message"]
 
 
-def test_chat_prompt_with_image(engine, tiny_vlm_dir, tiny_dir, red_png, capsys):
-    assert main(["chat", str(tiny_vlm_dir), "--prompt", QUESTION, "--image", str(red_png),
-                 "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.strip() == _expected(engine, red_png).strip()
-    assert main(["chat", str(tiny_dir), "--prompt", QUESTION, "--image", str(red_png)]) == 2
+def test_chat_prompt_with_image(expected, colour_pngs, tiny_vlm_dir, tiny_dir, capsys):
+    colour = max(expected, key=lambda c: len(expected[c]))  # an image the tiny model says something about
+    assert expected[colour]
+    assert main(["chat", str(tiny_vlm_dir), "--prompt", QUESTION, "--image", str(colour_pngs[colour]),
+                 "--max-new-tokens", str(TOKENS)]) == 0
+    assert capsys.readouterr().out.strip() == expected[colour]
+    assert main(["chat", str(tiny_dir), "--prompt", QUESTION, "--image", str(colour_pngs[colour])]) == 2
     assert "takes no images" in capsys.readouterr().err

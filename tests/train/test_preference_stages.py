@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,7 +54,17 @@ def test_reward_model_learns_saves_and_scores(tiny_dir, prefs, tmp_path, capsys,
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.index("{"):])
     assert result["pairs"] == 12 and result["accuracy"] == 1.0 and result["mean_margin"] > 0
-    first = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    first = scored[0]
+    # the length figures come from the per-response lengths written to --out: 12 x (chosen, rejected)
+    rewards = [x for row in scored for x in row["rewards"]]
+    lengths = [n for row in scored for n in row["lengths"]]
+    assert result["length_correlation"]["responses"] == 24 and min(lengths) > 0
+    pairs = [row["lengths"] for row in scored]
+    assert result["longer_wins_accuracy"] == _mean([(c > r) + 0.5 * (c == r) for c, r in pairs])
+    pearson = result["length_correlation"]["pearson"]
+    if pearson is not None:  # None only if every reward or every length is equal
+        assert pearson == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]), abs=1e-6)
     from posttrain.data.preference import encode_preference, row_to_preference
     from posttrain.models.load import load_tokenizer
 
@@ -176,7 +187,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     from posttrain.data.preference import build_preference_data
     from posttrain.models.load import load_base
     from posttrain.models.methods import apply_method
-    from posttrain.train.dpo import dpo_forward, precompute_reference, response_logps
+    from posttrain.train.dpo import WithReference, dpo_forward, precompute_reference, response_logps
     from posttrain.data.batches import preference_batches
 
     cfg = _cfg("dpo", tiny_dir, prefs, "unused", f"method.type={method}", "prompt.num_virtual_tokens=3")
@@ -196,7 +207,7 @@ def test_reference_modes_give_the_same_loss(tiny_dir, prefs, method):
     losses = [float(dpo_forward(model, batch, 3.0, dpo_cfg=cfg.dpo)[0])]  # precomputed ref_logps
     no_pre = {k: v for k, v in batch.items() if k != "ref_logps"}
     losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo)[0]))  # adapters disabled
-    losses.append(float(dpo_forward(model, no_pre, 3.0, dpo_cfg=cfg.dpo, ref_model=ref_copy)[0]))
+    losses.append(float(dpo_forward(WithReference(model, ref_copy), no_pre, 3.0, dpo_cfg=cfg.dpo)[0]))  # a copy
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) == pytest.approx(losses[2], abs=1e-6)
     with torch.no_grad():  # the policy moved away from the reference, so agreeing above means something
         policy = response_logps(model, batch, 1024)[0]

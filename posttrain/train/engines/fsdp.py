@@ -108,6 +108,7 @@ class FSDPEngine(Engine):
     def wrap(self, model, groups):
         f, device = self.cfg.train.fsdp, self.dist.device
         names = {id(p): n for n, p in model.named_parameters()}
+        originals = list(model.parameters())
         self.skeleton = meta_copy(model) if self.dist.main else None
         mesh = init_device_mesh(device.type, (self.dist.world,))
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if f.cpu_offload else OffloadPolicy()
@@ -116,7 +117,14 @@ class FSDPEngine(Engine):
         # the root's weights are needed again at once by backward: keep them gathered until then
         self.root = fully_shard(Forward(model), mesh=mesh, reshard_after_forward=False, offload_policy=offload)
         sharded = dict(self.root.named_parameters())
-        return [{**g, "params": [sharded["inner." + names[id(p)]] for p in g["params"]]} for g in groups]
+        groups = [{**g, "params": [sharded["inner." + names[id(p)]] for p in g["params"]]} for g in groups]
+        # The modules now hold sharded parameters; the caller's optimizer groups (a stage keeps them for the whole
+        # run) still point at the unsharded originals: empty them, or every process keeps a whole copy.
+        kept = {id(p) for p in sharded.values()}
+        for param in originals:
+            if id(param) not in kept:
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        return groups
 
     def make_scaler(self):
         # each process sees only its shard of the gradients: the overflow check is all-reduced

@@ -89,6 +89,11 @@ class DeepSpeedEngine(Engine):
     def clip_and_step(self, max_norm: float) -> float:
         self.ds.step()  # clips to gradient_clipping, steps, clears the gradients
         norm = self.ds.get_global_grad_norm()
+        if self.stage == 3:
+            # ZeRO-3 copies a weight's gradient of an update's first micro-batch into its buffer and adds the later
+            # ones: a weight the first pass does not use (PPO's value head in the ptx pass) would add onto the
+            # previous update's gradient. DeepSpeed keeps the buffer between updates: zero it.
+            self.ds.optimizer.grad_partitions_flat_buffer.zero_()
         return float(norm) if norm is not None else 0.0
 
     def zero_grad(self) -> None:

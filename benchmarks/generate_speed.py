@@ -1,0 +1,194 @@
+"""Generation speed with SmolLM2-135M-Instruct: posttrain's decode loop vs plain HF `model.generate`, fp32 CPU.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/generate_speed.py                  # batch 1, 8, 32
+    python benchmarks/generate_speed.py --batches 8 --repeats 1 --max-new-tokens 32    # a quick look
+
+Both sides get the same chat prompts (the first N instructions of alpaca_en_demo, rendered by the
+model's chat template), the same max_new_tokens, greedy decoding and the same stop tokens (the
+template's end of turn); outputs must be token-identical (checked per row, reported). Sides:
+  hf         `model.generate(input_ids, attention_mask, GenerationConfig(do_sample=False, eos...))`,
+             one left-padded batch: every row is computed until the last row stops
+  posttrain  `models.generate.generate_from_ids` (models/decode.py: rows leave the batch as they stop)
+Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up of each side, and the
+medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
+over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
+computes; the difference to the generated tokens is the padding waste of a batch whose rows stop at
+different steps. The step profile times one decode forward (100-token cache) against its linear layers
+alone: the floor that no decode loop gets under in fp32 (the weights are streamed from memory each step).
+Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ASSETS, RESULTS, machine, markdown_table, matmul_peak_gflops, versions  # noqa: E402
+from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
+
+DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
+
+
+def load(model_name: str):
+    import torch
+
+    from posttrain.models.load import load_tokenizer
+    from posttrain.models.sources import resolve_model
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model_name)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
+
+
+def prompts_of(tokenizer, n: int) -> list[list[int]]:
+    from posttrain.records import Message
+    from posttrain.templates.render import encode_prompt
+
+    rows = json.loads(DATA.read_text(encoding="utf-8"))
+    return [encode_prompt([Message("user", (r["instruction"] + "\n" + r["input"]).strip())], tokenizer)
+            for r in rows[:n]]
+
+
+def side_hf(model, tokenizer, prompts, max_new_tokens):
+    import torch
+    from transformers import GenerationConfig
+
+    from posttrain.models.generate import pad_id_of, stop_token_ids
+
+    stops = stop_token_ids(model, tokenizer)
+    pad = pad_id_of(tokenizer, stops)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist()
+    rows = [r[: next((i + 1 for i, t in enumerate(r) if t in stops), len(r))] for r in out]
+    return rows, len(prompts) * max(map(len, rows))  # every row runs every step
+
+
+def side_posttrain(model, tokenizer, prompts, max_new_tokens):
+    from posttrain.models.generate import generate_from_ids, stop_token_ids
+
+    stops = set(stop_token_ids(model, tokenizer))
+    gens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, strip=False)
+    rows = [g.token_ids + ([next(iter(stops))] if g.finish_reason == "stop" else []) for g in gens]
+    return rows, sum(map(len, rows))  # a row leaves the batch after its last token
+
+
+SIDES = {"hf": side_hf, "posttrain": side_posttrain}
+
+
+def stop_tokens_equal(a: list[list[int]], b: list[list[int]], stops: set[int]) -> int:
+    """Rows whose generated tokens agree (a row's stop token counts as any stop token)."""
+    norm = [[[-1 if t in stops else t for t in row] for row in side] for side in (a, b)]
+    return sum(x == y for x, y in zip(*norm))
+
+
+def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> dict:
+    """Where a decode step's time goes: one forward of `batch` tokens over a `context`-token KV cache, against
+    the same step's linear layers alone (every weight streamed once, the FLOPs of the step: the floor no
+    decode loop gets under) and the LM head alone (ms, best of `repeats`)."""
+    import torch
+    from transformers import DynamicCache
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m: torch.randn(batch, m.in_features) for m in linears}
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        vocab = model.config.vocab_size
+        model(input_ids=torch.randint(0, vocab, (batch, context)), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        token = torch.randint(0, vocab, (batch, 1))
+
+        def step():
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # drop the token again: the same context every time
+        return {"step_ms": best(step), "linears_ms": best(lambda: [m(inputs[m]) for m in linears]),
+                "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}
+
+
+def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> dict:
+    from posttrain.models.generate import stop_token_ids
+
+    stops = set(stop_token_ids(model, tokenizer))
+    for fn in SIDES.values():  # warm-up: first-call allocations and lazy imports
+        fn(model, tokenizer, prompts[:1], 4)
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    outputs: dict[str, list] = {}
+    for side in list(SIDES) * repeats:
+        start = time.perf_counter()
+        rows, row_steps = SIDES[side](model, tokenizer, prompts, max_new_tokens)
+        seconds = time.perf_counter() - start
+        tokens = sum(map(len, rows))
+        runs[side].append({"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": tokens / seconds,
+                           "row_steps": row_steps})
+        outputs[side] = rows
+        print(f"batch {len(prompts)} {side}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s "
+              f"({row_steps} row-steps)", flush=True)
+    med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
+    lengths = sorted(map(len, outputs["hf"]))
+    profile = step_profile(model, len(prompts))
+    print(f"batch {len(prompts)} decode step: {profile}", flush=True)
+    return {"batch": len(prompts), "profile": profile, "runs": runs, "tokens_per_s": med,
+            "speedup": med["posttrain"] / med["hf"],
+            "identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain'], stops)}/{len(prompts)}",
+            "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain"], f"**{c['speedup']:.2f}x**",
+             c["identical_rows"], "{min}/{median}/{max}".format(**c["lengths"]),
+             f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}",
+             "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}".format(**c["profile"])] for c in result["cases"]]
+    table = markdown_table(["batch", "HF generate tok/s", "posttrain tok/s", "posttrain/HF", "identical rows",
+                            "tokens per row min/median/max", "row-steps HF / posttrain",
+                            "decode step / its linears / head ms"], rows)
+    return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
+            f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
+            f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "
+            f"{result['matmul_gflops_after']:.1f} after. {result['spec']['model']} fp32, greedy, max_new_tokens "
+            f"{result['spec']['max_new_tokens']}; medians of {result['spec']['repeats']} alternating runs per side."
+            f"\n\n{table}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model folder or built-in (default: %(default)s)")
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="per row (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side (default: %(default)s)")
+    ap.add_argument("--name", default="generate_speed", help="results file stem (default: %(default)s)")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    model, tokenizer = load(args.model)
+    prompts = prompts_of(tokenizer, max(batches))
+    before = matmul_peak_gflops()
+    cases = [run_batch(model, tokenizer, prompts[:b], args.max_new_tokens, args.repeats) for b in batches]
+    result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
+              "spec": {"model": args.model, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                       "data": str(DATA.name)},
+              "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "cases": cases}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The decode loop under `models/generate.py`: a KV cache whose rows join and leave between steps.
+
+`RaggedBatch` holds the running rows in one left-padded `DynamicCache`: new prompts are prefilled as a
+batch and merged in (the shorter side padded on the left), finished rows are dropped with an index
+select, and leading columns that no remaining row uses are trimmed, so no step computes a finished
+row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
+serving engine drives it step by step so requests join a running batch (continuous batching).
+
+Why our own loop rather than the engines in transformers 5.23: `model.generate` keeps computing every
+row until the last one stops (21% of the row-steps of a batch of 8 chat prompts at 64 new tokens are
+finished rows) and cannot take a row in mid-run, which the serving engine needs. `generate_batch`
+(continuous batching over a paged cache) gives the same greedy tokens but took 27-42 s for 8 prompts
+x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself up, and takes one
+GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
+StaticCache + torch.compile were not tried: most of a SmolLM2 decode step is its linear layers streaming
+the fp32 weights (44 + 11 ms of a 78 ms batch-1 step; benchmarks/generate_speed.py profiles it), which
+removing python overhead does not touch. The model's own forward does every step, so prefill,
+masks and positions are the ones HF computes (position = count of real tokens before, as in
+`generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# pick(logits (b, V) float, rows: prompt index of each batch row) -> next tokens (b,)
+Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def lean_decode_ok(model: nn.Module) -> bool:
+    """Whether `decode` can run `model`: a decoder-only LM whose cache is plain full attention (no sliding
+    window, no prompt-learning PEFT that injects its own cache)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    try:
+        layers = DynamicCache(config=config.get_text_config()).layers
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: let HF generate handle it
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class RaggedBatch:
+    """Rows at different lengths in one left-padded KV cache. mask (B, T) long: 1 on real tokens."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        self.keep_last = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) position of each row's last token
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill `prompts` as one batch and append them as the last rows; (n, V) float logits of their last tokens."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)  # (n, P)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # (n, P)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (n, P) as generate computes them
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
+        self._merge(cache, mask, positions[:, -1])
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); (B, V) float logits of the next one."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=self.mask,
+                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these batch rows (in this order), then trim columns that no kept row attends to."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        lead = int(self.mask.any(0).long().argmax()) if len(rows) else 0  # leading all-padding columns
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.cache is None or not len(self):
+            self.cache, self.mask, self.positions = cache, mask, positions
+            return
+        extra_old, extra_new = max(0, mask.shape[1] - self.mask.shape[1]), max(0, self.mask.shape[1] - mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):  # (B, H, T, D): pad the shorter side on the left
+            old.keys, new.keys = _pad_left(old.keys, extra_old, 2), _pad_left(new.keys, extra_new, 2)
+            old.values, new.values = _pad_left(old.values, extra_old, 2), _pad_left(new.values, extra_new, 2)
+            old.keys, old.values = torch.cat([old.keys, new.keys]), torch.cat([old.values, new.values])
+        self.mask = torch.cat([_pad_left(self.mask, extra_old, 1), _pad_left(mask, extra_new, 1)])
+        self.positions = torch.cat([self.positions, positions])
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if not n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
+           pick: Picker, stop_hit: Callable[[list[int]], bool] | None = None,
+           on_tokens: Callable[[list[int], torch.Tensor], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    """New tokens of every prompt: up to and including its stop token, or up to the token that completed a
+    stop string (`stop_hit(ids)`), or `max_new_tokens` of them. `on_tokens(rows, tokens)` sees each step's
+    tokens (streaming); `should_stop()`, asked after every step, ends all rows (a cancelled request)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    if not prompts or max_new_tokens <= 0:
+        return out
+    model.eval()
+    batch = RaggedBatch(model, pad_id)
+    logits = batch.add(prompts)
+    rows = list(range(len(prompts)))  # batch row -> prompt index
+    stops = set(stop_ids)
+    while True:
+        tokens = pick(logits, rows)  # (b,)
+        live = []
+        for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            out[row].append(token)
+            done = token in stops or len(out[row]) >= max_new_tokens or (stop_hit is not None and stop_hit(out[row]))
+            if not done:
+                live.append(k)
+        if on_tokens is not None:
+            on_tokens(rows, tokens)
+        if not live or (should_stop is not None and should_stop()):
+            return out
+        if len(live) < len(rows):
+            batch.keep(live)
+            tokens, rows = tokens[live], [rows[k] for k in live]
+        logits = batch.step(tokens)

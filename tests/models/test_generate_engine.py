@@ -1,0 +1,128 @@
+"""The lean decode loop (models/decode.py) against HF `generate` on the tiny model: same greedy tokens at
+several batch sizes, prompt lengths and stop positions; seeded sampling reproducible; rows that join a
+running batch get what they get alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from posttrain.models import generate as gen
+from posttrain.models.decode import RaggedBatch, decode, lean_decode_ok
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny):
+    """The tiny model with 4x query/key weights: its attention is peaky enough that a wrong position or a
+    mis-merged cache row changes greedy tokens (the plain tiny model attends almost uniformly)."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(4.0)
+    return model, tokenizer
+
+
+def prompts_of(n: int) -> list[list[int]]:
+    """n prompts of 3..(3 + 2n) tokens: every batch is ragged."""
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(10, 250, (3 + (5 * i) % (2 * n + 1),), generator=g).tolist() for i in range(n)]
+
+
+def hf_greedy(model, prompts, stops, pad_id, max_new_tokens):
+    """What `model.generate` gives, each row cut after its first stop token."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops or None,
+                           pad_token_id=pad_id)
+    rows = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist()
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in stops), len(r))] for r in rows]
+
+
+def greedy(logits, rows):
+    return logits.argmax(-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_greedy_matches_hf_generate_with_rows_stopping_at_different_steps(sharp, batch):
+    model, _ = sharp
+    assert lean_decode_ok(model)
+    prompts = prompts_of(batch)
+    free = hf_greedy(model, prompts, [], 0, 12)
+    # Stop tokens taken from the free-running outputs at different steps, so rows end at different lengths.
+    stops = sorted({row[(3 * i) % 10 + 1] for i, row in enumerate(free)})
+    expected = hf_greedy(model, prompts, stops, 0, 12)
+    got = decode(model, prompts, max_new_tokens=12, stop_ids=stops, pad_id=0, pick=greedy)
+    assert got == expected
+    if batch > 1:
+        assert len({len(r) for r in got}) > 1  # rows really did leave the batch at different steps
+
+
+def test_generate_from_ids_lean_equals_generate_path(sharp, monkeypatch):
+    model, tokenizer = sharp
+    prompts = prompts_of(5)
+    lean = gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=10)
+    seeded = gen.sample_ids(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                            row_seeds=[7, 8, 9, 10, 11])
+    again = gen.sample_ids(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                           row_seeds=[7, 8, 9, 10, 11])
+    monkeypatch.setattr(gen, "_lean", lambda *a: False)  # the model.generate path
+    assert gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=10) == lean
+    hf = gen.sample_ids(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                        row_seeds=[7, 8, 9, 10, 11])
+    for a, b, c in zip(vars(seeded).values(), vars(again).values(), vars(hf).values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_seeded_sampling_without_row_seeds_is_generate_s(sharp, monkeypatch):
+    model, tokenizer = sharp
+    prompt = prompts_of(1)
+    kwargs = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    lean = gen.generate_from_ids(model, tokenizer, prompt, **kwargs)
+    assert gen.generate_from_ids(model, tokenizer, prompt, **kwargs) == lean
+    monkeypatch.setattr(gen, "_lean", lambda *a: False)
+    assert gen.generate_from_ids(model, tokenizer, prompt, **kwargs) == lean  # same warpers, same stream
+
+
+def test_stop_string_ends_its_row_only(sharp):
+    model, tokenizer = sharp
+    prompts = prompts_of(3)
+    free = gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=12, strip=False)
+    text = free[1].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip() and stop not in free[0].text[:1]
+    cut = gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=12, strip=False, stop=[stop])
+    assert cut[1].text == text[: text.index(stop)] and cut[1].finish_reason == "stop"
+    assert len(cut[1].token_ids) < len(free[1].token_ids)  # generation ended there, not just the text
+    for before, after in zip(free, cut):
+        assert after.text == before.text.split(stop)[0]
+
+
+def test_rows_joining_a_running_batch_get_what_they_get_alone(sharp):
+    model, _ = sharp
+    first, late = prompts_of(3), prompts_of(2)
+    alone = [decode(model, [p], max_new_tokens=8, stop_ids=[], pad_id=0, pick=greedy)[0] for p in first + late]
+    batch = RaggedBatch(model, pad_id=0)
+    out = [[] for _ in first + late]
+    rows = [0, 1, 2]
+    logits = batch.add(first)
+    for step in range(12):
+        tokens = logits.argmax(-1)
+        for row, token in zip(rows, tokens.tolist()):
+            out[row].append(token)
+        keep = [k for k, row in enumerate(rows) if len(out[row]) < 8]
+        if len(keep) < len(rows):
+            batch.keep(keep)
+            rows, tokens = [rows[k] for k in keep], tokens[keep]
+        if not rows:
+            break
+        logits = batch.step(tokens)
+        if step == 2:  # two requests arrive mid-way: prefilled and merged between decode steps
+            logits = torch.cat([logits, batch.add(late)])
+            rows += [3, 4]
+    assert out == alone

@@ -160,11 +160,12 @@ def saved_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(next(f for f in (run / "adapter_model.safetensors", run / "model.safetensors") if f.exists()))
 
 
-# sharded: every pass, rollouts included, is a collective
+# sharded: every pass, rollouts included, is a collective. One case per stage-specific concern, to keep the suite
+# within its time budget: the engines themselves are covered by the SFT test above (ddp, fsdp, zero2, zero3), PPO
+# under ddp by tests/train/test_ppo.py; rm-ddp, dpo-zero3 and dpo_copy-fsdp (all passing when last run) add little.
 @pytest.mark.parametrize("stage, engine", [
-    ("dpo", "fsdp"), *engines(("dpo", "zero3")), ("rm", "ddp"), ("rm", "fsdp"), ("dpo_copy", "fsdp"),
-    *engines(("dpo_copy", "zero3")), ("dpo_precompute", "fsdp"), ("ppo", "ddp"), ("ppo", "fsdp"),
-    *engines(("ppo", "zero3"))])
+    ("dpo", "fsdp"), ("rm", "fsdp"), *engines(("dpo_copy", "zero3")), ("dpo_precompute", "fsdp"),
+    ("ppo", "fsdp"), *engines(("ppo", "zero3"))])
 def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
     """Every stage on 2 processes logs the same figures and saves the same weights as on 1 (to float rounding)."""
     config, one_dir = one_run(stage)

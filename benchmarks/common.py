@@ -170,10 +170,7 @@ def finish_vs_trl(name: str, runs: dict, spec: dict, order: list[str], before: f
               "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
               "matmul_gflops_before": before, "matmul_gflops_after": after, "matmul_peak_gflops": max(before, after),
               "runs": runs, "medians": medians, "ratios": ratios}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{name}.md").write_text(render(result))
-    print(render(result))
+    write_results(name, result, render)
 
 
 def trl_step_timer(counts: dict):
@@ -247,3 +244,11 @@ def vs_trl_parser(doc: str, data: str, data_help: str, micro_help: str, ablation
                     help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--name", default=name, help="results file stem")
     return ap
+
+
+def write_results(name: str, result: dict, render) -> None:
+    """RESULTS/NAME.json (the figures) and RESULTS/NAME.md (render(result)), and print the rendering."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(render(result))
+    print(render(result))

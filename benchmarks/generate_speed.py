@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ASSETS, RESULTS, machine, markdown_table, matmul_peak_gflops, versions  # noqa: E402
+from benchmarks.common import ASSETS, machine, markdown_table, matmul_peak_gflops, versions, write_results  # noqa: E402
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
@@ -184,10 +184,7 @@ def main() -> None:
               "spec": {"model": args.model, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                        "data": str(DATA.name)},
               "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "cases": cases}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(render(result))
-    print(render(result))
+    write_results(args.name, result, render)
 
 
 if __name__ == "__main__":

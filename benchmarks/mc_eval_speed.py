@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    ASSETS, RESULTS, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb, run_worker, versions)
+    ASSETS, machine, markdown_table, matmul_peak_gflops, median_of, peak_rss_mb, run_worker, versions, write_results)
 
 DATA = str(ASSETS / "data" / "ceval")
 # The first five C-Eval val subjects in file order, all their questions (153): realistic per-subject batches.
@@ -115,10 +115,7 @@ def main() -> None:
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
               "spec": base, "repeats": args.repeats, "matmul_gflops_before": before,
               "matmul_gflops_after": matmul_peak_gflops(), "cases": cases}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(render(result))
-    print(render(result))
+    write_results(args.name, result, render)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercia
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, markdown_table, matmul_peak_gflops, versions  # noqa: E402
+from benchmarks.common import machine, markdown_table, matmul_peak_gflops, versions, write_results  # noqa: E402
 from benchmarks.generate_speed import load, prompts_of  # noqa: E402
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
@@ -112,10 +111,7 @@ def main() -> None:
               "ratios": {"throughput": medians["after"]["requests_per_s"] / medians["before"]["requests_per_s"],
                          "p50": medians["after"]["p50_s"] / medians["before"]["p50_s"],
                          "p95": medians["after"]["p95_s"] / medians["before"]["p95_s"]}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(render(result))
-    print(render(result))
+    write_results(args.name, result, render)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ train.deepspeed, so an accelerate config asking for FSDP or DeepSpeed is refused
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import socket
@@ -50,7 +51,17 @@ def join(train) -> tuple[int, int, torch.device]:
             dist.init_process_group(backend)
         else:  # one process without a launcher: a group of one, so the engine runs as it would under torchrun
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _leave() -> None:
+    """Leave the process group when the process ends. Without it gloo's worker threads can outlive the interpreter
+    and abort the process at exit (SIGABRT, "terminate called without an active exception"). At exit, not after
+    each run: one process may run several stages in one group, and a group destroyed and created again on the
+    launcher's store hangs."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def lockstep(train) -> bool:

@@ -48,7 +48,7 @@ def split(hh: Path, work: Path, eval_rows: int, train_pairs: int) -> tuple[Path,
     held = rows[:eval_rows]
     seen = {first_human_turn(r["chosen"]) for r in held}
     rest = [r for r in rows[eval_rows:] if first_human_turn(r["chosen"]) not in seen]
-    train = rest[:train_pairs]
+    train = rest[:train_pairs] if train_pairs else rest
     paths = (work / "hh_eval.jsonl", work / "hh_train.jsonl")
     for path, part in zip(paths, (held, train)):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
@@ -94,13 +94,19 @@ def main() -> None:
     ap.add_argument("--hh", required=True, type=Path, help="harmless-base/test.jsonl(.gz) from hh-rlhf")
     ap.add_argument("--work", default=Path("outputs/hh"), type=Path)
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows at the start of the file")
-    ap.add_argument("--train-pairs", type=int, default=800, help="hh-rlhf rows to train on (after the held-out)")
+    ap.add_argument("--train-pairs", type=int, default=800,
+                    help="hh-rlhf rows to train on (after the held-out; 0 = all of them)")
+    ap.add_argument("--hh-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for the hh-N model's recipe (repeatable), e.g. method.type=full optim.lr=2e-5")
+    ap.add_argument("--models", default="style,broad,hh", help="which of style, broad, hh to train and score")
     ap.add_argument("--out", type=Path, help="results JSON (default WORK/results.json)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     held, train, info = split(args.hh, args.work, args.eval_rows, args.train_pairs)
-    hh_data = [f"data.datasets=[{{path: {train}}}]", "data.val_size=0", "data.max_length=256"]
-    runs = {"style": STYLE, "broad": [], f"hh-{info['train_rows']}": hh_data}
+    hh_data = [f"data.datasets=[{{path: {train}}}]", "data.val_size=0", "data.max_length=256", *args.hh_set]
+    hh_name = "-".join([f"hh-{info['train_rows']}", *(v.split("=")[-1] for v in args.hh_set)])
+    runs = {name: overrides for name, overrides in
+            {"style": STYLE, "broad": [], hh_name: hh_data}.items() if name.split("-")[0] in args.models.split(",")}
     evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL}
     results = {"data": info, "models": {}, "vs_style": {}}
     correct: dict[tuple[str, str], dict[str, bool]] = {}
@@ -119,7 +125,7 @@ def main() -> None:
             print(f"{name} on {label}: accuracy {scored['accuracy']:.3f} ({scored['pairs']} pairs), "
                   f"reward/length spearman {scored['length_correlation']['spearman']}", flush=True)
     for name in runs:
-        if name != "style":
+        if name != "style" and "style" in runs:
             results["vs_style"][name] = {label: compare(correct[name, label], correct["style", label])
                                          for label in evals}
     text = json.dumps(results, indent=2)

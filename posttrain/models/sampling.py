@@ -47,15 +47,23 @@ def picker(model: nn.Module, *, temperature: float, top_p: float, top_k: int | N
         return lambda logits, rows: logits.argmax(-1)
     if row_seeds is not None:
         return RowSampler(row_seeds, temperature, top_p, device).draw
+    sample = warped_sampler(model, temperature=temperature, top_p=top_p, top_k=top_k)
+    return lambda logits, rows: sample(logits)
+
+
+def warped_sampler(model: nn.Module, *, temperature: float, top_p: float, top_k: int | None = None,
+                   generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """generate's sampling: its temperature / top-k / top-p warpers, then one draw per row (b, V) -> (b,)
+    from `generator` (None: torch's global stream)."""
     if top_k is None:  # generate's: the model's generation config, else its global default 50
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 50
     warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
         ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
 
-    def sample(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def sample(logits: torch.Tensor) -> torch.Tensor:
         for warp in warpers:
             logits = warp(None, logits)
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
     return sample
 
 

@@ -1,12 +1,18 @@
-"""Continuous batching for the serving engine: greedy requests join a running batch between decode steps.
+"""Continuous batching for the serving engine: requests join a running batch between decode steps.
 
 The engine's worker thread owns a `Batcher`. Every `step()` first prefills the jobs that arrived since the
 last one (one batched forward, merged into the running KV cache, models/decode.RaggedBatch), then takes
-one greedy token for every running row. A row leaves the batch as soon as it ends (a stop token, a stop
+one token for every running row. A row leaves the batch as soon as it ends (a stop token, a stop
 string, its own max_new_tokens, or its client went away) and a job gets its answer once all its rows
 have ended: a short request that arrives while a long one runs is not held until the long one ends, and
-no step computes a finished row. Only greedy jobs join (their answer does not depend on their batch);
-sampled, streamed, scoring and image jobs run as before (engine.py).
+no step computes a finished row.
+
+Greedy jobs take the argmax (their answer does not depend on their batch). An unseeded sampled job draws
+with generate's warpers from its own torch.Generator, so its rows share decode steps with other jobs
+without touching torch's global stream. A streamed job's rows send their text as it comes (the same
+TextStreamer word holding and stop-string filter as a streamed `generate`), choices interleaved. Seeded
+jobs (their seed means generate's global stream: samples equal `generate_from_ids(seed=...)`), scoring
+and image jobs run as before (engine.py).
 """
 
 from __future__ import annotations
@@ -18,15 +24,49 @@ import torch
 from torch import nn
 
 from posttrain.models.decode import RaggedBatch
-from posttrain.models.generate import pad_id_of, stop_token_ids, to_generation
-from posttrain.models.sampling import stop_hit
-from posttrain.serve.jobs import Job
+from posttrain.models.generate import CallbackStreamer, Generation, pad_id_of, stop_token_ids, to_generation
+from posttrain.models.sampling import stop_hit, warped_sampler
+from posttrain.serve.jobs import Job, StopFilter, _Halt
 
 
 @dataclass
 class _Row:
     job: Job
     ids: list[int]
+    index: int = 0  # which of the job's n choices
+    stream: _Stream | None = None  # set for a streamed job: where its text goes
+
+
+class _Stream:
+    """One streamed row: tokens -> words (TextStreamer) -> stop-string filter -> the job's on_text."""
+
+    def __init__(self, tokenizer, job: Job, index: int):
+        self.pieces: list[str] = []
+        self.halted = False  # a stop string was hit (or the client left): the row ends here
+
+        def emit(text: str) -> None:
+            self.pieces.append(text)
+            job.on_text(index, text)
+
+        self.filter = StopFilter(job.sampling.stop, emit)
+        self.streamer = CallbackStreamer(tokenizer, self.filter.feed)
+        self.streamer.next_tokens_are_prompt = False  # only new tokens are ever put
+
+    def put(self, token: int) -> None:
+        self._guard(lambda: self.streamer.put(torch.tensor([token])))
+
+    def end(self) -> None:
+        self._guard(self.streamer.end)
+        if not self.halted:
+            self.filter.flush()
+
+    def _guard(self, fn) -> None:
+        if self.halted:
+            return
+        try:
+            fn()
+        except _Halt:
+            self.halted = True
 
 
 class Batcher:
@@ -35,6 +75,7 @@ class Batcher:
     def __init__(self, model: nn.Module, tokenizer, max_rows: int):
         self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
         self.stops = stop_token_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
         self.pad_id = pad_id_of(tokenizer, self.stops)
         self.waiting: deque = deque()
         self._reset()
@@ -42,7 +83,7 @@ class Batcher:
 
     @staticmethod
     def takes(job: Job) -> bool:
-        return job.sampling.temperature <= 0 and job.score is None and job.on_text is None and not job.images
+        return job.sampling.seed is None and job.score is None and not job.images
 
     def add(self, job: Job) -> None:
         self.waiting.append(job)
@@ -56,13 +97,18 @@ class Batcher:
         self._admit()
         if not self.rows:
             return
-        tokens = self.logits.argmax(-1)  # (B,)
+        tokens = self._pick()  # (B,)
         keep = []
         for k, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             row.ids.append(token)
             job = row.job
+            if row.stream is not None and token not in self.stops:
+                row.stream.put(token)
             ended = token in self.stops or len(row.ids) >= job.sampling.max_new_tokens or job.cancelled or (
-                self.hits[id(job)] is not None and self.hits[id(job)](row.ids))
+                self.hits[id(job)] is not None and self.hits[id(job)](row.ids)) or (
+                row.stream is not None and row.stream.halted)
+            if ended and row.stream is not None:
+                row.stream.end()
             if not ended:
                 keep.append(k)
             elif self._row_done(job):
@@ -71,6 +117,17 @@ class Batcher:
             self.batch.keep(keep)
             self.rows, tokens = [self.rows[k] for k in keep], tokens[keep]
         self.logits = self.batch.step(tokens) if self.rows else None
+
+    def _pick(self) -> torch.Tensor:
+        """(B,) the next token of every row: the argmax, or a sampled job's draws from its own stream."""
+        tokens = self.logits.argmax(-1)
+        rows_of: dict[int, list[int]] = {}
+        for k, row in enumerate(self.rows):
+            if id(row.job) in self.samplers:
+                rows_of.setdefault(id(row.job), []).append(k)
+        for key, ks in rows_of.items():
+            tokens[ks] = self.samplers[key](self.logits[ks])
+        return tokens
 
     def fail(self, err: Exception) -> None:
         """A forward failed: every running and waiting job gets the error; the batch starts afresh."""
@@ -88,6 +145,7 @@ class Batcher:
         self.open: dict[int, list[_Row]] = {}  # job id -> its rows (until all have ended)
         self.hits: dict[int, object] = {}  # job id -> its stop-string test
         self.done_rows: dict[int, int] = {}  # job id -> how many of its rows have ended
+        self.samplers: dict[int, object] = {}  # job id -> its draw (sampled jobs only)
 
     def _admit(self) -> None:
         jobs, taken = [], len(self.rows)
@@ -101,12 +159,22 @@ class Batcher:
                 taken += job.n
         if not jobs:
             return
-        new = [_Row(job, []) for job in jobs for _ in range(job.n)]
-        logits = self.batch.add([row.job.prompt_ids for row in new])
+        new = [_Row(job, [], i, _Stream(self.tokenizer, job, i) if job.on_text is not None else None)
+               for job in jobs for i in range(job.n)]
+        try:
+            logits = self.batch.add([row.job.prompt_ids for row in new])
+        except Exception:
+            self.waiting.extendleft(reversed(jobs))  # back in line, so that fail() gives them the error
+            raise
         self.prefills += 1
         for job in jobs:
             self.open[id(job)] = [r for r in new if r.job is job]
             self.hits[id(job)] = stop_hit(self.tokenizer, list(job.sampling.stop))
+            if job.sampling.temperature > 0:  # unseeded: a fresh stream of its own
+                generator = torch.Generator(device=self.device)
+                generator.seed()
+                self.samplers[id(job)] = warped_sampler(self.model, temperature=job.sampling.temperature,
+                                                        top_p=job.sampling.top_p, generator=generator)
         self.rows += new
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
@@ -119,8 +187,16 @@ class Batcher:
         rows = self.open.pop(id(job))
         self.hits.pop(id(job))
         self.done_rows.pop(id(job))
+        self.samplers.pop(id(job), None)
         if job.cancelled:
             self.jobs_stopped += 1
-        job.future.set_result([to_generation(self.tokenizer, r.ids, self.stops, self.pad_id,
-                                              max_new_tokens=job.sampling.max_new_tokens,
-                                              stop=list(job.sampling.stop), strip=job.strip) for r in rows])
+        gens = [to_generation(self.tokenizer, r.ids, self.stops, self.pad_id, stop=list(job.sampling.stop),
+                              max_new_tokens=job.sampling.max_new_tokens, strip=job.strip and r.stream is None)
+                for r in rows]
+        job.future.set_result([g if r.stream is None else self._streamed(r.stream, g) for r, g in zip(rows, gens)])
+
+    def _streamed(self, stream: _Stream, gen: Generation) -> Generation:
+        """A streamed row's reply: the text it sent (cut at a stop string), like engine._stream_one's."""
+        text = "".join(stream.pieces)
+        reason = "stop" if stream.halted else gen.finish_reason
+        return Generation(text, self.tokenizer(text, add_special_tokens=False)["input_ids"], reason)

@@ -1,10 +1,11 @@
 """The serving engine: one worker thread owns the model; requests queue up and run in batches.
 
 HTTP handlers never touch the model. They submit a `Job` and wait on its Future, so 32 parallel
-clients share forward passes of up to `max_batch` rows instead of 32 racing threads. Greedy jobs
-join a running batch between decode steps (continuous batching, serve/batcher.py). Other jobs with
-equal sampling settings share a `generate` call; a seeded job runs alone so its seed means the
-same thing whatever else is queued. Streaming jobs run one at a time with a token callback.
+clients share forward passes of up to `max_batch` rows instead of 32 racing threads. Greedy, unseeded
+sampled and streamed jobs join a running batch between decode steps (continuous batching,
+serve/batcher.py). A seeded job runs alone so its seed means the same thing whatever else is queued;
+image jobs and scoring jobs run alone too. Without the batcher (a model the lean loop cannot run),
+jobs with equal sampling settings share a `generate` call and streamed jobs run one at a time.
 A job whose client went away (`cancelled`) is skipped if it has not started, a generate call
 stops between tokens once every job in it is cancelled, and a scoring job stops between responses,
 so abandoned requests (a client that timed out and retried) do not pile up work the server can never

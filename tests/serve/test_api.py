@@ -18,6 +18,7 @@ from posttrain.records import Message  # noqa: E402
 from posttrain.serve.api import Limits, Models, create_app, load_engine  # noqa: E402
 from posttrain.models.generate import generate_reply  # noqa: E402
 from posttrain.serve.engine import Job, Sampling, StopFilter, _Halt  # noqa: E402
+from posttrain.models.decode import RaggedBatch  # noqa: E402
 from posttrain.models.generate import generate_batch, generate_from_ids  # noqa: E402
 
 KEY = "sk-test-key"
@@ -279,6 +280,7 @@ def test_internal_errors_do_not_leak_their_text(served, client, monkeypatch):
         raise RuntimeError("secret detail /home/someone/key.txt")
 
     monkeypatch.setattr(engine, "_generate", broken)
+    monkeypatch.setattr(RaggedBatch, "add", broken)  # the running batch's prefill (continuous batching)
     status, body = post(live.url + "/v1/chat/completions", json.dumps(
         {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode())
     assert status == 500 and body["error"]["type"] == "server_error" and "secret" not in json.dumps(body)

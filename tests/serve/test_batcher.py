@@ -56,3 +56,80 @@ def test_requests_joining_a_running_batch_get_their_answers_alone(tiny):
     assert [len(g) for g in got] == [1, 2, 1, 2, 1]
     assert max(rows_per_step) > 2  # the late rows shared decode steps with the running one
     assert finished[-1] == 0 and alone[0].finish_reason == "length"  # short requests did not wait for it
+
+
+def run_with_late_jobs(model, engine, first: Job, late: list[Job]) -> list[int]:
+    """Submit `first`; once it is decoding, submit `late`; wait for all. Returns the rows of every forward."""
+    rows_per_step = []
+
+    def on_forward(module, args, kwargs, output):
+        rows_per_step.append(kwargs["input_ids"].shape[0])
+        if len(rows_per_step) == 3:
+            for job in late:
+                engine.submit(job)
+
+    handle = model.register_forward_hook(on_forward, with_kwargs=True)
+    try:
+        engine.submit(first).result(60)
+        for job in late:
+            job.future.result(60)
+    finally:
+        handle.remove()
+        engine.close()
+    return rows_per_step
+
+
+def test_streamed_requests_join_and_send_what_they_get_alone(tiny):
+    model, tokenizer = sharp_model(tiny), tiny[1]
+    prompts = [encode_prompt([Message("user", t)], tokenizer) for t in ["Write a poem", "hi", "Name a colour"]]
+    settings = [Sampling(30), Sampling(10), Sampling(12, stop=("e",))]
+    alone = [generate_from_ids(model, tokenizer, [p], max_new_tokens=s.max_new_tokens, stop=list(s.stop),
+                               strip=False)[0] for p, s in zip(prompts, settings)]
+    sent: dict[tuple[int, int], list[str]] = {}
+    late = [Job(prompts[i], 2, settings[i], strip=False,
+                on_text=lambda index, piece, i=i: sent.setdefault((i, index), []).append(piece)) for i in (1, 2)]
+    engine = Engine(model, tokenizer, "sharp", max_batch=8)
+    rows_per_step = run_with_late_jobs(model, engine, Job(prompts[0], 1, settings[0]), late)
+    assert max(rows_per_step) == 5  # both streamed jobs (2 choices each) decoded beside the running row
+    for i, job in zip((1, 2), late):
+        gens = job.future.result()
+        for index, gen in enumerate(gens):
+            assert "".join(sent[i, index]) == gen.text == alone[i].text  # streamed, returned and alone agree
+            assert gen.finish_reason == alone[i].finish_reason
+    assert "e" not in alone[2].text and alone[2].finish_reason == "stop"  # the stop string was held back
+
+
+def test_unseeded_sampled_requests_join_with_their_own_random_stream(tiny):
+    model, tokenizer = sharp_model(tiny), tiny[1]
+    prompts = [encode_prompt([Message("user", t)], tokenizer) for t in ["Write a poem", "hi", "What is two plus two?"]]
+    greedy = [generate_from_ids(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts[1:]]
+    cold = Sampling(12, temperature=1e-4)  # sampled, but so sharp that every draw is the argmax
+    hot = Sampling(12, temperature=1.0)
+    late = [Job(prompts[1], 2, cold), Job(prompts[2], 1, cold), Job(prompts[2], 3, hot)]
+    engine = Engine(model, tokenizer, "sharp", max_batch=8)
+    rng = torch.get_rng_state()
+    rows_per_step = run_with_late_jobs(model, engine, Job(prompts[0], 1, Sampling(30)), late)
+    assert torch.equal(torch.get_rng_state(), rng)  # each job drew from its own generator, not torch's stream
+    assert max(rows_per_step) == 7 and engine.batches_run == 2  # one prefill for the first, one for the late
+    assert [g.text for g in late[0].future.result()] == [greedy[0].text] * 2  # each row got its own logits
+    assert [g.text for g in late[1].future.result()] == [greedy[1].text]
+    hot_texts = [g.text for g in late[2].future.result()]
+    assert len(hot_texts) == 3 and len(set(hot_texts)) > 1  # three independent samples
+
+
+def test_a_failed_prefill_answers_its_jobs_with_the_error(tiny, monkeypatch):
+    from posttrain.models.decode import RaggedBatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prefill failed")
+
+    monkeypatch.setattr(RaggedBatch, "add", broken)
+    engine = Engine(tiny[0], tiny[1], "tiny", max_batch=8)
+    prompt = encode_prompt([Message("user", "hi")], tiny[1])
+    try:
+        futures = [engine.submit(Job(prompt, 1, s)) for s in (Sampling(4), Sampling(4, temperature=1.0))]
+        for future in futures:  # not left waiting forever
+            assert str(future.exception(30)) == "prefill failed"
+    finally:
+        monkeypatch.undo()
+        engine.close()

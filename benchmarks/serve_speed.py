@@ -3,16 +3,19 @@ after continuous batching, fp32 CPU.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/serve_speed.py                     # 64 clients x 2 requests
     python benchmarks/serve_speed.py --clients 16 --requests 1 --max-new-tokens 16     # a quick look
+    python benchmarks/serve_speed.py --temperature 1.0 --name serve_speed_sampled      # sampled requests
 
 Each client thread sends its requests one after another (a new one as soon as the last answer came):
-greedy chat replies to alpaca_en_demo instructions (a different one per request), the same max_tokens.
+chat replies (greedy, or sampled at --temperature) to alpaca_en_demo instructions (a different one per
+request), the same max_tokens.
 Sides, each a fresh `serve.engine.Engine` on the same loaded model (max_batch 32, 10 ms gather window):
   before  continuous=False: the queue is drained into `generate` calls of up to 32 rows, each running
           until its longest row ends; requests that arrive meanwhile wait for the whole call
   after   continuous=True: requests join the running batch between decode steps, rows leave as they end
 Latency is submit -> answer per request (in-process: no HTTP, which both sides would pay alike);
 throughput counts requests and generated tokens over the wall time of the whole load. Sides alternate
-(before, after, ...); every request's answer must be the same on both sides (reported).
+(before, after, ...); every greedy request's answer must be the same on both sides (reported; sampled
+answers differ by nature, so their count is not).
 Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
 """
 
@@ -37,7 +40,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests: int, max_new_tokens: int) -> dict:
+def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests: int, max_new_tokens: int,
+             temperature: float = 0.0) -> dict:
     from posttrain.serve.engine import Engine, Job, Sampling
 
     engine = Engine(model, tokenizer, "bench", max_batch=32, continuous=continuous)
@@ -47,7 +51,8 @@ def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests
         for r in range(requests):
             i = c * requests + r
             start = time.perf_counter()
-            gen = engine.submit(Job(prompts[i], 1, Sampling(max_new_tokens=max_new_tokens))).result()[0]
+            job = Job(prompts[i], 1, Sampling(max_new_tokens=max_new_tokens, temperature=temperature))
+            gen = engine.submit(job).result()[0]
             latencies[i], answers[i], tokens[i] = time.perf_counter() - start, gen.text, len(gen.token_ids)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -74,7 +79,9 @@ def render(result: dict) -> str:
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']} ({m['torch_threads']} threads); matmul peak "
             f"{result['matmul_gflops_before']:.1f} GFLOP/s before, {result['matmul_gflops_after']:.1f} after. "
-            f"{s['model']} fp32, {s['clients']} concurrent clients x {s['requests']} requests, greedy, max_tokens "
+            f"{s['model']} fp32, {s['clients']} concurrent clients x {s['requests']} requests, "
+            f"{'sampled at temperature ' + str(s['temperature']) if s.get('temperature') else 'greedy'}, "
+            f"max_tokens "
             f"{s['max_new_tokens']}, engine max_batch 32; medians of {s['repeats']} alternating runs per side. "
             f"Same answers on both sides: {result['same_answers']}.\n\n{table}\n\nafter/before: throughput "
             f"**{ratio['throughput']:.2f}x**, p50 latency {ratio['p50']:.2f}x, p95 latency {ratio['p95']:.2f}x\n")
@@ -86,6 +93,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64, help="concurrent client threads (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default: 2)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="max_tokens of every request (default: 48)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs per side (default: %(default)s)")
     ap.add_argument("--name", default="serve_speed", help="results file stem (default: %(default)s)")
     args = ap.parse_args()
@@ -94,7 +102,8 @@ def main() -> None:
     before = matmul_peak_gflops()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for side in ["before", "after"] * args.repeats:
-        r = run_side(model, tokenizer, prompts, side == "after", args.clients, args.requests, args.max_new_tokens)
+        r = run_side(model, tokenizer, prompts, side == "after", args.clients, args.requests, args.max_new_tokens,
+                     args.temperature)
         runs[side].append(r)
         print(f"{side}: {r['wall_s']} s, {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
               f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s ({r['forward_batches']} prefill/generate calls)",
@@ -105,9 +114,10 @@ def main() -> None:
     medians = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
               "spec": {"model": args.model, "clients": args.clients, "requests": args.requests,
-                       "max_new_tokens": args.max_new_tokens, "repeats": args.repeats},
+                       "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "temperature": args.temperature},
               "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "runs": runs,
-              "medians": medians, "same_answers": f"{same}/{len(prompts)}",
+              "medians": medians,
+              "same_answers": f"{same}/{len(prompts)}" if args.temperature <= 0 else "not expected (sampled)",
               "ratios": {"throughput": medians["after"]["requests_per_s"] / medians["before"]["requests_per_s"],
                          "p50": medians["after"]["p50_s"] / medians["before"]["p50_s"],
                          "p95": medians["after"]["p95_s"] / medians["before"]["p95_s"]}}

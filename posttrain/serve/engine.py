@@ -57,7 +57,7 @@ class Engine:
         self._batches_run = 0  # generate calls made (+ the batcher's prefills); tests read it to see batching
         self._jobs_skipped = 0  # cancelled before they started: never run
         self._batches_stopped = 0  # generate calls, scoring jobs or batcher jobs ended early: their client left
-        # continuous: greedy jobs join a running batch between decode steps (a model the lean loop can run)
+        # continuous: jobs join a running batch between decode steps (a model the lean loop can run)
         self.batcher = Batcher(model, tokenizer, max_batch) if continuous and lean_decode_ok(model) else None
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()

@@ -173,6 +173,25 @@ def finish_vs_trl(name: str, runs: dict, spec: dict, order: list[str], before: f
     write_results(name, result, render)
 
 
+def lora_job_overrides(stage: str, spec: dict) -> list[str]:
+    """posttrain config keys of a LoRA timing job that both stage benchmarks hold equal with TRL: the model
+    (fp32, SDPA), max length, no validation split, LoRA r / alpha without dropout."""
+    return [f"stage={stage}", f"model.name_or_path={spec['model_dir']}", "model.dtype=float32",
+            "model.attn_implementation=sdpa", f"data.max_length={spec['max_length']}", "data.val_size=0",
+            "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0"]
+
+
+def trl_side_model(spec: dict):
+    """(tokenizer, fp32 SDPA model) of the folder posttrain resolved, after seeding torch: TRL's side."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    return tokenizer, AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                           attn_implementation="sdpa")
+
+
 def trl_step_timer(counts: dict):
     """A transformers callback that appends each optimizer step's seconds to counts['step_times']
     and each logged loss to counts['losses'] (TRL's side of the step timers)."""

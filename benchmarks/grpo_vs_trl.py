@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    ROOT, check_ablations, finish_vs_trl, markdown_table, median_of, peak_rss_mb, run_alternating, trl_step_timer,
-    vs_trl_parser)
+    ROOT, check_ablations, finish_vs_trl, lora_job_overrides, markdown_table, median_of, peak_rss_mb, run_alternating,
+    trl_side_model, trl_step_timer, vs_trl_parser)
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ROOT / "examples" / "data" / "arith_easy" / "train.jsonl"
@@ -69,9 +69,7 @@ def worker_posttrain(spec: dict) -> dict:
     from posttrain.train.config import load_config
 
     cfg = load_config(None, [
-        "stage=grpo", f"model.name_or_path={spec['model_dir']}", "model.dtype=float32",
-        "model.attn_implementation=sdpa", f"data.max_length={spec['max_length']}", "data.val_size=0",
-        "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
+        *lora_job_overrides("grpo", spec),
         "grpo.estimator=grpo", f"grpo.group_size={spec['group_size']}",
         f"grpo.prompts_per_step={spec['prompts_per_step']}", "grpo.mini_batch_size=0", "grpo.epochs=1",
         f"grpo.max_new_tokens={spec['max_new_tokens']}", f"grpo.temperature={spec['temperature']}", "grpo.top_p=1.0",
@@ -111,17 +109,13 @@ def worker_posttrain(spec: dict) -> dict:
 
 
 def worker_trl(spec: dict) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.train.verifiable import ExactMatch  # the same reward code as posttrain's side (only `re`)
 
-    torch.manual_seed(spec["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer, model = trl_side_model(spec)
     rows = read_prompt_rows(Path(spec["data"]))
     data = Dataset.from_list([rows[i] for i in spec["order"]])  # posttrain's prompts, step by step
     batch = spec["group_size"] * spec["prompts_per_step"]

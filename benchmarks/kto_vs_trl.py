@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    ASSETS, check_ablations, chat_length, finish_vs_trl, markdown_table, median_of, peak_rss_mb, run_alternating,
-    trl_step_timer, vs_trl_parser)
+    ASSETS, check_ablations, chat_length, finish_vs_trl, lora_job_overrides, markdown_table, median_of, peak_rss_mb,
+    run_alternating, trl_side_model, trl_step_timer, vs_trl_parser)
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "kto_en_demo.json"
@@ -79,9 +79,7 @@ def worker_posttrain(spec: dict) -> dict:
     data_path = Path(spec["tmp"]) / "kto.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in spec["rows"]), encoding="utf-8")
     cfg = load_config(None, [
-        "stage=kto", f"model.name_or_path={spec['model_dir']}", "model.dtype=float32",
-        "model.attn_implementation=sdpa", f"data.max_length={spec['max_length']}", "data.val_size=0",
-        "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
+        *lora_job_overrides("kto", spec),
         f"kto.beta={spec['beta']}", "kto.desirable_weight=1.0", "kto.undesirable_weight=1.0",
         f"optim.lr={spec['lr']}", "optim.scheduler=constant", "optim.warmup_ratio=0.0", "optim.max_grad_norm=1.0",
         f"train.micro_batch_size={spec['micro']}", f"train.grad_accum={spec['accum']}",
@@ -114,15 +112,11 @@ def worker_posttrain(spec: dict) -> dict:
 
 
 def worker_trl(spec: dict) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
-    torch.manual_seed(spec["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer, model = trl_side_model(spec)
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:], "label": r["label"]}
                               for r in spec["rows"]])
     args = KTOConfig(

@@ -19,6 +19,7 @@ is skipped when its output exists, so a rerun resumes. From the repo root:
 
     python examples/instructgpt/run.py                        # about an hour on 2 CPU cores (estimate)
     python examples/instructgpt/run.py --smoke --work /tmp/ig # tiny-random model, a few steps: the wiring only
+    python examples/instructgpt/run.py --precision bf16       # bf16 autocast in every training stage
 """
 
 from __future__ import annotations
@@ -115,12 +116,13 @@ def summarise(w: Path, ratings: dict[str, Path]) -> dict:
     return summary
 
 
-def run(work: Path, chats: Path, smoke: bool) -> dict:
+def run(work: Path, chats: Path, smoke: bool, precision: str = "fp32") -> dict:
     mode = "smoke" if smoke else "full"
     w = work.resolve()
     d = w / "data"
     k, cand_tokens, cmp_tokens, rounds = GENERATION[mode]
-    extra = SMOKE if smoke else {}
+    stages = ("sft", "judge", "rm", "ppo")
+    extra = {s: [*(SMOKE[s] if smoke else []), f"train.precision={precision}"] for s in stages}
     base = "tiny-random" if smoke else BASE
 
     build_data(chats, d, mode)
@@ -149,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chats", help=f"general chats for SFT and the prompt sets (default: {ALPACA}; "
                                    "--smoke: examples/data/general.jsonl)")
     p.add_argument("--smoke", action="store_true", help="tiny-random model, a few steps: checks the wiring only")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="train.precision of every training stage (bf16: on CPUs with AVX512_BF16/AMX and on GPUs)")
     a = p.parse_args(argv)
     chats = Path(a.chats) if a.chats else REPO / "examples" / "data" / "general.jsonl" if a.smoke else ALPACA
-    summary = run(Path(a.work), chats.resolve(), a.smoke)
+    summary = run(Path(a.work), chats.resolve(), a.smoke, a.precision)
     print(json.dumps(summary["judges"], indent=1))
     return 0
 

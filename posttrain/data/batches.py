@@ -65,17 +65,21 @@ def preference_batches(samples: list[PrefSample], pad_id: int, pack: bool = Fals
                                              share_prompt=share_prompt))
 
 
-def kto_batches(samples: list[KTOSample], pad_id: int) -> Batches:
+def kto_batches(samples: list[KTOSample], pad_id: int, pack: bool = False) -> Batches:
     """One unit per sample; loss_tokens=1 makes the loop's normaliser the sample count. A micro-batch of B
-    samples is 2B right-padded rows: the samples, then their mismatched (KL) sequences, in the same order."""
+    samples holds the samples (input_ids, ...) and their mismatched (KL) sequences (kl_input_ids, ...), in the
+    same order: B right-padded rows each, or with `pack` one row each (no padding; position ids restart per
+    sequence, so attention keeps them apart: models/forward.packs_rows says when a model can)."""
     return Batches(lengths=[max(len(s.input_ids), len(s.kl_input_ids)) for s in samples],
                    loss_tokens=[1] * len(samples), collate=functools.partial(_collate_kto, samples=samples,
-                                                                             pad_id=pad_id))
+                                                                             pad_id=pad_id, pack=pack))
 
 
-def _collate_kto(units: list[list[int]], samples: list[KTOSample], pad_id: int) -> dict:
+def _collate_kto(units: list[list[int]], samples: list[KTOSample], pad_id: int, pack: bool = False) -> dict:
     chosen = [samples[i] for unit in units for i in unit]
-    ids = [s.input_ids for s in chosen] + [s.kl_input_ids for s in chosen]
-    weights = [s.weights for s in chosen] + [s.kl_weights for s in chosen]
-    batch = collate([[k] for k in range(len(ids))], input_ids=ids, weights=weights, pad_id=pad_id)
-    return batch | {"desirable": torch.tensor([s.desirable for s in chosen], dtype=torch.bool)}  # (B,)
+    rows = [list(range(len(chosen)))] if pack else [[k] for k in range(len(chosen))]
+    batch = collate(rows, input_ids=[s.input_ids for s in chosen], weights=[s.weights for s in chosen], pad_id=pad_id)
+    kl = collate(rows, input_ids=[s.kl_input_ids for s in chosen], weights=[s.kl_weights for s in chosen],
+                 pad_id=pad_id)
+    return batch | {f"kl_{k}": v for k, v in kl.items()} | {
+        "desirable": torch.tensor([s.desirable for s in chosen], dtype=torch.bool)}  # (B,)

@@ -1,7 +1,7 @@
 """KTO stage, read top to bottom: config -> unpaired labelled data -> policy (+ reference) -> loop.
 
 Each micro-batch holds B samples and their B mismatched sequences (a prompt with another sample's
-response, data/kto.py). The policy scores the samples with gradients; the mismatched sequences, under
+response, data/kto.py), each set in one packed row where the model allows it (else right-padded rows). The policy scores the samples with gradients; the mismatched sequences, under
 both policy and reference and without gradients, give the KL reference point z_ref of that micro-batch
 (KTO's estimate, as TRL computes it per batch). The reference is the model with its adapter off where
 that is the base (LoRA, QLoRA, prompt / prefix), else a frozen copy taken before training.
@@ -20,7 +20,7 @@ from posttrain.data.batches import kto_batches
 from posttrain.data.kto import build_kto_data
 from posttrain.losses.kto import kl_reference_point, kto_loss
 from posttrain.models.anatomy import lm_head_and_backbone
-from posttrain.models.forward import hidden_states, supervised_targets
+from posttrain.models.forward import hidden_states, packs_rows, supervised_targets
 from posttrain.models.head_logps import token_logps
 from posttrain.models.load import load_base
 from posttrain.models.methods import quantization_config
@@ -34,20 +34,23 @@ log = logging.getLogger("posttrain")
 
 
 def sequence_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) -> torch.Tensor:
-    """(rows,) summed log-prob of each row's weighted (response) tokens."""
+    """(sequences,) summed log-prob of each sequence's weighted (response) tokens. A sequence starts where
+    its position ids restart at 0: a padded row holds one, a packed row several."""
     _, head = lm_head_and_backbone(model)
     hidden = hidden_states(model, batch, fused)  # (rows, T, H)
     index, targets, _ = supervised_targets(batch)  # (N, 2) positions predicting a response token
     flat = token_logps(head, hidden[index[:, 0], index[:, 1]], targets, chunk, fused)  # (N,)
-    return hidden.new_zeros(batch["input_ids"].shape[0], dtype=torch.float32).index_add(0, index[:, 0], flat)
+    starts = batch["position_ids"] == 0  # (rows, T)
+    seq = (starts.flatten().cumsum(0) - 1).view_as(starts)[index[:, 0], index[:, 1] + 1]  # (N,) the target's
+    return hidden.new_zeros(int(starts.sum()), dtype=torch.float32).index_add(0, seq, flat)
 
 
 def kto_forward(model, batch: dict, normalizer: float, *, kto_cfg, ref_model=None, chunk: int = 1024,
                 fused: bool = True) -> tuple[torch.Tensor, dict]:
-    """KTO loss of one micro-batch: rows [0, B) are the samples, rows [B, 2B) their mismatched sequences."""
+    """KTO loss of one micro-batch: the B samples (input_ids, ...) and their mismatched sequences (kl_*)."""
     n = int(batch["desirable"].shape[0])
-    samples = {k: v[:n] for k, v in batch.items() if k != "desirable"}
-    mismatched = {k: v[n:] for k, v in batch.items() if k != "desirable"}
+    samples = {k: v for k, v in batch.items() if k != "desirable" and not k.startswith("kl_")}
+    mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
     policy = sequence_logps(model, samples, chunk, fused)  # (B,)
     with torch.no_grad():
         kl_policy = sequence_logps(model, mismatched, chunk, fused)
@@ -77,12 +80,12 @@ def run(cfg: RunConfig) -> dict:
              trainable, total)
 
     loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, ref_model=ref_model, chunk=cfg.train.loss_chunk)
-    pad_id = tokenizer.pad_token_id
-    steps = DataSteps(kto_batches(data.train, pad_id), loss_fn, train=cfg.train, packing=False,
+    pad_id, pack = tokenizer.pad_token_id, packs_rows(cfg)
+    steps = DataSteps(kto_batches(data.train, pad_id, pack), loss_fn, train=cfg.train, packing=False,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,
-                      eval_data=kto_batches(data.eval, pad_id) if data.eval else None)
+                      eval_data=kto_batches(data.eval, pad_id, pack) if data.eval else None)
     loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
-    extra = {"stage": "kto", "method": cfg.method.type, "reference": "adapter" if adapter_reference else "copy",
+    extra = {"stage": "kto", "method": cfg.method.type, "packed": pack, "reference": "adapter" if adapter_reference else "copy",
              "train_samples": len(data.train), "desirable": desirable, "eval_samples": len(data.eval or []),
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
     return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)

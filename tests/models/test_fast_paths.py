@@ -262,3 +262,26 @@ def test_dpo_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path, loss):
                                                                            fused=f)[0], fast=fused)
     assert runs[False][0] != 0.0
     assert_same(runs[False], runs[True], tol=1e-5)
+
+
+def test_kto_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path):
+    """The whole KTO loss (samples, mismatched KL sequences, adapter-off reference): one padded row per
+    sequence on PEFT's path vs one packed row per set on the fused paths; same loss and LoRA gradients."""
+    from posttrain.data.batches import kto_batches
+    from posttrain.data.kto import KTOSample
+    from posttrain.train.kto import kto_forward
+
+    cfg = load_config(None, ["stage=kto", f"output.dir={tmp_path}", "kto.beta=0.5", "kto.desirable_weight=1.5"],
+                      **{"model.name_or_path": "tiny-random", "data.datasets": [{"path": "x.jsonl"}]})
+    ids, weights = make_data(10, seed=3)
+    samples = [KTOSample(ids[k], weights[k], ids[k + 5], weights[k + 5], k % 2 == 0) for k in range(5)]
+    model = lora_model(tiny_dir, tmp_path)
+    runs, batches = {}, {}
+    for fused in (False, True):
+        batches[fused] = batch = kto_batches(samples, pad_id=0, pack=fused).collate([[0, 1, 2], [3], [4]])
+        runs[fused] = grads_of(model, lambda b=batch, f=fused: kto_forward(model, b, 5.0, kto_cfg=cfg.kto, chunk=6,
+                                                                           fused=f)[0], fast=fused)
+    assert batches[True]["input_ids"].shape[0] == 1 and batches[False]["input_ids"].shape[0] == 5
+    assert int(batches[True]["real_mask"].sum()) == sum(len(x) for x in ids[:5]) < batches[False]["input_ids"].numel()
+    assert runs[False][0] != 0.0
+    assert_same(runs[False], runs[True], tol=1e-5)

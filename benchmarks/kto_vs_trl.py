@@ -90,10 +90,10 @@ def worker_posttrain(spec: dict) -> dict:
     real_forward = kto_mod.kto_forward
 
     def counting_forward(model, batch, normalizer, **kw):
-        n = int(batch["desirable"].shape[0])  # rows [0, n): samples; [n, 2n): their mismatched sequences
-        counts["computed"] += batch["input_ids"].numel()
-        counts["real"] += int(batch["real_mask"].sum())
-        counts["loss"] += int((batch["weights"][:n] > 0).sum())
+        # input_ids...: the samples; kl_input_ids...: their mismatched sequences (one packed row each, or padded)
+        counts["computed"] += batch["input_ids"].numel() + batch["kl_input_ids"].numel()
+        counts["real"] += int(batch["real_mask"].sum()) + int(batch["kl_real_mask"].sum())
+        counts["loss"] += int((batch["weights"] > 0).sum())
         return real_forward(model, batch, normalizer, **kw)
 
     class TimedLoop(Loop):

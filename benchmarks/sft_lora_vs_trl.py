@@ -1,7 +1,8 @@
-"""SFT with LoRA on SmolLM2-135M-Instruct: posttrain vs TRL's SFTTrainer, fp32 on CPU.
+"""SFT with LoRA on SmolLM2-135M-Instruct: posttrain vs TRL's SFTTrainer, fp32 (or bf16 autocast) on CPU.
 
     python benchmarks/sft_lora_vs_trl.py                 # 3 alternating runs per side + ablations
     python benchmarks/sft_lora_vs_trl.py --repeats 1 --steps 2 --ablations ""   # a quick look
+    python benchmarks/sft_lora_vs_trl.py --precision bf16  # both sides: bf16 autocast, fp32 master weights
 
 Both sides get the same rows (a fixed slice of an alpaca-style file, rendered with the model's
 own chat template, loss on the answer only), max length 512, packed rows, the same effective
@@ -30,6 +31,7 @@ from benchmarks.common import (  # noqa: E402
     finish_vs_trl,
     ASSETS, ROOT, llama_flops, markdown_table, median_of, peak_rss_mb,
     sample_lengths)
+from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
 FALLBACK_DATA = ROOT / "examples" / "data" / "general.jsonl"
@@ -100,7 +102,8 @@ def worker_posttrain(spec: dict, variant: list[str]) -> dict:
         f"optim.lr={spec['lr']}", "optim.scheduler=constant", "optim.max_grad_norm=1.0",
         f"train.micro_batch_size={spec['micro']}", f"train.grad_accum={spec['accum']}",
         f"train.max_steps={spec['steps']}", "train.device=cpu", f"train.seed={spec['seed']}",
-        "output.tensorboard=false", f"output.dir={spec['tmp']}/out", *overrides,
+        "output.tensorboard=false", f"output.dir={spec['tmp']}/out", f"train.precision={spec['precision']}",
+        *overrides,
     ], **{"data.datasets": [{"path": str(data_path), "format": "openai"}]})
 
     counts = {"real": 0, "padded": 0, "loss": 0, "sum_sq_len": 0.0, "step_times": []}
@@ -145,7 +148,7 @@ def worker_trl(spec: dict) -> dict:
     args = SFTConfig(
         output_dir=f"{spec['tmp']}/out", max_steps=spec["steps"], per_device_train_batch_size=spec["micro"],
         gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
         gradient_checkpointing=False, use_cpu=True, max_length=spec["max_length"],
         packing=spec["trl_packing"], padding_free=spec["trl_packing"], completion_only_loss=True,
         logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], dataloader_num_workers=0,
@@ -217,9 +220,10 @@ def render_markdown(result: dict) -> str:
     return "\n\n".join([
         f"# SFT-LoRA: posttrain vs TRL SFTTrainer ({result['machine']['date']})",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
-        f"{result['machine']['torch_threads']}. Versions: {result['versions']}.",
+        f"{result['machine']['torch_threads']}, CPU flags {s.get('cpu_flags', 'not recorded')}. Versions: {result['versions']}.",
         f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']} ({s.get('skipped', 0)} longer than "
-        f"max length skipped); model SmolLM2-135M-Instruct fp32; "
+        f"max length skipped); model SmolLM2-135M-Instruct, {s.get('precision', 'fp32')} "
+        f"({'bf16 autocast, fp32 master weights' if s.get('precision') == 'bf16' else 'weights and compute'}); "
         f"max length {s['max_length']}; LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear; "
         f"{s['steps']} optimizer steps of {s['micro']}x{s['accum']} packed rows; order {result['order']}.",
         f"fp32 matmul peak (2048^3, best of 8, measured before and after the runs): {peak:.1f} GFLOP/s "
@@ -236,6 +240,8 @@ def main() -> None:
                        "posttrain-full-head,posttrain-no-packing,posttrain-unfused", "sft_lora_vs_trl")
     ap.add_argument("--rows", type=int, default=200, help="rows in the slice")
     ap.add_argument("--no-trl-packing", action="store_true", help="TRL without packing/padding-free")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both sides: fp32, or bf16 autocast with fp32 master weights (train.precision / bf16=True)")
     args = ap.parse_args()
 
     if args.worker:
@@ -255,7 +261,8 @@ def main() -> None:
     pairs, skipped = keep_fitting(load_rows(data, args.start, args.rows), 512)
     spec = {"data": str(data), "start": args.start, "rows": args.rows, "skipped": skipped, "pairs": pairs,
             "max_length": 512, "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "steps": args.steps, "micro": args.micro,
-            "accum": args.accum, "seed": 42, "trl_packing": not args.no_trl_packing}
+            "accum": args.accum, "seed": 42, "trl_packing": not args.no_trl_packing,
+            "precision": args.precision, "cpu_flags": cpu_flags()}
     script = Path(__file__).resolve()
     order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
     finish_vs_trl(args.name, runs, spec, order, before, summarise, render_markdown)

@@ -98,6 +98,9 @@ def main() -> None:
                     help="hh-rlhf rows to train on (after the held-out; 0 = all of them)")
     ap.add_argument("--hh-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for the hh-N model's recipe (repeatable), e.g. method.type=full optim.lr=2e-5")
+    ap.add_argument("--broad-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for the broad model's recipe (repeatable); its name becomes --broad-name")
+    ap.add_argument("--broad-name", default="broad", help="name of the broad model (broad-...) in the results")
     ap.add_argument("--models", default="style,broad,hh", help="which of style, broad, hh to train and score")
     ap.add_argument("--out", type=Path, help="results JSON (default WORK/results.json)")
     args = ap.parse_args()
@@ -106,7 +109,7 @@ def main() -> None:
     hh_data = [f"data.datasets=[{{path: {train}}}]", "data.val_size=0", "data.max_length=256", *args.hh_set]
     hh_name = "-".join([f"hh-{info['train_rows']}", *(v.split("=")[-1] for v in args.hh_set)])
     runs = {name: overrides for name, overrides in
-            {"style": STYLE, "broad": [], hh_name: hh_data}.items() if name.split("-")[0] in args.models.split(",")}
+            {"style": STYLE, args.broad_name: args.broad_set, hh_name: hh_data}.items() if name.split("-")[0] in args.models.split(",")}
     evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL}
     results = {"data": info, "models": {}, "vs_style": {}}
     correct: dict[tuple[str, str], dict[str, bool]] = {}

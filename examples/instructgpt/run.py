@@ -17,9 +17,9 @@
 Each step prints the command it runs (in this process: `posttrain.cli.main` is the `posttrain` command) and
 is skipped when its output exists, so a rerun resumes. From the repo root:
 
-    python examples/instructgpt/run.py                        # about an hour on 2 CPU cores (estimate)
+    python examples/instructgpt/run.py                        # fp32: about an hour on 2 CPU cores (estimate)
     python examples/instructgpt/run.py --smoke --work /tmp/ig # tiny-random model, a few steps: the wiring only
-    python examples/instructgpt/run.py --precision bf16       # bf16 autocast in every training stage
+    python examples/instructgpt/run.py --precision bf16       # bf16 autocast: 25 min measured (AMX Xeon, 2 cores)
 """
 
 from __future__ import annotations

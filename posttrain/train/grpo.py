@@ -156,14 +156,10 @@ class GRPOSteps(StepSource):
         order = prompt_indices(len(self.prompts), step, g.prompts_per_step, seed)
         mine = list(range(rank, self.batch, world))  # global rows sampled here: rank, rank + world, ...
         prompts = [self.prompts[order[j // g.group_size]] for j in mine]
-        s = sample(self.policy, self.tokenizer, prompts, [row_seed(seed, step, j) for j in mine], g)
-        scores = self.rewards.score([q.text for q in prompts], s.texts, [q.reference for q in prompts])  # (b, S)
         groups = [j // g.group_size for j in mine]
-        old = self.logps(self.policy, s, groups) if self.updates_per_step > 1 else None
-        ref = None
-        if g.kl_coef > 0:
-            with adapter_disabled(self.policy) if self.ref_model is None else contextlib.nullcontext():
-                ref = self.logps(self.ref_model or self.policy, s, groups)
+        # where the weights are usable and under the run's precision (the engine's), as PPO's rollouts
+        s, old, ref = self.dist.forward(self.sample_local, prompts, [row_seed(seed, step, j) for j in mine], groups)
+        scores = self.rewards.score([q.text for q in prompts], s.texts, [q.reference for q in prompts])  # (b, S)
         local = GroupRollout(s.input_ids, s.attention_mask, s.response_mask, s.ended, old, ref)
         rollout = gather(local, self.dist, self.tokenizer.pad_token_id)
         scores = gather_rows(scores.to(s.input_ids.device), self.dist).cpu()  # (B, S)
@@ -181,6 +177,17 @@ class GRPOSteps(StepSource):
         if shaped is not total:
             metrics["reward_shaped"] = float(shaped.mean())
         return rollout, advantages.to(rollout.input_ids.device), metrics
+
+    def sample_local(self, prompts: list, seeds: list[int], groups: list[int]) -> tuple:
+        """This process's samples, and their log-probs under the sampler (when a step makes several updates)
+        and under the reference (when the KL term is on)."""
+        s = sample(self.policy, self.tokenizer, prompts, seeds, self.g, self.dist.lockstep)
+        old = self.logps(self.policy, s, groups) if self.updates_per_step > 1 else None
+        ref = None
+        if self.g.kl_coef > 0:
+            with adapter_disabled(self.policy) if self.ref_model is None else contextlib.nullcontext():
+                ref = self.logps(self.ref_model or self.policy, s, groups)
+        return s, old, ref
 
     def logps(self, model, s, groups: list[int]) -> torch.Tensor:
         """(b, R) response log-probs of this process's samples, micro-batch by micro-batch, without gradients."""

@@ -9,8 +9,9 @@ skipping any row whose first human turn also opens a held-out row (disjoint prom
 models, all from examples/rm_lora.yaml (SmolLM2-135M-Instruct):
   style  the recipe before issue 19: LoRA r=8, lr 5e-4, max_length 256, on the style pairs
          examples/data/prefs_train.jsonl (terse "Answer: ..." over hedging filler);
-  broad  the shipped recipe as it is (freeze: last 4 blocks + head, lr 1e-4, max_length 384) on its
-         broad data (examples/data/prefs_broad.jsonl + prefs_demo_en_zh.jsonl), no hh-rlhf;
+  broad  the shipped recipe as it is (freeze: last 4 blocks + head, lr 3e-4, 3 epochs, max_length 384) on
+         its broad data (examples/data/prefs_broad*.jsonl + prefs_demo_en_zh.jsonl), no hh-rlhf
+         (--broad-set KEY=VALUE changes it, --broad-name names the variant);
   hh-N   the shipped recipe on --train-pairs hh-rlhf rows instead (max_length 256).
 Each is scored with `posttrain score` on the held-out hh-rlhf rows and on
 examples/data/prefs_helpful_heldout.jsonl (hand-written, kept out of every training set). Against

@@ -175,10 +175,11 @@ def finish_vs_trl(name: str, runs: dict, spec: dict, order: list[str], before: f
 
 def lora_job_overrides(stage: str, spec: dict) -> list[str]:
     """posttrain config keys of a LoRA timing job that both stage benchmarks hold equal with TRL: the model
-    (fp32, SDPA), max length, no validation split, LoRA r / alpha without dropout."""
+    (fp32 weights, SDPA), max length, no validation split, LoRA r / alpha without dropout, the precision."""
     return [f"stage={stage}", f"model.name_or_path={spec['model_dir']}", "model.dtype=float32",
             "model.attn_implementation=sdpa", f"data.max_length={spec['max_length']}", "data.val_size=0",
-            "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0"]
+            "method.type=lora", f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
+            f"train.precision={spec.get('precision', 'fp32')}"]
 
 
 def trl_side_model(spec: dict):
@@ -262,6 +263,8 @@ def vs_trl_parser(doc: str, data: str, data_help: str, micro_help: str, ablation
     ap.add_argument("--ablations", default=ablations,
                     help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--name", default=name, help="results file stem")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both sides: fp32, or bf16 autocast with fp32 master weights (train.precision / bf16=True)")
     return ap
 
 

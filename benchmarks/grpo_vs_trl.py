@@ -125,7 +125,8 @@ def worker_trl(spec: dict) -> dict:
         max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
         beta=0.0, num_iterations=1, epsilon=spec["clip"], loss_type="grpo", scale_rewards="group",
         shuffle_dataset=False, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
+        gradient_checkpointing=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], dataloader_num_workers=0,
         disable_tqdm=True)
     peft_cfg = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
@@ -199,7 +200,8 @@ def render_markdown(result: dict) -> str:
     ratios.append(["step time TRL/posttrain", f"{trl['step_s'] / pt['step_s']:.2f}x"])
     return "\n\n".join([
         f"# GRPO-LoRA: posttrain vs TRL GRPOTrainer ({m['date']})",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU flags {s['cpu_flags']}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU flags {s['cpu_flags']}, "
+        f"precision {s.get('precision', 'fp32')}. "
         f"Versions: {result['versions']}.",
         f"Model {s['model']} ({s['model_dir']}) fp32, SDPA; LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear; "
         f"prompts {s['data']} ({s['n_prompts']} rows); G={s['group_size']} x {s['prompts_per_step']} prompts per "
@@ -248,7 +250,8 @@ def main() -> None:
             "n_prompts": n_prompts, "order": step_order(n_prompts, args.steps, per_step, 42), "max_length": 192,
             "lora_r": 16, "lora_alpha": 32, "lr": 2e-4, "clip": 0.2, "group_size": args.group_size,
             "prompts_per_step": per_step, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "steps": args.steps, "micro": args.micro, "seed": 42, "cpu_flags": cpu_flags()}
+            "steps": args.steps, "micro": args.micro, "seed": 42, "cpu_flags": cpu_flags(),
+            "precision": args.precision}
     script = Path(__file__).resolve()
     order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
     spec["same_prompts"] = same_prompts(runs)

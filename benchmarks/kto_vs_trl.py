@@ -122,7 +122,7 @@ def worker_trl(spec: dict) -> dict:
     args = KTOConfig(
         output_dir=f"{spec['tmp']}/out", max_steps=spec["steps"], per_device_train_batch_size=spec["micro"],
         gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
         gradient_checkpointing=False, use_cpu=True, max_length=spec["max_length"], beta=spec["beta"],
         loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0, logging_steps=1, save_strategy="no",
         report_to="none", seed=spec["seed"], dataloader_num_workers=0, disable_tqdm=True)
@@ -176,7 +176,8 @@ def render_markdown(result: dict) -> str:
     ratios.append(["step time TRL/posttrain", f"{trl['step_s'] / pt['step_s']:.2f}x"])
     return "\n\n".join([
         f"# KTO-LoRA: posttrain vs TRL KTOTrainer ({m['date']})",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU flags {s['cpu_flags']}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU flags {s['cpu_flags']}, "
+        f"precision {s.get('precision', 'fp32')}. "
         f"Versions: {result['versions']}.",
         f"Data: {s['data']} from row {s['start']}: {s['n_rows']} rows ({s['desirable']} desirable) whose longest "
         f"prompt + longest reply fit max length {s['max_length']} ({s['passed']} rows passed over); model "
@@ -225,7 +226,8 @@ def main() -> None:
     spec = {"model": args.model, "model_dir": model_dir, "data": str(args.data), "start": args.start,
             "rows": rows, "n_rows": len(rows), "desirable": sum(r["label"] for r in rows), "passed": passed,
             "max_length": args.max_length, "lora_r": 16, "lora_alpha": 32, "lr": 5e-4, "beta": 0.1,
-            "steps": args.steps, "micro": args.micro, "accum": args.accum, "seed": 42, "cpu_flags": cpu_flags()}
+            "steps": args.steps, "micro": args.micro, "accum": args.accum, "seed": 42, "cpu_flags": cpu_flags(),
+            "precision": args.precision}
     script = Path(__file__).resolve()
     order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
     recorded = {k: v for k, v in spec.items() if k != "rows"}  # the row texts stay out of the results file

@@ -220,7 +220,8 @@ def render_markdown(result: dict) -> str:
     return "\n\n".join([
         f"# SFT-LoRA: posttrain vs TRL SFTTrainer ({result['machine']['date']})",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
-        f"{result['machine']['torch_threads']}, CPU flags {s.get('cpu_flags', 'not recorded')}. Versions: {result['versions']}.",
+        f"{result['machine']['torch_threads']}, CPU flags {s.get('cpu_flags', 'not recorded')}. "
+        f"Versions: {result['versions']}.",
         f"Data: {s['data']} rows {s['start']}..{s['start'] + s['rows']} ({s.get('skipped', 0)} longer than "
         f"max length skipped); model SmolLM2-135M-Instruct, {s.get('precision', 'fp32')} "
         f"({'bf16 autocast, fp32 master weights' if s.get('precision') == 'bf16' else 'weights and compute'}); "
@@ -240,8 +241,6 @@ def main() -> None:
                        "posttrain-full-head,posttrain-no-packing,posttrain-unfused", "sft_lora_vs_trl")
     ap.add_argument("--rows", type=int, default=200, help="rows in the slice")
     ap.add_argument("--no-trl-packing", action="store_true", help="TRL without packing/padding-free")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="both sides: fp32, or bf16 autocast with fp32 master weights (train.precision / bf16=True)")
     args = ap.parse_args()
 
     if args.worker:

@@ -110,7 +110,8 @@ def main() -> None:
     hh_data = [f"data.datasets=[{{path: {train}}}]", "data.val_size=0", "data.max_length=256", *args.hh_set]
     hh_name = "-".join([f"hh-{info['train_rows']}", *(v.split("=")[-1] for v in args.hh_set)])
     runs = {name: overrides for name, overrides in
-            {"style": STYLE, args.broad_name: args.broad_set, hh_name: hh_data}.items() if name.split("-")[0] in args.models.split(",")}
+            {"style": STYLE, args.broad_name: args.broad_set, hh_name: hh_data}.items()
+            if name.split("-")[0] in args.models.split(",")}
     evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL}
     results = {"data": info, "models": {}, "vs_style": {}}
     correct: dict[tuple[str, str], dict[str, bool]] = {}

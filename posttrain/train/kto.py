@@ -1,10 +1,11 @@
 """KTO stage, read top to bottom: config -> unpaired labelled data -> policy (+ reference) -> loop.
 
 Each micro-batch holds B samples and their B mismatched sequences (a prompt with another sample's
-response, data/kto.py), each set in one packed row where the model allows it (else right-padded rows). The policy scores the samples with gradients; the mismatched sequences, under
-both policy and reference and without gradients, give the KL reference point z_ref of that micro-batch
-(KTO's estimate, as TRL computes it per batch). The reference is the model with its adapter off where
-that is the base (LoRA, QLoRA, prompt / prefix), else a frozen copy taken before training.
+response, data/kto.py), each set in one packed row where the model allows it (else right-padded rows).
+The policy scores the samples with gradients; the mismatched sequences, under both policy and reference
+and without gradients, give the KL reference point z_ref of that micro-batch (KTO's estimate, as TRL
+computes it per batch). The reference is the model with its adapter off where that is the base (LoRA,
+QLoRA, prompt / prefix), else a frozen copy taken before training.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def run(cfg: RunConfig) -> dict:
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=kto_batches(data.eval, pad_id, pack) if data.eval else None)
     loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
-    extra = {"stage": "kto", "method": cfg.method.type, "packed": pack, "reference": "adapter" if adapter_reference else "copy",
+    extra = {"stage": "kto", "method": cfg.method.type, "packed": pack,
+             "reference": "adapter" if adapter_reference else "copy",
              "train_samples": len(data.train), "desirable": desirable, "eval_samples": len(data.eval or []),
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
     return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)

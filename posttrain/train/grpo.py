@@ -181,7 +181,7 @@ class GRPOSteps(StepSource):
     def sample_local(self, prompts: list, seeds: list[int], groups: list[int]) -> tuple:
         """This process's samples, and their log-probs under the sampler (when a step makes several updates)
         and under the reference (when the KL term is on)."""
-        s = sample(self.policy, self.tokenizer, prompts, seeds, self.g, self.dist.lockstep)
+        s = sample(self.policy, self.tokenizer, prompts, seeds, self.g, synced=self.dist.lockstep)
         old = self.logps(self.policy, s, groups) if self.updates_per_step > 1 else None
         ref = None
         if self.g.kl_coef > 0:

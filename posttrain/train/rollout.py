@@ -133,10 +133,16 @@ def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int]
     """One response per prompt, row i drawn with seed seeds[i]; sampling_cfg has max_new_tokens, temperature,
     top_p and stop_strings (ppo.* or grpo.*); synced: see models/generate.py."""
     c = sampling_cfg
-    s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
-                   temperature=c.temperature, top_p=c.top_p, row_seeds=seeds, stop_strings=c.stop_strings or None,
-                   synced=synced)
     device = next(policy.parameters()).device
+    # Outside the run's autocast where the weights share one dtype: autocast would cast every frozen weight
+    # again at each decode step (it caches only trainable leaves), which made GRPO's bf16 sampling slower than
+    # fp32 on a CPU with AMX (benchmarks/README.md). Mixed storage (a bf16 base under fp32 trainable blocks)
+    # needs autocast to run at all.
+    one_dtype = len({p.dtype for p in policy.parameters() if p.is_floating_point()}) == 1
+    with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext():
+        s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
+                       temperature=c.temperature, top_p=c.top_p, row_seeds=seeds,
+                       stop_strings=c.stop_strings or None, synced=synced)
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(s.response_ids, s.response_mask)]
     return Samples(torch.cat([s.prompt_ids, s.response_ids], 1).to(device),  # (B, P+R)
                    torch.cat([s.prompt_mask, s.response_mask], 1).to(device), s.response_mask.to(device),

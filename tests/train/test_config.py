@@ -99,19 +99,3 @@ def test_eval_config_is_not_a_training_config(tmp_path):
     with pytest.raises(ConfigError, match=f"eval config .*run it with posttrain eval {path}$"):
         load_config(path)
 
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_buckets_follow_the_model_as_hf_auto_does(stage):
-    """reduce bucket = hidden^2 elements; ZeRO-3 prefetch 0.9 hidden^2, parameters under 10 hidden kept whole
-    (the HF Trainer's "auto"); without a hidden size, DeepSpeed's own defaults stand."""
-    from posttrain.train.engines.zero import deepspeed_config
-
-    cfg = load_config(None, ["model.name_or_path=tiny-random", "train.distributed=deepspeed",
-                             f"train.deepspeed.zero_stage={stage}",
-                             "train.deepspeed.offload_optimizer=true"], **{"data.datasets": [{"path": "x.jsonl"}]})
-    zero = deepspeed_config(cfg.train, cfg.optim, 2, hidden_size=576)["zero_optimization"]
-    expected = {"stage": stage, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": 331776}
-    if stage == 3:
-        expected |= {"stage3_prefetch_bucket_size": 298598, "stage3_param_persistence_threshold": 5760}
-    assert zero == expected
-    assert deepspeed_config(cfg.train, cfg.optim, 2)["zero_optimization"].keys() == {"stage", "offload_optimizer"}

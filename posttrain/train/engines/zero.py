@@ -25,19 +25,10 @@ DEEPSPEED_DIR = "deepspeed"
 _TAG = "state"
 
 
-def deepspeed_config(train, optim, world: int, hidden_size: int | None = None) -> dict:
-    """The DeepSpeed config of train.deepspeed.* (the accumulation boundary is set by the loop per update).
-
-    Bucket sizes follow the model as the HF Trainer's "auto" values do (hidden_size^2 elements per reduce
-    bucket, 0.9 x that per ZeRO-3 prefetch, parameters under 10 x hidden_size kept whole): DeepSpeed's own
-    defaults (5e8 elements per bucket) hold a 135M model's every gradient in one bucket."""
+def deepspeed_config(train, optim, world: int) -> dict:
+    """The DeepSpeed config of train.deepspeed.* (the accumulation boundary is set by the loop per update)."""
     ds = train.deepspeed
     zero: dict = {"stage": ds.zero_stage}
-    if hidden_size:
-        zero["reduce_bucket_size"] = hidden_size * hidden_size
-        if ds.zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -77,9 +68,7 @@ class DeepSpeedEngine(Engine):
 
         # The shared-memory all-reduce op only speeds up CPU inference, and JIT-compiles for minutes on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        text = getattr(getattr(self.wrapper.inner, "config", None), "get_text_config", None)
-        config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world,
-                                  getattr(text(), "hidden_size", None) if text else None)
+        config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world)
         self.ds, _, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config,
                                                 dist_init_required=False)
         self.ds.checkpoint_engine.load = _weights_only_load

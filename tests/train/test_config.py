@@ -98,4 +98,3 @@ def test_eval_config_is_not_a_training_config(tmp_path):
     path.write_text("stage: eval\neval:\n  mc: {data: ceval}\n")
     with pytest.raises(ConfigError, match=f"eval config .*run it with posttrain eval {path}$"):
         load_config(path)
-

@@ -13,8 +13,11 @@ models, all from examples/rm_lora.yaml (SmolLM2-135M-Instruct):
          its broad data (examples/data/prefs_broad*.jsonl + prefs_demo_en_zh.jsonl), no hh-rlhf
          (--broad-set KEY=VALUE changes it, --broad-name names the variant);
   hh-N   the shipped recipe on --train-pairs hh-rlhf rows instead (max_length 256).
-Each is scored with `posttrain score` on the held-out hh-rlhf rows and on
-examples/data/prefs_helpful_heldout.jsonl (hand-written, kept out of every training set). Against
+Each is scored with `posttrain score` on the held-out hh-rlhf rows, on
+examples/data/prefs_helpful_heldout.jsonl (hand-written, kept out of every training set), on
+examples/data/hh_helpful_dove_val.jsonl (363 single-turn hh-rlhf *helpful* prompts and replies with
+gpt-3.5-turbo-0125 preference labels, from github.com/Hritikbansal/dove, MIT: other people's prompts,
+replies and labels, about helpfulness) and on any --eval NAME=FILE given. Against
 `style`, each model's accuracy difference on the same pairs gets an exact McNemar test (two-sided
 binomial on the pairs only one model ranks right) and a paired bootstrap 95% interval. A model
 already trained (WORK/rm-NAME/train_summary.json) is scored again, not retrained.
@@ -34,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "rm_lora.yaml"
 HELPFUL = ROOT / "examples" / "data" / "prefs_helpful_heldout.jsonl"
+DOVE = ROOT / "examples" / "data" / "hh_helpful_dove_val.jsonl"
 STYLE = ["method.type=lora", "lora.r=8", "lora.alpha=16", "optim.lr=5e-4", "data.max_length=256",
          f"data.datasets=[{{path: {ROOT / 'examples' / 'data' / 'prefs_train.jsonl'}}}]"]
 
@@ -103,6 +107,8 @@ def main() -> None:
                     help="override for the broad model's recipe (repeatable); its name becomes --broad-name")
     ap.add_argument("--broad-name", default="broad", help="name of the broad model (broad-...) in the results")
     ap.add_argument("--models", default="style,broad,hh", help="which of style, broad, hh to train and score")
+    ap.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
+                    help="another held-out preference file to score every model on (repeatable)")
     ap.add_argument("--out", type=Path, help="results JSON (default WORK/results.json)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +118,13 @@ def main() -> None:
     runs = {name: overrides for name, overrides in
             {"style": STYLE, args.broad_name: args.broad_set, hh_name: hh_data}.items()
             if name.split("-")[0] in args.models.split(",")}
-    evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL}
+    evals = {"hh-rlhf harmless-base held-out": held, "hand-written helpful held-out": HELPFUL,
+             "hh-rlhf helpful (DOVE val, gpt-3.5 labels)": DOVE}
+    for item in args.eval:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            ap.error(f"--eval {item!r}: expected NAME=FILE with an existing file")
+        evals[name] = Path(path)
     results = {"data": info, "models": {}, "vs_style": {}}
     correct: dict[tuple[str, str], dict[str, bool]] = {}
     for name, overrides in runs.items():

@@ -71,3 +71,24 @@ def test_build_drops_equal_pairs_and_masks_only_the_response(tmp_path, tiny_toke
     batch = collate_preferences([[0]], data.train, tiny_tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2 and batch["pair_better"].tolist() == [0]
     assert batch["real_mask"].dtype.is_floating_point is False
+
+
+def test_shipped_held_out_pairs_read_whole_and_share_no_prompt_with_rm_training_data():
+    from collections import Counter
+    from pathlib import Path
+
+    from posttrain.data.preference import read_preferences
+
+    data = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+    def prompts(name):
+        drops = Counter()
+        recs = read_preferences(DatasetConfig(path=str(data / name)), drops=drops, strict=True)
+        return [" ".join(m.content for m in rec.prompt).strip() for rec in recs], drops
+
+    dove, drops = prompts("hh_helpful_dove_val.jsonl")
+    assert len(dove) == 363 and not drops
+    hand, _ = prompts("prefs_helpful_heldout.jsonl")
+    trained = {p for name in ("prefs_broad.jsonl", "prefs_broad_more.jsonl", "prefs_demo_en_zh.jsonl")
+               for p in prompts(name)[0]}
+    assert trained and not trained & (set(dove) | set(hand))

@@ -21,19 +21,19 @@ from tqdm import tqdm
 from posttrain.data.formats import detect_format, row_to_conversation
 from posttrain.data.images import has_images
 from posttrain.data.policy import ContentProblem, count_problem
-from posttrain.data.reading import iter_json_lines, read_rows, source_of
+from posttrain.data.reading import data_suffix, iter_json_lines, open_text, read_rows, source_of
 from posttrain.records import Conversation
 from posttrain.errors import DataError
 
 
 def is_json_lines(path: Path) -> bool:
-    """A .jsonl file, or a .json file that does not start with '[' (JSON lines named .json)."""
-    suffix = path.suffix.lower()
+    """A .jsonl file, or a .json file that does not start with '[' (JSON lines named .json); also gzipped."""
+    suffix = data_suffix(path)
     if suffix == ".jsonl":
         return True
     if suffix != ".json":
         return False
-    with path.open(encoding="utf-8-sig", errors="replace") as f:
+    with open_text(path) as f:
         return not f.read(4096).lstrip().startswith("[")
 
 

@@ -5,11 +5,14 @@ runs reuse the cache. When the JSON reader fails we re-scan the file ourselves: 
 message names neither the file nor the line, and a user needs both to fix the file. Text must
 be UTF-8: the JSON reader loads other bytes unchecked (a row then fails far from its file), so
 the loaded table is validated and a bad file re-scanned for its first non-UTF-8 line.
+Text files may come gzipped (`.jsonl.gz`, as hh-rlhf ships): datasets decompresses them, and the
+re-scans here read them through gzip, so errors still name the line.
 """
 
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 import os
 from functools import lru_cache
@@ -18,17 +21,40 @@ from pathlib import Path
 from posttrain.errors import DataError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+GZIPPED = (".json", ".jsonl", ".csv")  # these may also come as NAME.jsonl.gz and so on
+
+
+def data_suffix(path: str | Path) -> str:
+    """The suffix that says a file's format: '.jsonl' for both rows.jsonl and rows.jsonl.gz."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in GZIPPED:
+        return suffixes[-2]
+    return Path(path).suffix.lower()
+
+
+def _open(path: Path, mode: str = "rb", **kwargs):
+    """open(), through gzip for a .gz file."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, mode if "b" in mode else mode + "t", **kwargs)
+    return path.open(mode, **kwargs)
+
+
+def open_text(path: str | Path):
+    """A data file as UTF-8 text (a BOM skipped, bad bytes replaced: for sniffing), gunzipped if .gz."""
+    return _open(Path(path), "r", encoding="utf-8-sig", errors="replace")
 
 
 def read_rows(path: str | Path):
-    """A .json (array or JSON lines), .jsonl, .csv or .parquet file -> datasets.Dataset."""
+    """A .json (array or JSON lines), .jsonl, .csv (each also gzipped: .jsonl.gz ...) or .parquet file
+    -> datasets.Dataset."""
     import datasets  # heavy (pyarrow, pandas): imported on first read, not with the module
     import pyarrow as pa  # heavy: with datasets above
 
     path = Path(path)
-    builder = BUILDERS.get(path.suffix.lower())
+    builder = BUILDERS.get(data_suffix(path))
     if builder is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)}")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)} "
+                        f"({', '.join(GZIPPED)} also gzipped, e.g. .jsonl.gz)")
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     if path.stat().st_size == 0 or (builder != "parquet" and _only_blank(path)):
@@ -55,7 +81,7 @@ def read_rows(path: str | Path):
 
 def _only_blank(path: Path) -> bool:
     """True for a text file of nothing but whitespace (and a BOM); stops at the first other byte."""
-    with path.open("rb") as f:
+    with _open(path) as f:
         for block in iter(lambda: f.read(1 << 16), b""):
             if block.replace(b"\xef\xbb\xbf", b"").strip():
                 return False
@@ -72,14 +98,14 @@ def _decode_line(raw: bytes, path: Path, number: int) -> str:
 
 def _find_bad_utf8(path: Path) -> None:
     """Raise a DataError at the first line that is not valid UTF-8."""
-    with path.open("rb") as f:
+    with _open(path) as f:
         for number, raw in enumerate(f, start=1):
             _decode_line(raw, path, number)
 
 
 def iter_json_lines(path: Path):
     """Yield (line number, row) of a JSON-lines file, skipping blank lines; a bad line is a DataError."""
-    with path.open("rb") as f:
+    with _open(Path(path)) as f:
         for number, raw in enumerate(f, start=1):
             line = _decode_line(raw, path, number)
             if not line.strip():
@@ -95,11 +121,12 @@ def iter_json_lines(path: Path):
 
 def _find_bad_json(path: Path) -> None:
     """Raise a DataError at the first malformed line (JSON lines) or position (JSON array)."""
-    with path.open(encoding="utf-8-sig", errors="replace") as f:
+    with _open(path, "r", encoding="utf-8-sig", errors="replace") as f:
         head = f.read(4096).lstrip()
     if head.startswith("["):
         try:
-            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+            with _open(path, "r", encoding="utf-8-sig") as f:
+                rows = json.loads(f.read())
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
         for i, row in enumerate(rows):
@@ -107,7 +134,7 @@ def _find_bad_json(path: Path) -> None:
                 raise DataError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
         return
     lines = sum(1 for _ in iter_json_lines(path))
-    with path.open(encoding="utf-8-sig", errors="replace") as f:
+    with _open(path, "r", encoding="utf-8-sig", errors="replace") as f:
         blank = sum(1 for _ in f) > lines
     if blank:
         # datasets' mixed-type JSON handling fails on blank lines; every line parsed, so say so
@@ -135,9 +162,9 @@ def source_of(path: str | Path, row_index: int) -> str:
 def _layout(path: str, mtime: float) -> tuple[bool, tuple[int, ...]]:
     """(is JSON lines, 1-based numbers of its blank lines), cached per file version (mtime)."""
     del mtime  # part of the cache key only
-    suffix = Path(path).suffix.lower()
+    suffix = data_suffix(path)
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
+        with _open(Path(path), "r", encoding="utf-8-sig", errors="replace") as f:
             if suffix != ".jsonl" and (suffix != ".json" or f.read(4096).lstrip().startswith("[")):
                 return False, ()
             f.seek(0)

@@ -91,3 +91,18 @@ def test_data_validate_reads_the_raw_file_as_preference_rows():
     assert report["dropped"] == {"empty_response": 1, "prefix_differs": 1, "chosen_equals_rejected": 1}
     strict = validate(RAW, strict=True)
     assert strict["invalid"] == 3 and "hh_rlhf_raw.jsonl line 3: field 'chosen'" in strict["errors"][0]
+
+
+def test_the_gzipped_file_as_hh_rlhf_ships_it_reads_the_same_with_line_numbers(tmp_path, tiny_tokenizer):
+    import gzip
+
+    gz = tmp_path / "test.jsonl.gz"
+    gz.write_bytes(gzip.compress(RAW.read_bytes()))
+    cfg = DataConfig(datasets=[DatasetConfig(path=str(gz))], max_length=128)
+    data = build_preference_data(cfg, TemplateConfig(), tiny_tokenizer, seed=0)
+    assert data.drops == {"empty_response": 1, "prefix_differs": 1, "chosen_equals_rejected": 1}
+    assert [s.source for s in data.train] == [f"{gz} line {n}" for n in (1, 2, 4, 6)]
+    assert validate(gz)["formats"] == {"preference": 4}
+    gz.write_bytes(gzip.compress(RAW.read_bytes() + b'{"chosen": \n'))
+    with pytest.raises(DataError, match=r"test.jsonl.gz line 8: not valid JSON"):
+        read_preferences(DatasetConfig(path=str(gz)))

@@ -18,8 +18,9 @@ from posttrain.models.decode import Picker
 
 
 class RowSampler(LogitsProcessor):
-    """Temperature + top-p sampling with one torch.Generator per row; returns a one-hot score row
-    (0 at the drawn token, -inf elsewhere) so generate's greedy step takes exactly that token."""
+    """Temperature + top-p sampling with one torch.Generator per row (one uniform per row and token);
+    returns a one-hot score row (0 at the drawn token, -inf elsewhere) so generate's greedy step takes
+    exactly that token."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -37,7 +38,10 @@ class RowSampler(LogitsProcessor):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # (b, V) mass before this token
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        return torch.stack([torch.multinomial(p, 1, generator=self.generators[r])[0] for p, r in zip(probs, rows)])
+        # One uniform per row from its own stream, then one batched inverse-CDF draw: torch.multinomial would
+        # draw a vocabulary's worth of exponentials per row and step (13% of a GRPO rollout's time).
+        uniforms = torch.cat([torch.rand(1, generator=self.generators[r], device=probs.device) for r in rows])
+        return draw_by_uniforms(probs, uniforms)
 
 
 def picker(model: nn.Module, *, temperature: float, top_p: float, top_k: int | None,

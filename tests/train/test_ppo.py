@@ -318,25 +318,31 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-@pytest.mark.parametrize("seed", [42, 1])  # a second trajectory: the margins must not fit one run's floats
-def test_tiny_run_raises_rule_reward_with_bounded_kl_and_ptx_keeps_lm_loss(tmp_path, tiny_dir, seed):
+def test_tiny_run_raises_rule_reward_with_bounded_kl_and_ptx_keeps_lm_loss(tmp_path, tiny_dir):
     from posttrain.train import ppo
 
-    runs = {"kl": {}, "no_kl": {"ppo.kl_coef": 0.0}, "kl_ptx": {"ppo.ptx_coef": 1.0}}
-    summaries = {name: ppo.run(_learning_run(tmp_path, tiny_dir, name, **extra, **{"train.seed": seed}))
-                 for name, extra in runs.items()}
-    rows = {name: _train_rows(tmp_path / name) for name in runs}
-    reward = [r["reward_raw"] for r in rows["kl"]]
-    kl, kl_free = [r["kl"] for r in rows["kl"]], [r["kl"] for r in rows["no_kl"]]
-    # margins measured over train.seed 42 and 1-9 (floats differ between CPUs, so trajectories do too):
-    # about 0.5 uppercase letters per 8-token reply at the start; 1.5 to 4.5 more after 20 steps
-    assert _mean(reward[-4:]) > _mean(reward[:4]) + 0.75, reward
-    # the penalty holds the KL (nats per reply) to a fraction of the same run's without it: 0.19-0.46 of it
-    # over the second half (no absolute bound: the max KL ranged 10-31 over those seeds)
-    assert _mean(kl[10:]) < 0.6 * _mean(kl_free[10:]), (kl, kl_free)
-    rise = {n: s["ptx_eval_after"]["loss"] - s["ptx_eval_before"]["loss"] for n, s in summaries.items()}
-    assert rise["kl"] > 0, rise  # chasing uppercase costs LM loss on the lowercase held-out set (0.5-2.8) ...
-    assert rise["kl_ptx"] < rise["kl"], rise  # ... less (here: it falls) with the ptx term on that distribution
+    # Three trajectories, judged on their means: a single 20-step run is one random draw (floats differ
+    # between CPUs, so trajectories do too), and over train.seed 42 and 1-9 one seed in ten learnt only
+    # 0.6 uppercase letters and another's KL ran as high as without the penalty.
+    gains, kl_ratios = [], []
+    for seed in (42, 1, 2):
+        (tmp_path / str(seed)).mkdir()
+        runs = {"kl": {}, "no_kl": {"ppo.kl_coef": 0.0}, "kl_ptx": {"ppo.ptx_coef": 1.0}}
+        summaries = {name: ppo.run(_learning_run(tmp_path / str(seed), tiny_dir, name, **extra,
+                                                 **{"train.seed": seed})) for name, extra in runs.items()}
+        rows = {name: _train_rows(tmp_path / str(seed) / name) for name in runs}
+        reward = [r["reward_raw"] for r in rows["kl"]]
+        kl, kl_free = [r["kl"] for r in rows["kl"]], [r["kl"] for r in rows["no_kl"]]
+        gains.append(_mean(reward[-4:]) - _mean(reward[:4]))
+        kl_ratios.append(_mean(kl[10:]) / _mean(kl_free[10:]))
+        rise = {n: s["ptx_eval_after"]["loss"] - s["ptx_eval_before"]["loss"] for n, s in summaries.items()}
+        assert rise["kl"] > 0, rise  # chasing uppercase costs LM loss on the lowercase held-out set (0.6-3.1) ...
+        assert rise["kl_ptx"] < rise["kl"], rise  # ... less (here: it falls, by ~4) with the ptx term on it
+    # over seeds 42 and 1-9: about 0.5 uppercase letters per 8-token reply at the start; 0.6 to 5.0 more after
+    # 20 steps (median 3.6); the penalty holds the second half's KL (nats per reply) to 0.19-1.04 (median 0.40)
+    # of the same run's without it (no absolute bound: the max KL varies several-fold between seeds)
+    assert _mean(gains) > 1.0 and min(gains) > 0, gains
+    assert _mean(kl_ratios) < 0.75, kl_ratios
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dir, monkeypatch):

@@ -1,6 +1,7 @@
 """The decode loop under `models/generate.py`: a KV cache whose rows join and leave between steps.
 
-`RaggedBatch` holds the running rows in one left-padded `DynamicCache`: new prompts are prefilled as a
+`RaggedBatch` holds the running rows in one left-padded `DynamicCache` whose layers append into spare
+capacity (`GrowingLayer`, not a copy of the whole cache per step): new prompts are prefilled as a
 batch and merged in (the shorter side padded on the left), finished rows are dropped with an index
 select, and leading columns that no remaining row uses are trimmed, so no step computes a finished
 row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
@@ -49,6 +50,50 @@ def lean_decode_ok(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in layers)
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare capacity instead of concatenating: `DynamicLayer.update` copies the
+    whole cache at every decode step (torch.cat), 16% of a 32-row rollout's time on a CPU. keys / values are
+    views of the first `n` positions of a buffer with room for more; anything that assigns them (row selection,
+    trimming, merging) hands over a tensor without spare room, and the next append regrows it once."""
+
+    def __init__(self):
+        self._buffers = {"keys": (None, 0), "values": (None, 0)}
+        super().__init__()
+
+    def _view(self, name: str):
+        buf, n = self._buffers[name]
+        return buf if buf is None else buf[:, :, :n]
+
+    def _assign(self, name: str, x) -> None:
+        self._buffers[name] = (x, 0 if x is None else (x.shape[-2] if x.dim() == 4 else 0))
+
+    keys = property(lambda self: self._view("keys"), lambda self, x: self._assign("keys", x))
+    values = property(lambda self: self._view("values"), lambda self, x: self._assign("values", x))
+
+    def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        buf, n = self._buffers[name]
+        need = n + new.shape[-2]
+        if buf is None or buf.dim() != 4 or need > buf.shape[-2] or buf.shape[:2] != new.shape[:2]:
+            grown = new.new_empty(*new.shape[:2], need + max(64, need // 2), new.shape[-1])  # (B, H, capacity, D)
+            if n:
+                grown[:, :, :n] = buf[:, :, :n]
+            buf = grown
+        buf[:, :, n:need] = new
+        self._buffers[name] = (buf, need)
+        return buf[:, :, :need]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._append("keys", key_states), self._append("values", value_states)
+
+
+def _growing_cache(config) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
     return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -74,7 +119,7 @@ class RaggedBatch:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)  # (n, P)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # (n, P)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (n, P) as generate computes them
-        cache = DynamicCache(config=self.model.config.get_text_config())
+        cache = _growing_cache(self.model.config.get_text_config())
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
         self._merge(cache, mask, positions[:, -1])

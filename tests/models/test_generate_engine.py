@@ -126,3 +126,20 @@ def test_rows_joining_a_running_batch_get_what_they_get_alone(sharp):
             logits = torch.cat([logits, batch.add(late)])
             rows += [3, 4]
     assert out == alone
+
+
+def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignment():
+    import torch
+
+    from posttrain.models.decode import GrowingLayer
+
+    layer, steps = GrowingLayer(), [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 70, 1)]
+    for i, new in enumerate(steps):
+        keys, values = layer.update(new, -new)
+        want = torch.cat(steps[: i + 1], dim=2)
+        assert torch.equal(keys, want) and torch.equal(values, -want) and layer.get_seq_length() == want.shape[2]
+    layer.batch_select_indices(torch.tensor([2, 0]))  # rows leave ...
+    layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]  # ... and unused columns go
+    new = torch.randn(2, 2, 1, 4)
+    keys, _ = layer.update(new, new)
+    assert torch.equal(keys, torch.cat([torch.cat(steps, 2)[[2, 0], :, 3:], new], 2))

@@ -127,6 +127,46 @@ def adapter_disabled(policy: nn.Module):
     return disable() if callable(disable) else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def merged_lora(policy: nn.Module, synced: bool):
+    """Sampling with LoRA merged: each adapted layer's base weight is swapped for a merged copy (W + s B A) and
+    the adapters are switched off, so a decode step runs one GEMM per linear instead of PEFT's three plus an add
+    (13% of a GRPO rollout on a CPU). The original tensors go back afterwards, untouched: merging in place and
+    unmerging would leave the frozen base off by a rounding at every step, and resumed runs would no longer
+    equal uninterrupted ones. Only for plain PEFT LoRA over fp32 or bf16 base weights this process holds whole
+    (not sharded, not quantized), and only where the copies fit (always on a CPU; on a GPU when free memory
+    holds twice their size). Anything else samples as it is."""
+    peft_config = getattr(policy, "active_peft_config", None)
+    if peft_config is None or synced:
+        yield
+        return
+    from peft import PeftType  # peft: a policy with adapters has already imported it
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    bases = [m.get_base_layer() for m in layers]
+    ok = (peft_config.peft_type == PeftType.LORA and bool(layers) and not any(m.merged for m in layers)
+          and all(len(m.active_adapters) == 1 for m in layers)
+          and all(b.weight.dtype in (torch.float32, torch.bfloat16) for b in bases))
+    if ok and bases[0].weight.is_cuda:
+        need = sum(b.weight.numel() * b.weight.element_size() for b in bases)
+        ok = torch.cuda.mem_get_info(bases[0].weight.device)[0] > 2 * need
+    if not ok:
+        yield
+        return
+    originals = [b.weight.data for b in bases]
+    with torch.no_grad():
+        for m, b in zip(layers, bases):
+            (name,) = m.active_adapters
+            b.weight.data = b.weight.data + m.get_delta_weight(name).to(b.weight.dtype)
+    try:
+        with policy.disable_adapter():
+            yield
+    finally:
+        for b, w in zip(bases, originals):
+            b.weight.data = w
+
+
 @torch.no_grad()
 def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int], sampling_cfg,
            synced: bool = False) -> Samples:
@@ -139,7 +179,8 @@ def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int]
     # fp32 on a CPU with AMX (benchmarks/README.md). Mixed storage (a bf16 base under fp32 trainable blocks)
     # needs autocast to run at all.
     one_dtype = len({p.dtype for p in policy.parameters() if p.is_floating_point()}) == 1
-    with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext():
+    with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext(), \
+            merged_lora(policy, synced):
         s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
                        temperature=c.temperature, top_p=c.top_p, row_seeds=seeds,
                        stop_strings=c.stop_strings or None, synced=synced)

@@ -93,6 +93,49 @@ def test_response_logps_packed_equal_padded_equal_a_plain_forward(tmp_path, tiny
     assert torch.all(packed[~s.response_mask] == 0)
 
 
+def test_rollouts_sample_with_lora_merged_and_leave_the_base_as_it_was(tmp_path, tiny_dir, monkeypatch):
+    import contextlib
+
+    from posttrain.train import rollout
+    from posttrain.data.prompts import load_prompts
+    from posttrain.models.load import load_base
+    from posttrain.models.methods import apply_method
+    from posttrain.train.rollout import sample
+
+    cfg = _cfg(tmp_path, tiny_dir, **{"grpo.max_new_tokens": 8, "grpo.temperature": 0.7})
+    model, tok = load_base(cfg.model, "cpu")
+    model = apply_method(model, cfg.methods)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter, so merging changes the weights
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts, _ = load_prompts(cfg.data, cfg.template, tok, 8)
+    seen = []
+    real = rollout.merged_lora
+
+    def spy(policy, synced):
+        seen.append(1)
+        return real(policy, synced)
+
+    monkeypatch.setattr(rollout, "merged_lora", spy)
+    merged = sample(model, tok, prompts[:4], [1, 2, 3, 4], cfg.grpo)
+    assert seen == [1]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # exactly: the originals went back
+    base = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), real(model, synced=False):
+        delta = base.get_delta_weight("default")
+        assert float(delta.abs().max()) > 0
+        assert torch.allclose(base.get_base_layer().weight, before[
+            "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] + delta)
+    with real(model, synced=True):  # sharded weights: never merged
+        assert torch.equal(base.get_base_layer().weight,
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    monkeypatch.setattr(rollout, "merged_lora", lambda *a: contextlib.nullcontext())
+    plain = sample(model, tok, prompts[:4], [1, 2, 3, 4], cfg.grpo)
+    assert torch.equal(merged.input_ids, plain.input_ids)  # the same draws, merged or not (to fp32 rounding)
+
+
 def _mean(xs):
     return sum(xs) / len(xs)
 

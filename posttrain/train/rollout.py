@@ -140,8 +140,8 @@ def merged_lora(policy: nn.Module, synced: bool):
     if peft_config is None or synced:
         yield
         return
-    from peft import PeftType  # peft: a policy with adapters has already imported it
-    from peft.tuners.lora import LoraLayer
+    from peft import PeftType  # heavy: peft, ~3 s; only for a policy that has adapters
+    from peft.tuners.lora import LoraLayer  # heavy: with peft above
 
     layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
     bases = [m.get_base_layer() for m in layers]

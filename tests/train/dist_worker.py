@@ -4,7 +4,7 @@ last checkpoint, all in one process group. Usage: dist_worker.py CONFIG OUT STOP
 
 import sys
 
-from posttrain.cli import main
+from posttrain.cli import end_process, main
 from posttrain.train.loop import Loop
 
 config, out, stop, *overrides = sys.argv[1:]
@@ -21,3 +21,4 @@ if int(stop):
     assert main(["train", config, f"output.dir={out}/cut", *overrides]) == 1  # 1: the unexpected-error exit code
     Loop.update = real
     assert main(["train", config, f"output.dir={out}/cut", "train.resume=auto", *overrides]) == 0
+end_process(0)  # as the posttrain command ends: leave the group, then os._exit

@@ -14,6 +14,7 @@ import warnings
 
 from posttrain.curate.cli import add_data_parser
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.process import end_process
 from posttrain.eval.cli import add_subcommands
 
 
@@ -277,40 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except PosttrainError as err:
-        if debug:
-            raise
-        print(f"posttrain: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a bug or a library failure: still one line unless --debug
+    except Exception as err:  # ours: its message, exit 2; a bug or a library failure: one line too, exit 1
         if debug:
             raise
+        if isinstance(err, PosttrainError):
+            print(f"posttrain: error: {err}", file=sys.stderr)
+            return 2
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"posttrain: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"posttrain: error: {type(err).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 
-def end_process(code: int) -> None:
-    """Exit with `code`. A process that joined a process group (torchrun) leaves it and ends with os._exit once
-    its output is flushed: gloo's worker threads could otherwise still be joinable when C++ static destructors
-    run, and the process aborts after a finished run (SIGABRT, "terminate called without an active exception";
-    seen in 2-process tests even with the group destroyed at exit)."""
-    dist = sys.modules.get("torch.distributed")  # never imported by a command that did not need it
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        sys.exit(code)
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def entry() -> None:
-    """The `posttrain` command."""
+def entry() -> None:  # the posttrain command and python -m posttrain.cli: main(), then posttrain.process
     end_process(main())
 
 

@@ -4,7 +4,8 @@ last checkpoint, all in one process group. Usage: dist_worker.py CONFIG OUT STOP
 
 import sys
 
-from posttrain.cli import end_process, main
+from posttrain.cli import main
+from posttrain.process import end_process
 from posttrain.train.loop import Loop
 
 config, out, stop, *overrides = sys.argv[1:]

@@ -121,7 +121,7 @@ def iter_json_lines(path: Path):
 
 def _find_bad_json(path: Path) -> None:
     """Raise a DataError at the first malformed line (JSON lines) or position (JSON array)."""
-    with _open(path, "r", encoding="utf-8-sig", errors="replace") as f:
+    with open_text(path) as f:
         head = f.read(4096).lstrip()
     if head.startswith("["):
         try:
@@ -134,7 +134,7 @@ def _find_bad_json(path: Path) -> None:
                 raise DataError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
         return
     lines = sum(1 for _ in iter_json_lines(path))
-    with _open(path, "r", encoding="utf-8-sig", errors="replace") as f:
+    with open_text(path) as f:
         blank = sum(1 for _ in f) > lines
     if blank:
         # datasets' mixed-type JSON handling fails on blank lines; every line parsed, so say so
@@ -164,7 +164,7 @@ def _layout(path: str, mtime: float) -> tuple[bool, tuple[int, ...]]:
     del mtime  # part of the cache key only
     suffix = data_suffix(path)
     try:
-        with _open(Path(path), "r", encoding="utf-8-sig", errors="replace") as f:
+        with open_text(path) as f:
             if suffix != ".jsonl" and (suffix != ".json" or f.read(4096).lstrip().startswith("[")):
                 return False, ()
             f.seek(0)

@@ -4,10 +4,16 @@ tokens, one row per process per step.
 
 Each configuration runs the real SFT stage under torchrun for `--steps` optimizer steps; every process
 records its peak RSS (and CUDA peak allocated on a GPU) just before the final weights are gathered for the
-output (the gather itself holds a whole copy on rank 0, which is not what sharding is about). Writes
-<out>.md and <out>.json and prints the command that reproduces them.
+output (the gather itself holds a whole copy on rank 0, which is not what sharding is about). The processes run
+with a fixed glibc mmap threshold (MALLOC_ENV below) so that RSS measures live memory. Writes <out>.md and
+<out>.json and prints the command that reproduces them.
 
-    python benchmarks/engine_memory.py --length 2048 --steps 2 --out benchmarks/results/engine_memory_cpu
+`--phases` also traces where the peak happens: each engine call (prepare, attach, forward, backward,
+clip_and_step) records the process's RSS after it and the high-water mark since the previous record (the
+kernel's peak is reset after each record through /proc/self/clear_refs; `prepare`'s covers loading the
+model), written as <out>_phases.md.
+
+    python benchmarks/engine_memory.py --length 2048 --steps 3 --phases --out benchmarks/results/engine_memory_cpu
 """
 
 from __future__ import annotations
@@ -31,9 +37,52 @@ RUNS = {  # name -> overrides
     "fsdp": ["train.distributed=fsdp"],
     "zero2": ["train.distributed=deepspeed", "train.deepspeed.zero_stage=2"],
     "zero3": ["train.distributed=deepspeed", "train.deepspeed.zero_stage=3"],
+    "zero3, live_parameters=0": ["train.distributed=deepspeed", "train.deepspeed.zero_stage=3",
+                                 "train.deepspeed.live_parameters=0"],
     "ddp + checkpointing": ["train.distributed=ddp", "train.gradient_checkpointing=true"],
     "fsdp + checkpointing": ["train.distributed=fsdp", "train.gradient_checkpointing=true"],
+    "zero2 + checkpointing": ["train.distributed=deepspeed", "train.deepspeed.zero_stage=2",
+                              "train.gradient_checkpointing=true"],
+    "zero3 + checkpointing": ["train.distributed=deepspeed", "train.deepspeed.zero_stage=3",
+                              "train.gradient_checkpointing=true"],
 }
+# glibc's malloc raises its mmap threshold as large blocks are freed (up to 32 MB), after which freed tensors stay
+# in the heap and RSS holds memory no tensor uses (0.7-1.1 GB per process here, varying by run). A fixed threshold
+# returns every block over 128 KB on free, so RSS follows the live tensors. --glibc-default measures without it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+PHASES = ("prepare", "attach", "forward", "backward", "clip_and_step")
+
+
+def status_mb() -> dict:
+    """This process's RSS now and its high-water mark since the last reset, in MB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "hwm_mb": int(fields["VmHWM"].split()[0]) / 1024}
+
+
+def trace_phases(cls, out: Path) -> list[dict]:
+    """Wrap the engine's calls to record (phase, RSS after, peak since the previous record) into
+    out/phases<rank>.jsonl; returns the records, which grow as the run goes."""
+    log = out / f"phases{os.environ['RANK']}.jsonl"
+    records: list[dict] = []
+
+    def record(phase: str) -> None:
+        records.append({"phase": phase} | status_mb())
+        with log.open("a") as f:
+            f.write(json.dumps(records[-1]) + "\n")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM and ru_maxrss alike
+
+    record("start")
+    for name in PHASES:
+        real = getattr(cls, name)
+
+        def traced(self, *args, real=real, name=name):
+            result = real(self, *args)
+            record(name)
+            return result
+        setattr(cls, name, traced)
+    return records
 
 
 def worker(out: Path, overrides: list[str]) -> None:
@@ -43,12 +92,22 @@ def worker(out: Path, overrides: list[str]) -> None:
     from posttrain.cli import main
     from posttrain.train.engines.base import Engine
 
+    phases = overrides[0] == "--phases"
+    overrides = overrides[phases:]
+    records: list[dict] = []
+
     def peak() -> dict:
-        rss = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = {"peak_rss_mb": max([now] + [r["hwm_mb"] for r in records])}
         return rss | ({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})
 
     if any("deepspeed" in o for o in overrides):
         import posttrain.train.engines.zero  # noqa: F401  (lazily imported by the loop; its class is patched here)
+    if phases:
+        chosen = next(o.split("=", 1)[1] for o in [*overrides, "train.distributed=none"]
+                      if o.startswith("train.distributed="))
+        engine = next(c for c in {Engine, *Engine.__subclasses__()} if c.name == chosen)
+        records = trace_phases(engine, out)
     for cls in {Engine, *Engine.__subclasses__()}:
         real = cls.__dict__.get("plain_model")
         if real is not None:
@@ -60,15 +119,36 @@ def worker(out: Path, overrides: list[str]) -> None:
 
 
 def run(name: str, args, config: Path, folder: Path) -> dict:
-    out = folder / name.replace(" + ", "_")
+    out = folder / name.replace(" + ", "_").replace(", ", "_").replace("=", "")
     out.mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
-           __file__, "--worker", str(out), str(config), *RUNS[name], f"train.max_steps={args.steps}"]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+           __file__, "--worker", str(out), *["--phases"] * args.phases, str(config), *RUNS[name],
+           f"train.max_steps={args.steps}"]
+    malloc = {} if args.glibc_default else MALLOC_ENV
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **malloc},
                    capture_output=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.processes)]
+    if args.phases:
+        for r, rank in enumerate(ranks):
+            rank["phases"] = [json.loads(x) for x in (out / f"phases{r}.jsonl").read_text().splitlines()]
     summary = json.loads((out / "train_summary.json").read_text())
     return {"run": name, "ranks": ranks, "tokens_per_s": summary["tokens_per_s"], "loss": summary["final_train_loss"]}
+
+
+def phase_table(results: list[dict]) -> str:
+    """Per run: each engine call's RSS after it and the peak since the previous record, per rank, in MB."""
+    parts = []
+    for r in results:
+        ranks = [x["phases"] for x in r["ranks"] if "phases" in x]
+        if not ranks:
+            continue
+        head = " | ".join(f"rank {i} RSS after | rank {i} peak since previous" for i in range(len(ranks)))
+        lines = [f"**{r['run']}**", "", f"| phase | {head} |", "|---" * (1 + 2 * len(ranks)) + "|"]
+        for row in zip(*ranks):
+            cells = " | ".join(f"{x['rss_mb']:.0f} | {x['hwm_mb']:.0f}" for x in row)
+            lines.append(f"| {row[0]['phase']} | {cells} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def main() -> None:
@@ -82,6 +162,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--only", nargs="*", choices=list(RUNS), help="a subset of the runs")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's dynamic mmap threshold on (RSS then includes freed, unreturned memory)")
+    parser.add_argument("--phases", action="store_true", help="also trace memory per engine call (<out>_phases.md)")
     parser.add_argument("--append", action="store_true",
                         help="keep the other runs already in <out>.json (run the table in parts)")
     args = parser.parse_args()
@@ -114,6 +197,9 @@ def main() -> None:
                                            + "\n".join(f"`{c}`" for c in commands) + "\n")
     path.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "cpu": where, "results": results},
                                indent=2))
+    if args.phases:
+        args.out.with_name(args.out.name + "_phases.md").write_text(
+            phase_table(results) + f"\n\nCPU: {where}\n\n`{command}`\n")
     print("\n".join(lines))
     print(command)
 

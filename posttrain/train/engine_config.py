@@ -27,6 +27,13 @@ class DeepSpeedConfig:
     zero_stage: Literal[2, 3] = opt(2, "ZeRO stage: 2 shards optimizer state and gradients, 3 also the weights")
     offload_optimizer: bool = opt(False, "ZeRO-Offload: optimizer state in CPU memory, the optimizer steps there")
     offload_params: bool = opt(False, "ZeRO-3 only: weights in CPU memory between uses")
+    bucket_size: int = opt(
+        0, "elements per gradient reduce bucket and ZeRO-3 prefetch bucket; 0 = hidden_size^2, as the HF Trainer's "
+        "'auto' (DeepSpeed's own 5e8 holds every gradient of a model under 0.5B in one bucket that stays allocated)")
+    live_parameters: int = opt(
+        1_000_000_000, "ZeRO-3 only: gathered weights (elements) kept for reuse instead of freed after each block "
+        "(DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance, its default 1e9); 0 frees each "
+        "block's weights after use and gathers them again for backward (least memory)")
 
 
 def validate_engine(train, method_type: str) -> None:
@@ -42,6 +49,9 @@ def validate_engine(train, method_type: str) -> None:
     if train.distributed == "deepspeed" and train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with train.distributed=deepspeed is not supported (the loop's loss "
                           "scaler does not see inside ZeRO's optimizer): use bf16")
+    for key in ("bucket_size", "live_parameters"):
+        if getattr(train.deepspeed, key) < 0:
+            raise ConfigError(f"train.deepspeed.{key} must be >= 0, got {getattr(train.deepspeed, key)}")
     if train.deepspeed.offload_params and train.deepspeed.zero_stage != 3:
         raise ConfigError("train.deepspeed.offload_params needs train.deepspeed.zero_stage=3 (stage 2 keeps whole "
                           "weights on every process)")

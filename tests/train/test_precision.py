@@ -27,6 +27,7 @@ def test_bf16_run_trains_float32_master_weights(tiny_dir, tmp_path):
     (["train.distributed=deepspeed", "method.type=lisa"], "method.type=lisa changes which weights"),
     (["train.distributed=deepspeed", "train.precision=bf16", "train.deepspeed.offload_params=true"],
      "offload_params needs train.deepspeed.zero_stage=3"),
+    (["train.distributed=deepspeed", "train.deepspeed.bucket_size=-1"], "train.deepspeed.bucket_size must be >= 0"),
 ])
 def test_bad_engine_settings_are_one_line_exit_2(tiny_dir, tmp_path, capsys, overrides, message):
     (tmp_path / "d.jsonl").write_text('{"instruction": "Hi", "input": "", "output": "Hello"}\n')
@@ -51,3 +52,21 @@ def test_launch_and_engine_mismatches_are_clear(monkeypatch):
     with pytest.raises(ConfigError, match="DeepSpeed is not installed"):
         join(load_config(None, ["model.name_or_path=tiny-random", "train.device=cpu", "train.distributed=deepspeed"],
                          **{"data.datasets": [{"path": "unused.jsonl"}]}).train)
+
+
+def test_deepspeed_buckets_follow_the_model_unless_set():
+    """HF's "auto" sizes from the hidden size (DeepSpeed's own 5e8-element bucket holds a small model whole);
+    live_parameters sets both of ZeRO-3's keep-gathered limits."""
+    from posttrain.train.engines.zero import deepspeed_config
+
+    def zero(*overrides, hidden=576):
+        cfg = load_config(None, ["model.name_or_path=tiny-random", "train.distributed=deepspeed", *overrides],
+                          **{"data.datasets": [{"path": "unused.jsonl"}]})
+        return deepspeed_config(cfg.train, cfg.optim, 2, hidden)["zero_optimization"]
+
+    assert zero() == {"stage": 2, "reduce_bucket_size": 331_776}
+    assert zero("train.deepspeed.zero_stage=3", "train.deepspeed.live_parameters=0") == {
+        "stage": 3, "reduce_bucket_size": 331_776, "stage3_prefetch_bucket_size": 298_598,
+        "stage3_param_persistence_threshold": 5_760, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+    assert zero("train.deepspeed.bucket_size=1000", hidden=None) == {"stage": 2, "reduce_bucket_size": 1000}
+    assert zero(hidden=None) == {"stage": 2}  # no hidden size known: DeepSpeed's own defaults

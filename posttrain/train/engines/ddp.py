@@ -16,9 +16,10 @@ class DDPEngine(Engine):
     def wrap(self, model, groups):
         device = self.dist.device
         # Buffers (rotary tables) are equal everywhere: nothing to broadcast per forward. The last micro-batch of
-        # an update must use every trainable weight (its backward is the one that all-reduces).
+        # an update must use every trainable weight (its backward is the one that all-reduces). Gradients live in
+        # the all-reduce buckets (not in a second copy beside them: one gradient-size less at the peak).
         self.ddp = DistributedDataParallel(Forward(model), device_ids=[device.index] if device.type == "cuda" else None,
-                                           broadcast_buffers=False)
+                                           broadcast_buffers=False, gradient_as_bucket_view=True)
         return groups
 
     def forward(self, micro):

@@ -25,10 +25,20 @@ DEEPSPEED_DIR = "deepspeed"
 _TAG = "state"
 
 
-def deepspeed_config(train, optim, world: int) -> dict:
-    """The DeepSpeed config of train.deepspeed.* (the accumulation boundary is set by the loop per update)."""
+def deepspeed_config(train, optim, world: int, hidden_size: int | None) -> dict:
+    """The DeepSpeed config of train.deepspeed.* (the accumulation boundary is set by the loop per update).
+    Bucket sizes follow the model as the HF Trainer's "auto" values do: with DeepSpeed's own (5e8 elements) a
+    135M model's gradients all wait in one bucket, +0.5 GB per process (benchmarks/README.md, engine memory)."""
     ds = train.deepspeed
     zero: dict = {"stage": ds.zero_stage}
+    bucket = ds.bucket_size or (hidden_size**2 if hidden_size else 0)
+    if bucket:
+        zero["reduce_bucket_size"] = bucket
+        if ds.zero_stage == 3:
+            zero |= {"stage3_prefetch_bucket_size": int(0.9 * bucket),
+                     "stage3_param_persistence_threshold": 10 * hidden_size if hidden_size else 100_000}
+    if ds.zero_stage == 3:
+        zero |= {"stage3_max_live_parameters": ds.live_parameters, "stage3_max_reuse_distance": ds.live_parameters}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -68,7 +78,8 @@ class DeepSpeedEngine(Engine):
 
         # The shared-memory all-reduce op only speeds up CPU inference, and JIT-compiles for minutes on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world)
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world, hidden)
         self.ds, _, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config,
                                                 dist_init_required=False)
         self.ds.checkpoint_engine.load = _weights_only_load

@@ -31,9 +31,10 @@ class DeepSpeedConfig:
         0, "elements per gradient reduce bucket and ZeRO-3 prefetch bucket; 0 = hidden_size^2, as the HF Trainer's "
         "'auto' (DeepSpeed's own 5e8 holds every gradient of a model under 0.5B in one bucket that stays allocated)")
     live_parameters: int = opt(
-        1_000_000_000, "ZeRO-3 only: gathered weights (elements) kept for reuse instead of freed after each block "
-        "(DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance, its default 1e9); 0 frees each "
-        "block's weights after use and gathers them again for backward (least memory)")
+        0, "ZeRO-3 only: gathered weights (elements) kept for reuse instead of freed after each block (DeepSpeed's "
+        "stage3_max_live_parameters and stage3_max_reuse_distance). 0 frees each block's weights after use and "
+        "gathers them again for backward, as train.fsdp.reshard_after_forward does; DeepSpeed's own default, 1e9, "
+        "keeps every weight of a model under 1B parameters gathered from forward to backward (faster, more memory)")
 
 
 def validate_engine(train, method_type: str) -> None:

@@ -65,8 +65,10 @@ def test_deepspeed_buckets_follow_the_model_unless_set():
         return deepspeed_config(cfg.train, cfg.optim, 2, hidden)["zero_optimization"]
 
     assert zero() == {"stage": 2, "reduce_bucket_size": 331_776}
-    assert zero("train.deepspeed.zero_stage=3", "train.deepspeed.live_parameters=0") == {
+    assert zero("train.deepspeed.zero_stage=3") == {
         "stage": 3, "reduce_bucket_size": 331_776, "stage3_prefetch_bucket_size": 298_598,
         "stage3_param_persistence_threshold": 5_760, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+    live = zero("train.deepspeed.zero_stage=3", "train.deepspeed.live_parameters=1000000000")
+    assert live["stage3_max_live_parameters"] == live["stage3_max_reuse_distance"] == 10**9
     assert zero("train.deepspeed.bucket_size=1000", hidden=None) == {"stage": 2, "reduce_bucket_size": 1000}
     assert zero(hidden=None) == {"stage": 2}  # no hidden size known: DeepSpeed's own defaults

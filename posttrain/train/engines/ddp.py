@@ -17,7 +17,8 @@ class DDPEngine(Engine):
         device = self.dist.device
         # Buffers (rotary tables) are equal everywhere: nothing to broadcast per forward. The last micro-batch of
         # an update must use every trainable weight (its backward is the one that all-reduces). Gradients live in
-        # the all-reduce buckets (not in a second copy beside them: one gradient-size less at the peak).
+        # the all-reduce buckets, not in a second copy beside them (-0.5 GB per process between updates for 135M
+        # full fine-tuning; the peak, early in backward, is the same: benchmarks/README.md, engine memory).
         self.ddp = DistributedDataParallel(Forward(model), device_ids=[device.index] if device.type == "cuda" else None,
                                            broadcast_buffers=False, gradient_as_bucket_view=True)
         return groups

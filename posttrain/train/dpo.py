@@ -17,7 +17,6 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from torch import nn
 
 from posttrain.train.config import RunConfig
 from posttrain.data.batches import preference_batches
@@ -33,6 +32,7 @@ from posttrain.train.loop import Dist, Loop, start_run
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
 from posttrain.train import reference_cache
+from posttrain.train.reference_model import WithReference, policy_of, with_reference
 
 log = logging.getLogger("posttrain")
 
@@ -47,20 +47,6 @@ def response_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) ->
     logps = hidden.new_zeros(n, dtype=torch.float32).index_add(0, sequence, flat)
     lengths = torch.bincount(sequence, minlength=n).float()
     return logps, lengths
-
-
-class WithReference(nn.Module):
-    """The policy and its frozen reference copy as one module: the engine wraps both, so under FSDP and ZeRO-3
-    the copy is sharded like the policy, and its passes run inside the same forward."""
-
-    def __init__(self, policy: nn.Module, reference: nn.Module):
-        super().__init__()
-        self.policy, self.reference = policy, reference.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reference.eval()  # the reference never trains: no dropout, whatever the loop asks
-        return self
 
 
 def dpo_forward(model, batch: dict, normalizer: float, *, dpo_cfg, chunk: int = 1024, fused: bool = True):
@@ -158,7 +144,7 @@ def run(cfg: RunConfig, fast: FastPaths = FastPaths()) -> dict:
              len(data.train), len(data.eval or []), cfg.dpo.loss, mode, trainable, total)
 
     loss_fn = functools.partial(dpo_forward, dpo_cfg=cfg.dpo, chunk=chunk, fused=fast.fused)
-    trained = model if ref_model is None else WithReference(model, ref_model)
+    trained = with_reference(model, ref_model)
     steps = DataSteps(preference_batches(data.train, pad_id, pack, share_prompt=pack), loss_fn, train=cfg.train,
                       packing=cfg.data.packing, max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=preference_batches(data.eval, pad_id, pack, share_prompt=pack) if data.eval else None)
@@ -168,5 +154,5 @@ def run(cfg: RunConfig, fast: FastPaths = FastPaths()) -> dict:
              "train_prompts": len(data.train), "eval_prompts": len(data.eval or []), "rows_read": data.n_rows,
              "dropped": data.drops, "trainable_params": trainable, "total_params": total,
              "reference_logps": cached}
-    return loop.run(lambda out, done: save_model(done.policy if ref_model is not None else done, tokenizer, out),
+    return loop.run(lambda out, done: save_model(policy_of(done), tokenizer, out),
                     extra_summary=extra)

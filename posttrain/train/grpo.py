@@ -35,6 +35,7 @@ from posttrain.models.run import save_model
 from posttrain.train.grpo_eval import greedy_eval, plot_rewards
 from posttrain.train.config import RunConfig
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.reference_model import policy_of, with_reference
 from posttrain.train.reporting import write_sample
 from posttrain.train.response_logps import response_logps
 from posttrain.train.reward_set import RewardSet, build_reward_set
@@ -81,11 +82,13 @@ def run(cfg: RunConfig) -> dict:
              len(eval_prompts), drop_summary(drops) or "none", trainable, total)
 
     steps = GRPOSteps(cfg, policy, ref_model, tokenizer, prompts, eval_prompts, rewards, dist_ctx)
-    loop = Loop(cfg, policy, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
+    # the copy inside the module the engine wraps: sharded like the policy under fsdp and ZeRO-3
+    loop = Loop(cfg, with_reference(policy, ref_model), steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups,
+                on_step_start=prepared.hook)
     extra = {"stage": "grpo", "estimator": g.estimator, "loss_norm": steps.norm, "prompts": len(prompts),
              "eval_prompts": len(eval_prompts), "dropped_prompts": drops, "trainable_params": trainable,
              "total_params": total}
-    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(policy_of(trained), tokenizer, out), extra_summary=extra)
 
 
 def hold_out(prompts: list[Prompt], val_size: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -215,7 +218,8 @@ class GRPOSteps(StepSource):
                 model) -> tuple[torch.Tensor, dict]:
         """The clipped token loss of one micro-batch, as its share of the mini-batch's loss."""
         g = self.g
-        logps = self.forward_logps(model, mb.input_ids, mb.attention_mask, mb.response_mask, groups)  # (b, R)
+        logps = self.forward_logps(policy_of(model), mb.input_ids, mb.attention_mask, mb.response_mask,
+                                   groups)  # (b, R)
         old = logps.detach() if mb.old_token_logps is None else mb.old_token_logps
         weights = token_weights(mb.response_mask, self.norm, n_rows=n_rows, n_tokens=n_tokens,
                                 max_len=g.max_new_tokens)

@@ -28,6 +28,7 @@ from posttrain.models.methods import quantization_config
 from posttrain.models.run import save_model
 from posttrain.train.config import RunConfig
 from posttrain.train.loop import Loop, start_run
+from posttrain.train.reference_model import WithReference, policy_of, with_reference
 from posttrain.train.setup import prepare_model
 from posttrain.train.steps import DataSteps
 
@@ -46,9 +47,11 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, fused: bool = True) ->
     return hidden.new_zeros(int(starts.sum()), dtype=torch.float32).index_add(0, seq, flat)
 
 
-def kto_forward(model, batch: dict, normalizer: float, *, kto_cfg, ref_model=None, chunk: int = 1024,
+def kto_forward(model, batch: dict, normalizer: float, *, kto_cfg, chunk: int = 1024,
                 fused: bool = True) -> tuple[torch.Tensor, dict]:
-    """KTO loss of one micro-batch: the B samples (input_ids, ...) and their mismatched sequences (kl_*)."""
+    """KTO loss of one micro-batch: the B samples (input_ids, ...) and their mismatched sequences (kl_*). `model`
+    is the policy (reference = adapter off) or a WithReference holding the frozen copy."""
+    model, ref_model = (model.policy, model.reference) if isinstance(model, WithReference) else (model, None)
     n = int(batch["desirable"].shape[0])
     samples = {k: v for k, v in batch.items() if k != "desirable" and not k.startswith("kl_")}
     mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
@@ -80,14 +83,15 @@ def run(cfg: RunConfig) -> dict:
              len(data.train), desirable, len(data.eval or []), "adapter off" if adapter_reference else "copy",
              trainable, total)
 
-    loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, ref_model=ref_model, chunk=cfg.train.loss_chunk)
+    loss_fn = functools.partial(kto_forward, kto_cfg=cfg.kto, chunk=cfg.train.loss_chunk)
     pad_id, pack = tokenizer.pad_token_id, packs_rows(cfg)
     steps = DataSteps(kto_batches(data.train, pad_id, pack), loss_fn, train=cfg.train, packing=False,
                       max_length=cfg.data.max_length, dist_ctx=dist_ctx,
                       eval_data=kto_batches(data.eval, pad_id, pack) if data.eval else None)
-    loop = Loop(cfg, model, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups, on_step_start=prepared.hook)
+    loop = Loop(cfg, with_reference(model, ref_model), steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups,
+                on_step_start=prepared.hook)
     extra = {"stage": "kto", "method": cfg.method.type, "packed": pack,
              "reference": "adapter" if adapter_reference else "copy",
              "train_samples": len(data.train), "desirable": desirable, "eval_samples": len(data.eval or []),
              "dropped": data.drops, "trainable_params": trainable, "total_params": total}
-    return loop.run(lambda out, trained: save_model(trained, tokenizer, out), extra_summary=extra)
+    return loop.run(lambda out, trained: save_model(policy_of(trained), tokenizer, out), extra_summary=extra)

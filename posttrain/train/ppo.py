@@ -56,8 +56,9 @@ def run(cfg: RunConfig) -> dict:
     prepared = prepare_model(base, cfg)
     policy = prepared.model
     critic = prepare_model(load_base(cfg.model, device)[0], cfg).model if p.value_model == "separate" else None
-    pv = PolicyAndValue(policy, base.config.hidden_size, critic)
+    pv = PolicyAndValue(policy, base.config.hidden_size, critic, ref_model)
     trainable, total = count_parameters(pv)
+    total -= count_parameters(ref_model)[1] if ref_model is not None else 0  # the copy is not a trained model
     trainable -= count_parameters(policy)[0] - prepared.trainable  # LISA: the policy's blocks take turns
 
     # data: prompts to sample from; optional ptx (SFT / pre-training) data with a held-out split
@@ -71,7 +72,7 @@ def run(cfg: RunConfig) -> dict:
     log.info("prompts: %d (dropped: %s); trainable parameters %d of %d", len(prompts), drop_summary(drops) or "none",
              trainable, total)
 
-    steps = PPOSteps(cfg, pv, ref_model, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,
+    steps = PPOSteps(cfg, pv, tokenizer, prompts, build_reward_source(cfg.reward, device), dist_ctx,
                      ptx_train, ptx_eval)
     value_params = [q for n, q in pv.named_parameters() if q.requires_grad and not n.startswith("policy.")]
     loop = Loop(cfg, pv, steps, dist_ctx=dist_ctx, param_groups=prepared.param_groups + [{"params": value_params}],
@@ -90,10 +91,10 @@ def run(cfg: RunConfig) -> dict:
 class PPOSteps(StepSource):
     """One step = one rollout batch, then ppo_epochs passes over it in mini-batches (one update each)."""
 
-    def __init__(self, cfg: RunConfig, pv: PolicyAndValue, ref_model, tokenizer, prompts, reward_fn, dist_ctx,
+    def __init__(self, cfg: RunConfig, pv: PolicyAndValue, tokenizer, prompts, reward_fn, dist_ctx,
                  ptx_train=None, ptx_eval=None):
         p = self.p = cfg.ppo
-        self.cfg, self.pv, self.ref_model, self.tokenizer, self.prompts = cfg, pv, ref_model, tokenizer, prompts
+        self.cfg, self.pv, self.tokenizer, self.prompts = cfg, pv, tokenizer, prompts
         self.reward_fn, self.dist, self.ptx_train, self.ptx_eval = reward_fn, dist_ctx, ptx_train, ptx_eval
         self.total_steps = cfg.train.max_steps
         self.updates_per_step = p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
@@ -109,7 +110,7 @@ class PPOSteps(StepSource):
         p, world, rank = self.p, self.dist.world, self.dist.rank
         order = prompt_indices(len(self.prompts), step, p.rollout_batch_size, self.cfg.train.seed)
         mine = range(rank, p.rollout_batch_size, world)  # global rows sampled here: rank, rank + world, ...
-        exp, responses = self.dist.forward(collect, self.pv, self.ref_model, self.tokenizer,
+        exp, responses = self.dist.forward(collect, self.pv, self.tokenizer,
                                            [self.prompts[order[j]] for j in mine],
                                            [row_seed(self.cfg.train.seed, step, j) for j in mine], p, self.reward_fn,
                                            self.dist.lockstep)

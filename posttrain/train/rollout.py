@@ -88,11 +88,14 @@ def row_seed(seed: int, step: int, position: int) -> int:
 
 
 class PolicyAndValue(nn.Module):
-    """The policy (LoRA or full) with a scalar value head, on its own backbone or a separate critic."""
+    """The policy (LoRA or full) with a scalar value head, on its own backbone or a separate critic; and the frozen
+    reference copy when there is one (held here so that the engine shards it like the policy: reference_model.py)."""
 
-    def __init__(self, policy: nn.Module, hidden_size: int, critic: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, hidden_size: int, critic: nn.Module | None = None,
+                 frozen_reference: nn.Module | None = None):
         super().__init__()
         self.policy, self.critic = policy, critic
+        self.frozen_reference = frozen_reference.eval().requires_grad_(False) if frozen_reference is not None else None
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no random baseline noise in step 1
         nn.init.zeros_(self.value_head.bias)
@@ -119,6 +122,12 @@ class PolicyAndValue(nn.Module):
     def reference(self):
         """Context in which self.policy computes the reference (SFT) model: LoRA adapters disabled."""
         return adapter_disabled(self.policy)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_reference is not None:
+            self.frozen_reference.eval()  # never trains, whatever the loop asks
+        return self
 
 
 def adapter_disabled(policy: nn.Module):
@@ -191,10 +200,11 @@ def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int]
 
 
 @torch.no_grad()
-def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts: list[Prompt], seeds: list[int],
-            ppo_cfg, reward_fn, synced: bool = False) -> tuple[Experience, list[str]]:
+def collect(pv: PolicyAndValue, tokenizer, prompts: list[Prompt], seeds: list[int], ppo_cfg, reward_fn,
+            synced: bool = False) -> tuple[Experience, list[str]]:
     """Sample one response per prompt (row i with seed seeds[i]), then log-probs, values, reference
-    log-probs and raw rewards. Returns the experience and the decoded responses.
+    log-probs (pv's frozen copy, else the policy with its adapter off) and raw rewards. Returns the experience
+    and the decoded responses.
 
     synced: every process samples at once with sharded weights (see models/generate.py)."""
     p = ppo_cfg
@@ -204,11 +214,12 @@ def collect(pv: PolicyAndValue, ref_model: nn.Module | None, tokenizer, prompts:
     width = s.response_mask.shape[1]
     pv.eval()
     old_logps, old_values, entropy = pv(input_ids, attention_mask, width, p.temperature)
-    if ref_model is None:
+    if pv.frozen_reference is None:
         with pv.reference():
             ref_logps = pv(input_ids, attention_mask, width, p.temperature, values=False)[0]
     else:
-        ref_logps = PolicyAndValue(ref_model, 1)(input_ids, attention_mask, width, p.temperature, values=False)[0]
+        ref = PolicyAndValue(pv.frozen_reference, 1)
+        ref_logps = ref(input_ids, attention_mask, width, p.temperature, values=False)[0]
     scores = torch.tensor(reward_fn([q.text for q in prompts], responses), dtype=torch.float32, device=device)
     return Experience(input_ids, attention_mask, s.response_mask, s.ended, old_logps,
                       ref_logps, old_values, entropy, scores), responses

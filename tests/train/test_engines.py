@@ -109,7 +109,7 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
                                                                 "val_size": 2},
                "train": {"max_steps": 5, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "keep_last": 1,
                          "log_every": 1}}
-    elif stage == "grpo":
+    elif stage.startswith("grpo"):
         (folder / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": c}]}) + "\n"
                                                       for c in ("Say something.", "Hello there", "Tell me more")))
         (folder / "rule.py").write_text("def upper(prompts, responses):\n"
@@ -120,7 +120,7 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
                "grpo": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "kl_coef": 0.1, "epochs": 2,
                         "mini_batch_size": 4},
                "train": {"max_steps": 2, "micro_batch_size": 2, "log_every": 1}}
-    elif stage != "ppo":
+    elif not stage.startswith("ppo"):
         rows = [{"prompt": f"Question {i}?", "chosen": "Yes. Yes.", "rejected": "No, no no no."} for i in range(11)]
         (folder / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = {"stage": stage.split("_")[0], "data": {"datasets": [{"path": str(folder / "prefs.jsonl")}],
@@ -147,6 +147,8 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
                "ppo": {"rollout_batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "ptx_coef": 0.5,
                        "ptx_datasets": [{"path": str(folder / "sft.jsonl")}], "ptx_batch_size": 1, "ptx_val_size": 2},
                "train": {"max_steps": 2, "micro_batch_size": 1, "log_every": 1}}
+    if stage in ("grpo_copy", "ppo_copy"):  # full fine-tuning: the reference is a frozen copy the engine shards
+        common["method"] = {"type": "full"}
     (folder / f"{stage}.yaml").write_text(yaml.safe_dump(common | cfg))
     return folder / f"{stage}.yaml"
 
@@ -176,11 +178,13 @@ def saved_weights(run: Path) -> dict[str, torch.Tensor]:
 # under ddp by tests/train/test_ppo.py; rm-ddp, dpo-zero3 and dpo_copy-fsdp (all passing when last run) add little.
 @pytest.mark.parametrize("stage, engine", [
     ("dpo", "fsdp"), ("rm", "fsdp"), *engines(("dpo_copy", "zero3")), ("dpo_precompute", "fsdp"),
-    ("ppo", "fsdp"), *engines(("ppo", "zero3")), ("grpo", "fsdp")])
+    ("ppo", "fsdp"), *engines(("ppo", "zero3")), ("grpo", "fsdp"), ("grpo_copy", "fsdp"),
+    *engines(("ppo_copy", "zero3"))])
 def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
     """Every stage on 2 processes logs the same figures and saves the same weights as on 1 (to float rounding)."""
     config, one_dir = one_run(stage)
-    accum = ["train.grad_accum=1"] if stage not in ("ppo", "grpo") else []
+    kind = stage.split("_")[0]  # grpo_copy is grpo, ppo_copy is ppo
+    accum = ["train.grad_accum=1"] if kind not in ("ppo", "grpo") else []
     run_worker(config, tmp_path, 0, *ENGINES[engine], *accum, processes=2, env={"POSTTRAIN_CACHE": str(tmp_path)})
     two_dir = tmp_path / "full"
     one, two = train_rows(one_dir), train_rows(two_dir)
@@ -189,22 +193,22 @@ def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
         assert a.keys() == b.keys()
         # PPO: what test_ppo's DDP run compares (ratios of small variances, such as explained_variance, amplify
         # the rounding: 7e-4 relative seen)
-        keys = PPO_KEYS if stage == "ppo" else a.keys() - {"step", "split", "lr", *(("grad_norm",) if stage == "grpo"
+        keys = PPO_KEYS if kind == "ppo" else a.keys() - {"step", "split", "lr", *(("grad_norm",) if kind == "grpo"
                                                                                   else ())}
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
     a, b = saved_weights(one_dir), saved_weights(two_dir)
-    if stage == "ppo":
+    if kind == "ppo":
         a, b = (w | {f"value_head.{k}": v for k, v in load_file(d / "value_head.safetensors").items()}
                 for w, d in ((a, one_dir), (b, two_dir)))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), \
         max((float((a[k] - b[k]).abs().max()), k) for k in a)
     summaries = [json.loads((d / "train_summary.json").read_text()) for d in (one_dir, two_dir)]
-    evals = {"ppo": ("ptx_eval_after",), "grpo": ()}.get(stage, ("final_eval_loss",))
+    evals = {"ppo": ("ptx_eval_after",), "grpo": ()}.get(kind, ("final_eval_loss",))
     for key in evals:  # the held-out eval ran in lockstep on both processes
         assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-4), key
-    if stage == "ppo":  # so did the greedy samples
+    if kind == "ppo":  # so did the greedy samples
         assert summaries[1]["after"] == summaries[0]["after"]
     if stage == "dpo_precompute":  # computed in shares, gathered, written once by rank 0: the same numbers
         assert summaries[1]["reference_logps"] == {"train": "computed", "eval": "computed"}

@@ -86,6 +86,23 @@ def test_kto_run_separates_desirable_from_undesirable(tmp_path, tiny_dir):
     assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k)
 
 
+def test_full_fine_tuning_scores_against_a_frozen_copy(tmp_path, tiny_dir):
+    """Full fine-tuning: the reference is a copy taken before training (inside the module the engine wraps), so
+    step 1 starts at the same 0.5 as with an adapter, later steps move away from it, and the output is the plain
+    policy (no reference weights saved with it)."""
+    from safetensors.torch import load_file
+
+    from posttrain.train import kto
+
+    summary = kto.run(_cfg(tmp_path, tiny_dir, **{"method.type": "full", "optim.lr": 1e-3, "train.max_steps": 4}))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert summary["reference"] == "copy" and summary["total_params"] == summary["trainable_params"]
+    assert train[0]["loss"] == pytest.approx(0.5, abs=1e-6) and train[-1]["kl/mean"] != 0.0
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert not any(k.startswith(("policy.", "reference.")) for k in saved)
+
+
 def test_kto_config_rules(tmp_path, tiny_dir):
     with pytest.raises(ConfigError, match="kto.beta"):
         _cfg(tmp_path, tiny_dir, **{"kto.beta": 0.0})

@@ -196,7 +196,7 @@ def _ppo_steps(cfg, pv, tok, prompts, **kwargs):
     from posttrain.train.loop import Dist
     from posttrain.train.ppo import PPOSteps
 
-    return PPOSteps(cfg, pv, None, tok, prompts, load_function(cfg.reward.function), Dist(), **kwargs)
+    return PPOSteps(cfg, pv, tok, prompts, load_function(cfg.reward.function), Dist(), **kwargs)
 
 
 def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
@@ -210,7 +210,7 @@ def test_first_rollout_has_ratio_one_and_zero_kl(tmp_path, tiny_dir):
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     pv = PolicyAndValue(apply_method(base, cfg.methods), base.config.hidden_size)
     prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
-    exp, _ = collect(pv, None, tok, prompts[:3], [0, 1, 2], cfg.ppo, load_function(cfg.reward.function))
+    exp, _ = collect(pv, tok, prompts[:3], [0, 1, 2], cfg.ppo, load_function(cfg.reward.function))
     rollout, metrics = _ppo_steps(cfg, pv, tok, prompts).advantages(exp)
     assert torch.equal(rollout.old_token_logps, rollout.ref_token_logps)
     assert metrics["kl"] == 0.0
@@ -234,10 +234,10 @@ def test_rows_sample_the_same_whatever_batch_they_are_in(tmp_path, tiny_dir):
     pv = PolicyAndValue(apply_method(base, cfg.methods), base.config.hidden_size)
     prompts, _ = load_prompts(cfg.data, cfg.template, tok, cfg.ppo.max_new_tokens)
     reward = load_function(cfg.reward.function)
-    whole, texts = collect(pv, None, tok, prompts, [7, 8, 9], cfg.ppo, reward)
-    parts = [collect(pv, None, tok, [prompts[i]], [7 + i], cfg.ppo, reward)[1][0] for i in range(3)]
+    whole, texts = collect(pv, tok, prompts, [7, 8, 9], cfg.ppo, reward)
+    parts = [collect(pv, tok, [prompts[i]], [7 + i], cfg.ppo, reward)[1][0] for i in range(3)]
     assert parts == texts
-    other_seeds = collect(pv, None, tok, prompts, [17, 18, 19], cfg.ppo, reward)[1]
+    other_seeds = collect(pv, tok, prompts, [17, 18, 19], cfg.ppo, reward)[1]
     assert other_seeds != texts  # the seeds do matter
 
 

@@ -78,7 +78,8 @@ class DeepSpeedEngine(Engine):
 
         # The shared-memory all-reduce op only speeds up CPU inference, and JIT-compiles for minutes on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        hidden = next((m.config.hidden_size for m in self.model.modules()  # the model inside any stage's wrapper
+                       if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)), None)
         config = deepspeed_config(self.cfg.train, self.cfg.optim, self.dist.world, hidden)
         self.ds, _, _, _ = deepspeed.initialize(model=self.wrapper, optimizer=optimizer, config=config,
                                                 dist_init_required=False)

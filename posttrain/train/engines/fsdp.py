@@ -26,10 +26,12 @@ from torch.distributed.checkpoint import metadata as dcp_meta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from posttrain.train.engines.base import Engine, Forward
+from posttrain.train.reference_model import frozen_reference
 
 SHARDED_DIR = "sharded"
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # LoRA: the frozen base is not checkpointed
@@ -55,10 +57,14 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Fill a meta_copy with whole weights by name; tied weights stay one parameter."""
+    """Fill a meta_copy with whole weights by name; tied weights stay one parameter. A frozen reference copy
+    inside the skeleton was not gathered and stays on the meta device."""
+    reference = frozen_reference(skeleton)
+    skipped = set() if reference is None else {id(p) for p in reference.parameters()}
     names: dict[int, list[str]] = {}
     for name, param in skeleton.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+        if id(param) not in skipped:
+            names.setdefault(id(param), []).append(name)
     for shared in names.values():
         module, leaf = _owner(skeleton, shared[0])
         param = nn.Parameter(state[shared[0]], requires_grad=module._parameters[leaf].requires_grad)
@@ -142,7 +148,19 @@ class FSDPEngine(Engine):
         super().backward(loss * self.dist.world, last)
 
     def plain_model(self):
-        state = get_model_state_dict(self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Sharded first (nothing gathered), then whole tensors one at a time, leaving out a frozen reference copy
+        # (not part of the output); every process walks the same keys, as each gather is a collective.
+        sharded = get_model_state_dict(self.root)
+        reference = frozen_reference(self.model)
+        prefix = next((f"{n}." for n, m in self.root.named_modules() if m is reference), None)
+        state, done = {}, {}
+        for key, value in sharded.items():
+            if prefix is not None and key.startswith(prefix):
+                continue
+            if id(value) not in done:  # tied weights appear under two names: one gather
+                whole = value.full_tensor() if isinstance(value, DTensor) else value
+                done[id(value)] = whole.cpu() if self.dist.main else None
+            state[key] = done[id(value)]
         if not self.dist.main:
             return None
         return materialize(self.skeleton, {k.removeprefix("inner."): v for k, v in state.items()})

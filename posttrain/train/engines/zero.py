@@ -20,6 +20,7 @@ import torch
 
 from posttrain.train.engines.base import Engine, Forward
 from posttrain.train.engines.fsdp import materialize, meta_copy
+from posttrain.train.reference_model import frozen_reference
 
 DEEPSPEED_DIR = "deepspeed"
 _TAG = "state"
@@ -114,10 +115,33 @@ class DeepSpeedEngine(Engine):
     def plain_model(self):
         if self.stage != 3:
             return super().plain_model()
-        state = self.ds._zero3_consolidated_16bit_state_dict()  # module by module, whole on the main process
-        if not self.dist.main:
-            return None
-        return materialize(self.skeleton, {k.removeprefix("inner."): v for k, v in state.items()})
+        state = self.gathered_state()
+        return materialize(self.skeleton, state) if self.dist.main else None
+
+    def gathered_state(self) -> dict[str, torch.Tensor]:
+        """Whole weights on the main process, module by module, as DeepSpeed's consolidated state dict gathers
+        them, leaving out a frozen reference copy (not part of the output); every process walks the same modules."""
+        import deepspeed  # optional extra, imported by attach already
+
+        reference = frozen_reference(self.model)
+        skipped = set() if reference is None else {id(m) for m in reference.modules()}
+        state: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}  # tied weights: one tensor under both names
+        for prefix, module in self.model.named_modules():
+            if id(module) in skipped:
+                continue
+            params = list(module.named_parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                if self.dist.main:
+                    for name, param in params:
+                        key = f"{prefix}.{name}" if prefix else name
+                        if param.ds_id not in seen:
+                            seen[param.ds_id] = param.detach().to("cpu", copy=True)
+                        state[key] = seen[param.ds_id]
+                    for name, buffer in module.named_buffers(recurse=False):
+                        if name not in module._non_persistent_buffers_set:
+                            state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
+        return state
 
     def save_weights(self, tmp: Path) -> None:
         self.ds.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=_TAG, save_latest=False, exclude_frozen_parameters=True)

@@ -51,3 +51,60 @@ def test_bad_shape_fails_before_any_run(bench, argv, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
     assert exit_info.value.code == 2
+
+
+def test_engine_memory_runs_are_valid_configs():
+    """Every row of the engine-memory table is a set of config overrides the loader accepts."""
+    from benchmarks import engine_memory
+    from posttrain.train.config import load_config
+
+    for overrides in engine_memory.RUNS.values():
+        load_config(None, ["model.name_or_path=tiny-random", *overrides], **{"data.datasets": [{"path": "x.jsonl"}]})
+
+
+def test_engine_memory_phase_trace_records_each_call(tmp_path, monkeypatch):
+    """--phases: each traced engine call appends (phase, RSS after, peak since the previous record) per rank, and
+    the table lists them per rank side by side; peaks include memory freed before the record was taken."""
+    from benchmarks import engine_memory
+
+    monkeypatch.setenv("RANK", "0")
+
+    class Fake:
+        name = "fake"
+
+        def prepare(self, model, groups):
+            return groups
+
+        def attach(self, optimizer):
+            return optimizer
+
+        def forward(self, micro):
+            return touch(64)
+
+        def backward(self, loss, last):
+            pass
+
+        def clip_and_step(self, max_norm):
+            return 0.0
+
+    def touch(mb: int) -> int:  # mb megabytes touched, freed on return (one mmap: RSS drops, the peak stays)
+        block = bytearray(mb * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        return len(block)
+
+    touch(200)  # a process peak well above what follows: the trace must reset it
+    records = engine_memory.trace_phases(Fake, tmp_path)
+    fake = Fake()
+    fake.prepare(None, [])
+    fake.attach(None)
+    assert fake.forward(None) == 64 * 2**20
+    fake.backward(None, True)
+    fake.clip_and_step(1.0)
+    phases = [r["phase"] for r in records]
+    assert phases == ["start", "prepare", "attach", "forward", "backward", "clip_and_step"]
+    attach, forward = records[2], records[3]
+    assert attach["hwm_mb"] < attach["rss_mb"] + 30  # the 200 MB before tracing are not in any record's peak
+    assert forward["hwm_mb"] >= forward["rss_mb"] + 60  # the freed 64 MB shows in the peak, not in RSS after
+    assert (tmp_path / "phases0.jsonl").read_text().count("\n") == 6
+    table = engine_memory.phase_table([{"run": "fake", "ranks": [{"phases": records}, {"phases": records}]}])
+    assert "| forward |" in table and "rank 1 peak since previous" in table

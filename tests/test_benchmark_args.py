@@ -1,5 +1,6 @@
 """The vs-TRL benchmarks check their --ablations names before the first (minutes-long) run."""
 
+import mmap
 import sys
 
 import pytest
@@ -87,10 +88,13 @@ def test_engine_memory_phase_trace_records_each_call(tmp_path, monkeypatch):
         def clip_and_step(self, max_norm):
             return 0.0
 
-    def touch(mb: int) -> int:  # mb megabytes touched, freed on return (one mmap: RSS drops, the peak stays)
-        block = bytearray(mb * 2**20)
-        block[::4096] = b"x" * len(block[::4096])
-        return len(block)
+    def touch(mb: int) -> int:
+        """mb megabytes of fresh pages touched, then unmapped: RSS falls back, the peak stays. An anonymous mmap,
+        not a bytearray: in a long test process malloc may serve a bytearray from heap pages already resident."""
+        with mmap.mmap(-1, mb * 2**20) as block:
+            for offset in range(0, len(block), 4096):
+                block[offset] = 1
+            return len(block)
 
     touch(200)  # a process peak well above what follows: the trace must reset it
     records = engine_memory.trace_phases(Fake, tmp_path)

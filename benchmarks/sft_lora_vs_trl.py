@@ -43,6 +43,7 @@ POSTTRAIN_VARIANTS = {
     "posttrain-full-head": ["fast.head_positions=all"],  # before: logits at every position
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
     "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
+    "posttrain-glibc-default": ["train.keep_freed_memory=false"],  # before: glibc returns freed memory, re-faults it
 }
 
 

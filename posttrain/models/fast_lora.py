@@ -6,6 +6,9 @@ over (tokens x out_features) tensors cost a visible share of a LoRA step. Here o
 Function does `y = x W^T`, then `y += s (x A^T) B^T` inside the GEMM (addmm_ with alpha=s), and
 in backward adds the adapter's input gradient into the base one the same way. The parameters,
 their names, saving and merging stay PEFT's: only the forward of eligible modules is swapped.
+Under autocast (train.precision=bf16 / fp16) the operands are cast to the autocast dtype as
+autocast casts a linear's, and the fused op runs in that dtype; the casts' backward returns the
+adapter's gradients to its float32 master weights.
 """
 
 from __future__ import annotations
@@ -64,12 +67,18 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     (name,) = self.lora_A.keys()
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     base = self.base_layer
+    device = x.device.type
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.active_adapters
-            or torch.is_autocast_enabled(x.device.type) or not (x.dtype == lora_a.dtype == base.weight.dtype)
+            or (amp is None and not x.dtype == lora_a.dtype == base.weight.dtype)
             or base.weight.requires_grad or partitioned(base.weight) or partitioned(lora_a)):
         return type(self).forward(self, x, *args, **kwargs)  # any other state (ZeRO-3 too): PEFT's own path
-    y = _LoraLinearFn.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a, lora_b,
-                            float(self.scaling[name]))
+    operands = (x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a, lora_b)
+    if amp is None:
+        y = _LoraLinearFn.apply(*operands, float(self.scaling[name]))
+    else:
+        with torch.autocast(device, enabled=False):
+            y = _LoraLinearFn.apply(*(t if t is None else t.to(amp) for t in operands), float(self.scaling[name]))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -5,9 +5,13 @@ With a frozen head (LoRA, QLoRA, prompt tuning) the gradient of log p(y_t) with 
 hidden state, W[y_t] - softmax(h_t W^T) W, does not depend on the loss above it, so the fused path
 forms it chunk by chunk during the forward pass: backward is then one multiply, with no logits
 kept and no recomputation. A trainable head takes the plain path (autograd, chunks recomputed).
+Under autocast the fused path casts the head's weight to the autocast dtype once per call (autocast
+itself would cast it for each of the two products) and keeps the softmax in float32.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -20,11 +24,15 @@ class _FrozenHeadLogps(torch.autograd.Function):
     """(N,) log softmax(h W^T + b)[y] for a frozen head; d/dh formed in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):  # hidden (N, H), weight (V, H), targets (N,)
+    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad, amp):  # hidden (N, H), weight (V, H)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         grad_rows = torch.empty_like(hidden) if need_grad else None  # (N, H) d logp / d h
+        rows = weight  # weight[t] below: the head's own rows, in its own dtype
+        if amp is not None:  # the matmuls in the autocast dtype, everything else as without autocast
+            weight, bias = weight.to(amp), (None if bias is None else bias.to(amp))
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h = h if amp is None else h.to(amp)
             logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()  # (n, V)
             target_logits = logits.gather(1, t[:, None])[:, 0]  # (n,)
             top = logits.amax(dim=-1)  # (n,) log-sum-exp, stabilised, in place: exp(logits - top)
@@ -32,14 +40,14 @@ class _FrozenHeadLogps(torch.autograd.Function):
             logps[start:start + chunk] = target_logits - top - total.log()
             if need_grad:  # softmax @ W = (exp(logits - top) @ W) / total: divide n rows, not n x V
                 expected = (logits.to(weight.dtype) @ weight).div_(total[:, None].to(weight.dtype))  # (n, H)
-                grad_rows[start:start + chunk] = weight[t] - expected
+                grad_rows[start:start + chunk] = rows[t] - expected
         ctx.save_for_backward(grad_rows)
         return logps
 
     @staticmethod
     def backward(ctx, grad):  # grad (N,)
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad[:, None].to(grad_rows.dtype), None, None, None, None, None
+        return grad_rows * grad[:, None].to(grad_rows.dtype), None, None, None, None, None, None
 
 
 def fused_head_ok(head) -> bool:
@@ -54,7 +62,10 @@ def token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 
     """(N,) float32 log p(targets) from hidden states (N, H) through `head`, `chunk` positions at a time."""
     if fused and fused_head_ok(head):
         need_grad = torch.is_grad_enabled() and hidden.requires_grad  # else skip forming d logp / d h
-        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk, need_grad)
+        device = hidden.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False) if amp is not None else nullcontext():
+            return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk, need_grad, amp)
 
     def chunk_logps(h, t):
         return torch.log_softmax(head(h).float(), dim=-1).gather(-1, t[:, None])[:, 0]  # (n,)

@@ -285,3 +285,37 @@ def test_kto_loss_packed_fused_matches_padded_plain(tiny_dir, tmp_path):
     assert int(batches[True]["real_mask"].sum()) == sum(len(x) for x in ids[:5]) < batches[False]["input_ids"].numel()
     assert runs[False][0] != 0.0
     assert_same(runs[False], runs[True], tol=1e-5)
+
+
+def test_fused_paths_under_bf16_autocast_match_the_plain_ones(tiny_dir, tmp_path, monkeypatch):
+    """train.precision=bf16: the fused LoRA linears and head run their products in bf16 as autocast would,
+    the gradients reach the float32 adapter weights; same loss and gradients as PEFT + autograd under
+    autocast, to bf16's rounding."""
+    from posttrain.models import fast_lora, head_logps
+
+    calls = []  # (fused op, the dtype its products run in), autocast being off inside: the casts set it
+    for mod, cls, key in ((fast_lora, "_LoraLinearFn", "lora"), (head_logps, "_FrozenHeadLogps", "head")):
+        def counted(*args, _apply=getattr(mod, cls).apply, _key=key):
+            assert not torch.is_autocast_enabled("cpu")
+            calls.append((_key, args[0].dtype if _key == "lora" else args[-1]))
+            return _apply(*args)
+
+        monkeypatch.setattr(getattr(mod, cls), "apply", counted)
+    ids, weights = make_data(4, seed=7)
+    model = lora_model(tiny_dir, tmp_path)
+    norm = float(sum(sum(1 for w in ws[1:] if w) for ws in weights))
+    batch = collate([[0, 1], [2, 3]], ids, weights, pad_id=0)
+
+    def loss(fused):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return sft_forward(model, batch, norm, chunk=5, fused=fused)[0]
+        return run
+
+    plain = grads_of(model, loss(False), fast=False)
+    assert calls == []
+    fused = grads_of(model, loss(True), fast=True)
+    assert {("lora", torch.bfloat16), ("head", torch.bfloat16)} == set(calls)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert_same(plain, fused, tol=2e-2)
+    assert abs(plain[0] - grads_of(model, lambda: sft_forward(model, batch, norm)[0], fast=True)[0]) > 1e-6

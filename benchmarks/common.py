@@ -8,6 +8,7 @@ allocator state never leak between sides. A benchmark script supplies its own wo
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +29,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# `trl-kept-memory`: TRL in a process whose glibc malloc keeps freed memory as posttrain's does by default
+# (train.keep_freed_memory, posttrain/train/host_memory.py), set through glibc's environment tunables.
+KEPT_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+SIDE_ENV = {"trl-kept-memory": KEPT_MEMORY_ENV}
+TRL_SIDES = ("trl", "trl-kept-memory")
+
+
 def run_worker(script: Path, side: str, spec: dict, timeout: float = 1800) -> dict:
     """Run `script --worker side` on `spec` in its own process; returns the JSON it writes."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +44,7 @@ def run_worker(script: Path, side: str, spec: dict, timeout: float = 1800) -> di
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script), "--worker", side, "--spec", str(spec_path),
                                "--out", str(out_path)], capture_output=True, text=True, timeout=timeout,
-                              cwd=ROOT)
+                              cwd=ROOT, env=os.environ | SIDE_ENV.get(side, {}))
         if proc.returncode != 0:
             raise RuntimeError(f"{side} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         result = json.loads(out_path.read_text())
@@ -164,7 +172,7 @@ def finish_vs_trl(name: str, runs: dict, spec: dict, order: list[str], before: f
               "supervised tokens/s posttrain/TRL": pt["loss_tokens_per_s"] / trl["loss_tokens_per_s"],
               "peak RSS posttrain/TRL": pt["peak_rss_mb"] / trl["peak_rss_mb"]}
     for variant in medians:
-        if variant.startswith("posttrain-"):
+        if variant.startswith("posttrain-") or variant in TRL_SIDES[1:]:
             ratios[f"tokens/s posttrain/{variant}"] = pt["tokens_per_s"] / medians[variant]["tokens_per_s"]
     result = {"machine": machine(), "versions": versions("torch", "transformers", "peft", "trl", "posttrain"),
               "spec": {k: v for k, v in spec.items() if k != "pairs"}, "order": order,
@@ -212,9 +220,11 @@ def trl_step_timer(counts: dict):
     return Timer()
 
 
-def run_alternating(script: Path, spec: dict, repeats: int, ablations: str) -> tuple[list[str], float, dict]:
-    """posttrain, TRL, posttrain, TRL ... then the ablations, each in its own process -> (order, peak, runs)."""
-    order = ["posttrain", "trl"] * repeats + [a for a in ablations.split(",") if a]
+def run_alternating(script: Path, spec: dict, args) -> tuple[list[str], float, dict]:
+    """posttrain, TRL (, TRL with kept memory), posttrain, TRL ... then the ablations, each in its own process
+    -> (order, peak, runs)."""
+    sides = ["posttrain", "trl"] + (["trl-kept-memory"] if args.trl_kept_memory else [])
+    order = sides * args.repeats + [a for a in args.ablations.split(",") if a]
     before = matmul_peak_gflops()
     runs: dict[str, list[dict]] = {}
     for side in order:
@@ -242,7 +252,7 @@ def split_fast(overrides: list[str]) -> tuple[list[str], dict]:
 
 def check_ablations(ap, ablations: str, variants) -> None:
     """Unknown --ablations names end the command at once, not after every main run has finished."""
-    unknown = [a for a in ablations.split(",") if a and a not in variants]
+    unknown = [a for a in ablations.split(",") if a and a not in variants and a not in TRL_SIDES[1:]]
     if unknown:
         ap.error(f"unknown --ablations {', '.join(unknown)}; choose from {', '.join(v for v in variants)}")
 
@@ -263,6 +273,8 @@ def vs_trl_parser(doc: str, data: str, data_help: str, micro_help: str, ablation
     ap.add_argument("--ablations", default=ablations,
                     help="comma-separated posttrain variants run once each after the main runs")
     ap.add_argument("--name", default=name, help="results file stem")
+    ap.add_argument("--trl-kept-memory", action="store_true",
+                    help="a third alternating side: TRL with glibc malloc keeping freed memory, as posttrain does")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="both sides: fp32, or bf16 autocast with fp32 master weights (train.precision / bf16=True)")
     return ap

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.dpo_report import render_markdown  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    TRL_SIDES,
     check_ablations,
     split_fast,
     vs_trl_parser,
@@ -236,7 +237,8 @@ def main() -> None:
 
     if args.worker:
         SPEC.update(json.loads(Path(args.spec).read_text()))
-        result = worker_trl(SPEC) if args.worker == "trl" else worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
+        trl = args.worker in TRL_SIDES
+        result = worker_trl(SPEC) if trl else worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
         Path(args.out).write_text(json.dumps(result))
         return
     check_ablations(ap, args.ablations, POSTTRAIN_VARIANTS)
@@ -251,7 +253,7 @@ def main() -> None:
             "micro": args.micro, "accum": args.accum, "seed": 42,
             "sanity_pairs": min(args.sanity_pairs, len(pairs))}
     script = Path(__file__).resolve()
-    order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
+    order, before, runs = run_alternating(script, spec, args)
     finish_vs_trl(args.name, runs, spec, order, before, summarise, render_markdown)
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    ASSETS, check_ablations, chat_length, finish_vs_trl, lora_job_overrides, markdown_table, median_of, peak_rss_mb,
-    run_alternating, trl_side_model, trl_step_timer, vs_trl_parser)
+    ASSETS, TRL_SIDES, check_ablations, chat_length, finish_vs_trl, lora_job_overrides, markdown_table, median_of,
+    peak_rss_mb, run_alternating, trl_side_model, trl_step_timer, vs_trl_parser)
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "kto_en_demo.json"
@@ -206,7 +206,7 @@ def main() -> None:
 
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
-        result = worker_trl(spec) if args.worker == "trl" else worker_posttrain(spec)
+        result = worker_trl(spec) if args.worker in TRL_SIDES else worker_posttrain(spec)
         Path(args.out).write_text(json.dumps(result))
         return
     check_ablations(ap, args.ablations, POSTTRAIN_VARIANTS)
@@ -229,7 +229,7 @@ def main() -> None:
             "steps": args.steps, "micro": args.micro, "accum": args.accum, "seed": 42, "cpu_flags": cpu_flags(),
             "precision": args.precision}
     script = Path(__file__).resolve()
-    order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
+    order, before, runs = run_alternating(script, spec, args)
     recorded = {k: v for k, v in spec.items() if k != "rows"}  # the row texts stay out of the results file
     finish_vs_trl(args.name, runs, recorded, order, before, summarise, render_markdown)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    TRL_SIDES,
     check_ablations,
     split_fast,
     vs_trl_parser,
@@ -246,7 +247,7 @@ def main() -> None:
 
     if args.worker:
         SPEC.update(json.loads(Path(args.spec).read_text()))
-        if args.worker == "trl":
+        if args.worker in TRL_SIDES:
             result = worker_trl(SPEC)
         else:
             result = worker_posttrain(SPEC, POSTTRAIN_VARIANTS[args.worker])
@@ -264,7 +265,7 @@ def main() -> None:
             "accum": args.accum, "seed": 42, "trl_packing": not args.no_trl_packing,
             "precision": args.precision, "cpu_flags": cpu_flags()}
     script = Path(__file__).resolve()
-    order, before, runs = run_alternating(script, spec, args.repeats, args.ablations)
+    order, before, runs = run_alternating(script, spec, args)
     finish_vs_trl(args.name, runs, spec, order, before, summarise, render_markdown)
 
 

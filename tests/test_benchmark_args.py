@@ -112,3 +112,32 @@ def test_engine_memory_phase_trace_records_each_call(tmp_path, monkeypatch):
     assert (tmp_path / "phases0.jsonl").read_text().count("\n") == 6
     table = engine_memory.phase_table([{"run": "fake", "ranks": [{"phases": records}, {"phases": records}]}])
     assert "| forward |" in table and "rank 1 peak since previous" in table
+
+
+def test_trl_kept_memory_side_alternates_with_glibc_tunables(monkeypatch):
+    """--trl-kept-memory: a third alternating side, TRL in a process whose glibc keeps freed memory as posttrain's
+    train.keep_freed_memory does; the other sides run with the environment as it is."""
+    import argparse
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    seen = []
+
+    def fake_run(cmd, env=None, **kwargs):
+        side, out = cmd[cmd.index("--worker") + 1], Path(cmd[cmd.index("--out") + 1])
+        seen.append((side, {k: env.get(k) for k in common.KEPT_MEMORY_ENV}))
+        out.write_text(json.dumps({"tokens_per_s": 1.0, "loss_tokens_per_s": 1.0, "peak_rss_mb": 1.0,
+                                   "final_loss": 0.0}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda: 1.0)
+    args = argparse.Namespace(repeats=2, ablations="posttrain-unfused", trl_kept_memory=True)
+    order, _, runs = common.run_alternating(Path("bench.py"), {}, args)
+    assert order == ["posttrain", "trl", "trl-kept-memory"] * 2 + ["posttrain-unfused"] == [s for s, _ in seen]
+    assert len(runs["trl-kept-memory"]) == 2
+    inherited = {k: os.environ.get(k) for k in common.KEPT_MEMORY_ENV}
+    for side, env in seen:
+        assert env == (common.KEPT_MEMORY_ENV if side == "trl-kept-memory" else inherited)

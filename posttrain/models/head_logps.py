@@ -40,7 +40,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
             logps[start:start + chunk] = target_logits - top - total.log()
             if need_grad:  # softmax @ W = (exp(logits - top) @ W) / total: divide n rows, not n x V
                 expected = (logits.to(weight.dtype) @ weight).div_(total[:, None].to(weight.dtype))  # (n, H)
-                grad_rows[start:start + chunk] = rows[t] - expected
+                grad_rows[start:start + chunk] = rows[t].to(grad_rows.dtype) - expected.to(grad_rows.dtype)
         ctx.save_for_backward(grad_rows)
         return logps
 

@@ -319,3 +319,22 @@ def test_fused_paths_under_bf16_autocast_match_the_plain_ones(tiny_dir, tmp_path
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert_same(plain, fused, tol=2e-2)
     assert abs(plain[0] - grads_of(model, lambda: sft_forward(model, batch, norm)[0], fast=True)[0]) > 1e-6
+
+
+def test_short_runs_attend_in_float32_on_cpu_under_autocast():
+    """bf16 flash-attention backward is slower than float32 on a CPU for short runs: those attend in float32
+    (the result rounded to bf16 once); long runs keep autocast's bf16 kernel."""
+    from posttrain.models.packed_attention import CPU_FP32_BELOW, _sdpa
+
+    torch.manual_seed(3)
+    for n, fp32 in ((8, True), (CPU_FP32_BELOW, False)):
+        q, k, v = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+        exact = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _sdpa(q, k, v, is_causal=True, enable_gqa=True)
+            autocast = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, exact.to(torch.bfloat16) if fp32 else autocast, rtol=0, atol=0)
+        assert not fp32 or not torch.equal(got, autocast)  # the float32 path is a different computation
+    bf16 = [t.to(torch.bfloat16) for t in (q, k, v)]  # half-precision weights without autocast: same rule
+    assert _sdpa(*(t[:, :, :8] for t in bf16), is_causal=True, enable_gqa=True).dtype == torch.bfloat16

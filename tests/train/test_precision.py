@@ -72,3 +72,47 @@ def test_deepspeed_buckets_follow_the_model_unless_set():
     assert live["stage3_max_live_parameters"] == live["stage3_max_reuse_distance"] == 10**9
     assert zero("train.deepspeed.bucket_size=1000", hidden=None) == {"stage": 2, "reduce_bucket_size": 1000}
     assert zero(hidden=None) == {"stage": 2}  # no hidden size known: DeepSpeed's own defaults
+
+
+def test_lora_bf16_stores_frozen_linears_in_bf16_losing_nothing(tiny_dir, tmp_path, monkeypatch):
+    """A base whose float32 weights are bf16 numbers (a bf16 checkpoint such as SmolLM2's loaded in float32):
+    under train.precision=bf16 its frozen linears are held in bf16 during the run, the run is bit-identical to
+    one that lets autocast cast them at every call, and the loaded float32 values are back before saving."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.train.engines import base
+
+    bf16_dir = tmp_path / "bf16-numbers"
+    shutil.copytree(tiny_dir, bf16_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(bf16_dir)
+    held = []
+
+    def recording(model, dtype):
+        params = store(model, dtype)
+        held.append([(p, p.dtype) for p in params])
+        return params
+
+    store = base.store_frozen_linears
+    monkeypatch.setattr(base, "store_frozen_linears", recording)
+    stored, summary = run_loop(bf16_dir, tmp_path / "stored", "train.precision=bf16", "train.max_steps=3")
+    assert len(held) == 1 and len(held[0]) >= 7 and all(dtype == torch.bfloat16 for _, dtype in held[0])
+    assert all(p.dtype == torch.float32 for p, _ in held[0])  # restored for saving
+    loaded = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32).state_dict()
+    for name, p in stored.named_parameters():
+        if not p.requires_grad:
+            key = name.replace("base_model.model.", "").replace("base_layer.", "")
+            assert torch.equal(p, loaded[key]), name
+
+    monkeypatch.setattr(base, "store_frozen_linears", lambda model, dtype: [])  # autocast casts every call
+    cast, summary_cast = run_loop(bf16_dir, tmp_path / "cast", "train.precision=bf16", "train.max_steps=3")
+    assert summary["final_train_loss"] == summary_cast["final_train_loss"]
+    for name, p in trainable(stored).items():
+        assert torch.equal(p, trainable(cast)[name]), name
+    frozen = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).requires_grad_(False)
+    assert store(frozen, torch.bfloat16) == []  # float32 numbers keep their storage: the cast would round them

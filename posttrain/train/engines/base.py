@@ -19,6 +19,7 @@ from torch import nn
 
 from posttrain.models.checkpointing import enable_gradient_checkpointing
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.engines.frozen_storage import restore, store_frozen_linears
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +67,7 @@ class Engine:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
+        self.stored_low: list[nn.Parameter] = []  # frozen weights held in the autocast dtype (frozen_storage.py)
 
     # ------------------------------------------------------------------ setup
 
@@ -77,6 +79,8 @@ class Engine:
         """Precision, gradient checkpointing, then the engine's wrapping; returns the optimizer's groups."""
         if self.amp_dtype is not None:
             master_weights(model)
+            if self.name == "none" and self.cfg.method.type == "lora":  # a base frozen for the whole run
+                self.stored_low = store_frozen_linears(model, self.amp_dtype)
         if self.cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
@@ -137,6 +141,8 @@ class Engine:
     def plain_model(self) -> nn.Module | None:
         """The trained model as plain modules with whole weights on the main process (None elsewhere); every
         process calls it (sharded engines gather)."""
+        restore(self.stored_low)  # the loaded float32 values, bit for bit, for saving and merging
+        self.stored_low = []
         return self.model if self.dist.main else None
 
     # ------------------------------------------------------------------ checkpoints

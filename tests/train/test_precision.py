@@ -116,3 +116,20 @@ def test_lora_bf16_stores_frozen_linears_in_bf16_losing_nothing(tiny_dir, tmp_pa
         assert torch.equal(p, trainable(cast)[name]), name
     frozen = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).requires_grad_(False)
     assert store(frozen, torch.bfloat16) == []  # float32 numbers keep their storage: the cast would round them
+
+
+def test_bf16_storage_only_where_every_model_call_goes_through_the_engine():
+    """GRPO's greedy eval and the vision tower call the model outside the engine's autocast, where a bf16 weight
+    would meet a float32 input: those runs keep float32 storage, as do methods that train the base."""
+    from posttrain.train.engines.frozen_storage import frozen_base_in_engine_calls
+
+    def cfg(*overrides):
+        return load_config(None, ["model.name_or_path=tiny-random", *overrides],
+                           **{"data.datasets": [{"path": "x.jsonl"}]})
+
+    assert frozen_base_in_engine_calls(cfg("method.type=lora"))
+    assert frozen_base_in_engine_calls(cfg("stage=dpo", "method.type=lora"))
+    grpo = cfg("method.type=lora")
+    grpo.stage = "grpo"  # (a GRPO config also needs its reward and steps; the rule reads the stage)
+    assert not frozen_base_in_engine_calls(grpo)
+    assert not frozen_base_in_engine_calls(cfg("method.type=lisa"))

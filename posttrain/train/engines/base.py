@@ -19,7 +19,7 @@ from torch import nn
 
 from posttrain.models.checkpointing import enable_gradient_checkpointing
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.engines.frozen_storage import restore, store_frozen_linears
+from posttrain.train.engines.frozen_storage import frozen_base_in_engine_calls, restore, store_frozen_linears
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,7 +79,7 @@ class Engine:
         """Precision, gradient checkpointing, then the engine's wrapping; returns the optimizer's groups."""
         if self.amp_dtype is not None:
             master_weights(model)
-            if self.name == "none" and self.cfg.method.type == "lora":  # a base frozen for the whole run
+            if self.name == "none" and frozen_base_in_engine_calls(self.cfg):
                 self.stored_low = store_frozen_linears(model, self.amp_dtype)
         if self.cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)

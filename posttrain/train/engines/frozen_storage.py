@@ -8,7 +8,9 @@ operands (the cast is the same rounding) and halves that memory. It is done only
 loses nothing (the float32 values are already bf16 numbers, as when a bf16 checkpoint such as
 SmolLM2's is loaded in float32), so `restore` gives back the loaded tensors bit for bit before
 anything is saved or merged. Weights shared with another module (a head tied to the embeddings,
-which are looked up outside autocast) keep their storage.
+which are looked up outside autocast) keep their storage. Only for runs whose every model call goes
+through the engine (under its autocast): text LoRA stages without sampling in the loop (GRPO's greedy
+eval and the vision tower run outside it, and a bf16 weight meeting a float32 input there fails).
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from collections import Counter
 
 import torch
 from torch import nn
+
+from posttrain.models.vision_load import wants_vision
+
+
+def frozen_base_in_engine_calls(cfg) -> bool:
+    """A LoRA base frozen for the whole run and only called through the engine: sft (text), rm, dpo, kto."""
+    return (cfg.method.type == "lora" and cfg.stage in ("sft", "rm", "dpo", "kto")
+            and not (cfg.stage == "sft" and wants_vision(cfg.model, cfg.vision)))
 
 
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> list[nn.Parameter]:

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override, or fast.head_positions=all")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--by-shape", action="store_true", help="also list ops grouped by input shapes")
+    ap.add_argument("--faults", action="store_true", help="per-op calls, time and minor page faults, no profiler")
     args = ap.parse_args()
     import torch
 
@@ -96,6 +97,9 @@ def main() -> None:
                 loss, metrics = forward(model, batch, normalizer)
             return _BackwardMarked(loss), metrics
 
+        if args.faults:
+            count_faults(loop, plans[1:1 + args.steps], args.top)
+            return
         loop.steps.data.collate, loop.steps.loss_fn = timed_collate, timed_forward
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
@@ -112,6 +116,40 @@ def main() -> None:
     phases = {e.key: e.cpu_time_total / 1e6 for e in table if e.key.startswith("phase:")}
     print(f"wall {wall:.2f} s for {args.steps} steps (profiler overhead included); phases (s): "
           + ", ".join(f"{k[6:]} {v:.2f}" for k, v in sorted(phases.items())))
+
+
+def count_faults(loop, plans, top: int) -> None:
+    """Run the steps under a dispatch mode that times every aten call and counts the minor page faults in it."""
+    import resource
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def minflt() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = defaultdict(lambda: [0, 0.0, 0])  # op -> calls, seconds, minor faults
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            faults, start = minflt(), time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            row = self.ops[str(func)]
+            row[0], row[1], row[2] = row[0] + 1, row[1] + time.perf_counter() - start, row[2] + minflt() - faults
+            return out
+
+    faults, start = minflt(), time.perf_counter()
+    with Counting() as mode:
+        for plan in plans:
+            loop.update(loop.steps.micro_batches(plan))
+    wall, faults = time.perf_counter() - start, minflt() - faults
+    print(f"{len(plans)} steps: {wall:.2f} s (dispatch overhead included), {faults} minor page faults "
+          f"({faults / max(1, len(plans)):.0f} per step)")
+    print(f"{'op':56} {'calls':>7} {'s':>8} {'ms/call':>8} {'faults':>8} {'faults/call':>11}")
+    for name, (calls, secs, flt) in sorted(mode.ops.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{name[:56]:56} {calls:7d} {secs:8.3f} {1e3 * secs / calls:8.3f} {flt:8d} {flt / calls:11.1f}")
 
 
 class _BackwardMarked:

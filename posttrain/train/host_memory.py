@@ -11,9 +11,9 @@ thousand under bf16 autocast; with these settings ~1.3 thousand, and the same pe
 
 `mallopt(M_MMAP_MAX, 0)` serves every allocation from the heap (glibc still falls back to mmap if
 the heap cannot grow) and `M_TRIM_THRESHOLD` at 2 GiB keeps freed memory for reuse. jemalloc or
-tcmalloc (Intel's launcher preloads one) would do the same job but must be preloaded with
-LD_PRELOAD before the process starts and ship no wheel; mallopt works in-process on the glibc that
-every Linux torch wheel runs on. Nothing is changed when the user set any MALLOC_*_ environment
+tcmalloc (Intel's launcher preloads one) would do the same job but are system libraries that must be
+preloaded with LD_PRELOAD before the process starts; mallopt works in-process on the glibc that every
+Linux torch wheel runs on. Nothing is changed when the user set any MALLOC_*_ environment
 variable (their settings win) or the C library is not glibc.
 """
 

@@ -5,12 +5,14 @@ that require gradients: with a frozen base (LoRA) every step re-casts the whole 
 those copies are a visible share of the step (~40 ms of a 1.1 s one-row SFT-LoRA step of
 SmolLM2-135M, benchmarks/README.md). Storing the frozen weight in bf16 gives the matmuls the same
 operands (the cast is the same rounding) and halves that memory. It is done only where the rounding
-loses nothing (the float32 values are already bf16 numbers, as when a bf16 checkpoint such as
-SmolLM2's is loaded in float32), so `restore` gives back the loaded tensors bit for bit before
+loses nothing (the float32 values are already bf16 numbers, as when a bf16 checkpoint is loaded in
+float32; the SmolLM2 copy shipped here holds float32 values, so it keeps its storage), so `restore`
+gives back the loaded tensors bit for bit before
 anything is saved or merged. Weights shared with another module (a head tied to the embeddings,
 which are looked up outside autocast) keep their storage. Only for runs whose every model call goes
 through the engine (under its autocast): text LoRA stages without sampling in the loop (GRPO's greedy
-eval and the vision tower run outside it, and a bf16 weight meeting a float32 input there fails).
+eval and the vision tower run outside it, and a bf16 weight meeting a float32 input there fails; routing
+those through the engine would let this list go).
 """
 
 from __future__ import annotations

@@ -44,8 +44,7 @@ def load(model_name: str):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval().requires_grad_(False), load_tokenizer(path)  # frozen, as posttrain loads for inference
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
 
 
 def prompts_of(tokenizer, n: int) -> list[list[int]]:

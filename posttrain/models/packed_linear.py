@@ -10,12 +10,12 @@ threads): all linear layers 44.9 ms -> 29.1 ms a step, the LM head 16.0 -> 7.0 m
 
 Used by `models/decode.RaggedBatch` (generate, serve, PPO/GRPO rollouts) under `torch.no_grad()` only; one
 row keeps torch's matrix-vector path (faster there), and anything not an fp32 CPU `nn.Linear` (LoRA
-adapters' own products, quantized layers, CUDA) runs as before. Packs of frozen weights (a model loaded
-for inference, a LoRA base) are kept while the model lives, so later calls reuse them; packs of trainable
-weights (a fully fine-tuned policy's rollouts) live as long as the batch that made them, so training
-carries no second copy. A weight that changed since its pack (`_version`: an optimizer step) is repacked.
-Packing SmolLM2-135M takes ~0.2 s; it is skipped when the packs would take more than a quarter of the
-memory available.
+adapters' own products, quantized layers, CUDA) runs as before. The packs live as long as the batch that
+made them (one `generate` call; a serving engine's running batch), not longer: weights change between calls
+in ways no counter shows (PEFT's `merge_adapter` adds into `weight.data`; rollouts swap merged copies in).
+Within a batch, a weight swapped or changed in place through autograd (`_version`) is repacked. Packing
+SmolLM2-135M takes ~0.2 s; it is skipped when the packs would take more than a quarter of the memory
+available.
 
 Written here rather than taken from a library: the alternative that does this (`torch.compile` with
 freezing) recompiles as rows leave the batch, and compiling on a 2-core CPU costs more than a generation.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
-import weakref
 
 import psutil
 import torch
@@ -39,8 +38,6 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ROWS = range(4, 13)
 MEMORY_SHARE = 0.25  # pack only when the packed copies fit in this share of the available memory
 
-_kept: weakref.WeakKeyDictionary[nn.Module, list[_Pack]] = weakref.WeakKeyDictionary()  # model -> frozen packs
-_lock = threading.Lock()
 _stash = threading.local()  # the group outputs computed with a sibling's call, until the others ask for them
 
 
@@ -61,7 +58,9 @@ class _Pack:
 
     def __init__(self, members: list[nn.Linear]):
         self.members, self.key = members, self._key(members)
-        self.frozen = not any(p.requires_grad for m in members for p in m.parameters())
+        # the packed tensors' storage stays alive with the pack, so a weight swapped in through `.data` (rollout.py's
+        # merged LoRA copies) cannot land at the same address and pass for the packed one
+        self.sources = [p.data for m in members for p in (m.weight, m.bias) if p is not None]
         with torch.no_grad():
             self.weight = members[0].weight if len(members) == 1 else torch.cat([m.weight for m in members])
             biases = [m.bias for m in members]
@@ -112,19 +111,6 @@ def _fits(groups: list[list[nn.Linear]]) -> bool:
     return extra < MEMORY_SHARE * psutil.virtual_memory().available
 
 
-def _packs_of(model: nn.Module) -> list[_Pack]:
-    """Packs for every eligible linear of `model`, reusing the kept packs of frozen weights that are still fresh."""
-    with _lock:
-        kept = {id(p.members[0]): p for p in _kept.pop(model, []) if p.fresh()}
-        groups = _groups(model)
-        if not groups or not _fits(groups):
-            return []
-        reuse = [kept.get(id(g[0])) for g in groups]
-        packs = [p if p is not None and p.members == g else _Pack(g) for p, g in zip(reuse, groups)]
-        _kept[model] = [p for p in packs if p.frozen]
-        return packs
-
-
 class PackedLinears:
     """The packs of one model's linear layers, built on first use and rebuilt when a weight changed."""
 
@@ -140,7 +126,8 @@ class PackedLinears:
             return
         if self.packs is None or not all(p.fresh() for p in self.packs):
             self.packs = None  # free stale packs before building new ones
-            self.packs = _packs_of(self.model)
+            groups = _groups(self.model)
+            self.packs = [_Pack(g) for g in groups] if groups and _fits(groups) else []
         installed = []
         for pack in self.packs:
             for k, member in enumerate(pack.members):

@@ -124,7 +124,7 @@ def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> SavedRun 
 
 def load_model_for_inference(ref: str | Path, device: str | None = None, dequantize: bool = False,
                              trust_remote_code: bool = False) -> tuple[nn.Module, object, SavedRun | None]:
-    """(model in eval mode with frozen parameters, tokenizer, the run's saved config or None) for any model reference.
+    """(model in eval mode, tokenizer, the run's saved config or None) for any model reference.
 
     A QLoRA run loads its base in 4 bits, as trained; `dequantize` turns that base back into plain
     float weights (the NF4-rounded values the adapter was trained against) before the adapter.
@@ -147,7 +147,7 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
     else:
         model, tokenizer = load_base(ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code),
                                      device=device)
-    model.eval().requires_grad_(False)  # inference only; also lets decode keep its packed weights (packed_linear.py)
+    model.eval()
     attach_image_inputs(model, tokenizer, [folder, folder.parent, folder.parent.parent])
     return model, tokenizer, cfg
 

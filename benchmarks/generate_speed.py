@@ -9,7 +9,6 @@ template's end of turn); outputs must be token-identical (checked per row, repor
   hf         `model.generate(input_ids, attention_mask, GenerationConfig(do_sample=False, eos...))`,
              one left-padded batch: every row is computed until the last row stops
   posttrain  `models.generate.generate_from_ids` (models/decode.py: rows leave the batch as they stop)
-  unpacked   (--ablate-packing) posttrain with the packed linears of models/packed_linear.py off
 Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up of each side, and the
 medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
@@ -82,17 +81,6 @@ def side_posttrain(model, tokenizer, prompts, max_new_tokens):
     return rows, sum(map(len, rows))  # a row leaves the batch after its last token
 
 
-def side_unpacked(model, tokenizer, prompts, max_new_tokens):
-    """posttrain with every linear on torch's own GEMM (the packed-weight path of models/packed_linear.py off)."""
-    from posttrain.models import packed_linear
-
-    rows, packed_linear.ROWS = packed_linear.ROWS, range(0)
-    try:
-        return side_posttrain(model, tokenizer, prompts, max_new_tokens)
-    finally:
-        packed_linear.ROWS = rows
-
-
 SIDES = {"hf": side_hf, "posttrain": side_posttrain}
 
 
@@ -134,17 +122,17 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
                 "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}
 
 
-def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int, sides: dict) -> dict:
+def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> dict:
     from posttrain.models.generate import stop_token_ids
 
     stops = set(stop_token_ids(model, tokenizer))
-    for fn in sides.values():  # warm-up: first-call allocations and lazy imports
+    for fn in SIDES.values():  # warm-up: first-call allocations and lazy imports
         fn(model, tokenizer, prompts[:1], 4)
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
     outputs: dict[str, list] = {}
-    for side in list(sides) * repeats:
+    for side in list(SIDES) * repeats:
         start = time.perf_counter()
-        rows, row_steps = sides[side](model, tokenizer, prompts, max_new_tokens)
+        rows, row_steps = SIDES[side](model, tokenizer, prompts, max_new_tokens)
         seconds = time.perf_counter() - start
         tokens = sum(map(len, rows))
         runs[side].append({"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -159,8 +147,6 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int, side
     return {"batch": len(prompts), "profile": profile, "runs": runs, "tokens_per_s": med,
             "speedup": med["posttrain"] / med["hf"],
             "identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain'], stops)}/{len(prompts)}",
-            **({"unpacked_identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['unpacked'], stops)}"
-                                           f"/{len(prompts)}"} if "unpacked" in outputs else {}),
             "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
 
 
@@ -170,14 +156,9 @@ def render(result: dict) -> str:
              c["identical_rows"], "{min}/{median}/{max}".format(**c["lengths"]),
              f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}",
              "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}".format(**c["profile"])] for c in result["cases"]]
-    head = ["batch", "HF generate tok/s", "posttrain tok/s", "posttrain/HF", "identical rows",
-            "tokens per row min/median/max", "row-steps HF / posttrain", "decode step / its linears / head ms"]
-    if "unpacked" in result["cases"][0]["tokens_per_s"]:  # the ablation: packed linears off
-        head += ["unpacked tok/s", "unpacked/HF", "unpacked identical rows"]
-        for row, c in zip(rows, result["cases"]):
-            row += [c["tokens_per_s"]["unpacked"], f"{c['tokens_per_s']['unpacked'] / c['tokens_per_s']['hf']:.2f}x",
-                    c["unpacked_identical_rows"]]
-    table = markdown_table(head, rows)
+    table = markdown_table(["batch", "HF generate tok/s", "posttrain tok/s", "posttrain/HF", "identical rows",
+                            "tokens per row min/median/max", "row-steps HF / posttrain",
+                            "decode step / its linears / head ms"], rows)
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "
@@ -193,15 +174,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="per row (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side (default: %(default)s)")
     ap.add_argument("--name", default="generate_speed", help="results file stem (default: %(default)s)")
-    ap.add_argument("--ablate-packing", action="store_true",
-                    help="add a third side: posttrain with the packed linears of models/packed_linear.py off")
     args = ap.parse_args()
-    sides = {**SIDES, "unpacked": side_unpacked} if args.ablate_packing else SIDES
     batches = [int(b) for b in args.batches.split(",")]
     model, tokenizer = load(args.model)
     prompts = prompts_of(tokenizer, max(batches))
     before = matmul_peak_gflops()
-    cases = [run_batch(model, tokenizer, prompts[:b], args.max_new_tokens, args.repeats, sides) for b in batches]
+    cases = [run_batch(model, tokenizer, prompts[:b], args.max_new_tokens, args.repeats) for b in batches]
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
               "spec": {"model": args.model, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                        "data": str(DATA.name)},

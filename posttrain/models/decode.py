@@ -15,10 +15,9 @@ x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself 
 GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
 StaticCache + torch.compile were not tried: most of a SmolLM2 decode step is its linear layers streaming
 the fp32 weights (44 + 11 ms of a 78 ms batch-1 step; benchmarks/generate_speed.py profiles it), which
-removing python overhead does not touch; at 4-12 rows they run on prepacked weights (models/packed_linear.py).
-The model's own forward does every step, so prefill, masks and positions are the ones HF computes
-(position = count of real tokens before, as in `generate`), and greedy outputs match `generate`
-(tests/models/test_generate_engine.py).
+removing python overhead does not touch. The model's own forward does every step, so prefill,
+masks and positions are the ones HF computes (position = count of real tokens before, as in
+`generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-
-from posttrain.models.packed_linear import PackedLinears
 
 # pick(logits (b, V) float, rows: prompt index of each batch row) -> next tokens (b,)
 Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -109,7 +106,6 @@ class RaggedBatch:
         self.model, self.pad_id = model, pad_id
         self.device = next(model.parameters()).device
         self.keep_last = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-        self.linears = PackedLinears(model)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) position of each row's last token
@@ -124,9 +120,8 @@ class RaggedBatch:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # (n, P)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (n, P) as generate computes them
         cache = _growing_cache(self.model.config.get_text_config())
-        with self.linears.active(len(prompts) + len(self)):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
         self._merge(cache, mask, positions[:, -1])
         return logits
 
@@ -134,9 +129,8 @@ class RaggedBatch:
         """Feed one token per row (B,); (B, V) float logits of the next one."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         self.positions = self.positions + 1
-        with self.linears.active(len(self)):
-            out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=self.mask,
-                             position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=self.mask,
+                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
 
     def keep(self, rows: list[int]) -> None:

@@ -35,7 +35,7 @@ from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 DATA = ASSETS / "data" / "llamafactory" / "alpaca_en_demo.json"
 
 
-def load(model_name: str):
+def load(model_name: str, dtype: str = "float32"):
     import torch
 
     from posttrain.models.load import load_tokenizer
@@ -43,7 +43,7 @@ def load(model_name: str):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model_name)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval(), load_tokenizer(path)
 
 
 def prompts_of(tokenizer, n: int) -> list[list[int]]:
@@ -107,7 +107,7 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
         return 1e3 * min(times)
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m: torch.randn(batch, m.in_features) for m in linears}
+    inputs = {m: torch.randn(batch, m.in_features, dtype=m.weight.dtype) for m in linears}
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         vocab = model.config.vocab_size
@@ -147,7 +147,8 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
     return {"batch": len(prompts), "profile": profile, "runs": runs, "tokens_per_s": med,
             "speedup": med["posttrain"] / med["hf"],
             "identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain'], stops)}/{len(prompts)}",
-            "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]}}
+            "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
+            "posttrain_rows": outputs["posttrain"]}  # to compare runs at another dtype
 
 
 def render(result: dict) -> str:
@@ -162,8 +163,9 @@ def render(result: dict) -> str:
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "
-            f"{result['matmul_gflops_after']:.1f} after. {result['spec']['model']} fp32, greedy, max_new_tokens "
-            f"{result['spec']['max_new_tokens']}; medians of {result['spec']['repeats']} alternating runs per side."
+            f"{result['matmul_gflops_after']:.1f} after. {result['spec']['model']} {result['spec']['dtype']}, greedy, "
+            f"max_new_tokens {result['spec']['max_new_tokens']}; medians of {result['spec']['repeats']} alternating "
+            f"runs per side."
             f"\n\n{table}\n")
 
 
@@ -174,15 +176,17 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="per row (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side (default: %(default)s)")
     ap.add_argument("--name", default="generate_speed", help="results file stem (default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the weights' dtype, both sides (default: %(default)s)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.dtype)
     prompts = prompts_of(tokenizer, max(batches))
     before = matmul_peak_gflops()
     cases = [run_batch(model, tokenizer, prompts[:b], args.max_new_tokens, args.repeats) for b in batches]
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
-              "spec": {"model": args.model, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-                       "data": str(DATA.name)},
+              "spec": {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+                       "repeats": args.repeats, "data": str(DATA.name)},
               "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "cases": cases}
     write_results(args.name, result, render)
 

@@ -11,6 +11,7 @@ import torch
 from posttrain.models.config import ModelConfig
 from posttrain.errors import ModelSourceError
 from posttrain.models import sources
+from posttrain.models import load as load_module
 from posttrain.models.load import load_base, load_tokenizer, pick_device, pick_dtype
 from posttrain.models.sources import BUILTINS, cache_dir, resolve_model
 
@@ -141,11 +142,16 @@ def test_cached_hub_id_loads_offline(tiny_dir, tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 2 and tokenizer.eos_token == "<|im_end|>"
 
 
-def test_pick_dtype_and_device():
+def test_pick_dtype_and_device(caplog, monkeypatch):
     cpu = torch.device("cpu")
     assert pick_dtype("auto", cpu) == torch.float32
     assert pick_dtype("auto", "cpu") == torch.float32
-    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
+    for fast, warned in ((True, False), (False, True)):  # bf16 is slow only where the CPU lacks AVX512_BF16 / AMX
+        monkeypatch.setattr(load_module, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="posttrain.models.load"):
+            assert pick_dtype("bfloat16", cpu) == torch.bfloat16
+        assert ("far slower" in caplog.text) == warned
     assert pick_device("cpu") == cpu
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 

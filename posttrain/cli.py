@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from posttrain.cli_flags import add_dtype_flag, add_log_flags, add_trust_flag
 from posttrain.curate.cli import add_data_parser
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.process import end_process
@@ -73,7 +74,8 @@ def cmd_chat(args) -> int:
     from posttrain.models.generate import generate_reply  # start-up time: a command imports only what it runs
     from posttrain.serve.chat import run_repl  # start-up time: a command imports only what it runs
 
-    model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer, cfg = load_model_for_inference(args.model, trust_remote_code=args.trust_remote_code,
+                                                     dtype=args.dtype)
     if args.system is None and cfg is not None:
         args.system = cfg.template.system  # chat renders exactly as the run trained
     if args.image and args.prompt is None:
@@ -116,19 +118,13 @@ def _chat_log(args):
     return ChatLog(args.log_dir, max_bytes=int(args.log_max_mb * 2**20))
 
 
-def _add_log_flags(p: argparse.ArgumentParser, user: str) -> None:
-    p.add_argument("--log-dir", help="log every answered request (time, model, user, messages, replies) as JSON "
-                   f"lines in this folder; off unless given. The user is {user}")
-    p.add_argument("--log-max-mb", type=float, default=50, help="rotate the log file at this size (default 50 MiB)")
-
-
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from posttrain.serve.api import Limits, serve  # start-up time: a command imports only what it runs
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
           name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args),
-          trust_remote_code=args.trust_remote_code)
+          trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     return 0
 
 
@@ -182,12 +178,6 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def _add_trust_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the model folder's own Python code (config.json auto_map); only for folders you trust. "
-                   "A run folder's config.yaml cannot switch this on")
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -210,13 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    _add_trust_flag(p)
+    add_dtype_flag(p)
+    add_trust_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="merge a LoRA run into a standalone HF model folder")
     p.add_argument("run", help="run dir written by posttrain train")
     p.add_argument("--out", required=True, help="folder to write (config, safetensors, tokenizer)")
-    _add_trust_flag(p)
+    add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="benchmarks (YAML), or eval ppl | generate | compare --help")
@@ -231,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
-    _add_log_flags(p, "the request's 'user' field")
-    _add_trust_flag(p)
+    add_log_flags(p, "the request's 'user' field")
+    add_dtype_flag(p)
+    add_trust_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="web UI: chat/arena, annotation, training (open the printed URL with its token)")
@@ -247,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="the token the page and API clients must give (default: a new random one, "
                    "printed with the URL); POSTTRAIN_UI_TOKEN also sets it, out of sight of `ps`")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
-    _add_log_flags(p, "the annotator name the page shows")
+    add_log_flags(p, "the annotator name the page shows")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("score", help="score preference data with a reward model: pairwise accuracy, margins")

@@ -123,8 +123,11 @@ def run_config_of(ref: str | Path, trust_remote_code: bool = False) -> SavedRun 
 
 
 def load_model_for_inference(ref: str | Path, device: str | None = None, dequantize: bool = False,
-                             trust_remote_code: bool = False) -> tuple[nn.Module, object, SavedRun | None]:
+                             trust_remote_code: bool = False,
+                             dtype: str | None = None) -> tuple[nn.Module, object, SavedRun | None]:
     """(model in eval mode, tokenizer, the run's saved config or None) for any model reference.
+
+    `dtype` (model.dtype's values) overrides the run's model.dtype, or auto for a plain folder.
 
     A QLoRA run loads its base in 4 bits, as trained; `dequantize` turns that base back into plain
     float weights (the NF4-rounded values the adapter was trained against) before the adapter.
@@ -134,8 +137,9 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     cfg = run_config_of(ref, trust_remote_code)
 
+    chosen = {"dtype": dtype} if dtype is not None else {}
     if is_adapter:
-        model = _load_adapter(folder, cfg, device, dequantize, trust_remote_code)
+        model = _load_adapter(folder, cfg, device, dequantize, trust_remote_code, chosen)
         tokenizer = _load_tokenizer(folder, cfg, trust_remote_code)
         if cfg is not None and cfg.vision.tower:  # the base was assembled: its tokenizer gained <image> the same way
             add_image_token(tokenizer, unwrap(model))
@@ -143,9 +147,9 @@ def load_model_for_inference(ref: str | Path, device: str | None = None, dequant
         if not _has_full_model(folder):
             raise ModelSourceError(f"{folder}: a run folder without a model (no {ADAPTER_CONFIG} or config.json)")
         # Keep the run's dtype / attention settings, but read the weights saved in the run.
-        model, tokenizer = load_base(dataclasses.replace(cfg.model, name_or_path=str(folder)), device=device)
+        model, tokenizer = load_base(dataclasses.replace(cfg.model, name_or_path=str(folder), **chosen), device=device)
     else:
-        model, tokenizer = load_base(ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code),
+        model, tokenizer = load_base(ModelConfig(name_or_path=str(ref), trust_remote_code=trust_remote_code, **chosen),
                                      device=device)
     model.eval()
     attach_image_inputs(model, tokenizer, [folder, folder.parent, folder.parent.parent])
@@ -168,7 +172,7 @@ def _has_full_model(folder: Path) -> bool:
 
 
 def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequantize: bool = False,
-                  trust_remote_code: bool = False) -> nn.Module:
+                  trust_remote_code: bool = False, chosen: dict | None = None) -> nn.Module:
     """Base model (from the run config, else the adapter's own record) + the saved adapter."""
     from peft import PeftModel  # heavy: peft, ~3 s
 
@@ -180,6 +184,7 @@ def _load_adapter(folder: Path, cfg: SavedRun | None, device: str | None, dequan
         if not base_name:
             raise ModelSourceError(f"{folder}: adapter without a base model name and no {RUN_CONFIG} to say it")
         base_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
+    base_cfg = dataclasses.replace(base_cfg, **(chosen or {}))
     quant = quantization_config(cfg.methods, pick_device(device or "auto")) if cfg is not None else None
     if cfg is not None and cfg.vision.tower:  # a LLaVA assembled in training: assembled again, the same way
         base, _, _ = load_vision_model(base_cfg, cfg.vision, device or pick_device())

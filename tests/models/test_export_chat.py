@@ -62,6 +62,23 @@ def test_load_plain_folder_and_builtin(tmp_path, tiny_dir, monkeypatch):
     assert cfg is None and model.config.num_hidden_layers == 2
 
 
+@pytest.mark.parametrize("method", ["lora", "full", None])
+def test_dtype_overrides_the_run_and_auto(tmp_path, tiny_dir, method, capsys):
+    """chat / serve --dtype: a LoRA run's base, a full run, a plain folder all load in the chosen dtype."""
+    from posttrain.cli import main
+
+    ref = str(tiny_dir) if method is None else str(make_run(tmp_path, tiny_dir, method)[0])
+    model, _, _ = load_model_for_inference(ref, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model, tokenizer, _ = load_model_for_inference(ref, device="cpu", dtype="bfloat16")
+    # PEFT keeps the adapter's own weights in float32 over a bf16 base
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    expected = generate_reply(model, tokenizer, [Message("user", "hi")], max_new_tokens=4)
+    capsys.readouterr()
+    assert main(["chat", ref, "--prompt", "hi", "--max-new-tokens", "4", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_export_lora_round_trip(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,5 +1,5 @@
 """Serving under load with SmolLM2-135M-Instruct: 64 concurrent clients against the serving engine, before and
-after continuous batching, fp32 CPU.
+after continuous batching, fp32 CPU (--dtype bfloat16: bf16 weights on both sides).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/serve_speed.py                     # 64 clients x 2 requests
     python benchmarks/serve_speed.py --clients 16 --requests 1 --max-new-tokens 16     # a quick look
@@ -79,7 +79,7 @@ def render(result: dict) -> str:
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']} ({m['torch_threads']} threads); matmul peak "
             f"{result['matmul_gflops_before']:.1f} GFLOP/s before, {result['matmul_gflops_after']:.1f} after. "
-            f"{s['model']} fp32, {s['clients']} concurrent clients x {s['requests']} requests, "
+            f"{s['model']} {s.get('dtype', 'float32')}, {s['clients']} concurrent clients x {s['requests']} requests, "
             f"{'sampled at temperature ' + str(s['temperature']) if s.get('temperature') else 'greedy'}, "
             f"max_tokens "
             f"{s['max_new_tokens']}, engine max_batch 32; medians of {s['repeats']} alternating runs per side. "
@@ -96,8 +96,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs per side (default: %(default)s)")
     ap.add_argument("--name", default="serve_speed", help="results file stem (default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the weights' dtype, both sides (default: %(default)s)")
     args = ap.parse_args()
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.dtype)
     prompts = prompts_of(tokenizer, args.clients * args.requests)
     before = matmul_peak_gflops()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
@@ -113,7 +115,7 @@ def main() -> None:
     keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "max_s", "wall_s")
     medians = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
-              "spec": {"model": args.model, "clients": args.clients, "requests": args.requests,
+              "spec": {"model": args.model, "dtype": args.dtype, "clients": args.clients, "requests": args.requests,
                        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "temperature": args.temperature},
               "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "runs": runs,
               "medians": medians,

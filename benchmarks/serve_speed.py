@@ -4,6 +4,7 @@ after continuous batching, fp32 CPU (--dtype bfloat16: bf16 weights on both side
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/serve_speed.py                     # 64 clients x 2 requests
     python benchmarks/serve_speed.py --clients 16 --requests 1 --max-new-tokens 16     # a quick look
     python benchmarks/serve_speed.py --temperature 1.0 --name serve_speed_sampled      # sampled requests
+    python benchmarks/serve_speed.py --repeats 2 --fresh-processes                     # each run its own process
 
 Each client thread sends its requests one after another (a new one as soon as the last answer came):
 chat replies (greedy, or sampled at --temperature) to alpaca_en_demo instructions (a different one per
@@ -22,7 +23,9 @@ Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercia
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -82,7 +85,8 @@ def render(result: dict) -> str:
             f"{s['model']} {s.get('dtype', 'float32')}, {s['clients']} concurrent clients x {s['requests']} requests, "
             f"{'sampled at temperature ' + str(s['temperature']) if s.get('temperature') else 'greedy'}, "
             f"max_tokens "
-            f"{s['max_new_tokens']}, engine max_batch 32; medians of {s['repeats']} alternating runs per side. "
+            f"{s['max_new_tokens']}, engine max_batch 32; medians of {s['repeats']} alternating runs per side"
+            f"{' (each run in its own process)' if s.get('fresh_processes') else ''}. "
             f"Same answers on both sides: {result['same_answers']}.\n\n{table}\n\nafter/before: throughput "
             f"**{ratio['throughput']:.2f}x**, p50 latency {ratio['p50']:.2f}x, p95 latency {ratio['p95']:.2f}x\n")
 
@@ -98,14 +102,26 @@ def main() -> None:
     ap.add_argument("--name", default="serve_speed", help="results file stem (default: %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the weights' dtype, both sides (default: %(default)s)")
+    ap.add_argument("--fresh-processes", action="store_true",
+                    help="run every side's run in its own process (the model loaded there, untimed)")
+    ap.add_argument("--one-side", choices=["before", "after"], help=argparse.SUPPRESS)  # a --fresh-processes child
     args = ap.parse_args()
     model, tokenizer = load(args.model, args.dtype)
     prompts = prompts_of(tokenizer, args.clients * args.requests)
+    if args.one_side:
+        print(json.dumps(run_side(model, tokenizer, prompts, args.one_side == "after", args.clients, args.requests,
+                                  args.max_new_tokens, args.temperature)))
+        return
     before = matmul_peak_gflops()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for side in ["before", "after"] * args.repeats:
-        r = run_side(model, tokenizer, prompts, side == "after", args.clients, args.requests, args.max_new_tokens,
-                     args.temperature)
+        if args.fresh_processes:
+            own = [a for a in sys.argv[1:] if a != "--fresh-processes"]
+            child = [sys.executable, __file__, "--one-side", side, *own]
+            r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        else:
+            r = run_side(model, tokenizer, prompts, side == "after", args.clients, args.requests,
+                         args.max_new_tokens, args.temperature)
         runs[side].append(r)
         print(f"{side}: {r['wall_s']} s, {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
               f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s ({r['forward_batches']} prefill/generate calls)",
@@ -115,7 +131,8 @@ def main() -> None:
     keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "max_s", "wall_s")
     medians = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "versions": versions("torch", "transformers"),
-              "spec": {"model": args.model, "dtype": args.dtype, "clients": args.clients, "requests": args.requests,
+              "spec": {"model": args.model, "dtype": args.dtype, "fresh_processes": args.fresh_processes,
+                       "clients": args.clients, "requests": args.requests,
                        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "temperature": args.temperature},
               "matmul_gflops_before": before, "matmul_gflops_after": matmul_peak_gflops(), "runs": runs,
               "medians": medians,

@@ -20,5 +20,5 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the weights' dtype (default: the run's model.dtype, else auto = float32 on a CPU, bfloat16 "
-                   "on CUDA). bfloat16 decodes 1.6-1.9x faster at 8-32 rows on CPUs with AVX512_BF16 / AMX, with "
-                   "other tokens than float32")
+                   "on CUDA). bfloat16 decodes 1.5-1.7x faster than float32 at 8-32 rows on CPUs with AVX512_BF16 / "
+                   "AMX, with other tokens than float32")

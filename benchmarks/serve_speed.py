@@ -106,7 +106,13 @@ def main() -> None:
                     help="run every side's run in its own process (the model loaded there, untimed)")
     ap.add_argument("--one-side", choices=["before", "after"], help=argparse.SUPPRESS)  # a --fresh-processes child
     args = ap.parse_args()
-    model, tokenizer = load(args.model, args.dtype)
+    if args.fresh_processes:  # the children load the model; here only the prompts are needed
+        from posttrain.models.load import load_tokenizer
+        from posttrain.models.sources import resolve_model
+
+        model, tokenizer = None, load_tokenizer(resolve_model(args.model))
+    else:
+        model, tokenizer = load(args.model, args.dtype)
     prompts = prompts_of(tokenizer, args.clients * args.requests)
     if args.one_side:
         print(json.dumps(run_side(model, tokenizer, prompts, args.one_side == "after", args.clients, args.requests,

@@ -143,3 +143,35 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
     new = torch.randn(2, 2, 1, 4)
     keys, _ = layer.update(new, new)
     assert torch.equal(keys, torch.cat([torch.cat(steps, 2)[[2, 0], :, 3:], new], 2))
+
+
+def test_prefill_groups_are_the_cheapest_split_by_length():
+    import itertools
+
+    from posttrain.models.decode import prefill_groups
+
+    assert prefill_groups([3, 50, 4, 52], 10) == [[0, 2], [1, 3]]  # 2 calls: 2*4 + 2*52 + 20 = 132 < 4*52 + 10
+    assert prefill_groups([3, 50, 4, 52], 1000) == [[0, 2, 1, 3]]  # a call costs more than the padding
+    assert prefill_groups([7], 0) == [[0]]
+    lengths = [35, 90, 41, 47, 38, 62, 44, 55, 36, 80]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+    def cost(groups):
+        return sum(len(g) * max(lengths[i] for i in g) + 64 for g in groups)
+
+    splits = ([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))]
+              for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+    got = prefill_groups(lengths, 64)
+    assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+    assert cost(got) == min(cost(s) for s in splits)  # every contiguous split of the sorted lengths, brute force
+
+
+def test_greedy_matches_hf_generate_with_prompts_prefilled_in_length_groups(sharp, monkeypatch):
+    from posttrain.models import decode as lean
+
+    model, _ = sharp
+    prompts = prompts_of(8)
+    monkeypatch.setattr(lean, "PREFILL_CALL_TOKENS_CPU", 0)  # every length its own prefill call
+    assert len(lean.prefill_groups([len(p) for p in prompts], 0)) > 3
+    expected = hf_greedy(model, prompts, [], 0, 10)
+    assert decode(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0, pick=greedy) == expected

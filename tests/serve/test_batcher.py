@@ -133,3 +133,37 @@ def test_a_failed_prefill_answers_its_jobs_with_the_error(tiny, monkeypatch):
     finally:
         monkeypatch.undo()
         engine.close()
+
+
+def test_a_queue_is_admitted_once_several_rows_are_free_and_a_short_one_at_once(tiny, monkeypatch):
+    from posttrain.models.decode import RaggedBatch
+    from posttrain.serve.batcher import Batcher
+
+    model, tokenizer = sharp_model(tiny), tiny[1]
+    texts = ["a", "bb", "ccc dd", "e", "ff gg hh", "i", "jj", "k"]
+    prompts = [encode_prompt([Message("user", t)], tokenizer) for t in texts]
+    settings = [Sampling(n) for n in (3, 5, 7, 9, 4, 6, 8, 2)]  # rows end at different steps
+    alone = [generate_from_ids(model, tokenizer, [p], max_new_tokens=s.max_new_tokens)[0]
+             for p, s in zip(prompts, settings)]
+    admitted, real_add = [], RaggedBatch.add
+    monkeypatch.setattr(RaggedBatch, "add", lambda self, ps: admitted.append(len(ps)) or real_add(self, ps))
+    batcher = Batcher(model, tokenizer, max_rows=4)
+    batcher.admit_rows = 2
+    jobs = [Job(p, 1, s) for p, s in zip(prompts, settings)]
+    for job in jobs:
+        batcher.add(job)
+    while batcher:
+        batcher.step()
+    assert [job.future.result()[0] for job in jobs] == alone
+    assert admitted[0] == 4 and all(n >= 2 for n in admitted[1:]) and sum(admitted) == 8  # rows ended one by one
+
+    admitted.clear()  # no queue: a job that fits is admitted at the next step, even below admit_rows
+    for job in (jobs := [Job(p, 1, Sampling(20)) for p in prompts[:3]]):
+        batcher.add(job)
+    batcher.step()
+    batcher.add(late := Job(prompts[3], 1, Sampling(2)))
+    batcher.step()
+    assert admitted == [3, 1] and len(batcher.rows) == 4
+    while batcher:
+        batcher.step()
+    assert late.future.result()[0] == generate_from_ids(model, tokenizer, [prompts[3]], max_new_tokens=2)[0]

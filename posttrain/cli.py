@@ -134,7 +134,7 @@ def cmd_ui(args) -> int:
 
     run_ui(host=args.host, port=args.port, models=args.model, workdir=args.workdir, annotator=args.annotator,
            token=args.token or os.environ.get("POSTTRAIN_UI_TOKEN") or None, data_dirs=args.data_dir,
-           chat_log=_chat_log(args), run_configs=ui_run_configs())
+           chat_log=_chat_log(args), run_configs=ui_run_configs(), dtype=args.dtype)
     return 0
 
 
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "printed with the URL); POSTTRAIN_UI_TOKEN also sets it, out of sight of `ps`")
     p.add_argument("--annotator", default=None, help="default annotator name shown in the UI")
     add_log_flags(p, "the annotator name the page shows")
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("score", help="score preference data with a reward model: pairwise accuracy, margins")

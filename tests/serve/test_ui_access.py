@@ -175,3 +175,20 @@ def test_malformed_labels_are_400(site, label):
     good = post(app, "/ui/annotate/label", {"task": task, "item": "0", "annotator": "a", "status": "ranked",
                                             "ranking": [2, 1], "edits": {"1": "b!"}})
     assert good.status == 200 and good.json()["label"]["responses"] == ["a", "b!"]
+
+
+def test_ui_dtype_loads_the_chat_models_in_it(tmp_path, tiny_dir):
+    """posttrain ui --dtype, as chat and serve: the models the UI loads take it."""
+    import asyncio
+
+    import torch
+
+    from posttrain.cli import build_parser
+
+    assert build_parser().parse_args(["ui", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    app = create_ui_app(tmp_path, [str(tiny_dir)], token=TOKEN, device="cpu", dtype="bfloat16")
+    engine = asyncio.run(app.state.models.get(str(tiny_dir)))
+    try:
+        assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    finally:
+        app.state.models.close()

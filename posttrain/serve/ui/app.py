@@ -45,10 +45,11 @@ class UIState:
 def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annotator: str | None = None,
                   device: str | None = None, *, token: str | None = None, data_dirs: list[str] = (),
                   hosts: frozenset[str] | None = LOOPBACK_NAMES, chat_log: ChatLog | None = None,
-                  run_configs: RunConfigs | None = None):
+                  run_configs: RunConfigs | None = None, dtype: str | None = None):
     """The UI app; `token` (None: a fresh random one, in `app.state.token`) is wanted on every route;
     `chat_log`: where chat requests are logged, with the annotator name as the user (None: nowhere);
-    `run_configs`: the training config, for the Train tab (None: no Train tab)."""
+    `run_configs`: the training config, for the Train tab (None: no Train tab); `dtype`: the chat models' weights
+    (None: each run's model.dtype, as `posttrain chat --dtype`)."""
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the UI token must be at least {MIN_TOKEN_CHARS} characters (or leave it out: one is made)")
     workdir = Path(workdir)
@@ -56,7 +57,7 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
     allowed = Allowed(workdir, data_dirs, models)
     state = UIState(workdir, list(models), annotator)
     token = token or new_token()
-    app = create_app(Models(loader=lambda ref: load_engine(allowed.model(ref), name=ref, device=device)),
+    app = create_app(Models(loader=lambda ref: load_engine(allowed.model(ref), name=ref, device=device, dtype=dtype)),
                      hosts=hosts, token=token, chat_log=chat_log)
     app.state.ui, app.state.token = state, token
     gen_lock = asyncio.Lock()
@@ -181,12 +182,12 @@ def create_ui_app(workdir: str | Path = "ui-data", models: list[str] = (), annot
 
 def run_ui(*, host: str = "127.0.0.1", port: int = 7860, models: list[str] = (), workdir: str = "ui-data",
            annotator: str | None = None, token: str | None = None, data_dirs: list[str] = (),
-           chat_log: ChatLog | None = None, run_configs: RunConfigs | None = None) -> None:
+           chat_log: ChatLog | None = None, run_configs: RunConfigs | None = None, dtype: str | None = None) -> None:
     """`posttrain ui`: prints the address to open (with the token it made, like Jupyter), then serves."""
     import uvicorn  # heavy: uvicorn (~0.7 s), loaded only when the server starts
 
     app = create_ui_app(workdir, models, annotator, token=token, data_dirs=data_dirs, hosts=hosts_for(host),
-                        chat_log=chat_log, run_configs=run_configs)
+                        chat_log=chat_log, run_configs=run_configs, dtype=dtype)
     if chat_log is not None:
         print(chat_log.announcement("posttrain ui", "the annotator name as the user"), flush=True)
     shown = "127.0.0.1" if hosts_for(host) is None else f"[{host}]" if ":" in host else host

@@ -5,10 +5,11 @@ after continuous batching, fp32 CPU (--dtype bfloat16: bf16 weights on both side
     python benchmarks/serve_speed.py --clients 16 --requests 1 --max-new-tokens 16     # a quick look
     python benchmarks/serve_speed.py --temperature 1.0 --name serve_speed_sampled      # sampled requests
     python benchmarks/serve_speed.py --repeats 2 --fresh-processes                     # each run its own process
+    python benchmarks/serve_speed.py --max-new-tokens 16,128 --name serve_speed_mixed  # short and long requests
 
 Each client thread sends its requests one after another (a new one as soon as the last answer came):
 chat replies (greedy, or sampled at --temperature) to alpaca_en_demo instructions (a different one per
-request), the same max_tokens.
+request), the same max_tokens (or, given a list, request i takes the list's entry i mod its length).
 Sides, each a fresh `serve.engine.Engine` on the same loaded model (max_batch 32, 10 ms gather window):
   before  continuous=False: the queue is drained into `generate` calls of up to 32 rows, each running
           until its longest row ends; requests that arrive meanwhile wait for the whole call
@@ -43,7 +44,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests: int, max_new_tokens: int,
+def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests: int, max_new_tokens: list[int],
              temperature: float = 0.0) -> dict:
     from posttrain.serve.engine import Engine, Job, Sampling
 
@@ -54,7 +55,8 @@ def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests
         for r in range(requests):
             i = c * requests + r
             start = time.perf_counter()
-            job = Job(prompts[i], 1, Sampling(max_new_tokens=max_new_tokens, temperature=temperature))
+            limit = max_new_tokens[i % len(max_new_tokens)]
+            job = Job(prompts[i], 1, Sampling(max_new_tokens=limit, temperature=temperature))
             gen = engine.submit(job).result()[0]
             latencies[i], answers[i], tokens[i] = time.perf_counter() - start, gen.text, len(gen.token_ids)
 
@@ -68,7 +70,9 @@ def run_side(model, tokenizer, prompts, continuous: bool, clients: int, requests
     engine.close()
     return {"wall_s": round(wall, 2), "requests_per_s": len(prompts) / wall, "tokens_per_s": sum(tokens) / wall,
             "tokens": sum(tokens), "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
-            "max_s": max(latencies), "forward_batches": engine.batches_run, "answers": answers}
+            "max_s": max(latencies), "forward_batches": engine.batches_run, "answers": answers,
+            "p50_by_max_tokens": {str(n): statistics.median(latencies[i::len(max_new_tokens)])
+                                  for i, n in enumerate(max_new_tokens)}}
 
 
 def render(result: dict) -> str:
@@ -84,11 +88,23 @@ def render(result: dict) -> str:
             f"{result['matmul_gflops_before']:.1f} GFLOP/s before, {result['matmul_gflops_after']:.1f} after. "
             f"{s['model']} {s.get('dtype', 'float32')}, {s['clients']} concurrent clients x {s['requests']} requests, "
             f"{'sampled at temperature ' + str(s['temperature']) if s.get('temperature') else 'greedy'}, "
-            f"max_tokens "
-            f"{s['max_new_tokens']}, engine max_batch 32; medians of {s['repeats']} alternating runs per side"
+            f"max_tokens {','.join(map(str, s['max_new_tokens']))}, engine max_batch 32; medians of {s['repeats']} "
+            f"alternating runs per side"
             f"{' (each run in its own process)' if s.get('fresh_processes') else ''}. "
             f"Same answers on both sides: {result['same_answers']}.\n\n{table}\n\nafter/before: throughput "
-            f"**{ratio['throughput']:.2f}x**, p50 latency {ratio['p50']:.2f}x, p95 latency {ratio['p95']:.2f}x\n")
+            f"**{ratio['throughput']:.2f}x**, p50 latency {ratio['p50']:.2f}x, p95 latency {ratio['p95']:.2f}x\n"
+            + by_limit(result))
+
+
+def by_limit(result: dict) -> str:
+    """Median p50 latency of each max_tokens class, when requests had several."""
+    limits = result["spec"]["max_new_tokens"]
+    if len(limits) < 2:
+        return ""
+    p50 = {side: {n: statistics.median(r["p50_by_max_tokens"][str(n)] for r in result["runs"][side]) for n in limits}
+           for side in ("before", "after")}
+    return "\np50 latency by max_tokens: " + "; ".join(
+        f"{n}: {p50['before'][n]:.1f} s before, {p50['after'][n]:.1f} s after" for n in limits) + "\n"
 
 
 def main() -> None:
@@ -96,7 +112,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model folder or built-in (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent client threads (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default: 2)")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="max_tokens of every request (default: 48)")
+    ap.add_argument("--max-new-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[48],
+                    help="max_tokens of every request, or a comma list taken in turn (default: 48)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs per side (default: %(default)s)")
     ap.add_argument("--name", default="serve_speed", help="results file stem (default: %(default)s)")

@@ -30,6 +30,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, common_prefix, prefill_groups
+
 # pick(logits (b, V) float, rows: prompt index of each batch row) -> next tokens (b,)
 Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
@@ -82,6 +84,11 @@ class GrowingLayer(DynamicLayer):
         self._buffers[name] = (buf, need)
         return buf[:, :, :need]
 
+    def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Begin with these (B, H, T, D) states (a shared prefix's, expanded): the next append copies them once."""
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys, self.values = keys, values
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -99,30 +106,6 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-# One prefill call costs about as much as this many more padded prompt tokens in a call, on the 2-core CPUs that
-# benchmarks/serve_speed.py ran on: SmolLM2-135M prefills ~0.8 ms a token at 32 rows, a forward's weight pass
-# and python take ~50 ms.
-PREFILL_CALL_TOKENS_CPU = 64
-
-
-def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
-    """Prompt indices in prefill calls, each call padded to its longest prompt: the split by length that costs the
-    fewest padded tokens plus `call_tokens` per call (exact, by dynamic programming over the sorted lengths). 32
-    chat prompts of 35-90 tokens padded to 90 are half padding; split, the padding nearly goes."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the j shortest
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[order[j - 1]] + call_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j]: j])
-        j = cut[j]
-    return groups[::-1]
-
-
 class RaggedBatch:
     """Rows at different lengths in one left-padded KV cache. mask (B, T) long: 1 on real tokens."""
 
@@ -135,33 +118,63 @@ class RaggedBatch:
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) position of each row's last token
         # a forward call's fixed cost in padded prompt tokens (prefill_groups); on a GPU padding is nearly free
         self.prefill_call_tokens = PREFILL_CALL_TOKENS_CPU if self.device.type == "cpu" else 1 << 20
+        self.prefixes = PrefixStore()  # shared prompt prefixes' KV, for this batch's lifetime (fixed weights)
 
     def __len__(self) -> int:
         return self.mask.shape[0]
 
     def add(self, prompts: list[list[int]]) -> torch.Tensor:
         """Prefill `prompts` and append them as the last rows, in order; (n, V) float logits of their last tokens.
-        Prompts of very different lengths are prefilled in length groups (`prefill_groups`), not padded to the
-        longest one."""
-        groups = prefill_groups([len(p) for p in prompts], self.prefill_call_tokens)
-        if len(groups) == 1:
-            return self._prefill(prompts)
+        A repeated prompt is prefilled once; a prefix that every prompt shares (a chat template's system turn) is
+        prefilled once and kept for later calls (models/prefill.py); prompts of very different lengths are
+        prefilled in length groups (`prefill_groups`), not padded to the longest one."""
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        shared = self._shared_prefix(unique)
+        skip = len(shared[0]) if shared else 0
+        groups = prefill_groups([len(p) - skip for p in unique], self.prefill_call_tokens)
         new = RaggedBatch(self.model, self.pad_id)
-        logits = torch.cat([new._prefill([prompts[i] for i in group]) for group in groups])  # (n, V) grouped order
-        where = [0] * len(prompts)  # prompt index -> its row in grouped order
-        for row, i in enumerate(i for group in groups for i in group):
-            where[i] = row
-        new.keep(where)
+        logits = torch.cat([new._prefill([unique[i] for i in group], shared) for group in groups])  # grouped order
+        row_of = {unique[i]: row for row, i in enumerate(i for group in groups for i in group)}
+        where = [row_of[tuple(p)] for p in prompts]  # prompt index -> its row in grouped order
+        if where != list(range(len(where))):
+            new.keep(where)
+            logits = logits[where]
         self._merge(new.cache, new.mask, new.positions)
-        return logits[where]
+        return logits
 
-    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill `prompts` as one left-padded batch and append them as the last rows; (n, V) float logits."""
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)  # (n, P)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # (n, P)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (n, P) as generate computes them
+    def _shared_prefix(self, prompts: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list] | None:
+        """(prefix, its per-layer (keys, values) of one row) to prefill `prompts` on, or None: a stored prefix
+        they all start with, else their common prefix when prefilling it once saves more than a call costs."""
+        shortest = min(map(len, prompts)) - 1  # every row prefills at least its last token (its logits)
+        found = self.prefixes.find(prompts, shortest)
+        if found is not None:
+            return found, self.prefixes[found]
+        n = common_prefix(prompts, shortest)
+        if (len(prompts) - 1) * n <= self.prefill_call_tokens:
+            return None
+        key = prompts[0][:n]
         cache = _growing_cache(self.model.config.get_text_config())
+        ids = torch.tensor([key], device=self.device)  # (1, n)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                   **self.keep_last)
+        self.prefixes.put(key, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        return key, self.prefixes[key]
+
+    def _prefill(self, prompts: list[tuple[int, ...]], shared: tuple[tuple[int, ...], list] | None = None,
+                 ) -> torch.Tensor:
+        """Prefill `prompts` as one left-padded batch (after `shared`'s prefix, when given, whose KV is reused)
+        and append them as the last rows; (n, V) float logits."""
+        skip = len(shared[0]) if shared else 0
+        rest = [p[skip:] for p in prompts]
+        width = max(len(p) for p in rest)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in rest], device=self.device)  # (n, W)
+        mask = torch.tensor([[1] * skip + [0] * (width - len(p)) + [1] * len(p) for p in rest],
+                            device=self.device)  # (n, skip + W): the prefix, padding, each prompt's own tokens
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, skip:]  # (n, W) as generate computes them
+        cache = _growing_cache(self.model.config.get_text_config())
+        if shared:
+            for layer, (keys, values) in zip(cache.layers, shared[1]):
+                layer.start_from(keys.expand(len(rest), -1, -1, -1), values.expand(len(rest), -1, -1, -1))
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
         self._merge(cache, mask, positions[:, -1])

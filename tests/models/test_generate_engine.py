@@ -148,7 +148,7 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
 def test_prefill_groups_are_the_cheapest_split_by_length():
     import itertools
 
-    from posttrain.models.decode import prefill_groups
+    from posttrain.models.prefill import prefill_groups
 
     assert prefill_groups([3, 50, 4, 52], 10) == [[0, 2], [1, 3]]  # 2 calls: 2*4 + 2*52 + 20 = 132 < 4*52 + 10
     assert prefill_groups([3, 50, 4, 52], 1000) == [[0, 2, 1, 3]]  # a call costs more than the padding
@@ -175,3 +175,48 @@ def test_greedy_matches_hf_generate_with_prompts_prefilled_in_length_groups(shar
     assert len(lean.prefill_groups([len(p) for p in prompts], 0)) > 3
     expected = hf_greedy(model, prompts, [], 0, 10)
     assert decode(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0, pick=greedy) == expected
+
+
+def test_a_shared_prefix_and_repeated_prompts_are_prefilled_once_with_hf_generate_s_tokens(sharp):
+    model, _ = sharp
+    head = prompts_of(1)[0] + list(range(20, 40))  # what every prompt starts with (a template's system turn)
+    tails = [t[:2] + [7] + t[2:] for t in prompts_of(5)]  # [7]: no tail starts like another
+    prompts = [head + t for t in tails] + [head + tails[1], head + tails[3]]  # two prompts asked twice
+    widths = []
+    hook = model.register_forward_hook(lambda m, a, kw, out: widths.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+    try:
+        got = decode(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0, pick=greedy)
+    finally:
+        hook.remove()
+    assert got == hf_greedy(model, prompts, [], 0, 10)
+    prefills = [w for w in widths if w[1] > 1]
+    assert prefills[0] == (1, len(head) + common_tail_start(tails))  # the shared prefix, once
+    assert sum(rows for rows, _ in prefills[1:]) == 5 and max(w for _, w in prefills[1:]) <= max(map(len, tails))
+    assert widths[len(prefills)][0] == 7  # then every prompt decodes, repeats included
+
+
+def common_tail_start(tails):
+    from posttrain.models.prefill import common_prefix
+
+    return common_prefix(tails, min(map(len, tails)))
+
+
+def test_a_stored_prefix_serves_later_single_prompts(sharp):
+    model, _ = sharp
+    head = prompts_of(1)[0] + list(range(20, 40))
+    batch = RaggedBatch(model, pad_id=0)
+    batch.add([head + [9, 10 + i, 11] for i in range(8)])
+    assert len(batch.prefixes) == 1
+    widths = []
+    hook = model.register_forward_hook(lambda m, a, kw, out: widths.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+    try:
+        late = batch.add([head + [9, 50, 51, 52]])  # one request joining: only its own tokens run
+    finally:
+        hook.remove()
+    stored = len(next(iter(batch.prefixes)))
+    assert widths == [(1, len(head) + 4 - stored)] and stored >= len(head)
+    alone = RaggedBatch(model, pad_id=0).add([head + [9, 50, 51, 52]])
+    torch.testing.assert_close(late, alone, rtol=0, atol=1e-5)
+    assert batch.mask[-1].sum() == len(head) + 4 and batch.positions[-1] == len(head) + 3

@@ -4,8 +4,8 @@ Prefill is compute-bound (SmolLM2-135M: ~1 ms a prompt token at 32 rows on the p
 tokens it runs are its cost, plus a fixed cost per forward call (its pass over the weights and python: ~70 ms,
 `PREFILL_CALL_TOKENS_CPU` tokens' worth). Left padding to the longest prompt runs tokens nobody needs, and
 every chat prompt starts with the same template tokens (SmolLM2's default system turn and user header: 24 of
-an alpaca prompt's 45.6 tokens on average). `prefill_groups` splits a call by length where that saves more than a call costs;
-`PrefixStore` keeps the KV of a prefix every prompt of a call shared, so the serving engine computes its
+an alpaca prompt's 45.6 tokens on average). `prefill_groups` splits a call by length where that saves more than
+a call costs; `PrefixStore` keeps the KV of a prefix every prompt of a call shared, so the serving engine computes its
 template's system turn once. Plans only: models/decode.RaggedBatch runs them.
 """
 

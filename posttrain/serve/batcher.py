@@ -119,8 +119,8 @@ class Batcher:
             elif self._row_done(job):
                 self._deliver(job)
         if len(keep) < len(self.rows):
-            self.batch.keep(keep)
-            self.rows, tokens = [self.rows[k] for k in keep], tokens[keep]
+            order = self.batch.drop(sorted(set(range(len(self.rows))) - set(keep)))
+            self.rows, tokens = [self.rows[k] for k in order], tokens[order]
         self.logits = self.batch.step(tokens) if self.rows else None
 
     def _pick(self) -> torch.Tensor:

@@ -145,6 +145,38 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
     assert torch.equal(keys, torch.cat([torch.cat(steps, 2)[[2, 0], :, 3:], new], 2))
 
 
+def test_rows_and_leading_columns_leave_a_growing_layer_in_place():
+    from posttrain.models.decode import GrowingLayer
+
+    layer, steps = GrowingLayer(), [torch.randn(5, 2, n, 4) for n in (6, 1)]
+    for new in steps:
+        layer.update(new, -new)
+    buffer = layer.keys.data_ptr()
+    layer.keep_rows([0, 2, 3])  # rows 1 and 4 end
+    layer.drop_leading(2)
+    new = torch.randn(3, 2, 1, 4)
+    keys, values = layer.update(new, -new)
+    want = torch.cat([torch.cat(steps, 2)[[0, 2, 3], :, 2:], new], 2)
+    assert torch.equal(keys, want) and torch.equal(values, -want) and layer.get_seq_length() == 6
+    assert keys.data_ptr() == buffer + 2 * keys.stride(2) * keys.element_size()  # the same buffer: nothing copied
+
+
+def test_dropped_rows_are_filled_from_the_end_and_the_rest_stay(sharp):
+    model, _ = sharp
+    batch = RaggedBatch(model, pad_id=0)
+    prompts = prompts_of(6)
+    batch.add(prompts)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in batch.cache.layers]
+    mask = batch.mask.clone()
+    order = batch.drop([1, 5, 2])
+    assert order == [0, 3, 4]  # rows 3 and 4 fill the holes at 1 and 2; row 0 does not move
+    assert len(batch) == 3 and torch.equal(batch.mask, mask[order][:, -batch.mask.shape[1]:])
+    width = batch.mask.shape[1]
+    for layer, (keys, values) in zip(batch.cache.layers, before):
+        assert torch.equal(layer.keys, keys[order][:, :, -width:])
+        assert torch.equal(layer.values, values[order][:, :, -width:])
+
+
 def test_prefill_groups_are_the_cheapest_split_by_length():
     import itertools
 

@@ -1,10 +1,10 @@
 """The decode loop under `models/generate.py`: a KV cache whose rows join and leave between steps.
 
 `RaggedBatch` holds the running rows in one left-padded `DynamicCache` whose layers append into spare
-capacity (`GrowingLayer`, not a copy of the whole cache per step): new prompts are prefilled as a
-batch and merged in (the shorter side padded on the left), finished rows are dropped with an index
-select, and leading columns that no remaining row uses are trimmed, so no step computes a finished
-row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
+capacity (`GrowingLayer`, not a copy of the whole cache per step): new prompts are prefilled
+(models/prefill.py plans how) and merged in (the shorter side padded on the left), finished rows leave in
+place (the last rows move into their places), and leading columns that no remaining row uses are
+dropped, so no step computes a finished row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
 serving engine drives it step by step so requests join a running batch (continuous batching).
 
 Why our own loop rather than the engines in transformers 5.23: `model.generate` keeps computing every

@@ -4,8 +4,9 @@
 capacity (`GrowingLayer`, not a copy of the whole cache per step): new prompts are prefilled
 (models/prefill.py plans how) and merged in (the shorter side padded on the left), finished rows leave in
 place (the last rows move into their places), and leading columns that no remaining row uses are
-dropped, so no step computes a finished row or a column nobody attends to. `decode` runs a fixed set of prompts to the end with it; the
-serving engine drives it step by step so requests join a running batch (continuous batching).
+dropped, so no step computes a finished row or a column nobody attends to. `decode` runs a fixed set of
+prompts to the end with it; the serving engine drives it step by step so requests join a running batch
+(continuous batching).
 
 Why our own loop rather than the engines in transformers 5.23: `model.generate` keeps computing every
 row until the last one stops (21% of the row-steps of a batch of 8 chat prompts at 64 new tokens are

@@ -124,7 +124,7 @@ def cmd_serve(args) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"),
           name=args.name, limits=Limits(max_tokens=args.max_tokens), chat_log=_chat_log(args),
-          trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+          trust_remote_code=args.trust_remote_code, dtype=args.dtype, max_batch=args.max_batch)
     return 0
 
 
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set POSTTRAIN_API_KEY)")
     p.add_argument("--name", help="model id clients send (default: the folder or model name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens per request (default 1024)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together; requests beyond it queue and "
+                   "join as rows end (default 32)")
     add_log_flags(p, "the request's 'user' field")
     add_dtype_flag(p)
     add_trust_flag(p)

@@ -194,17 +194,17 @@ def _sampling(req, max_tokens: int | None, prompt_len: int, engine: Engine, limi
 
 
 def load_engine(ref: str, name: str | None = None, device: str | None = None,
-                trust_remote_code: bool = False, dtype: str | None = None) -> Engine:
+                trust_remote_code: bool = False, dtype: str | None = None, max_batch: int = 32) -> Engine:
     """Load any model reference (run, folder, built-in, hub id) into a started engine. The folder's own code
     (config.json auto_map) runs only with `trust_remote_code`, from the user's command line; `dtype` overrides
-    the run's model.dtype (or auto)."""
+    the run's model.dtype (or auto); `max_batch`: rows decoded together."""
     if is_reward_model(ref):  # a reward-model folder serves /v1/score with its head, not as a causal LM
         model, tokenizer, cfg = _load_reward_engine_model(ref, device, trust_remote_code, dtype)
     else:
         model, tokenizer, cfg = load_model_for_inference(ref, device=device, trust_remote_code=trust_remote_code,
                                                          dtype=dtype)
     system = cfg.template.system if cfg is not None else None  # render exactly as the run trained
-    return Engine(model, tokenizer, name or Path(ref).name or ref, system=system)
+    return Engine(model, tokenizer, name or Path(ref).name or ref, system=system, max_batch=max_batch)
 
 
 def _load_reward_engine_model(ref: str, device: str | None, trust_remote_code: bool = False,
@@ -222,16 +222,19 @@ def _load_reward_engine_model(ref: str, device: str | None, trust_remote_code: b
 
 def serve(ref: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           name: str | None = None, limits: Limits | None = None, chat_log: ChatLog | None = None,
-          trust_remote_code: bool = False, dtype: str | None = None) -> None:
+          trust_remote_code: bool = False, dtype: str | None = None, max_batch: int = 32) -> None:
     """`posttrain serve`: load the model, then answer until Ctrl-C / SIGTERM (graceful: queued jobs finish)."""
     import uvicorn  # heavy: uvicorn (~0.7 s), loaded only when the server starts
+
+    if max_batch < 1:
+        raise PosttrainError(f"--max-batch must be >= 1, got {max_batch}")
 
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if chat_log is not None:
         print(chat_log.announcement("posttrain serve"), file=sys.stderr, flush=True)
-    engine = load_engine(ref, name, trust_remote_code=trust_remote_code, dtype=dtype)
+    engine = load_engine(ref, name, trust_remote_code=trust_remote_code, dtype=dtype, max_batch=max_batch)
     app = create_app(Models({engine.name: engine}), api_key=api_key, limits=limits, hosts=hosts_for(host),
                      chat_log=chat_log)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

@@ -101,8 +101,9 @@ def test_serve_runs_folder_code_only_with_the_flag(tmp_path, tiny_dir, monkeypat
     for flags, expected in (([], False), (["--trust-remote-code"], True)):
         served.clear()
         assert main(["serve", str(run_dir), *flags]) == 0
-        assert served["kw"] == {"trust_remote_code": expected, "dtype": None}
+        assert served["kw"] == {"trust_remote_code": expected, "dtype": None, "max_batch": 32}
     assert main(["serve", str(run_dir), "--dtype", "bfloat16"]) == 0 and served["kw"]["dtype"] == "bfloat16"
+    assert main(["serve", str(run_dir), "--max-batch", "4"]) == 0 and served["kw"]["max_batch"] == 4
     engine = load_engine(str(run_dir), device="cpu", trust_remote_code=True)  # control: the plant is live
     engine.close()
     assert marker.read_text() == "remote code ran"

@@ -165,6 +165,18 @@ def test_serve_on_all_interfaces_without_a_key_warns(monkeypatch, capsys, tiny_d
     assert call(seen["app"], "GET", "/v1/models", host="evil.example:8000").status == 403
 
 
+def test_serve_max_batch_reaches_the_engine_and_must_be_positive(monkeypatch, capsys, tiny_dir):
+    seen = run_cli(monkeypatch, ["serve", str(tiny_dir), "--max-batch", "3"])
+    engine = next(iter(seen["app"].state.models.engines.values()))
+    try:
+        assert seen["rc"] == 0 and engine.max_batch == 3 and engine.batcher.max_rows == 3
+    finally:
+        engine.close()
+    assert main(["serve", str(tiny_dir), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "posttrain: error: --max-batch must be >= 1, got 0" and "Traceback" not in "".join(err)
+
+
 def test_ui_cli_prints_a_url_with_a_fresh_token(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("POSTTRAIN_UI_TOKEN", raising=False)
     seen = run_cli(monkeypatch, ["ui", "--workdir", str(tmp_path), "--port", "7999"])

@@ -129,6 +129,7 @@ WORKER = r'''
 import functools, json, sys, torch
 sys.path[:0] = [{here!r}, {tests!r}]
 from test_loop import batches, config, make_data, make_loop, model_for, trainable
+from posttrain.process import end_process
 from posttrain.train.loop import Dist
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -139,6 +140,7 @@ dist_ctx = Dist.from_environment(cfg.train)
 make_loop(cfg, model, batches(ids, weights), dist_ctx).run(lambda out, trained: None)
 if dist_ctx.main:
     torch.save(trainable(model), out / "weights.pt")
+end_process(0)  # as the posttrain command ends: leave the group, then os._exit (gloo's threads can abort exit)
 '''
 
 

@@ -243,9 +243,10 @@ class GRPOSteps(StepSource):
         if not self.eval_prompts:
             return {}
         g = self.g
-        metrics, self.samples = greedy_eval(self.policy, self.tokenizer, self.eval_prompts, self.rewards,
-                                            max_new_tokens=g.max_new_tokens, stop=g.stop_strings,
-                                            batch_size=self.batch, dist_ctx=self.dist)
+        # where the weights are usable (FSDP: inside its root forward), as the rollouts
+        metrics, self.samples = self.dist.forward(functools.partial(
+            greedy_eval, self.policy, self.tokenizer, self.eval_prompts, self.rewards, max_new_tokens=g.max_new_tokens,
+            stop=g.stop_strings, batch_size=self.batch, dist_ctx=self.dist))
         return metrics
 
     def begin(self, report, step: int) -> None:

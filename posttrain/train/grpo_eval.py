@@ -2,7 +2,10 @@
 
 Held-out prompts are answered greedily (temperature 0, through the one generation layer) and scored by
 the run's own reward sources, so `accuracy` before and after training is exact match of the final
-answer on prompts the policy never trained on. Prompts are sharded over processes and the counts summed.
+answer on prompts the policy never trained on. Prompts are sharded over processes and the counts summed;
+with sharded weights (FSDP, ZeRO-3) every process runs the same generate calls, a process with fewer
+prompts a filler call whose replies are not counted. The policy answers as rollouts sample it: LoRA merged,
+outside autocast (`rollout.sampling_weights`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 from posttrain.models.generate import generate_from_ids
 from posttrain.train.reporting import figure, plot_trailing, train_rows
+from posttrain.train.rollout import sampling_weights
 
 SAMPLES_KEPT = 3  # greedy replies kept for the summary's before / after comparison
 
@@ -23,10 +27,17 @@ def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: in
     mine = prompts[dist_ctx.rank::dist_ctx.world]
     policy.eval()
     sums, tokens, samples = torch.zeros(len(rewards.names), dtype=torch.float64), 0, []
-    for start in range(0, len(mine), batch_size):
+    calls = -(-len(mine) // batch_size)
+    if dist_ctx.lockstep:  # every forward is a collective: the same number of generate calls everywhere
+        calls = dist_ctx.max(calls)
+    for start in range(0, calls * batch_size, batch_size):
         chunk = mine[start:start + batch_size]
-        gens = generate_from_ids(policy, tokenizer, [q.ids for q in chunk], max_new_tokens=max_new_tokens,
-                                 temperature=0.0, stop=stop or None)
+        with sampling_weights(policy, dist_ctx.lockstep):
+            gens = generate_from_ids(policy, tokenizer, [q.ids for q in chunk or prompts[:1]],
+                                     max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None,
+                                     synced=dist_ctx.lockstep)
+        if not chunk:  # the filler call of a process with fewer prompts
+            continue
         scores = rewards.score([q.text for q in chunk], [g.text for g in gens], [q.reference for q in chunk])
         sums += scores.double().sum(0)
         tokens += sum(len(g.token_ids) for g in gens)

@@ -176,6 +176,19 @@ def merged_lora(policy: nn.Module, synced: bool):
             b.weight.data = w
 
 
+@contextlib.contextmanager
+def sampling_weights(policy: nn.Module, synced: bool):
+    """The policy as sampling runs it: outside the run's autocast where the weights share one dtype (autocast
+    would cast every frozen weight again at each decode step, as it caches only trainable leaves: GRPO's bf16
+    sampling was slower than fp32 on a CPU with AMX, benchmarks/README.md; mixed storage, a bf16 base under
+    fp32 trainable blocks, needs autocast to run at all), with LoRA merged (`merged_lora`)."""
+    device = next(policy.parameters()).device
+    one_dtype = len({p.dtype for p in policy.parameters() if p.is_floating_point()}) == 1
+    with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext(), \
+            merged_lora(policy, synced):
+        yield
+
+
 @torch.no_grad()
 def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int], sampling_cfg,
            synced: bool = False) -> Samples:
@@ -183,13 +196,7 @@ def sample(policy: nn.Module, tokenizer, prompts: list[Prompt], seeds: list[int]
     top_p and stop_strings (ppo.* or grpo.*); synced: see models/generate.py."""
     c = sampling_cfg
     device = next(policy.parameters()).device
-    # Outside the run's autocast where the weights share one dtype: autocast would cast every frozen weight
-    # again at each decode step (it caches only trainable leaves), which made GRPO's bf16 sampling slower than
-    # fp32 on a CPU with AMX (benchmarks/README.md). Mixed storage (a bf16 base under fp32 trainable blocks)
-    # needs autocast to run at all.
-    one_dtype = len({p.dtype for p in policy.parameters() if p.is_floating_point()}) == 1
-    with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext(), \
-            merged_lora(policy, synced):
+    with sampling_weights(policy, synced):
         s = sample_ids(policy, tokenizer, [q.ids for q in prompts], max_new_tokens=c.max_new_tokens,
                        temperature=c.temperature, top_p=c.top_p, row_seeds=seeds,
                        stop_strings=c.stop_strings or None, synced=synced)

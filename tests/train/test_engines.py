@@ -97,7 +97,8 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
     dpo_copy / dpo_precompute: the same with full fine-tuning and a frozen reference copy / precomputed reference
     log-probs; rm: a LoRA reward model on the same pairs; kto: unpaired labelled replies (LoRA, 2 held-out rows,
     a checkpoint every 2 updates); ppo: LoRA policy + value head, a rule reward, PPO-ptx with 1 ptx row per
-    update (one process runs a filler); grpo: LoRA, groups of 4 scored by a rule, KL to the adapter-off base."""
+    update (one process runs a filler); grpo: LoRA, groups of 4 scored by a rule, KL to the adapter-off base, one
+    held-out prompt answered greedily before and after."""
     common = {"model": {"name_or_path": str(tiny_dir)}, "method": {"type": "lora"}, "optim": {"lr": 1e-2},
               "output": {"tensorboard": False}}
     if stage == "kto":
@@ -115,7 +116,8 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
         (folder / "rule.py").write_text("def upper(prompts, responses):\n"
                                         "    return [sum(c.isupper() for c in r) / (1 + len(r)) for r in responses]\n")
         common["optim"] = {"lr": 1e-3, "eps": 1e-6}  # eps: see ppo below
-        cfg = {"stage": "grpo", "data": {"datasets": [{"path": str(folder / "prompts.jsonl")}]},
+        # one held-out prompt: the greedy eval runs on process 0, process 1 makes the filler calls of sharded weights
+        cfg = {"stage": "grpo", "data": {"datasets": [{"path": str(folder / "prompts.jsonl")}], "val_size": 1},
                "reward": {"sources": [{"type": "function", "function": f"{folder / 'rule.py'}:upper"}]},
                "grpo": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "kl_coef": 0.1, "epochs": 2,
                         "mini_batch_size": 4},
@@ -205,7 +207,7 @@ def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), \
         max((float((a[k] - b[k]).abs().max()), k) for k in a)
     summaries = [json.loads((d / "train_summary.json").read_text()) for d in (one_dir, two_dir)]
-    evals = {"ppo": ("ptx_eval_after",), "grpo": ()}.get(kind, ("final_eval_loss",))
+    evals = {"ppo": ("ptx_eval_after",), "grpo": ("eval_before", "eval_after")}.get(kind, ("final_eval_loss",))
     for key in evals:  # the held-out eval ran in lockstep on both processes
         assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-4), key
     if kind == "ppo":  # so did the greedy samples

@@ -92,13 +92,14 @@ def test_two_processes_equal_one_and_resume_exactly(engine, sft_config, one_proc
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
+def stage_config(folder: Path, tiny_dir, stage: str, vlm_dir: Path | None = None) -> Path:
     """dpo: DPO on preference pairs (LoRA, reference = adapter off, 3 held-out prompts: an uneven eval split);
     dpo_copy / dpo_precompute: the same with full fine-tuning and a frozen reference copy / precomputed reference
     log-probs; rm: a LoRA reward model on the same pairs; kto: unpaired labelled replies (LoRA, 2 held-out rows,
     a checkpoint every 2 updates); ppo: LoRA policy + value head, a rule reward, PPO-ptx with 1 ptx row per
     update (one process runs a filler); grpo: LoRA, groups of 4 scored by a rule, KL to the adapter-off base, one
-    held-out prompt answered greedily before and after."""
+    held-out prompt answered greedily before and after; sft_vision: LoRA on the tiny LLaVA (tower frozen) over
+    colour images, 3 held-out rows."""
     common = {"model": {"name_or_path": str(tiny_dir)}, "method": {"type": "lora"}, "optim": {"lr": 1e-2},
               "output": {"tensorboard": False}}
     if stage == "kto":
@@ -110,6 +111,18 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
                                                                 "val_size": 2},
                "train": {"max_steps": 5, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "keep_last": 1,
                          "log_every": 1}}
+    elif stage == "sft_vision":
+        from PIL import Image
+
+        rows = []
+        for name, rgb in {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}.items():
+            Image.new("RGB", (40, 40), rgb).save(folder / f"{name}.png")
+            rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                                      {"role": "assistant", "content": f"It is {name}."}], "images": [f"{name}.png"]})
+        (folder / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+        common["model"] = {"name_or_path": str(vlm_dir)}
+        cfg = {"data": {"datasets": [{"path": str(folder / "colours.jsonl")}], "max_length": 128, "val_size": 3},
+               "train": {"max_steps": 3, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1}}
     elif stage.startswith("grpo"):
         (folder / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": c}]}) + "\n"
                                                       for c in ("Say something.", "Hello there", "Tell me more")))
@@ -156,14 +169,15 @@ def stage_config(folder: Path, tiny_dir, stage: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_run(tmp_path_factory, tiny_dir):
+def one_run(tmp_path_factory, tiny_dir, request):
     """stage -> (config, its one-process run), each run once per module (the engines' cases share it)."""
     runs: dict[str, tuple[Path, Path]] = {}
 
     def get(stage: str) -> tuple[Path, Path]:
         if stage not in runs:
             folder = tmp_path_factory.mktemp(stage)
-            config = stage_config(folder, tiny_dir, stage)
+            vlm = request.getfixturevalue("tiny_vlm_dir") if stage == "sft_vision" else None
+            config = stage_config(folder, tiny_dir, stage, vlm)
             run_worker(config, folder / "one", 0, env={"POSTTRAIN_CACHE": str(folder / "cache")})
             runs[stage] = config, folder / "one" / "full"
         return runs[stage]
@@ -181,7 +195,7 @@ def saved_weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage, engine", [
     ("dpo", "fsdp"), ("rm", "fsdp"), *engines(("dpo_copy", "zero3")), ("dpo_precompute", "fsdp"),
     ("ppo", "fsdp"), *engines(("ppo", "zero3")), ("grpo", "fsdp"), ("grpo_copy", "fsdp"),
-    *engines(("ppo_copy", "zero3"))])
+    *engines(("ppo_copy", "zero3")), ("sft_vision", "fsdp")])
 def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
     """Every stage on 2 processes logs the same figures and saves the same weights as on 1 (to float rounding)."""
     config, one_dir = one_run(stage)

@@ -8,7 +8,9 @@ model's chat template), the same max_new_tokens, greedy decoding and the same st
 template's end of turn); outputs must be token-identical (checked per row, reported). Sides:
   hf         `model.generate(input_ids, attention_mask, GenerationConfig(do_sample=False, eos...))`,
              one left-padded batch: every row is computed until the last row stops
-  posttrain  `models.generate.generate_from_ids` (models/decode.py: rows leave the batch as they stop)
+  posttrain  `models.generate.generate_from_ids` (models/decode.py: rows leave the batch as they stop; linear
+             layers through oneDNN, models/onednn_linear.py)
+  posttrain-mkl  the same with POSTTRAIN_ONEDNN=0: linear layers on torch's default MKL path (the before)
 Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up of each side, and the
 medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
@@ -81,13 +83,35 @@ def side_posttrain(model, tokenizer, prompts, max_new_tokens):
     return rows, sum(map(len, rows))  # a row leaves the batch after its last token
 
 
-SIDES = {"hf": side_hf, "posttrain": side_posttrain}
+def side_posttrain_mkl(model, tokenizer, prompts, max_new_tokens):
+    """posttrain's loop with every linear layer on torch's default (MKL) path: the before of the oneDNN products."""
+    import os
+
+    from posttrain.models.onednn_linear import ENV
+
+    os.environ[ENV] = "0"
+    try:
+        return side_posttrain(model, tokenizer, prompts, max_new_tokens)
+    finally:
+        del os.environ[ENV]
+
+
+SIDES = {"hf": side_hf, "posttrain": side_posttrain, "posttrain-mkl": side_posttrain_mkl}
 
 
 def stop_tokens_equal(a: list[list[int]], b: list[list[int]], stops: set[int]) -> int:
     """Rows whose generated tokens agree (a row's stop token counts as any stop token)."""
     norm = [[[-1 if t in stops else t for t in row] for row in side] for side in (a, b)]
     return sum(x == y for x, y in zip(*norm))
+
+
+def step_profiles(model, batch: int) -> dict:
+    """The step profile on torch's default linear path and with the oneDNN products."""
+    from posttrain.models.onednn_linear import onednn_linears
+
+    mkl = step_profile(model, batch)
+    with onednn_linears(model):
+        return {"mkl": mkl, "onednn": step_profile(model, batch)}
 
 
 def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> dict:
@@ -142,24 +166,28 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
               f"({row_steps} row-steps)", flush=True)
     med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
     lengths = sorted(map(len, outputs["hf"]))
-    profile = step_profile(model, len(prompts))
+    profile = step_profiles(model, len(prompts))
     print(f"batch {len(prompts)} decode step: {profile}", flush=True)
     return {"batch": len(prompts), "profile": profile, "runs": runs, "tokens_per_s": med,
-            "speedup": med["posttrain"] / med["hf"],
+            "speedup": med["posttrain"] / med["hf"], "speedup_mkl": med["posttrain-mkl"] / med["hf"],
             "identical_rows": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain'], stops)}/{len(prompts)}",
+            "identical_rows_mkl": f"{stop_tokens_equal(outputs['hf'], outputs['posttrain-mkl'], stops)}/{len(prompts)}",
             "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
             "posttrain_rows": outputs["posttrain"]}  # to compare runs at another dtype
 
 
 def render(result: dict) -> str:
     m = result["machine"]
-    rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain"], f"**{c['speedup']:.2f}x**",
-             c["identical_rows"], "{min}/{median}/{max}".format(**c["lengths"]),
+    step = "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}"
+    rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain-mkl"], c["tokens_per_s"]["posttrain"],
+             f"{c['speedup_mkl']:.2f}x", f"**{c['speedup']:.2f}x**",
+             f"{c['identical_rows']} ({c['identical_rows_mkl']})", "{min}/{median}/{max}".format(**c["lengths"]),
              f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}",
-             "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}".format(**c["profile"])] for c in result["cases"]]
-    table = markdown_table(["batch", "HF generate tok/s", "posttrain tok/s", "posttrain/HF", "identical rows",
-                            "tokens per row min/median/max", "row-steps HF / posttrain",
-                            "decode step / its linears / head ms"], rows)
+             step.format(**c["profile"]["mkl"]), step.format(**c["profile"]["onednn"])] for c in result["cases"]]
+    table = markdown_table(["batch", "HF generate tok/s", "posttrain MKL tok/s", "posttrain oneDNN tok/s",
+                            "MKL/HF", "oneDNN/HF", "identical rows oneDNN (MKL)", "tokens per row min/median/max",
+                            "row-steps HF / posttrain", "step / linears / head ms, MKL",
+                            "step / linears / head ms, oneDNN"], rows)
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, common_prefix, prefill_groups
 
 # pick(logits (b, V) float, rows: prompt index of each batch row) -> next tokens (b,)
@@ -268,23 +269,25 @@ def decode(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, s
     if not prompts or max_new_tokens <= 0:
         return out
     model.eval()
-    batch = RaggedBatch(model, pad_id)
-    logits = batch.add(prompts)
-    rows = list(range(len(prompts)))  # batch row -> prompt index
-    stops = set(stop_ids)
-    while True:
-        tokens = pick(logits, rows)  # (b,)
-        live = []
-        for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            out[row].append(token)
-            done = token in stops or len(out[row]) >= max_new_tokens or (stop_hit is not None and stop_hit(out[row]))
-            if not done:
-                live.append(k)
-        if on_tokens is not None:
-            on_tokens(rows, tokens)
-        if not live or (should_stop is not None and should_stop()):
-            return out
-        if len(live) < len(rows):
-            order = batch.drop(sorted(set(range(len(rows))) - set(live)))
-            tokens, rows = tokens[order], [rows[k] for k in order]
-        logits = batch.step(tokens)
+    with onednn_linears(model):  # weights fixed for the call: their oneDNN copies made once
+        batch = RaggedBatch(model, pad_id)
+        logits = batch.add(prompts)
+        rows = list(range(len(prompts)))  # batch row -> prompt index
+        stops = set(stop_ids)
+        while True:
+            tokens = pick(logits, rows)  # (b,)
+            live = []
+            for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                out[row].append(token)
+                done = (token in stops or len(out[row]) >= max_new_tokens
+                        or (stop_hit is not None and stop_hit(out[row])))
+                if not done:
+                    live.append(k)
+            if on_tokens is not None:
+                on_tokens(rows, tokens)
+            if not live or (should_stop is not None and should_stop()):
+                return out
+            if len(live) < len(rows):
+                order = batch.drop(sorted(set(range(len(rows))) - set(live)))
+                tokens, rows = tokens[order], [rows[k] for k in order]
+            logits = batch.step(tokens)

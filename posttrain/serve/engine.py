@@ -30,6 +30,7 @@ from posttrain.models.anatomy import context_length
 from posttrain.models.decode import lean_decode_ok
 from posttrain.models.generate import CallbackStreamer, Generation, generate_from_ids
 from posttrain.models.load import reward_offset
+from posttrain.models.onednn_linear import swap_in, swap_out
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import Conversation, Message
 from posttrain.serve.batcher import Batcher
@@ -59,6 +60,7 @@ class Engine:
         self._batches_stopped = 0  # generate calls, scoring jobs or batcher jobs ended early: their client left
         # continuous: jobs join a running batch between decode steps (a model the lean loop can run)
         self.batcher = Batcher(model, tokenizer, max_batch) if continuous and lean_decode_ok(model) else None
+        self.onednn = swap_in(model)  # the engine's weights never change: their oneDNN copies made once, kept
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -74,6 +76,8 @@ class Engine:
             self.closing = True
             self.queue.put(None)
         self.thread.join(timeout)
+        if not self.thread.is_alive():
+            swap_out(self.onednn)
 
     # ------------------------------------------------------------------ worker thread
 

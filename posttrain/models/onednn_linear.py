@@ -1,0 +1,92 @@
+"""Linear layers through oneDNN while a CPU model decodes (no gradients, float32 weights).
+
+Why: `nn.Linear` on a CPU calls MKL's sgemm with the weight transposed, which re-packs the weight on every
+call. A decode step streams every weight once for a few rows, and there MKL reads SmolLM2-135M's fp32 weights
+at 10-16 GB/s on the project's 2-core VM, where a plain sum over the same memory reads 39 GB/s. oneDNN (shipped
+inside torch as `mkldnn`) computes the same product from a copy of the weight in its own layout, made once per
+decode call: 22-44 GB/s for 1-16 rows, and faster than MKL for prefill-sized products as well
+(benchmarks/README.md, Generation). No library call does this for an `nn.Linear` in place, hence this module:
+it swaps each plain linear layer's `forward` for the oneDNN product while a context is open.
+
+The results are the same products summed in another order: relative differences around 4e-6 against
+`F.linear` (one rounding of a 576-term sum), so greedy outputs equal HF `generate`'s wherever the top two
+logits are further apart than that (every row of the generation benchmark; tests/models/test_onednn_linear.py).
+A layer falls back to `F.linear` whenever gradients are on, autocast is on, or the input is not float32 on the
+CPU. The copies cost the layers' weights once more in memory while the context is open; with less memory
+available than twice that, nothing is swapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B comparison)
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _eligible(model: nn.Module) -> list[nn.Linear]:
+    """The model's plain float32 CPU linear layers (not subclasses such as quantized ones), none swapped yet."""
+    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+        return []
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    if not layers or any("_onednn_weight" in m.__dict__ for m in layers):
+        return []  # an outer context (or a serving engine) already swapped them
+    ok = all(type(m.weight.data) is torch.Tensor and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+             for m in layers)
+    return layers if ok else []
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.numel() == 0):
+        return F.linear(x, self.weight, self.bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
+    y = torch._C._nn.mkldnn_linear(rows, self._onednn_weight, self._onednn_bias).to_dense()
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def swap_in(model: nn.Module) -> list[nn.Linear]:
+    """Give the model's eligible linear layers oneDNN copies of their weights and the oneDNN forward; the layers
+    swapped (none when already swapped, not eligible or short of memory). The copies go stale if the weights
+    change: `swap_out` them first (`onednn_linears` does)."""
+    layers = _eligible(model)
+    need = sum(m.weight.numel() * 4 for m in layers)
+    if not layers or _available_bytes() < 2 * need:
+        return []
+    with torch.no_grad():
+        for m in layers:
+            m._onednn_weight = m.weight.detach().to_mkldnn()
+            m._onednn_bias = None if m.bias is None else m.bias.detach().to_mkldnn()
+            m.forward = _forward.__get__(m)
+    return layers
+
+
+def swap_out(layers: list[nn.Linear]) -> None:
+    for m in layers:
+        for name in ("forward", "_onednn_weight", "_onednn_bias"):
+            m.__dict__.pop(name, None)
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module):
+    """Inside: the model's linear layers compute through oneDNN (see the module docstring); restored after."""
+    layers = swap_in(model)
+    try:
+        yield
+    finally:
+        swap_out(layers)

@@ -1,0 +1,51 @@
+"""The oneDNN products of decoding (posttrain/models/onednn_linear.py): close to F.linear, used only where
+meant (no gradients, no autocast, float32 CPU layers, not switched off), and gone after the context."""
+
+import pytest
+import torch
+from torch import nn
+
+from posttrain.models.onednn_linear import ENV, onednn_linears, swap_in, swap_out
+
+
+def model_of(bias: bool, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 160, bias=bias), nn.Linear(160, 48, bias=bias)).to(dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_products_match_f_linear_and_the_layers_come_back(bias, rows):
+    model = model_of(bias)
+    x = torch.randn(2, rows, 96)
+    with torch.no_grad():
+        want = model(x)
+        with onednn_linears(model):
+            assert all("_onednn_weight" in m.__dict__ for m in model)  # really swapped
+            got = model(x)
+        assert not any(k in m.__dict__ for m in model for k in ("forward", "_onednn_weight", "_onednn_bias"))
+        again = model(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same products, summed in another order
+    assert torch.equal(again, want)
+
+
+def test_gradients_and_autocast_take_the_default_path():
+    model = model_of(True)
+    x = torch.randn(4, 96)
+    want = model(x)
+    with onednn_linears(model):
+        got = model(x)  # gradients on: F.linear itself, differentiable
+        assert torch.equal(got, want) and got.requires_grad
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16  # autocast's precision, not the float32 oneDNN product
+
+
+def test_not_swapped_when_switched_off_nested_or_not_float32(monkeypatch):
+    assert swap_in(model_of(False, torch.bfloat16)) == []
+    model = model_of(False)
+    layers = swap_in(model)
+    assert len(layers) == 2 and swap_in(model) == []  # an inner context leaves the outer copies alone
+    swap_out(layers)
+    monkeypatch.setenv(ENV, "0")
+    assert swap_in(model) == []

@@ -32,7 +32,8 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ROOT / "examples" / "data" / "arith_easy" / "train.jsonl"
-POSTTRAIN_VARIANTS = {"posttrain": []}  # no ablations: GRPO has no fast-path switch to take off
+# the ablation: rollouts decoded with torch's default linear path (common.SIDE_ENV), the before of oneDNN decoding
+POSTTRAIN_VARIANTS = {"posttrain": [], "posttrain-mkl": []}
 
 
 # ---------------------------------------------------------------- data

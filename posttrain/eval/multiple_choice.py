@@ -34,6 +34,7 @@ from posttrain.eval.mc_scoring import can_pack, continuation_logps, next_token_l
 from posttrain.eval.progress import Progress
 from posttrain.models.load import pick_device
 from posttrain.models.run import load_model_for_inference, model_stamp
+from posttrain.models.onednn_linear import onednn_linears
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ def run(ev: EvalConfig) -> dict:
              len(todo) + len(results), len(split), len(results), mc.shots, mc.prompt, language, mc.scoring, layout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.time()
-    with Progress(len(todo) + len(results), "multiple choice", "question", done=len(results)) as progress:
+    with Progress(len(todo) + len(results), "multiple choice", "question", done=len(results)) as progress, \
+            onednn_linears(model):  # no-grad forwards of fixed weights (models/onednn_linear.py)
         results += score_items(model, todo, packed, pad_id, ev.batch_size, cache_file, progress)
     seconds = time.time() - start
     summary = summarize(results, categories)

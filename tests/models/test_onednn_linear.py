@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from posttrain.models import onednn_linear
 from posttrain.models.onednn_linear import ENV, onednn_linears, swap_in, swap_out
+
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)  # these layers are far below the size it pays from
 
 
 def model_of(bias: bool, dtype=torch.float32) -> nn.Module:
@@ -49,3 +55,6 @@ def test_not_swapped_when_switched_off_nested_or_not_float32(monkeypatch):
     swap_out(layers)
     monkeypatch.setenv(ENV, "0")
     assert swap_in(model) == []
+    monkeypatch.delenv(ENV)
+    monkeypatch.setattr(onednn_linear, "MIN_BYTES", 1 << 20)
+    assert swap_in(model) == []  # 77 KB of weights: not worth it

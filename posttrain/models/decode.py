@@ -16,7 +16,8 @@ x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself 
 GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
 StaticCache + torch.compile were not tried: most of a SmolLM2 decode step is its linear layers streaming
 the fp32 weights (44 + 11 ms of a 78 ms batch-1 step; benchmarks/generate_speed.py profiles it), which
-removing python overhead does not touch. The model's own forward does every step, so prefill,
+removing python overhead does not touch; on a CPU they run through oneDNN while `decode` runs
+(models/onednn_linear.py). The model's own forward does every step, so prefill,
 masks and positions are the ones HF computes (position = count of real tokens before, as in
 `generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
 """

@@ -14,6 +14,7 @@ from posttrain.data.images import load_image
 from posttrain.errors import DataError
 from posttrain.models.anatomy import context_length
 from posttrain.models.generate import generate_reply
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import IMAGE_PLACEHOLDER, Message
 from posttrain.templates.render import encode_prompt
@@ -35,36 +36,37 @@ def run_repl(
     vision = image_inputs_of(model)
     hint = f", '{IMAGE_COMMAND} PATH' attaches an image" if vision is not None else ""
     print_fn(f"chat: '{CLEAR_WORD}' resets the conversation, '{EXIT_WORDS[0]}' or Ctrl-D ends it{hint}")
-    while True:
-        try:
-            line = input_fn("you> ")
-        except (EOFError, KeyboardInterrupt):
+    with onednn_linears(model):  # fixed weights: their oneDNN copies made once for the session, not per reply
+        while True:
+            try:
+                line = input_fn("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print_fn()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.lower() in EXIT_WORDS:
+                break
+            if text.lower() == CLEAR_WORD:
+                history, images, pending = [], [], []
+                print_fn("(history cleared)")
+                continue
+            if text.startswith(IMAGE_COMMAND):
+                _attach(text[len(IMAGE_COMMAND):].strip(), vision, pending, print_fn)
+                continue
+            history.append(Message(role="user", content=IMAGE_PLACEHOLDER * len(pending) + text))
+            images, pending = images + pending, []
+            _trim_history(history, model, tokenizer, system, max_new_tokens, images)
+            print_fn("assistant> ", end="", flush=True)
+            reply = generate_reply(
+                model, tokenizer, history, system=system, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p,
+                stream_to=lambda piece: print_fn(piece, end="", flush=True),
+                pixel_values=vision.pixel_values(images) if images else None,
+            )
             print_fn()
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text.lower() in EXIT_WORDS:
-            break
-        if text.lower() == CLEAR_WORD:
-            history, images, pending = [], [], []
-            print_fn("(history cleared)")
-            continue
-        if text.startswith(IMAGE_COMMAND):
-            _attach(text[len(IMAGE_COMMAND):].strip(), vision, pending, print_fn)
-            continue
-        history.append(Message(role="user", content=IMAGE_PLACEHOLDER * len(pending) + text))
-        images, pending = images + pending, []
-        _trim_history(history, model, tokenizer, system, max_new_tokens, images)
-        print_fn("assistant> ", end="", flush=True)
-        reply = generate_reply(
-            model, tokenizer, history, system=system, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p,
-            stream_to=lambda piece: print_fn(piece, end="", flush=True),
-            pixel_values=vision.pixel_values(images) if images else None,
-        )
-        print_fn()
-        history.append(Message(role="assistant", content=reply))
+            history.append(Message(role="assistant", content=reply))
     return history
 
 

@@ -45,9 +45,6 @@ POSTTRAIN_VARIANTS = {
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
     "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
     "posttrain-glibc-default": ["train.keep_freed_memory=false"],  # before: glibc returns freed memory, re-faults it
-    "posttrain-dnn-train": [],
-    "posttrain-dnn-bwd": [],
-    "posttrain-dnn-fwd": [],
 }
 
 

@@ -13,36 +13,12 @@ adapter's gradients to its float32 master weights.
 
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 from torch import nn
 
 from posttrain.models.anatomy import partitioned
-
-
-def _dnn_linear(x: torch.Tensor, weight_dnn) -> torch.Tensor:
-    """x @ W^T with W held in oneDNN's layout (models/onednn_linear.py says why on a CPU)."""
-    return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight_dnn).to_dense()
-
-
-class _DnnCopies:
-    """oneDNN copies of one frozen base weight, as it is (forward) and transposed (input gradient), rebuilt when
-    the weight's storage or version changes; the source is held so that its memory cannot be reused meanwhile."""
-
-    def __init__(self):
-        self.key, self.src, self.w, self.wt = None, None, None, None
-
-    def of(self, weight: torch.Tensor) -> _DnnCopies:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        if key != self.key:
-            w = weight.detach()
-            mode = os.environ.get("POSTTRAIN_ONEDNN_TRAIN")
-            self.key, self.src = key, w
-            self.w = w.to_mkldnn() if mode in ("1", "fwd") else None
-            self.wt = w.t().contiguous().to_mkldnn() if mode in ("1", "bwd") else None
-        return self
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -53,15 +29,12 @@ class _LoraLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dnn=None):  # x (N, in), weight (out, in), a (r, in)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):  # x (N, in), weight (out, in), a (r, in), b (out, r)
         h_t = lora_a @ x.t()  # (r, N)
-        if dnn is not None and dnn.w is not None:
-            y = _dnn_linear(x, dnn.w) if bias is None else _dnn_linear(x, dnn.w).add_(bias)
-        else:
-            y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # (N, out)
+        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # (N, out)
         y.addmm_(h_t.t(), lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h_t)
-        ctx.scale, ctx.dnn = scale, dnn
+        ctx.scale = scale
         return y
 
     @staticmethod
@@ -72,9 +45,8 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_a = grad_h_t @ x if ctx.needs_input_grad[3] else None  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            base = grad @ weight if ctx.dnn is None or ctx.dnn.wt is None else _dnn_linear(grad, ctx.dnn.wt)
-            grad_x = base.addmm_(grad_h_t.t(), lora_a)  # (N, in)
-        return grad_x, None, None, grad_a, grad_b, None, None
+            grad_x = (grad @ weight).addmm_(grad_h_t.t(), lora_a)  # (N, in)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def _eligible(module) -> bool:
@@ -103,10 +75,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)  # any other state (ZeRO-3 too): PEFT's own path
     operands = (x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a, lora_b)
     if amp is None:
-        dnn = None
-        if os.environ.get("POSTTRAIN_ONEDNN_TRAIN") in ("1", "bwd", "fwd") and device == "cpu" and x.dtype == torch.float32:
-            dnn = self.__dict__.setdefault("_dnn_copies", _DnnCopies()).of(base.weight)
-        y = _LoraLinearFn.apply(*operands, float(self.scaling[name]), dnn)
+        y = _LoraLinearFn.apply(*operands, float(self.scaling[name]))
     else:
         with torch.autocast(device, enabled=False):
             y = _LoraLinearFn.apply(*(t if t is None else t.to(amp) for t in operands), float(self.scaling[name]))

@@ -30,20 +30,21 @@ def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: in
     calls = -(-len(mine) // batch_size)
     if dist_ctx.lockstep:  # every forward is a collective: the same number of generate calls everywhere
         calls = dist_ctx.max(calls)
-    for start in range(0, calls * batch_size, batch_size):
-        chunk = mine[start:start + batch_size]
-        with sampling_weights(policy, dist_ctx.lockstep):
+    with sampling_weights(policy, dist_ctx.lockstep):  # LoRA merged once for all the calls
+        for start in range(0, calls * batch_size, batch_size):
+            chunk = mine[start:start + batch_size]
             gens = generate_from_ids(policy, tokenizer, [q.ids for q in chunk or prompts[:1]],
                                      max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None,
                                      synced=dist_ctx.lockstep)
-        if not chunk:  # the filler call of a process with fewer prompts
-            continue
-        scores = rewards.score([q.text for q in chunk], [g.text for g in gens], [q.reference for q in chunk])
-        sums += scores.double().sum(0)
-        tokens += sum(len(g.token_ids) for g in gens)
-        for q, gen, total in zip(chunk, gens, rewards.total(scores).tolist()):
-            if len(samples) < SAMPLES_KEPT:
-                samples.append({"prompt": q.text, "reference": q.reference, "response": gen.text, "reward": total})
+            if not chunk:  # the filler call of a process with fewer prompts
+                continue
+            scores = rewards.score([q.text for q in chunk], [g.text for g in gens], [q.reference for q in chunk])
+            sums += scores.double().sum(0)
+            tokens += sum(len(g.token_ids) for g in gens)
+            for q, gen, total in zip(chunk, gens, rewards.total(scores).tolist()):
+                if len(samples) < SAMPLES_KEPT:
+                    samples.append({"prompt": q.text, "reference": q.reference, "response": gen.text,
+                                    "reward": total})
     n, tokens, *sums = dist_ctx.sum([float(len(mine)), float(tokens), *sums.tolist()])
     means = {f"reward/{name}": s / max(n, 1.0) for name, s in zip(rewards.names, sums)}
     total = float(torch.tensor(sums, dtype=torch.float64) @ rewards.weights.double())  # the weighted sum

@@ -13,7 +13,8 @@ The results are the same products summed in another order: relative differences 
 logits are further apart than that (every row of the generation benchmark; tests/models/test_onednn_linear.py).
 A layer falls back to `F.linear` whenever gradients are on, autocast is on, or the input is not float32 on the
 CPU. The copies cost the layers' weights once more in memory while the context is open; with less memory
-available than twice that, or for a model whose linear weights are under MIN_BYTES, nothing is swapped.
+available than twice that, or for a model whose linear weights are under MIN_BYTES, nothing is swapped; layers
+thinner than MIN_DIM (LoRA factors) never are.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B compar
 # Below this many bytes of linear weights a model's decode step is not bound by streaming them from memory, and
 # oneDNN's per-call conversions cost more than they save (the 2-layer tiny model's GRPO sampling: 1.7x slower).
 MIN_BYTES = 32 << 20
+# A layer thinner than this on either side (a LoRA factor of rank r <= 64) stays on torch's path: oneDNN's fixed
+# cost of ~30 us a call (converting the input and output) is more than such a product takes (2-5 us).
+MIN_DIM = 128
 
 
 def _available_bytes() -> int:
@@ -43,10 +47,11 @@ def _available_bytes() -> int:
 
 
 def _eligible(model: nn.Module) -> list[nn.Linear]:
-    """The model's plain float32 CPU linear layers (not subclasses such as quantized ones), none swapped yet."""
+    """The model's plain float32 CPU linear layers (not subclasses such as quantized ones, not thinner than
+    MIN_DIM), none swapped yet."""
     if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
         return []
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    layers = [m for m in model.modules() if type(m) is nn.Linear and min(m.weight.shape) >= MIN_DIM]
     if not layers or any("_onednn_weight" in m.__dict__ for m in layers):
         return []  # an outer context (or a serving engine) already swapped them
     ok = all(type(m.weight.data) is torch.Tensor and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32

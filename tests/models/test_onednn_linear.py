@@ -12,6 +12,7 @@ from posttrain.models.onednn_linear import ENV, onednn_linears, swap_in, swap_ou
 @pytest.fixture(autouse=True)
 def any_size(monkeypatch):
     monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)  # these layers are far below the size it pays from
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
 
 
 def model_of(bias: bool, dtype=torch.float32) -> nn.Module:
@@ -58,3 +59,12 @@ def test_not_swapped_when_switched_off_nested_or_not_float32(monkeypatch):
     monkeypatch.delenv(ENV)
     monkeypatch.setattr(onednn_linear, "MIN_BYTES", 1 << 20)
     assert swap_in(model) == []  # 77 KB of weights: not worth it
+
+
+def test_thin_layers_such_as_lora_factors_are_left_alone(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 8), nn.Linear(8, 256))  # a rank-8 pair after a layer
+    layers = swap_in(model)
+    assert layers == [model[0]]
+    swap_out(layers)
+

@@ -20,6 +20,7 @@ from torch import nn
 from posttrain.data.prompts import Prompt
 from posttrain.losses.ppo import entropy_from_logits
 from posttrain.models.generate import sample_ids
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.anatomy import lm_head_and_backbone
 
 
@@ -181,11 +182,12 @@ def sampling_weights(policy: nn.Module, synced: bool):
     """The policy as sampling runs it: outside the run's autocast where the weights share one dtype (autocast
     would cast every frozen weight again at each decode step, as it caches only trainable leaves: GRPO's bf16
     sampling was slower than fp32 on a CPU with AMX, benchmarks/README.md; mixed storage, a bf16 base under
-    fp32 trainable blocks, needs autocast to run at all), with LoRA merged (`merged_lora`)."""
+    fp32 trainable blocks, needs autocast to run at all), with LoRA merged (`merged_lora`) and, on a CPU, the
+    merged weights' oneDNN copies made once for every generate call inside (models/onednn_linear.py)."""
     device = next(policy.parameters()).device
     one_dtype = len({p.dtype for p in policy.parameters() if p.is_floating_point()}) == 1
     with torch.autocast(device.type, enabled=False) if one_dtype else contextlib.nullcontext(), \
-            merged_lora(policy, synced):
+            merged_lora(policy, synced), onednn_linears(policy):
         yield
 
 

@@ -3,10 +3,12 @@
 Why: `nn.Linear` on a CPU calls MKL's sgemm with the weight transposed, which re-packs the weight on every
 call. A decode step streams every weight once for a few rows, and there MKL reads SmolLM2-135M's fp32 weights
 at 10-16 GB/s on the project's 2-core VM, where a plain sum over the same memory reads 39 GB/s. oneDNN (shipped
-inside torch as `mkldnn`) computes the same product from a copy of the weight in its own layout, made once per
-decode call: 22-44 GB/s for 1-16 rows, and faster than MKL for prefill-sized products as well
-(benchmarks/README.md, Generation). No library call does this for an `nn.Linear` in place, hence this module:
-it swaps each plain linear layer's `forward` for the oneDNN product while a context is open.
+inside torch as `mkldnn`) computes the same product from a copy of the weight packed in its own layout
+(`torch.ops.mkldnn._reorder_linear_weight`, made once per decode call) with dense inputs and outputs
+(`torch.ops.mkldnn._linear_pointwise`, the pair inductor's CPU weight freezing uses): 29-34 GB/s for SmolLM2's
+layers at 1-8 rows, and faster than MKL for prefill-sized products as well (benchmarks/README.md, Generation).
+No library call does this for an `nn.Linear` in place, hence this module: it swaps each plain linear layer's
+`forward` for the oneDNN product while a context is open.
 
 The results are the same products summed in another order: relative differences around 4e-6 against
 `F.linear` (one rounding of a 576-term sum), so greedy outputs equal HF `generate`'s wherever the top two
@@ -31,7 +33,7 @@ ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B compar
 # oneDNN's per-call conversions cost more than they save (the 2-layer tiny model's GRPO sampling: 1.7x slower).
 MIN_BYTES = 32 << 20
 # A layer thinner than this on either side (a LoRA factor of rank r <= 64) stays on torch's path: oneDNN's fixed
-# cost of ~30 us a call (converting the input and output) is more than such a product takes (2-5 us).
+# cost of ~12 us a call is more than such a product takes (2-5 us).
 MIN_DIM = 128
 
 
@@ -63,9 +65,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32
             or x.device.type != "cpu" or x.numel() == 0):
         return F.linear(x, self.weight, self.bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
-    y = torch._C._nn.mkldnn_linear(rows, self._onednn_weight, self._onednn_bias).to_dense()
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight, self.bias, "none", [], "")
 
 
 def swap_in(model: nn.Module) -> list[nn.Linear]:
@@ -78,15 +78,14 @@ def swap_in(model: nn.Module) -> list[nn.Linear]:
         return []
     with torch.no_grad():
         for m in layers:
-            m._onednn_weight = m.weight.detach().to_mkldnn()
-            m._onednn_bias = None if m.bias is None else m.bias.detach().to_mkldnn()
+            m._onednn_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
             m.forward = _forward.__get__(m)
     return layers
 
 
 def swap_out(layers: list[nn.Linear]) -> None:
     for m in layers:
-        for name in ("forward", "_onednn_weight", "_onednn_bias"):
+        for name in ("forward", "_onednn_weight"):
             m.__dict__.pop(name, None)
 
 

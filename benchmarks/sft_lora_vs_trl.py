@@ -45,6 +45,7 @@ POSTTRAIN_VARIANTS = {
     "posttrain-no-packing": ["data.packing=false"],  # before: one padded sample per row
     "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, masked attention, autograd head
     "posttrain-glibc-default": ["train.keep_freed_memory=false"],  # before: glibc returns freed memory, re-faults it
+    "posttrain-mkl": [],  # before: the products on torch's MKL path (POSTTRAIN_ONEDNN=0, common.SIDE_ENV)
 }
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from posttrain.models.anatomy import partitioned
+from posttrain.models.onednn_linear import product
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -31,7 +32,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):  # x (N, in), weight (out, in), a (r, in), b (out, r)
         h_t = lora_a @ x.t()  # (r, N)
-        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # (N, out)
+        y = product(x, weight, bias)  # (N, out); through oneDNN on a CPU (models/onednn_linear.py)
         y.addmm_(h_t.t(), lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h_t)
         ctx.scale = scale
@@ -45,7 +46,7 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_a = grad_h_t @ x if ctx.needs_input_grad[3] else None  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).addmm_(grad_h_t.t(), lora_a)  # (N, in)
+            grad_x = product(grad, weight.t()).addmm_(grad_h_t.t(), lora_a)  # (N, in)
         return grad_x, None, None, grad_a, grad_b, None
 
 

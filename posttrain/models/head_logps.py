@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.anatomy import partitioned
+from posttrain.models.onednn_linear import product
 
 
 class _FrozenHeadLogps(torch.autograd.Function):
@@ -33,13 +34,13 @@ class _FrozenHeadLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             h = h if amp is None else h.to(amp)
-            logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()  # (n, V)
+            logits = product(h, weight, bias).float()  # (n, V); oneDNN on a CPU (models/onednn_linear.py)
             target_logits = logits.gather(1, t[:, None])[:, 0]  # (n,)
             top = logits.amax(dim=-1)  # (n,) log-sum-exp, stabilised, in place: exp(logits - top)
             total = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # (n,)
             logps[start:start + chunk] = target_logits - top - total.log()
             if need_grad:  # softmax @ W = (exp(logits - top) @ W) / total: divide n rows, not n x V
-                expected = (logits.to(weight.dtype) @ weight).div_(total[:, None].to(weight.dtype))  # (n, H)
+                expected = product(logits.to(weight.dtype), weight.t()).div_(total[:, None].to(weight.dtype))  # (n, H)
                 grad_rows[start:start + chunk] = rows[t].to(grad_rows.dtype) - expected.to(grad_rows.dtype)
         ctx.save_for_backward(grad_rows)
         return logps

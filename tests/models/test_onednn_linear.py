@@ -68,3 +68,38 @@ def test_thin_layers_such_as_lora_factors_are_left_alone(monkeypatch):
     assert layers == [model[0]]
     swap_out(layers)
 
+
+
+def spy(monkeypatch) -> list:
+    calls = []
+    real = onednn_linear._pointwise
+    monkeypatch.setattr(onednn_linear, "_pointwise", lambda *a: calls.append(a[1].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_products_match_matmul_from_the_weight_or_its_transposed_view(bias, monkeypatch):
+    """`product`, the fused LoRA linear's and the fused head's products: x W^T and g W (through W.t(), no copy)."""
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    calls = spy(monkeypatch)
+    torch.manual_seed(3)
+    weight, b = torch.randn(256, 192), (torch.randn(256) if bias else None)
+    x, g = torch.randn(37, 192), torch.randn(37, 256)
+    torch.testing.assert_close(onednn_linear.product(x, weight, b), nn.functional.linear(x, weight, b),
+                               rtol=1e-5, atol=1e-4)  # sums of 192 terms of size ~1: rounding of another order
+    torch.testing.assert_close(onednn_linear.product(g, weight.t()), g @ weight, rtol=1e-5, atol=1e-4)
+    assert calls == [(256, 192), (192, 256)]  # both through oneDNN
+
+
+def test_training_products_fall_back_when_thin_not_float32_or_switched_off(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    calls = spy(monkeypatch)
+    torch.manual_seed(4)
+    weight, x = torch.randn(256, 192), torch.randn(9, 192)
+    thin = torch.randn(8, 192)  # a LoRA factor
+    assert torch.equal(onednn_linear.product(x, thin), x @ thin.t())
+    half = onednn_linear.product(x.bfloat16(), weight.bfloat16())
+    assert half.dtype == torch.bfloat16 and torch.equal(half, x.bfloat16() @ weight.bfloat16().t())
+    monkeypatch.setenv(ENV, "0")
+    assert torch.equal(onednn_linear.product(x, weight), x @ weight.t())
+    assert calls == []

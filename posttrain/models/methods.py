@@ -24,6 +24,7 @@ from posttrain.models.config import PROMPT_METHODS, FreezeConfig, LoraConfig, Me
 from posttrain.models.anatomy import find_layers, unwrap
 from posttrain.models.lisa import LisaSchedule, apply_lisa, lisa_parameters
 from posttrain.models.fast_lora import enable_fast_lora
+from posttrain.models.onednn_linear import enable_training_products
 from posttrain.models.load import pick_dtype
 from posttrain.models.sources import resolve_model
 
@@ -33,10 +34,13 @@ def apply_method(model: nn.Module, methods: Methods, *, task_type: str = "CAUSAL
     """Prepare `model` for training under `methods.type`; returns the (possibly wrapped) model.
 
     task_type SEQ_CLS (reward models) makes PEFT train and save the `score` head beside the adapters
-    (LoRA family and virtual tokens alike). fused: LoRA linears in one autograd op each (false: PEFT's
-    own path, the reference). base_model: the model reference, whose tokenizer reads prompt.init_text.
+    (LoRA family and virtual tokens alike). fused: LoRA linears in one autograd op each, plain linear layers'
+    training products through oneDNN on a CPU (false: PEFT's own path and torch's, the reference). base_model:
+    the model reference, whose tokenizer reads prompt.init_text.
     """
     model = _apply(model, methods, task_type, fused, base_model)
+    if fused:  # plain linear layers' training products through oneDNN on a CPU (models/onednn_linear.py)
+        enable_training_products(model)
     if task_type == "SEQ_CLS":  # a reward model's head always trains (freeze, full and LISA too)
         for name, param in model.named_parameters():
             if ".score." in f".{name}" and "original_module" not in name:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.models.anatomy import partitioned
+
 ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B comparison)
 # Below this many bytes of linear weights a model's decode step is not bound by streaming them from memory, and
 # oneDNN's per-call conversions cost more than they save (the 2-layer tiny model's GRPO sampling: 1.7x slower).
@@ -41,6 +43,9 @@ MIN_BYTES = 32 << 20
 # A layer thinner than this on either side (a LoRA factor of rank r <= 64) stays on torch's path: oneDNN's fixed
 # cost of ~12 us a call is more than such a product takes (2-5 us).
 MIN_DIM = 128
+# Training products with fewer rows than this keep torch's path (a generation step, a short eval batch): oneDNN
+# re-lays out a dense weight inside every call, which only many rows pay for.
+MIN_ROWS = 64
 _ON = torch.backends.mkldnn.is_available()
 _pointwise = torch.ops.mkldnn._linear_pointwise  # y = x W^T (+ b); W dense or packed by _reorder_linear_weight
 
@@ -64,6 +69,54 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             and os.environ.get(ENV, "1") != "0"):
         return _pointwise(x, weight, bias, "none", [], "")
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+
+
+class _LinearFn(torch.autograd.Function):
+    """F.linear with its forward product and input gradient through `product`; the weight gradient g^T x too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (N, in), weight (out, in)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, out)
+        x, weight = ctx.saved_tensors
+        grad_x = product(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = product(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # (out, N) x (N, in)
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _train_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (rows < MIN_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or type(self.weight.data) is not torch.Tensor or partitioned(self.weight)):
+        return F.linear(x, self.weight, self.bias)
+    y = _LinearFn.apply(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def enable_training_products(model: nn.Module) -> int:
+    """Give the model's plain float32 CPU linear layers (not thinner than MIN_DIM, frozen or trained) the forward
+    above for training: products of MIN_ROWS rows or more through oneDNN. Returns how many; none with
+    POSTTRAIN_ONEDNN=0."""
+    if os.environ.get(ENV, "1") == "0" or not _ON:
+        return 0
+    layers = [m for m in model.modules() if type(m) is nn.Linear and min(m.weight.shape) >= MIN_DIM
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
+    for m in layers:
+        m.forward = _train_forward.__get__(m)
+    return len(layers)
+
+
+def disable_training_products(model: nn.Module) -> None:
+    """Back to torch's path for every layer `enable_training_products` switched (references in tests)."""
+    for m in model.modules():
+        forward = m.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is _train_forward:
+            del m.forward
 
 
 def _eligible(model: nn.Module) -> list[nn.Linear]:
@@ -97,14 +150,18 @@ def swap_in(model: nn.Module) -> list[nn.Linear]:
     with torch.no_grad():
         for m in layers:
             m._onednn_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+            m._onednn_before = m.__dict__.get("forward")  # a training forward (enable_training_products), if any
             m.forward = _forward.__get__(m)
     return layers
 
 
 def swap_out(layers: list[nn.Linear]) -> None:
     for m in layers:
+        before = m.__dict__.pop("_onednn_before", None)
         for name in ("forward", "_onednn_weight"):
             m.__dict__.pop(name, None)
+        if before is not None:
+            m.forward = before
 
 
 @contextlib.contextmanager

@@ -103,3 +103,44 @@ def test_training_products_fall_back_when_thin_not_float32_or_switched_off(monke
     monkeypatch.setenv(ENV, "0")
     assert torch.equal(onednn_linear.product(x, weight), x @ weight.t())
     assert calls == []
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_forward_gives_f_linear_values_and_gradients(bias, monkeypatch):
+    """`enable_training_products` (full, freeze, LISA, the base of PEFT's unfused LoRA): forward, input, weight and
+    bias gradients of F.linear, the products through oneDNN; few rows and autocast keep torch's path."""
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    torch.manual_seed(5)
+    layer = nn.Linear(192, 256, bias=bias)
+    ref = nn.Linear(192, 256, bias=bias)
+    ref.load_state_dict(layer.state_dict())
+    assert onednn_linear.enable_training_products(nn.Sequential(layer)) == 1
+    x = torch.randn(3, 50, 192) / 192 ** 0.5  # 150 rows
+    upstream = torch.randn(3, 50, 256)
+    calls = spy(monkeypatch)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    got, want = layer(xs[0]), ref(xs[1])
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-5)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert calls == [(256, 192), (192, 256), (192, 150)]  # x W^T, g W, g^T x
+    for a, b in [(xs[0].grad, xs[1].grad), (layer.weight.grad, ref.weight.grad)] + (
+            [(layer.bias.grad, ref.bias.grad)] if bias else []):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-5)
+    calls.clear()
+    layer(torch.randn(8, 192))  # a decode-sized product
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == []
+    onednn_linear.disable_training_products(nn.Sequential(layer))
+    assert "forward" not in layer.__dict__
+
+
+def test_decoding_inside_training_gives_the_training_forward_back(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    model = nn.Sequential(nn.Linear(256, 256))
+    onednn_linear.enable_training_products(model)
+    training_forward = model[0].forward
+    with onednn_linears(model):
+        assert model[0].forward != training_forward  # the decode copies' forward
+    assert model[0].forward == training_forward

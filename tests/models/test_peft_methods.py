@@ -10,6 +10,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.export import export_merged
 from posttrain.models.load import load_base
 from posttrain.models.fast_lora import disable_fast_lora
+from posttrain.models.onednn_linear import disable_training_products
 from posttrain.models.anatomy import lm_head_and_backbone
 from posttrain.models.methods import apply_method, optimizer_groups, quantization_config
 from posttrain.models.run import load_model_for_inference, save_model
@@ -83,6 +84,7 @@ def test_method_trains_only_its_parameters_and_round_trips(tmp_path, tiny_dir, n
     save_config(cfg, run_dir / "config.yaml")
     loaded, _, _ = load_model_for_inference(run_dir, device="cpu")
     disable_fast_lora(model)  # compare PEFT's forward with PEFT's (the fused one differs by float rounding only)
+    disable_training_products(model)  # and torch's linear products with torch's
     # PiSSA is saved converted (rank 2r on the untouched base): equal up to float rounding.
     torch.testing.assert_close(logits(loaded), logits(model.eval()), rtol=0, atol=1e-5 if name == "pissa" else 1e-6)
 

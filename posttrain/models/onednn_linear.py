@@ -19,10 +19,12 @@ available than twice that, or for a model whose linear weights are under MIN_BYT
 thinner than MIN_DIM (LoRA factors) never are.
 
 Training products (`product`: the fused LoRA linear's base product and input gradient, the fused LM head's two
-products) have hundreds of rows, where re-laying a weight out costs little against the product: they go through
-the same oneDNN op straight from the dense weight (or its transposed view), with no copy kept. For SmolLM2's
-shapes at 128-1024 rows that ran 2.0-2.3x faster than torch's MKL path on the project's AMD CPU (relative
-differences ~5e-6; benchmarks/README.md, SFT).
+products, and with `enable_training_products` every plain linear layer's forward, input and weight gradient in
+full / freeze / LISA training) have hundreds of rows, where re-laying a weight out costs little against the
+product: they go through the same oneDNN op straight from the dense weight (or its transposed view), with no
+copy kept. For SmolLM2's shapes at 128-1024 rows that ran 2.0-2.3x faster than torch's MKL path on the project's
+AMD CPU (relative differences ~5e-6; benchmarks/README.md, SFT). Fewer rows than MIN_ROWS, autocast, other
+dtypes or devices, and ZeRO-3 partitions keep torch's path.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # x (N, in), weight (out, in)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # a frozen weight needs no x kept
         ctx.has_bias = bias is not None
         return product(x, weight, bias)
 

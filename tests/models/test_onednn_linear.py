@@ -144,3 +144,16 @@ def test_decoding_inside_training_gives_the_training_forward_back(monkeypatch):
     with onednn_linears(model):
         assert model[0].forward != training_forward  # the decode copies' forward
     assert model[0].forward == training_forward
+
+
+def test_training_forward_of_a_frozen_layer_keeps_no_input(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 128)
+    layer = nn.Linear(192, 256).requires_grad_(False)
+    onednn_linear.enable_training_products(nn.Sequential(layer))
+    x = torch.randn(150, 192, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert saved == [(256, 192)]  # only the weight, for the input gradient
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, torch.ones(150, 256) @ layer.weight, rtol=2e-6, atol=1e-5)

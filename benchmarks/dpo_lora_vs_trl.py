@@ -42,6 +42,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 POSTTRAIN_VARIANTS = {
     "posttrain": [],
     "posttrain-unfused": ["fast.fused=false"],  # before: PEFT LoRA forward, padded rows, masked attention
+    "posttrain-mkl": [],  # before: the products on torch's MKL path (POSTTRAIN_ONEDNN=0, common.SIDE_ENV)
 }
 
 

@@ -32,7 +32,9 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ASSETS / "data" / "llamafactory" / "kto_en_demo.json"
-POSTTRAIN_VARIANTS = {"posttrain": []}  # no ablations: stage kto takes no fast-path switch
+# posttrain-mkl: the products on torch's MKL path (POSTTRAIN_ONEDNN=0, common.SIDE_ENV); stage kto takes no
+# fast-path switch
+POSTTRAIN_VARIANTS = {"posttrain": [], "posttrain-mkl": []}
 
 
 # ---------------------------------------------------------------- data

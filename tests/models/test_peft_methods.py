@@ -194,3 +194,19 @@ def test_pissa_init_folder_goes_away_with_the_model_and_at_exit(tmp_path, tiny_d
     assert Path(done.stdout.strip().splitlines()[-1]).parent == temp  # it was made where we look
     assert (tmp_path / "run" / "adapter_config.json").is_file()
     assert list(temp.glob("posttrain-pissa-init-*")) == []
+
+
+@pytest.mark.parametrize("kind,fused", [("full", True), ("lora", True), ("full", False)])
+def test_training_products_are_switched_on_with_the_fast_paths(tiny_dir, monkeypatch, kind, fused):
+    """apply_method gives plain linear layers oneDNN's training products (models/onednn_linear.py) unless the
+    fast paths are off; the tiny model's layers are below MIN_DIM, so it is lowered here."""
+    from posttrain.models import onednn_linear
+
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
+    cfg = make_cfg(tiny_dir, {"method.type": kind})
+    model, _ = load_base(cfg.model, "cpu", None)
+    model = apply_method(model, cfg.methods, fused=fused)
+    switched = [m for m in model.modules() if "forward" in m.__dict__ and type(m) is torch.nn.Linear]
+    assert bool(switched) == fused
+    if fused:  # every plain linear at least MIN_DIM wide: LoRA's base layers and the head included
+        assert len(switched) == sum(type(m) is torch.nn.Linear for m in model.modules())

@@ -17,6 +17,7 @@ from posttrain.models.config import Methods
 from posttrain.models.methods import apply_lora, count_parameters
 from posttrain.models.vision_config import VISION_METHODS, VisionConfig
 from posttrain.models.fast_lora import enable_fast_lora
+from posttrain.models.onednn_linear import enable_training_products
 
 PROJECTOR = "multi_modal_projector"
 TOWER = "vision_tower"
@@ -25,7 +26,8 @@ LANGUAGE_MODEL = "model.language_model."
 
 def apply_vision_method(model: nn.Module, methods: Methods, vision: VisionConfig, fused: bool = True) -> nn.Module:
     """Set requires_grad (and wrap with LoRA) on a LlavaForConditionalGeneration for `methods.type`; fused: LoRA
-    linears in one autograd op each (models/fast_lora.py)."""
+    linears in one autograd op each (models/fast_lora.py), plain linear layers' training products through oneDNN on
+    a CPU (models/onednn_linear.py)."""
     kind, train_tower = methods.type, not vision.freeze_tower
     if kind not in VISION_METHODS:
         raise ConfigError(f"method.type={kind} is not supported with a vision model; use one of "
@@ -38,6 +40,7 @@ def apply_vision_method(model: nn.Module, methods: Methods, vision: VisionConfig
         model = apply_lora(model, lora)
         if fused:
             enable_fast_lora(model)
+            enable_training_products(model)
         return model
     layers = model.model.language_model.layers
     first = len(layers) - methods.freeze.trainable_layers if kind == "freeze" else len(layers)
@@ -53,6 +56,8 @@ def apply_vision_method(model: nn.Module, methods: Methods, vision: VisionConfig
         param.requires_grad_(trains or PROJECTOR in name or (train_tower and TOWER in name))
     if count_parameters(model)[0] == 0:
         raise ConfigError(f"method.type={kind}: nothing would train")
+    if fused:
+        enable_training_products(model)
     return model
 
 

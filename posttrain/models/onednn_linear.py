@@ -48,8 +48,9 @@ MIN_DIM = 128
 # Training products with fewer rows than this keep torch's path (a generation step, a short eval batch): oneDNN
 # re-lays out a dense weight inside every call, which only many rows pay for.
 MIN_ROWS = 64
-_ON = torch.backends.mkldnn.is_available()
-_pointwise = torch.ops.mkldnn._linear_pointwise  # y = x W^T (+ b); W dense or packed by _reorder_linear_weight
+# y = x W^T (+ b), W dense or packed by _reorder_linear_weight; absent from builds without oneDNN (macOS arm64)
+_pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_ON = torch.backends.mkldnn.is_available() and _pointwise is not None
 
 
 def _available_bytes() -> int:
@@ -124,7 +125,7 @@ def disable_training_products(model: nn.Module) -> None:
 def _eligible(model: nn.Module) -> list[nn.Linear]:
     """The model's plain float32 CPU linear layers (not subclasses such as quantized ones, not thinner than
     MIN_DIM), none swapped yet."""
-    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if os.environ.get(ENV, "1") == "0" or not _ON:
         return []
     layers = [m for m in model.modules() if type(m) is nn.Linear and min(m.weight.shape) >= MIN_DIM]
     if not layers or any("_onednn_weight" in m.__dict__ for m in layers):

@@ -157,3 +157,14 @@ def test_training_forward_of_a_frozen_layer_keeps_no_input(monkeypatch):
     assert saved == [(256, 192)]  # only the weight, for the input gradient
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(grad, torch.ones(150, 256) @ layer.weight, rtol=2e-6, atol=1e-5)
+
+
+def test_a_torch_without_onednn_keeps_torchs_path(monkeypatch):
+    """Builds without oneDNN (macOS arm64) have no `_linear_pointwise`: nothing is swapped, every product is torch's."""
+    monkeypatch.setattr(onednn_linear, "_ON", False)
+    monkeypatch.setattr(onednn_linear, "_pointwise", None)
+    model = model_of(True)
+    x = torch.randn(150, 96)
+    assert swap_in(model) == [] and onednn_linear.enable_training_products(model) == 0
+    weight, rows = torch.randn(256, 192), torch.randn(150, 192)
+    assert torch.equal(onednn_linear.product(rows, weight), rows @ weight.t())

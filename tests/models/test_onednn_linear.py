@@ -164,7 +164,6 @@ def test_a_torch_without_onednn_keeps_torchs_path(monkeypatch):
     monkeypatch.setattr(onednn_linear, "_ON", False)
     monkeypatch.setattr(onednn_linear, "_pointwise", None)
     model = model_of(True)
-    x = torch.randn(150, 96)
     assert swap_in(model) == [] and onednn_linear.enable_training_products(model) == 0
     weight, rows = torch.randn(256, 192), torch.randn(150, 192)
     assert torch.equal(onednn_linear.product(rows, weight), rows @ weight.t())

@@ -40,7 +40,8 @@ from posttrain.models.anatomy import partitioned
 
 ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B comparison)
 # Below this many bytes of linear weights a model's decode step is not bound by streaming them from memory, and
-# oneDNN's per-call conversions cost more than they save (the 2-layer tiny model's GRPO sampling: 1.7x slower).
+# packing plus oneDNN's fixed cost per call outweigh the gain (the 2-layer tiny model's GRPO sampling was 1.7x slower
+# with the earlier oneDNN op).
 MIN_BYTES = 32 << 20
 # A layer thinner than this on either side (a LoRA factor of rank r <= 64) stays on torch's path: oneDNN's fixed
 # cost of ~12 us a call is more than such a product takes (2-5 us).

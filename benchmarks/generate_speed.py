@@ -9,14 +9,15 @@ template's end of turn); outputs must be token-identical (checked per row, repor
   hf         `model.generate(input_ids, attention_mask, GenerationConfig(do_sample=False, eos...))`,
              one left-padded batch: every row is computed until the last row stops
   posttrain  `models.generate.generate_from_ids` (models/decode.py: rows leave the batch as they stop; linear
-             layers through oneDNN, models/onednn_linear.py)
+             layers through oneDNN, models/onednn_linear.py; a hand-written decode step, models/decode_step.py)
   posttrain-mkl  the same with POSTTRAIN_ONEDNN=0: linear layers on torch's default MKL path (the before)
 Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up of each side, and the
 medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
 computes; the difference to the generated tokens is the padding waste of a batch whose rows stop at
-different steps. The step profile times one decode forward (100-token cache) against its linear layers
-alone: the floor that no decode loop gets under in fp32 (the weights are streamed from memory each step).
+different steps. The step profile times one decode forward (100-token cache; HF's, and in brackets the
+hand-written step) against its linear layers alone: the floor that no decode loop gets under in fp32 (the
+weights are streamed from memory each step).
 Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
 """
 
@@ -115,11 +116,14 @@ def step_profiles(model, batch: int) -> dict:
 
 
 def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> dict:
-    """Where a decode step's time goes: one forward of `batch` tokens over a `context`-token KV cache, against
-    the same step's linear layers alone (every weight streamed once, the FLOPs of the step: the floor no
-    decode loop gets under) and the LM head alone (ms, best of `repeats`)."""
+    """Where a decode step's time goes: one forward of `batch` tokens over a `context`-token KV cache (HF's forward,
+    and posttrain's hand-written step where it runs: models/decode_step.py), against the same step's linear
+    products alone (every weight streamed once, the FLOPs of the step: the floor no decode loop gets under; a
+    stacked q/k/v or gate/up product counted once) and the LM head alone (ms, best of `repeats`)."""
     import torch
     from transformers import DynamicCache
+
+    from posttrain.models.decode_step import DecodeStep
 
     def best(fn) -> float:
         fn()
@@ -132,17 +136,28 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m: torch.randn(batch, m.in_features, dtype=m.weight.dtype) for m in linears}
+    products = {}  # one call per product: a stacked group's (onednn_linear.FusedSiblings) once
+    for m in linears:
+        fused = m.__dict__.get("_onednn_fused")
+        products.setdefault(id(fused) if fused is not None else id(m), (fused or m, inputs[m]))
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         vocab = model.config.vocab_size
         model(input_ids=torch.randint(0, vocab, (batch, context)), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         token = torch.randint(0, vocab, (batch, 1))
+        lean = DecodeStep.of(model)
+        mask, position = torch.ones(batch, context + 1, dtype=torch.long), torch.full((batch,), context)
 
         def step():
             model(input_ids=token, past_key_values=cache, use_cache=True)
             cache.crop(-1)  # drop the token again: the same context every time
-        return {"step_ms": best(step), "linears_ms": best(lambda: [m(inputs[m]) for m in linears]),
+
+        def lean_step():
+            lean.step(token[:, 0], mask, position, cache)
+            cache.crop(-1)
+        return {"step_ms": best(step), "lean_step_ms": best(lean_step) if lean is not None else None,
+                "linears_ms": best(lambda: [f(x) for f, x in products.values()]),
                 "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}
 
 
@@ -178,16 +193,18 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
 
 def render(result: dict) -> str:
     m = result["machine"]
-    step = "{step_ms:.1f} / {linears_ms:.1f} / {head_ms:.1f}"
+    def step(profile: dict) -> str:
+        lean = f" ({profile['lean_step_ms']:.1f})" if profile.get("lean_step_ms") else ""
+        return f"{profile['step_ms']:.1f}{lean} / {profile['linears_ms']:.1f} / {profile['head_ms']:.1f}"
     rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain-mkl"], c["tokens_per_s"]["posttrain"],
              f"{c['speedup_mkl']:.2f}x", f"**{c['speedup']:.2f}x**",
              f"{c['identical_rows']} ({c['identical_rows_mkl']})", "{min}/{median}/{max}".format(**c["lengths"]),
              f"{c['runs']['hf'][0]['row_steps']} / {c['runs']['posttrain'][0]['row_steps']}",
-             step.format(**c["profile"]["mkl"]), step.format(**c["profile"]["onednn"])] for c in result["cases"]]
+             step(c["profile"]["mkl"]), step(c["profile"]["onednn"])] for c in result["cases"]]
     table = markdown_table(["batch", "HF generate tok/s", "posttrain MKL tok/s", "posttrain oneDNN tok/s",
                             "MKL/HF", "oneDNN/HF", "identical rows oneDNN (MKL)", "tokens per row min/median/max",
                             "row-steps HF / posttrain", "step / linears / head ms, MKL",
-                            "step / linears / head ms, oneDNN"], rows)
+                            "step (hand-written step) / linears / head ms, oneDNN"], rows)
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "

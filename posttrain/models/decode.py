@@ -32,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from posttrain.models.decode_step import DecodeStep
 from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, common_prefix, prefill_groups
 
@@ -140,6 +141,7 @@ class RaggedBatch:
         # a forward call's fixed cost in padded prompt tokens (prefill_groups); on a GPU padding is nearly free
         self.prefill_call_tokens = PREFILL_CALL_TOKENS_CPU if self.device.type == "cpu" else 1 << 20
         self.prefixes = PrefixStore()  # shared prompt prefixes' KV, for this batch's lifetime (fixed weights)
+        self.lean: DecodeStep | bool | None = None  # models/decode_step.py, looked for at the first step
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -205,6 +207,10 @@ class RaggedBatch:
         """Feed one token per row (B,); (B, V) float logits of the next one."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         self.positions = self.positions + 1
+        if self.lean is None or (self.lean and not self.lean.still_valid()):  # a hand-written step if the model
+            self.lean = DecodeStep.of(self.model) or False                    # allows (checked once: False)
+        if self.lean:
+            return self.lean.step(tokens.view(-1).to(self.device), self.mask, self.positions, self.cache)
         out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=self.mask,
                          position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()

@@ -167,3 +167,45 @@ def test_a_torch_without_onednn_keeps_torchs_path(monkeypatch):
     assert swap_in(model) == [] and onednn_linear.enable_training_products(model) == 0
     weight, rows = torch.randn(256, 192), torch.randn(150, 192)
     assert torch.equal(onednn_linear.product(rows, weight), rows @ weight.t())
+
+
+class Siblings(nn.Module):
+    """An attention-like parent: q / k / v read the same input (onednn_linear.FUSED), o does not."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        torch.manual_seed(6)
+        self.q_proj, self.k_proj = nn.Linear(96, 160, bias), nn.Linear(96, 32, bias)
+        self.v_proj = nn.Linear(96, 32, bias)
+        self.o_proj = nn.Linear(160, 96, bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_siblings_share_one_stacked_product_in_any_call_order(bias, monkeypatch):
+    model = Siblings(bias)
+    x, other = torch.randn(3, 5, 96), torch.randn(3, 5, 96)
+    with torch.no_grad():
+        want = {n: getattr(model, n)(x) for n in ("q_proj", "k_proj", "v_proj")}
+        want_other = model.k_proj(other)
+        with onednn_linears(model):
+            fused = model.q_proj.__dict__["_onednn_fused"]
+            assert fused is model.v_proj.__dict__["_onednn_fused"] and "_onednn_fused" not in model.o_proj.__dict__
+            calls = spy(monkeypatch)
+            got = {n: getattr(model, n)(x) for n in ("q_proj", "k_proj", "v_proj")}  # HF's order
+            assert calls == [(224, 96)] and fused.pending is None  # one product, every part taken
+            shuffled = {n: getattr(model, n)(x) for n in ("v_proj", "q_proj", "k_proj")}
+            assert torch.equal(model.k_proj(other), model.k_proj(other))  # another input: computed afresh, twice
+            got_other = model.k_proj(other)
+            again = model.q_proj(x)
+            x.mul_(2.0)  # changed in place since: not the same input any more
+            doubled = model.k_proj(x)
+            assert len(calls) == 7  # HF order, shuffled, other x3, again, doubled
+        assert not any(k in m.__dict__ for m in model.children() for k in ("forward", "_onednn_fused", "_onednn_index"))
+    for name, value in want.items():
+        assert got[name].is_contiguous() and got[name].shape == value.shape
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+        assert torch.equal(shuffled[name], got[name])
+    torch.testing.assert_close(got_other, want_other, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, got["q_proj"])
+    torch.testing.assert_close(doubled, 2 * want["k_proj"] - (model.k_proj.bias if bias else 0), rtol=1e-5,
+                               atol=1e-5)

@@ -124,6 +124,7 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
     from transformers import DynamicCache
 
     from posttrain.models.decode_step import DecodeStep
+    from posttrain.models.kv_cache import growing_cache
 
     def best(fn) -> float:
         fn()
@@ -141,10 +142,11 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
         fused = m.__dict__.get("_onednn_fused")
         products.setdefault(id(fused) if fused is not None else id(m), (fused or m, inputs[m]))
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
         vocab = model.config.vocab_size
-        model(input_ids=torch.randint(0, vocab, (batch, context)), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        context_ids = torch.randint(0, vocab, (batch, context))
+        cache, growing = DynamicCache(config=model.config), growing_cache(model.config)  # generate's, decode's
+        for kv in (cache, growing):
+            model(input_ids=context_ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
         token = torch.randint(0, vocab, (batch, 1))
         lean = DecodeStep.of(model)
         mask, position = torch.ones(batch, context + 1, dtype=torch.long), torch.full((batch,), context)
@@ -154,8 +156,8 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
             cache.crop(-1)  # drop the token again: the same context every time
 
         def lean_step():
-            lean.step(token[:, 0], mask, position, cache)
-            cache.crop(-1)
+            lean.step(token[:, 0], mask, position, growing)
+            growing.crop(-1)
         return {"step_ms": best(step), "lean_step_ms": best(lean_step) if lean is not None else None,
                 "linears_ms": best(lambda: [f(x) for f, x in products.values()]),
                 "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}

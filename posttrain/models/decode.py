@@ -1,7 +1,7 @@
 """The decode loop under `models/generate.py`: a KV cache whose rows join and leave between steps.
 
 `RaggedBatch` holds the running rows in one left-padded `DynamicCache` whose layers append into spare
-capacity (`GrowingLayer`, not a copy of the whole cache per step): new prompts are prefilled
+capacity (`GrowingLayer`, models/kv_cache.py, not a copy of the whole cache per step): new prompts are prefilled
 (models/prefill.py plans how) and merged in (the shorter side padded on the left), finished rows leave in
 place (the last rows move into their places), and leading columns that no remaining row uses are
 dropped, so no step computes a finished row or a column nobody attends to. `decode` runs a fixed set of
@@ -14,12 +14,14 @@ finished rows) and cannot take a row in mid-run, which the serving engine needs.
 (continuous batching over a paged cache) gives the same greedy tokens but took 27-42 s for 8 prompts
 x 16 tokens on the 2-layer tiny model on this 2-core CPU, mostly setting itself up, and takes one
 GenerationConfig per call (no per-row seeded sampler, no per-request stop strings or streaming hooks).
-StaticCache + torch.compile were not tried: most of a SmolLM2 decode step is its linear layers streaming
-the fp32 weights (44 + 11 ms of a 78 ms batch-1 step; benchmarks/generate_speed.py profiles it), which
-removing python overhead does not touch; on a CPU they run through oneDNN while `decode` runs
-(models/onednn_linear.py). The model's own forward does every step, so prefill,
-masks and positions are the ones HF computes (position = count of real tokens before, as in
-`generate`), and greedy outputs match `generate` (tests/models/test_generate_engine.py).
+torch.compile was tried on the hand-written step below (inductor, dynamic shapes, the oneDNN products as an
+opaque custom op, as the packed weight does not lower): about 24 ms against 22 eager for a batch-8 SmolLM2 step,
+its guards costing more than the fused pointwise kernels save; most of a step is its linear layers streaming the
+fp32 weights, which run through oneDNN while `decode` runs (models/onednn_linear.py). Prefill is always the
+model's own forward, so prefill, masks and positions are the ones HF computes (position = count of real tokens
+before, as in `generate`); a decode step is too, except for Llama-family models on a CPU, whose steps run
+`models/decode_step.py` (HF's computation in fewer ops). Greedy outputs match `generate`
+(tests/models/test_generate_engine.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.decode_step import DecodeStep
+from posttrain.models.kv_cache import growing_cache
 from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, common_prefix, prefill_groups
 
@@ -54,73 +57,6 @@ def lean_decode_ok(model: nn.Module) -> bool:
     except Exception:  # noqa: BLE001 - a config the cache cannot read: let HF generate handle it
         return False
     return all(type(layer) is DynamicLayer for layer in layers)
-
-
-class GrowingLayer(DynamicLayer):
-    """A DynamicLayer that appends into spare capacity instead of concatenating: `DynamicLayer.update` copies the
-    whole cache at every decode step (torch.cat), 16% of a 32-row rollout's time on a CPU. keys / values are
-    views of positions start..end of a buffer with room for more. Rows that leave (`keep_rows`) and leading
-    columns nobody attends to (`drop_leading`) go in place, so the next append does not copy the cache again
-    (a row selection by indexing, then a regrow, cost two copies of it); anything that assigns keys / values
-    (merging) hands over a tensor without spare room, and the next append regrows it once."""
-
-    def __init__(self):
-        self._buffers = {"keys": (None, 0, 0), "values": (None, 0, 0)}  # (buffer (B, H, capacity, D), start, end)
-        super().__init__()
-
-    def _view(self, name: str):
-        buf, start, end = self._buffers[name]
-        return buf if buf is None else buf[:, :, start:end]
-
-    def _assign(self, name: str, x) -> None:
-        self._buffers[name] = (x, 0, 0 if x is None else (x.shape[-2] if x.dim() == 4 else 0))
-
-    keys = property(lambda self: self._view("keys"), lambda self, x: self._assign("keys", x))
-    values = property(lambda self: self._view("values"), lambda self, x: self._assign("values", x))
-
-    def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        buf, start, end = self._buffers[name]
-        n, add = end - start, new.shape[-2]
-        if buf is None or buf.dim() != 4 or end + add > buf.shape[-2] or buf.shape[:2] != new.shape[:2]:
-            grown = new.new_empty(*new.shape[:2], n + add + max(64, (n + add) // 2), new.shape[-1])  # (B, H, cap, D)
-            if n:
-                grown[:, :, :n] = buf[:, :, start:end]
-            buf, start, end = grown, 0, n
-        buf[:, :, end:end + add] = new
-        self._buffers[name] = (buf, start, end + add)
-        return buf[:, :, start:end + add]
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep these batch rows, in this order, in place: only rows whose place changes are copied."""
-        moved = [i for i, row in enumerate(rows) if row != i]
-        for name, (buf, start, end) in list(self._buffers.items()):
-            if buf is None or buf.dim() != 4:
-                continue
-            if moved:  # the right side is gathered before anything is written
-                buf[moved, :, start:end] = buf[[rows[i] for i in moved], :, start:end]
-            self._buffers[name] = (buf[: len(rows)], start, end)
-
-    def drop_leading(self, n: int) -> None:
-        """Forget the first n positions (no copy)."""
-        for name, (buf, start, end) in list(self._buffers.items()):
-            if buf is not None and buf.dim() == 4:
-                self._buffers[name] = (buf, start + n, end)
-
-    def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Begin with these (B, H, T, D) states (a shared prefix's, expanded): the next append copies them once."""
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return self._append("keys", key_states), self._append("values", value_states)
-
-
-def _growing_cache(config) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
-    return cache
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
@@ -176,7 +112,7 @@ class RaggedBatch:
         if (len(prompts) - 1) * n <= self.prefill_call_tokens:
             return None
         key = prompts[0][:n]
-        cache = _growing_cache(self.model.config.get_text_config())
+        cache = growing_cache(self.model.config.get_text_config())
         ids = torch.tensor([key], device=self.device)  # (1, n)
         self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
                    **self.keep_last)
@@ -194,7 +130,7 @@ class RaggedBatch:
         mask = torch.tensor([[1] * skip + [0] * (width - len(p)) + [1] * len(p) for p in rest],
                             device=self.device)  # (n, skip + W): the prefix, padding, each prompt's own tokens
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, skip:]  # (n, W) as generate computes them
-        cache = _growing_cache(self.model.config.get_text_config())
+        cache = growing_cache(self.model.config.get_text_config())
         if shared:
             for layer, (keys, values) in zip(cache.layers, shared[1]):
                 layer.start_from(keys.expand(len(rest), -1, -1, -1), values.expand(len(rest), -1, -1, -1))

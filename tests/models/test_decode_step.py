@@ -10,7 +10,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from posttrain.models import onednn_linear
-from posttrain.models.decode import _growing_cache, decode
+from posttrain.models.decode import decode
+from posttrain.models.kv_cache import growing_cache
 from posttrain.models.decode_step import DecodeStep
 from posttrain.models.onednn_linear import onednn_linears
 
@@ -48,7 +49,7 @@ def hf_and_lean_logits(model, steps: int = 6):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     caches = []
     for _ in range(2):
-        cache = _growing_cache(model.config)
+        cache = growing_cache(model.config)
         model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         caches.append(cache)
     step = DecodeStep.of(model)

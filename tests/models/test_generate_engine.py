@@ -145,7 +145,7 @@ def test_rows_joining_a_running_batch_get_what_they_get_alone(sharp):
 def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignment():
     import torch
 
-    from posttrain.models.decode import GrowingLayer
+    from posttrain.models.kv_cache import GrowingLayer
 
     layer, steps = GrowingLayer(), [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 70, 1)]
     for i, new in enumerate(steps):
@@ -160,7 +160,7 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
 
 
 def test_rows_and_leading_columns_leave_a_growing_layer_in_place():
-    from posttrain.models.decode import GrowingLayer
+    from posttrain.models.kv_cache import GrowingLayer
 
     layer, steps = GrowingLayer(), [torch.randn(5, 2, n, 4) for n in (6, 1)]
     for new in steps:
@@ -173,6 +173,27 @@ def test_rows_and_leading_columns_leave_a_growing_layer_in_place():
     want = torch.cat([torch.cat(steps, 2)[[0, 2, 3], :, 2:], new], 2)
     assert torch.equal(keys, want) and torch.equal(values, -want) and layer.get_seq_length() == 6
     assert keys.data_ptr() == buffer + 2 * keys.stride(2) * keys.element_size()  # the same buffer: nothing copied
+
+
+def test_a_growing_layer_crops_like_a_dynamic_layer_in_place():
+    from transformers.cache_utils import DynamicLayer
+
+    from posttrain.models.kv_cache import GrowingLayer
+
+    states = torch.randn(2, 2, 7, 4)
+    for remove in (-2, 0, -9):
+        growing, plain = GrowingLayer(), DynamicLayer()
+        for layer in (growing, plain):
+            layer.update(states, -states)
+        buffer = growing.keys.data_ptr()
+        for layer in (growing, plain):
+            layer.crop(remove)
+        assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)
+        new = torch.randn(2, 2, 1, 4)
+        assert torch.equal(growing.update(new, -new)[0], plain.update(new, -new)[0])
+        assert growing.keys.data_ptr() == buffer  # appended where the cropped positions were: no copy
+    with pytest.raises(ValueError, match="positive value"):
+        growing.crop(3)
 
 
 def test_dropped_rows_are_filled_from_the_end_and_the_rest_stay(sharp):

@@ -14,9 +14,12 @@ classes of transformers 5.x checked by name, SiLU MLP, full attention (no slidin
 (PEFT wrappers with adapters switched off or merged are looked through), linear layers swapped to oneDNN
 (fp32 on a CPU). Greedy tokens equal HF `generate`'s (tests/models/test_generate_engine.py, and every row of
 benchmarks/generate_speed.py); logits differ by rounding (other summation orders, ~1e-5 on SmolLM2).
+`POSTTRAIN_DECODE_STEP=0` keeps HF's forward for every step (an A/B switch, and a way out).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,7 @@ from torch import nn
 
 from posttrain.models.onednn_linear import FusedSiblings, packed_product
 
+ENV = "POSTTRAIN_DECODE_STEP"  # "0": HF's forward at every step
 _LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"}
 _NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}  # weight * (x * rsqrt(mean(x^2) + eps)), fp32 here
 
@@ -53,6 +57,8 @@ class DecodeStep:
     @staticmethod
     def of(model: nn.Module) -> DecodeStep | None:
         """The step for `model` if it can run it as it is now, else None."""
+        if os.environ.get(ENV, "1") == "0":
+            return None
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         body = getattr(lm, "model", None)
         config = getattr(lm, "config", None)

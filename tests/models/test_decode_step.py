@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from posttrain.models import onednn_linear
+from posttrain.models import decode_step, onednn_linear
 from posttrain.models.decode import decode
 from posttrain.models.kv_cache import growing_cache
 from posttrain.models.decode_step import DecodeStep
@@ -88,7 +88,7 @@ def test_decode_uses_it_and_gives_generate_s_tokens(tiny, monkeypatch):
                   pick=lambda logits, rows: logits.argmax(-1)) == got  # HF's forward at every step
 
 
-def test_only_where_it_is_hf_s_computation(tiny):
+def test_only_where_it_is_hf_s_computation(tiny, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     model = sharpened(tiny[0])
@@ -99,6 +99,9 @@ def test_only_where_it_is_hf_s_computation(tiny):
         with torch.no_grad():
             step = DecodeStep.of(model)
             assert step is not None and step.still_valid()
+            monkeypatch.setenv(decode_step.ENV, "0")
+            assert DecodeStep.of(model) is None  # switched off
+            monkeypatch.delenv(decode_step.ENV)
     with torch.no_grad():
         assert not step.still_valid()  # swapped out since
     qwen3 = small(Qwen3ForCausalLM, Qwen3Config, head_dim=16)  # q / k norms: another computation

@@ -33,7 +33,9 @@ def peak_rss_mb() -> float:
 # (train.keep_freed_memory, posttrain/train/host_memory.py), set through glibc's environment tunables.
 KEPT_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 # `posttrain-mkl`: posttrain with its linear products on torch's default MKL path (models/onednn_linear.py)
-SIDE_ENV = {"trl-kept-memory": KEPT_MEMORY_ENV, "posttrain-mkl": {"POSTTRAIN_ONEDNN": "0"}}
+# `posttrain-hf-step`: posttrain decoding every step through HF's forward, not models/decode_step.py
+SIDE_ENV = {"trl-kept-memory": KEPT_MEMORY_ENV, "posttrain-mkl": {"POSTTRAIN_ONEDNN": "0"},
+            "posttrain-hf-step": {"POSTTRAIN_DECODE_STEP": "0"}}
 TRL_SIDES = ("trl", "trl-kept-memory")
 
 

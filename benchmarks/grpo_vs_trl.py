@@ -32,8 +32,9 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.mc_eval_speed import cpu_flags  # noqa: E402
 
 DEFAULT_DATA = ROOT / "examples" / "data" / "arith_easy" / "train.jsonl"
-# the ablation: rollouts decoded with torch's default linear path (common.SIDE_ENV), the before of oneDNN decoding
-POSTTRAIN_VARIANTS = {"posttrain": [], "posttrain-mkl": []}
+# ablations (env in common.SIDE_ENV): posttrain-mkl = rollouts on torch's default linear path (before oneDNN);
+# posttrain-hf-step = every decode step through HF's forward (before models/decode_step.py)
+POSTTRAIN_VARIANTS = {"posttrain": [], "posttrain-mkl": [], "posttrain-hf-step": []}
 
 
 # ---------------------------------------------------------------- data

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if isinstance(err, PosttrainError):
-            print(f"posttrain: error: {err}", file=sys.stderr)
+            if not (isinstance(err, ConfigError) and os.environ.get("RANK", "0") != "0"):  # torchrun: every process
+                print(f"posttrain: error: {err}", file=sys.stderr)  # reads the same config; rank 0 says it once
             return 2
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"posttrain: error: {type(err).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)

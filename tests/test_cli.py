@@ -62,6 +62,13 @@ def test_unknown_key_is_one_line_exit_2(run_config, capsys):
     assert err == "posttrain: error: unknown config key optim.lrr; did you mean optim.lr?"
 
 
+def test_a_config_error_under_torchrun_is_printed_by_rank_0_only(run_config, capsys, monkeypatch):
+    for rank, printed in (("1", ""), ("0", "posttrain: error: unknown config key optim.lrr; did you mean optim.lr?")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", str(run_config), "optim.lrr=1"]) == 2  # every process exits 2
+        assert capsys.readouterr().err.strip() == printed
+
+
 def test_bad_data_names_file_and_line(run_config, tmp_path, capsys):
     code = main(["train", str(run_config), f"data.datasets=[{{path: {tmp_path / 'bad.jsonl'}}}]"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,8 +22,8 @@ SAMPLES_KEPT = 3  # greedy replies kept for the summary's before / after compari
 @torch.no_grad()
 def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: int, stop: list[str],
                 batch_size: int, dist_ctx) -> tuple[dict, list[dict]]:
-    """(metrics over every process's prompts: reward, reward/<source>, accuracy, response_tokens; the first
-    greedy replies of this process, with their rewards)."""
+    """(metrics over every process's prompts: reward, reward/<source>, accuracy, response_tokens; the greedy
+    replies to the first SAMPLES_KEPT prompts, with their rewards, gathered from the processes that answered them)."""
     mine = prompts[dist_ctx.rank::dist_ctx.world]
     policy.eval()
     sums, tokens, samples = torch.zeros(len(rewards.names), dtype=torch.float64), 0, []
@@ -41,17 +41,18 @@ def greedy_eval(policy, tokenizer, prompts: list, rewards, *, max_new_tokens: in
             scores = rewards.score([q.text for q in chunk], [g.text for g in gens], [q.reference for q in chunk])
             sums += scores.double().sum(0)
             tokens += sum(len(g.token_ids) for g in gens)
-            for q, gen, total in zip(chunk, gens, rewards.total(scores).tolist()):
-                if len(samples) < SAMPLES_KEPT:
-                    samples.append({"prompt": q.text, "reference": q.reference, "response": gen.text,
-                                    "reward": total})
+            for j, (q, gen, total) in enumerate(zip(chunk, gens, rewards.total(scores).tolist())):
+                if start + j < SAMPLES_KEPT:  # the run's first prompts are among each process's first ones
+                    samples.append((dist_ctx.rank + dist_ctx.world * (start + j), {
+                        "prompt": q.text, "reference": q.reference, "response": gen.text, "reward": total}))
+    kept = sorted((s for part in dist_ctx.gather(samples) for s in part), key=lambda s: s[0])[:SAMPLES_KEPT]
     n, tokens, *sums = dist_ctx.sum([float(len(mine)), float(tokens), *sums.tolist()])
     means = {f"reward/{name}": s / max(n, 1.0) for name, s in zip(rewards.names, sums)}
     total = float(torch.tensor(sums, dtype=torch.float64) @ rewards.weights.double())  # the weighted sum
     metrics = {"reward": total / max(n, 1.0), **means, "response_tokens": tokens / max(n, 1.0)}
     if rewards.accuracy is not None:
         metrics["accuracy"] = means[f"reward/{rewards.accuracy}"]
-    return metrics, samples
+    return metrics, [sample for _, sample in kept]
 
 
 def plot_rewards(history: list[dict], path, names: list[str]) -> None:

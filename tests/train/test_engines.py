@@ -124,13 +124,16 @@ def stage_config(folder: Path, tiny_dir, stage: str, vlm_dir: Path | None = None
         cfg = {"data": {"datasets": [{"path": str(folder / "colours.jsonl")}], "max_length": 128, "val_size": 3},
                "train": {"max_steps": 3, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1}}
     elif stage.startswith("grpo"):
+        # grpo: one held-out prompt: the greedy eval runs on process 0, process 1 makes the filler calls of sharded
+        # weights; grpo_copy: three, answered by both processes (2 + 1), the summary's samples gathered from both
+        texts = ("Say something.", "Hello there", "Tell me more") + (("Go on", "Why?") if stage == "grpo_copy" else ())
         (folder / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": c}]}) + "\n"
-                                                      for c in ("Say something.", "Hello there", "Tell me more")))
+                                                      for c in texts))
         (folder / "rule.py").write_text("def upper(prompts, responses):\n"
                                         "    return [sum(c.isupper() for c in r) / (1 + len(r)) for r in responses]\n")
         common["optim"] = {"lr": 1e-3, "eps": 1e-6}  # eps: see ppo below
-        # one held-out prompt: the greedy eval runs on process 0, process 1 makes the filler calls of sharded weights
-        cfg = {"stage": "grpo", "data": {"datasets": [{"path": str(folder / "prompts.jsonl")}], "val_size": 1},
+        cfg = {"stage": "grpo", "data": {"datasets": [{"path": str(folder / "prompts.jsonl")}],
+                                         "val_size": 3 if stage == "grpo_copy" else 1},
                "reward": {"sources": [{"type": "function", "function": f"{folder / 'rule.py'}:upper"}]},
                "grpo": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "kl_coef": 0.1, "epochs": 2,
                         "mini_batch_size": 4},
@@ -145,8 +148,11 @@ def stage_config(folder: Path, tiny_dir, stage: str, vlm_dir: Path | None = None
             common["method"], common["optim"] = {"type": "full"}, {"lr": 1e-3}
             cfg["dpo"] = {"reference": stage.split("_")[1], "reference_cache": True}
     else:
+        # grpo: one held-out prompt: the greedy eval runs on process 0, process 1 makes the filler calls of sharded
+        # weights; grpo_copy: three, answered by both processes (2 + 1), the summary's samples gathered from both
+        texts = ("Say something.", "Hello there", "Tell me more") + (("Go on", "Why?") if stage == "grpo_copy" else ())
         (folder / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": c}]}) + "\n"
-                                                      for c in ("Say something.", "Hello there", "Tell me more")))
+                                                      for c in texts))
         (folder / "sft.jsonl").write_text("".join(json.dumps({"messages": [
             {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
             for i in range(6)))
@@ -224,8 +230,9 @@ def test_stages_on_two_processes_equal_one(stage, engine, one_run, tmp_path):
     evals = {"ppo": ("ptx_eval_after",), "grpo": ("eval_before", "eval_after")}.get(kind, ("final_eval_loss",))
     for key in evals:  # the held-out eval ran in lockstep on both processes
         assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-4), key
-    if kind == "ppo":  # so did the greedy samples
+    if kind in ("ppo", "grpo"):  # so did the greedy samples (GRPO's: the first prompts', gathered from both)
         assert summaries[1]["after"] == summaries[0]["after"]
+        assert len(summaries[0]["after"]) == {"grpo": 1, "grpo_copy": 3}.get(stage, len(summaries[0]["after"]))
     if stage == "dpo_precompute":  # computed in shares, gathered, written once by rank 0: the same numbers
         assert summaries[1]["reference_logps"] == {"train": "computed", "eval": "computed"}
         files = [list((d.parents[1] / "cache" if d == one_dir else tmp_path).glob("ref_logps/*.pt"))

@@ -19,6 +19,7 @@ from posttrain.curate.stream import AtomicJsonl
 from posttrain.data.prompts import read_prompts
 from posttrain.errors import ConfigError, DataError
 from posttrain.models.generate import generate_from_ids
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.run import load_model_for_inference
 from posttrain.models.sources import model_names
 from posttrain.records import Message
@@ -82,14 +83,15 @@ def _generate(ref: str, prompts: list[tuple[str, str]], n: int, s: GenSettings, 
     system = run.template.system if run is not None else None  # render as the run trained, like the UI's engines
     context = getattr(model.config, "max_position_embeddings", None)
     out = {}
-    for index, (pid, text) in enumerate(prompts):
-        ids = encode_prompt([Message("user", text)], tokenizer, system=system)
-        if context and len(ids) + s.max_tokens > context:
-            continue
-        seed = None if s.seed is None else s.seed + index
-        gens = generate_from_ids(model, tokenizer, [ids] * n, max_new_tokens=s.max_tokens, temperature=s.temperature,
-                                 top_p=s.top_p, seed=seed)
-        out[pid] = [g.text for g in gens]
+    with onednn_linears(model):  # fixed weights: their oneDNN copies made once, not per prompt
+        for index, (pid, text) in enumerate(prompts):
+            ids = encode_prompt([Message("user", text)], tokenizer, system=system)
+            if context and len(ids) + s.max_tokens > context:
+                continue
+            seed = None if s.seed is None else s.seed + index
+            gens = generate_from_ids(model, tokenizer, [ids] * n, max_new_tokens=s.max_tokens,
+                                     temperature=s.temperature, top_p=s.top_p, seed=seed)
+            out[pid] = [g.text for g in gens]
     del model
     gc.collect()  # one model in memory at a time
     return out

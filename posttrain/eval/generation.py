@@ -5,6 +5,7 @@ Prompt files are read by data/prompts.py (any SFT layout, or {"prompt", "referen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from posttrain.errors import DataError
 from posttrain.eval.progress import Progress
 from posttrain.models.run import model_stamp, load_model_for_inference, run_config_of
 from posttrain.models.generate import generate_batch
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.eval.metrics import reference_scores
 
 
@@ -64,7 +66,8 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
     todo.sort(key=lambda it: sum(len(m.content) for m in it.messages))
     model, tokenizer = load_model() if todo else (None, None)
     with out_path.open("a", encoding="utf-8") as f, \
-            Progress(len(items), f"generate {out_path.stem}", "answer", done=len(items) - len(todo)) as progress:
+            Progress(len(items), f"generate {out_path.stem}", "answer", done=len(items) - len(todo)) as progress, \
+            onednn_linears(model) if model is not None else contextlib.nullcontext():  # fixed weights: packed once
         for k in range(0, len(todo), batch_size):
             chunk = todo[k:k + batch_size]
             replies = generate_batch(model, tokenizer, [it.messages for it in chunk], system=system,

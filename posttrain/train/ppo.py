@@ -36,7 +36,8 @@ from posttrain.train.setup import prepare_model
 from posttrain.train.ppo_report import plot_reward_kl
 from posttrain.train.reward_sources import AdaptiveKL, FixedKL, RunningMoments, build_reward_source, shape_scores
 from posttrain.data.prompts import load_prompts
-from posttrain.train.rollout import Experience, PolicyAndValue, Rollout, collect, gather, prompt_indices, row_seed
+from posttrain.train.rollout import (
+    Experience, PolicyAndValue, Rollout, collect, gather, prompt_indices, row_seed, sampling_weights)
 from posttrain.train.steps import StepSource, evaluate_lm
 
 log = logging.getLogger("posttrain")
@@ -236,7 +237,8 @@ class PPOSteps(StepSource):
     @torch.no_grad()
     def _greedy(self) -> list[dict]:
         policy = self.pv.policy.eval()
-        return [{"prompt": q.text, "response": generate_reply(policy, self.tokenizer, q.messages,
-                                                              max_new_tokens=self.p.max_new_tokens,
-                                                              synced=self.dist.lockstep)}
-                for q in self.prompts[:2]]
+        with sampling_weights(policy, self.dist.lockstep):  # as rollouts sample: LoRA merged, oneDNN copies once
+            return [{"prompt": q.text, "response": generate_reply(policy, self.tokenizer, q.messages,
+                                                                  max_new_tokens=self.p.max_new_tokens,
+                                                                  synced=self.dist.lockstep)}
+                    for q in self.prompts[:2]]

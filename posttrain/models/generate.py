@@ -4,7 +4,8 @@ Prompts arrive as token ids rendered by `templates.encode_prompt` (the training 
 what the trained format predicts; generation stops at the template's end-of-turn tokens
 (`stop_token_ids`) and optional stop strings. A batch runs in `models.decode` (a KV cache that drops each
 row once it stops: greedy output equals HF `generate`'s); vision prompts, sharded weights (`synced`) and
-models that cache differently (sliding windows, prompt-learning PEFT) go through `model.generate`.
+models that cache differently (sliding windows, prompt-learning PEFT) go through `model.generate` (on a CPU with
+the linear layers through oneDNN there too, models/onednn_linear.py, except for sharded weights).
 
 `row_seeds` gives every row its own random stream (`models.sampling.RowSampler`): a row's sample then
 does not depend on which other rows share its batch. Without them, sampling draws from torch's global
@@ -13,6 +14,7 @@ stream with `generate`'s own warpers (seed it with `seed`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from posttrain.models.decode import Picker, decode, lean_decode_ok
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.sampling import RowSampler, picker, stop_hit
 from posttrain.records import Message
 from posttrain.templates.render import encode_prompt
@@ -163,10 +166,11 @@ def _generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_
     processors = LogitsProcessorList([RowSampler(row_seeds, temperature, top_p, device)] if per_row else [])
     criteria = StoppingCriteriaList([_AskEachStep(should_stop)] if should_stop is not None else [])
     images = {} if pixel_values is None or not len(pixel_values) else {"pixel_values": pixel_values.to(device)}
-    output = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
-                            generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria,
-                            streamer=streamer, tokenizer=tokenizer if stop_strings else None, synced_gpus=synced,
-                            **images)
+    with contextlib.nullcontext() if synced else onednn_linears(model):  # fixed weights (not sharded) on a CPU
+        output = model.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
+                                generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria,
+                                streamer=streamer, tokenizer=tokenizer if stop_strings else None, synced_gpus=synced,
+                                **images)
     return prompt_ids, output[:, width:].cpu(), stops
 
 

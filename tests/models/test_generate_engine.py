@@ -93,6 +93,22 @@ def test_generate_from_ids_lean_equals_generate_path(sharp, monkeypatch):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_the_generate_path_also_computes_through_onednn_with_the_same_tokens(sharp, monkeypatch):
+    """Vision prompts and HF-only generation settings go through `model.generate`: its linear layers through oneDNN
+    too (forced on the tiny model), the same greedy tokens as on torch's path."""
+    model, tokenizer = sharp
+    prompts = prompts_of(4)
+    monkeypatch.setattr(gen, "_lean", lambda *a: False)
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
+    monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)
+    swapped, real = [], onednn_linear.swap_in
+    monkeypatch.setattr(onednn_linear, "swap_in", lambda m: swapped.append(len(layers := real(m))) or layers)
+    got = [g.token_ids for g in gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=10)]
+    assert swapped and swapped[0] > 0
+    monkeypatch.setenv(onednn_linear.ENV, "0")
+    assert [g.token_ids for g in gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=10)] == got
+
+
 def test_seeded_sampling_without_row_seeds_is_generate_s(sharp, monkeypatch):
     model, tokenizer = sharp
     prompt = prompts_of(1)

@@ -7,7 +7,9 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM)
 
 from posttrain.models import decode_step, onednn_linear
 from posttrain.models.decode import decode
@@ -64,10 +66,13 @@ def hf_and_lean_logits(model, steps: int = 6):
     return torch.stack(hf), torch.stack(lean)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama_biases", "qwen2", "mistral"])
 def test_the_step_computes_hf_s_logits(family, tiny):
-    model = sharpened(tiny[0]) if family == "llama" else small(Qwen2ForCausalLM, Qwen2Config)
-    if family == "qwen2":
+    model = {"llama": lambda: sharpened(tiny[0]),
+             "llama_biases": lambda: small(LlamaForCausalLM, LlamaConfig, attention_bias=True, mlp_bias=True),
+             "qwen2": lambda: small(Qwen2ForCausalLM, Qwen2Config),
+             "mistral": lambda: small(MistralForCausalLM, MistralConfig, sliding_window=None)}[family]()
+    if family in ("llama_biases", "qwen2"):
         assert model.model.layers[0].self_attn.q_proj.bias is not None  # biases go through the stacked product
     with torch.no_grad(), onednn_linears(model):
         hf, lean = hf_and_lean_logits(model)

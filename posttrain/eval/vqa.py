@@ -26,6 +26,7 @@ from posttrain.errors import DataError
 from posttrain.eval.progress import Progress
 from posttrain.models.generate import generate_from_ids
 from posttrain.models.load import pick_device
+from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.run import load_model_for_inference
 from posttrain.models.vision_load import image_inputs_of
 from posttrain.records import IMAGE_PLACEHOLDER, Message
@@ -93,18 +94,19 @@ def answer(model, tokenizer, items: list[VQAItem], images: list[list[str]], *, s
     vision = image_inputs_of(model)
     decoded: dict[str, object] = {}  # ref -> PIL image: the control reuses the same images
     replies = []
-    for start in range(0, len(items), batch_size):
-        chunk, chunk_images = items[start:start + batch_size], images[start:start + batch_size]
-        prompts = [encode_prompt(it.messages, tokenizer, system=system) for it in chunk]
-        refs = [ref for refs in chunk_images for ref in refs]
-        for ref in refs:
-            if ref not in decoded:
-                decoded[ref] = load_image(ref, f"{chunk[0].source} images")
-        pixels = vision.pixel_values([decoded[ref] for ref in refs])
-        gens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, pixel_values=pixels)
-        replies += [g.text for g in gens]
-        if progress is not None:
-            progress.update(len(chunk))
+    with onednn_linears(model):  # fixed weights: their oneDNN copies made once for all the batches
+        for start in range(0, len(items), batch_size):
+            chunk, chunk_images = items[start:start + batch_size], images[start:start + batch_size]
+            prompts = [encode_prompt(it.messages, tokenizer, system=system) for it in chunk]
+            refs = [ref for refs in chunk_images for ref in refs]
+            for ref in refs:
+                if ref not in decoded:
+                    decoded[ref] = load_image(ref, f"{chunk[0].source} images")
+            pixels = vision.pixel_values([decoded[ref] for ref in refs])
+            gens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, pixel_values=pixels)
+            replies += [g.text for g in gens]
+            if progress is not None:
+                progress.update(len(chunk))
     return replies
 
 

@@ -182,6 +182,8 @@ def _fused_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32
             or x.device.type != "cpu" or x.numel() == 0):
         return F.linear(x, self.weight, self.bias)
+    if x.is_inference():  # torch.inference_mode: no version counter to tell an input changed in place since
+        return _pointwise(x, self.weight, self.bias, "none", [], "")  # this layer's own product, dense weight
     return self._onednn_fused.take(self._onednn_index, x)
 
 

@@ -209,3 +209,17 @@ def test_siblings_share_one_stacked_product_in_any_call_order(bias, monkeypatch)
     assert torch.equal(again, got["q_proj"])
     torch.testing.assert_close(doubled, 2 * want["k_proj"] - (model.k_proj.bias if bias else 0), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_siblings_under_inference_mode_compute_each_layer_s_own_product():
+    """Inference tensors keep no version counter, so a stacked product is not shared between the members there."""
+    model = Siblings(True)
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad():
+        want = [model.q_proj(x), model.v_proj(x)]
+    with torch.inference_mode(), onednn_linears(model):
+        inner = x.clone()  # made in inference mode, as a model's hidden states would be
+        got = [model.q_proj(inner), model.v_proj(inner)]
+        assert model.q_proj.__dict__["_onednn_fused"].pending is None
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

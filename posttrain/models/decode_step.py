@@ -6,8 +6,9 @@ Why: with its linear layers through oneDNN (models/onednn_linear.py), a SmolLM2 
 keys expanded). This step computes the same thing for the one case decoding needs: one query per row, q / k / v
 and gate / up as one stacked product each (onednn_linear.FUSED), rotary for q and k in one pass, attention as
 two batched products over the grouped heads with one additive mask for all layers, RMSNorm as torch's fused
-op. Measured on the same job: 21.3 ms (benchmarks/README.md, Generation). The cache is the RaggedBatch's own
-(models/decode.py), written through its layers' `update`; prefill and anything else still run HF's forward.
+op. Measured on the same job: 21.3-23.1 ms in three sittings (benchmarks/README.md, Generation). The cache is
+the RaggedBatch's own (models/decode.py), written through its layers' `update`; prefill and anything else still
+run HF's forward.
 
 Only where the result is the same computation as HF's modeling code: the LlamaForCausalLM / Qwen2 / Mistral
 classes of transformers 5.x checked by name, SiLU MLP, full attention (no sliding window), no LoRA active

@@ -18,10 +18,10 @@ torch.compile was tried on the hand-written step below (inductor, dynamic shapes
 opaque custom op, as the packed weight does not lower): about 24 ms against 22 eager for a batch-8 SmolLM2 step,
 its guards costing more than the fused pointwise kernels save; most of a step is its linear layers streaming the
 fp32 weights, which run through oneDNN while `decode` runs (models/onednn_linear.py). Prefill is always the
-model's own forward, so prefill, masks and positions are the ones HF computes (position = count of real tokens
-before, as in `generate`); a decode step is too, except for Llama-family models on a CPU, whose steps run
-`models/decode_step.py` (HF's computation in fewer ops). Greedy outputs match `generate`
-(tests/models/test_generate_engine.py).
+model's own forward (on a CPU one packed row of all prompts: models/flat_prefill.py), with the positions HF
+computes (position = count of real tokens before, as in `generate`); a decode step is too, except for
+Llama-family models on a CPU, whose steps run `models/decode_step.py` (HF's computation in fewer ops). Greedy
+outputs match `generate` (tests/models/test_generate_engine.py, tests/models/test_flat_prefill.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.decode_step import DecodeStep
+from posttrain.models.flat_prefill import flat_prefill, flat_prefill_ok
 from posttrain.models.kv_cache import growing_cache
 from posttrain.models.onednn_linear import onednn_linears
 from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, common_prefix, prefill_groups
@@ -85,15 +86,20 @@ class RaggedBatch:
     def add(self, prompts: list[list[int]]) -> torch.Tensor:
         """Prefill `prompts` and append them as the last rows, in order; (n, V) float logits of their last tokens.
         A repeated prompt is prefilled once; a prefix that every prompt shares (a chat template's system turn) is
-        prefilled once and kept for later calls (models/prefill.py); prompts of very different lengths are
-        prefilled in length groups (`prefill_groups`), not padded to the longest one."""
+        prefilled once and kept for later calls (models/prefill.py). On a CPU the prompts go in one packed row
+        without padding (models/flat_prefill.py); elsewhere, or after a stored prefix, prompts of very different
+        lengths are prefilled in length groups (`prefill_groups`), not padded to the longest one."""
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
-        shared = self._shared_prefix(unique)
-        skip = len(shared[0]) if shared else 0
-        groups = prefill_groups([len(p) - skip for p in unique], self.prefill_call_tokens)
         new = RaggedBatch(self.model, self.pad_id)
-        logits = torch.cat([new._prefill([unique[i] for i in group], shared) for group in groups])  # grouped order
-        row_of = {unique[i]: row for row, i in enumerate(i for group in groups for i in group)}
+        if self.prefixes.find(unique, min(map(len, unique)) - 1) is None and flat_prefill_ok(self.model, unique):
+            logits, order = new._prefill_flat(unique, self.prefixes), range(len(unique))
+        else:
+            shared = self._shared_prefix(unique)
+            skip = len(shared[0]) if shared else 0
+            groups = prefill_groups([len(p) - skip for p in unique], self.prefill_call_tokens)
+            logits = torch.cat([new._prefill([unique[i] for i in group], shared) for group in groups])
+            order = [i for group in groups for i in group]  # grouped order
+        row_of = {unique[i]: row for row, i in enumerate(order)}
         where = [row_of[tuple(p)] for p in prompts]  # prompt index -> its row in grouped order
         if where != list(range(len(where))):
             new.keep(where)
@@ -137,6 +143,18 @@ class RaggedBatch:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, **self.keep_last).logits[:, -1].float()  # (n, V)
         self._merge(cache, mask, positions[:, -1])
+        return logits
+
+    def _prefill_flat(self, prompts: list[tuple[int, ...]], store: PrefixStore) -> torch.Tensor:
+        """Prefill `prompts` as one packed row (models/flat_prefill.py) and append them as the last rows; their
+        common prefix goes to `store` when later calls would gain from it (the rule of `_shared_prefix`)."""
+        logits, rows, mask, positions, n, prefix = flat_prefill(self.model, prompts, bool(self.keep_last))
+        if (len(prompts) - 1) * n > self.prefill_call_tokens:
+            store.put(prompts[0][:n], prefix)
+        cache = growing_cache(self.model.config.get_text_config())
+        for layer, (keys, values) in zip(cache.layers, rows):
+            layer.start_from(keys, values)
+        self._merge(cache, mask, positions)
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -254,13 +254,21 @@ def test_greedy_matches_hf_generate_with_prompts_prefilled_in_length_groups(shar
 
     model, _ = sharp
     prompts = prompts_of(8)
+    monkeypatch.setattr(lean, "flat_prefill_ok", lambda model, prompts: False)  # a GPU's padded calls
     monkeypatch.setattr(lean, "PREFILL_CALL_TOKENS_CPU", 0)  # every length its own prefill call
     assert len(lean.prefill_groups([len(p) for p in prompts], 0)) > 3
     expected = hf_greedy(model, prompts, [], 0, 10)
     assert decode(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0, pick=greedy) == expected
 
 
-def test_a_shared_prefix_and_repeated_prompts_are_prefilled_once_with_hf_generate_s_tokens(sharp):
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_shared_prefix_and_repeated_prompts_are_prefilled_once_with_hf_generate_s_tokens(sharp, flat, monkeypatch):
+    """On a CPU: one packed row, the prefix once and then each distinct prompt's own tokens (models/flat_prefill.py);
+    on a GPU (flat off): the prefix in its own call, then the distinct prompts' tails in length groups."""
+    from posttrain.models import decode as lean
+
+    if not flat:
+        monkeypatch.setattr(lean, "flat_prefill_ok", lambda model, prompts: False)
     model, _ = sharp
     head = prompts_of(1)[0] + list(range(20, 40))  # what every prompt starts with (a template's system turn)
     tails = [t[:2] + [7] + t[2:] for t in prompts_of(5)]  # [7]: no tail starts like another
@@ -274,8 +282,12 @@ def test_a_shared_prefix_and_repeated_prompts_are_prefilled_once_with_hf_generat
         hook.remove()
     assert got == hf_greedy(model, prompts, [], 0, 10)
     prefills = [w for w in widths if w[1] > 1]
-    assert prefills[0] == (1, len(head) + common_tail_start(tails))  # the shared prefix, once
-    assert sum(rows for rows, _ in prefills[1:]) == 5 and max(w for _, w in prefills[1:]) <= max(map(len, tails))
+    shared = len(head) + common_tail_start(tails)
+    if flat:
+        assert prefills == [(1, shared + sum(len(head) + len(t) - shared for t in tails))]
+    else:
+        assert prefills[0] == (1, shared)  # the shared prefix, once
+        assert sum(rows for rows, _ in prefills[1:]) == 5 and max(w for _, w in prefills[1:]) <= max(map(len, tails))
     assert widths[len(prefills)][0] == 7  # then every prompt decodes, repeats included
 
 

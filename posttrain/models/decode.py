@@ -87,11 +87,12 @@ class RaggedBatch:
         """Prefill `prompts` and append them as the last rows, in order; (n, V) float logits of their last tokens.
         A repeated prompt is prefilled once; a prefix that every prompt shares (a chat template's system turn) is
         prefilled once and kept for later calls (models/prefill.py). On a CPU the prompts go in one packed row
-        without padding (models/flat_prefill.py); elsewhere, or after a stored prefix, prompts of very different
-        lengths are prefilled in length groups (`prefill_groups`), not padded to the longest one."""
+        without padding (models/flat_prefill.py) unless a stored prefix makes padded calls cheaper; elsewhere
+        prompts of very different lengths are prefilled in length groups (`prefill_groups`), not padded to the
+        longest one."""
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
         new = RaggedBatch(self.model, self.pad_id)
-        if self.prefixes.find(unique, min(map(len, unique)) - 1) is None and flat_prefill_ok(self.model, unique):
+        if self._flat_pays(unique):
             logits, order = new._prefill_flat(unique, self.prefixes), range(len(unique))
         else:
             shared = self._shared_prefix(unique)
@@ -106,6 +107,22 @@ class RaggedBatch:
             logits = logits[where]
         self._merge(new.cache, new.mask, new.positions)
         return logits
+
+    def _flat_pays(self, prompts: list[tuple[int, ...]]) -> bool:
+        """Whether one packed row is this prefill's cheapest plan where it can run: always, unless a stored prefix
+        leaves less to compute in padded calls (counted in padded tokens plus `prefill_call_tokens` a call; the
+        packed row computes the prefix again)."""
+        if not flat_prefill_ok(self.model, prompts):
+            return False
+        shortest = min(map(len, prompts)) - 1
+        found = self.prefixes.find(prompts, shortest)
+        if found is None:
+            return True
+        rest = [len(p) - len(found) for p in prompts]
+        groups = prefill_groups(rest, self.prefill_call_tokens)
+        padded = sum(len(group) * max(rest[i] for i in group) for group in groups)
+        return sum(map(len, prompts)) - (len(prompts) - 1) * common_prefix(prompts, shortest) < padded + (
+            len(groups) - 1) * self.prefill_call_tokens
 
     def _shared_prefix(self, prompts: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list] | None:
         """(prefix, its per-layer (keys, values) of one row) to prefill `prompts` on, or None: a stored prefix

@@ -6,7 +6,9 @@ tokens it runs are its cost, plus a fixed cost per forward call (its pass over t
 every chat prompt starts with the same template tokens (SmolLM2's default system turn and user header: 24 of
 an alpaca prompt's 45.6 tokens on average). `prefill_groups` splits a call by length where that saves more than
 a call costs; `PrefixStore` keeps the KV of a prefix every prompt of a call shared, so the serving engine computes its
-template's system turn once. Plans only: models/decode.RaggedBatch runs them.
+template's system turn once. Plans only: models/decode.RaggedBatch runs them. Where the model allows it, a CPU
+prefill without a stored prefix runs no padding at all (one packed row: models/flat_prefill.py); the length groups
+are for the rest (a GPU, other model families, prompts joining after a stored prefix).
 """
 
 from __future__ import annotations

@@ -108,3 +108,30 @@ def test_not_taken_where_it_would_not_be_the_same_attention():
     eager.config._attn_implementation = "eager"
     assert not flat_prefill_ok(eager, prompts)
     assert not flat_prefill_ok(copy.deepcopy(MODELS["llama"]()).to("meta"), prompts)  # not on a CPU
+
+
+def test_a_stored_prefix_is_reused_where_that_costs_less_than_one_packed_row(monkeypatch):
+    """A serving batch keeps its template's prefix: two short prompts joining run on its keys and values (one
+    padded call of their own tokens); prompts of very different lengths run as one packed row instead."""
+    model = MODELS["llama"]()
+    head = prompts_with_a_shared_head()[0][:20]
+    batch = RaggedBatch(model, pad_id=0)
+    with torch.no_grad():
+        batch.add(prompts_with_a_shared_head())
+        assert [len(key) for key in batch.prefixes] == [20]
+        calls = []
+        hook = model.register_forward_hook(lambda m, a, kw, out: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+        short = [head + [7, 8], head + [9, 10]]
+        short_logits = batch.add(short)
+        assert calls == [(2, 2)]
+        calls.clear()
+        mixed = [head + list(range(30, 30 + n)) for n in (1, 30, 2, 29, 3, 28)]
+        mixed_logits = batch.add(mixed)
+        assert calls == [(1, 20 + 93)]  # 3 x 3 + 3 x 30 padded tokens in two calls would cost more
+        hook.remove()
+        monkeypatch.setattr(lean, "flat_prefill_ok", lambda model, prompts: False)
+        alone = RaggedBatch(model, pad_id=0)
+        torch.testing.assert_close(short_logits, alone.add(short), rtol=0, atol=2e-5)
+        torch.testing.assert_close(mixed_logits, alone.add(mixed), rtol=0, atol=2e-5)
+    assert len(batch) == 6 + 2 + 6  # a prompt asked twice still gets two rows

@@ -28,10 +28,9 @@ FAMILIES = {"llama", "qwen2", "qwen3", "mistral"}
 def flat_prefill_ok(model: nn.Module, prompts: list) -> bool:
     """Whether these prompts (two or more) can be prefilled as one packed row: a CPU model of FAMILIES on
     transformers' sdpa attention, and no sliding window shorter than the longest prompt."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None else None
-    window = getattr(text, "sliding_window", None)
-    return (len(prompts) > 1 and text is not None and getattr(text, "model_type", None) in FAMILIES
+    config = getattr(model, "config", None)  # the model's own: a composite (vision-language) model is not taken
+    window = getattr(config, "sliding_window", None)
+    return (len(prompts) > 1 and getattr(config, "model_type", None) in FAMILIES
             and getattr(config, "_attn_implementation", None) == "sdpa"
             and next(model.parameters()).device.type == "cpu"
             and (window is None or max(map(len, prompts)) <= window))
@@ -49,7 +48,7 @@ def flat_prefill(model: nn.Module, prompts: list[tuple[int, ...]], logits_to_kee
         ids += p[n:]
         positions += range(n, len(p))
     last = torch.tensor([start + len(p) - n - 1 for start, p in zip(starts, prompts)], device=device)
-    cache = growing_cache(model.config.get_text_config())
+    cache = growing_cache(model.config)
     keep = {"logits_to_keep": last} if logits_to_keep else {}
     with packed_attention(model.config, shared_prefix=True):
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, past_key_values=cache,

@@ -135,3 +135,17 @@ def test_a_stored_prefix_is_reused_where_that_costs_less_than_one_packed_row(mon
         torch.testing.assert_close(short_logits, alone.add(short), rtol=0, atol=2e-5)
         torch.testing.assert_close(mixed_logits, alone.add(mixed), rtol=0, atol=2e-5)
     assert len(batch) == 6 + 2 + 6  # a prompt asked twice still gets two rows
+
+
+def test_a_peft_model_with_an_active_adapter_prefills_what_padded_calls_do(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0: it changes q, v
+    model = get_peft_model(MODELS["qwen2"](), lora).eval()
+    prompts = prompts_with_a_shared_head()
+    assert flat_prefill_ok(model, prompts)
+    with torch.no_grad():
+        flat = RaggedBatch(model, pad_id=0).add(prompts)
+        monkeypatch.setattr(lean, "flat_prefill_ok", lambda model, prompts: False)
+        padded = RaggedBatch(model, pad_id=0).add(prompts)
+    torch.testing.assert_close(flat, padded, rtol=0, atol=2e-5)

@@ -121,8 +121,8 @@ class RaggedBatch:
         rest = [len(p) - len(found) for p in prompts]
         groups = prefill_groups(rest, self.prefill_call_tokens)
         padded = sum(len(group) * max(rest[i] for i in group) for group in groups)
-        return sum(map(len, prompts)) - (len(prompts) - 1) * common_prefix(prompts, shortest) < padded + (
-            len(groups) - 1) * self.prefill_call_tokens
+        packed = sum(map(len, prompts)) - (len(prompts) - 1) * common_prefix(prompts, shortest)  # the row's tokens
+        return packed < padded + (len(groups) - 1) * self.prefill_call_tokens  # one call against len(groups)
 
     def _shared_prefix(self, prompts: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list] | None:
         """(prefix, its per-layer (keys, values) of one row) to prefill `prompts` on, or None: a stored prefix
@@ -167,7 +167,7 @@ class RaggedBatch:
         common prefix goes to `store` when later calls would gain from it (the rule of `_shared_prefix`)."""
         logits, rows, mask, positions, n, prefix = flat_prefill(self.model, prompts, bool(self.keep_last))
         if (len(prompts) - 1) * n > self.prefill_call_tokens:
-            store.put(prompts[0][:n], prefix)
+            store.put(prompts[0][:n], [(keys.clone(), values.clone()) for keys, values in prefix])
         cache = growing_cache(self.model.config.get_text_config())
         for layer, (keys, values) in zip(cache.layers, rows):
             layer.start_from(keys, values)

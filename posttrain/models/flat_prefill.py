@@ -39,7 +39,7 @@ def flat_prefill_ok(model: nn.Module, prompts: list) -> bool:
 def flat_prefill(model: nn.Module, prompts: list[tuple[int, ...]], logits_to_keep: bool):
     """Prefill `prompts` in one forward. Returns (logits (n, V) float of each prompt's last token, per-layer
     (keys, values) of left-padded rows (n, H, W, d), mask (n, W) long, positions (n,) of each last token,
-    the shared prefix's length and its per-layer (keys, values) of one row (1, H, prefix, d))."""
+    the shared prefix's length and views of its per-layer (keys, values) of one row (1, H, prefix, d))."""
     device = next(model.parameters()).device
     n = common_prefix(prompts, min(map(len, prompts)) - 1)  # every prompt keeps its last token (its logits)
     ids, positions, starts = list(prompts[0][:n]), list(range(n)), []
@@ -60,5 +60,5 @@ def flat_prefill(model: nn.Module, prompts: list[tuple[int, ...]], logits_to_kee
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     rows = [(layer.keys[0][:, index].transpose(0, 1), layer.values[0][:, index].transpose(0, 1))
             for layer in cache.layers]  # (H, n, W, d) -> (n, H, W, d)
-    prefix = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in cache.layers]
+    prefix = [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers]  # views: clone to keep
     return logits, rows, mask, torch.tensor([len(p) - 1 for p in prompts], device=device), n, prefix

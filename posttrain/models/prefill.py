@@ -8,7 +8,7 @@ an alpaca prompt's 45.6 tokens on average). `prefill_groups` splits a call by le
 a call costs; `PrefixStore` keeps the KV of a prefix every prompt of a call shared, so the serving engine computes its
 template's system turn once. Plans only: models/decode.RaggedBatch runs them. Where the model allows it, a CPU
 prefill without a stored prefix runs no padding at all (one packed row: models/flat_prefill.py); the length groups
-are for the rest (a GPU, other model families, prompts joining after a stored prefix).
+are for the rest (a GPU, other model families, prompts that a stored prefix makes cheaper to pad).
 """
 
 from __future__ import annotations

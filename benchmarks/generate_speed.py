@@ -14,8 +14,9 @@ template's end of turn); outputs must be token-identical (checked per row, repor
   posttrain-packed  the same call on a copy of the model whose oneDNN weights were made once before the runs and
              kept (`onednn_linear.swap_in`), as chat, serve, eval and rollouts hold them across their calls; a
              plain call makes them at every call (SmolLM2: 540 MB, ~0.1-0.2 s, in the posttrain column)
-Runs alternate (hf, posttrain, hf, posttrain ...) in one process after a warm-up of each side, and the
-medians are reported. Tokens/s counts generated tokens (each row up to and including its stop token)
+Runs alternate (hf, posttrain, hf, posttrain ...) in one process after an untimed whole call of each side (with a
+4-token warm-up, HF's batch-8 calls ran ~10% faster after the batch-1 runs than alone), and the medians are
+reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
 computes; the difference to the generated tokens is the padding waste of a batch whose rows stop at
 different steps. The step profile times one decode forward (100-token cache; HF's, and in brackets the
@@ -194,8 +195,8 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
     from posttrain.models.generate import stop_token_ids
 
     stops = set(stop_token_ids(model, tokenizer))
-    for fn in SIDES.values():  # warm-up: first-call allocations and lazy imports
-        fn(model, tokenizer, prompts[:1], 4)
+    for fn in SIDES.values():  # warm-up: a whole call of each side, untimed (first-call allocations, lazy imports,
+        fn(model, tokenizer, prompts, max_new_tokens)  # and the allocator's state after calls of this size)
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
     outputs: dict[str, list] = {}
     for side in list(SIDES) * repeats:

@@ -44,6 +44,11 @@ from posttrain.models.prefill import PREFILL_CALL_TOKENS_CPU, PrefixStore, commo
 Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
+def greedy(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The greedy Picker. `decode` knows it: its steps then pick the argmax themselves, without the logits."""
+    return logits.argmax(-1)
+
+
 def lean_decode_ok(model: nn.Module) -> bool:
     """Whether `decode` can run `model`: a decoder-only LM whose cache is plain full attention (no sliding
     window, no prompt-learning PEFT that injects its own cache)."""
@@ -176,12 +181,28 @@ class RaggedBatch:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); (B, V) float logits of the next one."""
+        lean = self._advance()
+        if lean:
+            return lean.step(tokens.view(-1).to(self.device), self.mask, self.positions, self.cache)
+        return self._forward(tokens)
+
+    def step_greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """As `step`, but (B,) the argmax of each row's logits (models/greedy_head.py where it applies)."""
+        lean = self._advance()
+        if lean:
+            return lean.greedy(tokens.view(-1).to(self.device), self.mask, self.positions, self.cache)
+        return self._forward(tokens).argmax(-1)
+
+    def _advance(self) -> DecodeStep | bool:
+        """Move the mask and positions on by one token; the hand-written step if the model allows it (checked
+        once: False)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         self.positions = self.positions + 1
-        if self.lean is None or (self.lean and not self.lean.still_valid()):  # a hand-written step if the model
-            self.lean = DecodeStep.of(self.model) or False                    # allows (checked once: False)
-        if self.lean:
-            return self.lean.step(tokens.view(-1).to(self.device), self.mask, self.positions, self.cache)
+        if self.lean is None or (self.lean and not self.lean.still_valid()):
+            self.lean = DecodeStep.of(self.model) or False
+        return self.lean
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=self.mask,
                          position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
@@ -247,13 +268,13 @@ def decode(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, s
     if not prompts or max_new_tokens <= 0:
         return out
     model.eval()
-    with onednn_linears(model):  # weights fixed for the call: their oneDNN copies made once
+    # weights fixed for the call: their oneDNN copies made once; greedy steps' head in bfloat16 (models/greedy_head.py)
+    with onednn_linears(model, greedy_head=pick is greedy, float32_head=pick is not greedy):
         batch = RaggedBatch(model, pad_id)
-        logits = batch.add(prompts)
         rows = list(range(len(prompts)))  # batch row -> prompt index
+        tokens = pick(batch.add(prompts), rows)  # (b,)
         stops = set(stop_ids)
         while True:
-            tokens = pick(logits, rows)  # (b,)
             live = []
             for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 out[row].append(token)
@@ -268,4 +289,4 @@ def decode(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, s
             if len(live) < len(rows):
                 order = batch.drop(sorted(set(range(len(rows))) - set(live)))
                 tokens, rows = tokens[order], [rows[k] for k in order]
-            logits = batch.step(tokens)
+            tokens = batch.step_greedy(tokens) if pick is greedy else pick(batch.step(tokens), rows)

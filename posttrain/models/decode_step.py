@@ -54,6 +54,7 @@ class DecodeStep:
         self.lm, self.body, self.layers, self.first = lm, lm.model, layers, first
         self.heads, self.kv_heads = lm.config.num_attention_heads, lm.config.num_key_value_heads
         self.head = _plain(lm.lm_head)
+        self.greedy_head = self.head.__dict__.get("_greedy_head")  # models/greedy_head.py, where the CPU has bf16
 
     @staticmethod
     def of(model: nn.Module) -> DecodeStep | None:
@@ -93,6 +94,17 @@ class DecodeStep:
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """tokens (B,) the last token of each row, mask (B, T) long with this token's column, positions (B,) its
         position; appends each layer's key / value to `cache`."""
+        return packed_product(self.hidden(tokens, mask, positions, cache), self.head).float()
+
+    def greedy(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """As `step`, but (B,) the argmax of each row's logits (from the head's bfloat16 copy where it has one)."""
+        hidden = self.hidden(tokens, mask, positions, cache)
+        if self.greedy_head is not None:
+            return self.greedy_head.argmax(hidden)
+        return packed_product(hidden, self.head).argmax(-1)
+
+    def hidden(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """(B, D) the final norm's output, which the head multiplies."""
         b, nh, nkv = tokens.shape[0], self.heads, self.kv_heads
         g = nh // nkv
         x = self.body.embed_tokens(tokens)  # (B, D)
@@ -116,7 +128,7 @@ class DecodeStep:
             inter = gate_up.shape[-1] // 2
             x = x + packed_product(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down)
         w, eps = self.body.norm.weight, self.body.norm.variance_epsilon
-        return packed_product(F.rms_norm(x, w.shape, w, eps), self.head).float()
+        return F.rms_norm(x, w.shape, w, eps)
 
 
 def _packed(layer: nn.Module | None) -> bool:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from posttrain.models.anatomy import partitioned
+from posttrain.models.greedy_head import GreedyHead
 
 ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B comparison)
 # Below this many bytes of linear weights a model's decode step is not bound by streaming them from memory, and
@@ -203,14 +204,18 @@ def _sibling_groups(model: nn.Module, layers: list[nn.Linear]) -> list[list[nn.L
     return groups
 
 
-def swap_in(model: nn.Module) -> list[nn.Linear]:
+def swap_in(model: nn.Module, *, greedy_head: bool = False, float32_head: bool = True) -> list[nn.Linear]:
     """Give the model's eligible linear layers oneDNN copies of their weights (stacked for FUSED siblings) and the
     oneDNN forward; the layers swapped (none when already swapped, not eligible or short of memory). The copies
-    go stale if the weights change: `swap_out` them first (`onednn_linears` does)."""
+    go stale if the weights change: `swap_out` them first (`onednn_linears` does). `greedy_head`: the LM head
+    also gets a GreedyHead (models/greedy_head.py) for greedy decode steps where the CPU has bfloat16; without
+    `float32_head` its float32 logits (prefill, sampling) then come from its dense weight, with no packed copy."""
     layers = _eligible(model)
     need = sum(m.weight.numel() * 4 for m in layers)
     if not layers or need < MIN_BYTES or _available_bytes() < 2 * need:
         return []
+    head = _base(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    greedy = GreedyHead.of(head) if greedy_head and any(m is head for m in layers) else None
     with torch.no_grad():
         for m in layers:
             m._onednn_before = m.__dict__.get("forward")  # a training forward (enable_training_products), if any
@@ -221,24 +226,29 @@ def swap_in(model: nn.Module) -> list[nn.Linear]:
                 m.forward = _fused_forward.__get__(m)
         for m in layers:
             if "_onednn_weight" not in m.__dict__:
-                m._onednn_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                dense = m is head and greedy is not None and not float32_head
+                m._onednn_weight = (m.weight.detach() if dense  # oneDNN takes a dense weight too, a little slower
+                                    else torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None))
                 m.forward = _forward.__get__(m)
+        if greedy is not None:
+            head._greedy_head = greedy
     return layers
 
 
 def swap_out(layers: list[nn.Linear]) -> None:
     for m in layers:
         before = m.__dict__.pop("_onednn_before", None)
-        for name in ("forward", "_onednn_weight", "_onednn_fused", "_onednn_index"):
+        for name in ("forward", "_onednn_weight", "_onednn_fused", "_onednn_index", "_greedy_head"):
             m.__dict__.pop(name, None)
         if before is not None:
             m.forward = before
 
 
 @contextlib.contextmanager
-def onednn_linears(model: nn.Module):
-    """Inside: the model's linear layers compute through oneDNN (see the module docstring); restored after."""
-    layers = swap_in(model)
+def onednn_linears(model: nn.Module, *, greedy_head: bool = False, float32_head: bool = True):
+    """Inside: the model's linear layers compute through oneDNN (see the module docstring and `swap_in`); restored
+    after."""
+    layers = swap_in(model, greedy_head=greedy_head, float32_head=float32_head)
     try:
         yield
     finally:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from posttrain.models.decode import Picker
+from posttrain.models.decode import Picker, greedy
 
 
 class RowSampler(LogitsProcessor):
@@ -48,7 +48,7 @@ def picker(model: nn.Module, *, temperature: float, top_p: float, top_k: int | N
            row_seeds: list[int] | None, device: torch.device) -> Picker:
     """Greedy; one seeded stream per row (RowSampler); or generate's sampling: its own warpers, one global stream."""
     if temperature <= 0:
-        return lambda logits, rows: logits.argmax(-1)
+        return greedy
     if row_seeds is not None:
         return RowSampler(row_seeds, temperature, top_p, device).draw
     sample = warped_sampler(model, temperature=temperature, top_p=top_p, top_k=top_k)

@@ -7,8 +7,9 @@ string, its own max_new_tokens, or its client went away) and a job gets its answ
 have ended: a short request that arrives while a long one runs is not held until the long one ends, and
 no step computes a finished row.
 
-Greedy jobs take the argmax (their answer does not depend on their batch). Sampled rows go through
-generate's warpers, batched per setting, and draw by the inverse CDF from one uniform each, taken from
+Greedy jobs take the argmax (their answer does not depend on their batch); while only greedy rows run, the step
+picks it without the logits (models/greedy_head.py, from the engine's bfloat16 copy of the head). Sampled rows
+go through generate's warpers, batched per setting, and draw by the inverse CDF from one uniform each, taken from
 their job's own torch.Generator: one batched draw per step (per-job `multinomial` calls made sampled
 serving 0.81x slower than without the batcher), and no use of torch's global stream. A streamed job's
 rows send their text as it comes (the same TextStreamer word holding and stop-string filter as a streamed
@@ -102,7 +103,7 @@ class Batcher:
         self._admit()
         if not self.rows:
             return
-        tokens = self._pick()  # (B,)
+        tokens = self.tokens  # (B,)
         keep = []
         for k, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             row.ids.append(token)
@@ -121,21 +122,26 @@ class Batcher:
         if len(keep) < len(self.rows):
             order = self.batch.drop(sorted(set(range(len(self.rows))) - set(keep)))
             self.rows, tokens = [self.rows[k] for k in order], tokens[order]
-        self.logits = self.batch.step(tokens) if self.rows else None
+        if not self.rows:
+            self.tokens = None
+        elif self.generators:  # a sampled row runs: the logits
+            self.tokens = self._pick(self.batch.step(tokens), self.rows)
+        else:  # greedy rows only: the step picks (models/greedy_head.py)
+            self.tokens = self.batch.step_greedy(tokens)
 
-    def _pick(self) -> torch.Tensor:
-        """(B,) the next token of every row: the argmax, or for sampled rows one batched inverse-CDF draw per
-        sampling setting, each row's uniform from its job's own generator."""
-        tokens = self.logits.argmax(-1)
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """(B,) the next token of each of `rows` from their (B, V) logits: the argmax, or for sampled rows one
+        batched inverse-CDF draw per sampling setting, each row's uniform from its job's own generator."""
+        tokens = logits.argmax(-1)
         by_setting: dict[tuple[float, float], list[int]] = {}
-        for k, row in enumerate(self.rows):
+        for k, row in enumerate(rows):
             if id(row.job) in self.generators:
                 by_setting.setdefault((row.job.sampling.temperature, row.job.sampling.top_p), []).append(k)
         for (temperature, top_p), ks in by_setting.items():
             probs_of = self.warpers.get((temperature, top_p)) or self.warpers.setdefault(
                 (temperature, top_p), warped_probs(self.model, temperature=temperature, top_p=top_p))
-            uniforms = torch.stack([torch.rand((), generator=self.generators[id(self.rows[k].job)]) for k in ks])
-            tokens[ks] = draw_by_uniforms(probs_of(self.logits[ks]), uniforms).to(tokens)
+            uniforms = torch.stack([torch.rand((), generator=self.generators[id(rows[k].job)]) for k in ks])
+            tokens[ks] = draw_by_uniforms(probs_of(logits[ks]), uniforms).to(tokens)
         return tokens
 
     def fail(self, err: Exception) -> None:
@@ -150,7 +156,7 @@ class Batcher:
         self.model.eval()
         self.batch = RaggedBatch(self.model, self.pad_id)
         self.rows: list[_Row] = []
-        self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the running rows
+        self.tokens: torch.Tensor | None = None  # (B,) the running rows' next tokens
         self.open: dict[int, list[_Row]] = {}  # job id -> its rows (until all have ended)
         self.hits: dict[int, object] = {}  # job id -> its stop-string test
         self.done_rows: dict[int, int] = {}  # job id -> how many of its rows have ended
@@ -186,7 +192,8 @@ class Batcher:
                 self.generators[id(job)] = torch.Generator(device=self.device)
                 self.generators[id(job)].seed()
         self.rows += new
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        tokens = self._pick(logits, new)
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
 
     def _row_done(self, job: Job) -> bool:
         """Whether every row of `job` has now ended (each ended row is counted once)."""

@@ -60,7 +60,8 @@ class Engine:
         self._batches_stopped = 0  # generate calls, scoring jobs or batcher jobs ended early: their client left
         # continuous: jobs join a running batch between decode steps (a model the lean loop can run)
         self.batcher = Batcher(model, tokenizer, max_batch) if continuous and lean_decode_ok(model) else None
-        self.onednn = swap_in(model)  # the engine's weights never change: their oneDNN copies made once, kept
+        # the engine's weights never change: their oneDNN copies made once, kept; greedy batches' head in bfloat16
+        self.onednn = swap_in(model, greedy_head=True)
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 

@@ -58,8 +58,8 @@ def test_greedy_matches_hf_generate_with_rows_stopping_at_different_steps(sharp,
     monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)  # the tiny model is 64 wide
     swapped, real = [], onednn_linear.swap_in
 
-    def counted(m):
-        layers = real(m)
+    def counted(m, **heads):
+        layers = real(m, **heads)
         swapped.append(len(layers))
         return layers
     monkeypatch.setattr(onednn_linear, "swap_in", counted)
@@ -102,7 +102,8 @@ def test_the_generate_path_also_computes_through_onednn_with_the_same_tokens(sha
     monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
     monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)
     swapped, real = [], onednn_linear.swap_in
-    monkeypatch.setattr(onednn_linear, "swap_in", lambda m: swapped.append(len(layers := real(m))) or layers)
+    monkeypatch.setattr(onednn_linear, "swap_in",
+                        lambda m, **heads: swapped.append(len(layers := real(m, **heads))) or layers)
     got = [g.token_ids for g in gen.generate_from_ids(model, tokenizer, prompts, max_new_tokens=10)]
     assert swapped and swapped[0] > 0
     monkeypatch.setenv(onednn_linear.ENV, "0")

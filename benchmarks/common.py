@@ -30,7 +30,7 @@ def peak_rss_mb() -> float:
 
 
 # `trl-kept-memory`: TRL in a process whose glibc malloc keeps freed memory as posttrain's does by default
-# (train.keep_freed_memory, posttrain/train/host_memory.py), set through glibc's environment tunables.
+# (train.keep_freed_memory, posttrain/models/host_memory.py), set through glibc's environment tunables.
 KEPT_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 # `posttrain-mkl`: posttrain with its linear products on torch's default MKL path (models/onednn_linear.py)
 # `posttrain-hf-step`: posttrain decoding every step through HF's forward, not models/decode_step.py

@@ -12,16 +12,18 @@ template's end of turn); outputs must be token-identical (checked per row, repor
              layers through oneDNN, models/onednn_linear.py; a hand-written decode step, models/decode_step.py)
   posttrain-mkl  the same with POSTTRAIN_ONEDNN=0: linear layers on torch's default MKL path (the before)
   posttrain-packed  the same call on a copy of the model whose oneDNN weights were made once before the runs and
-             kept (`onednn_linear.swap_in`), as chat, serve, eval and rollouts hold them across their calls; a
-             plain call makes them at every call (SmolLM2: 540 MB, ~0.1-0.2 s, in the posttrain column)
+             kept (`onednn_linear.swap_in(greedy_head=True)`), as chat, serve, eval and rollouts hold them across
+             their calls; a plain call makes them at every call (SmolLM2: 480 MB, 70-230 ms, in the posttrain
+             column). Greedy steps of both take the argmax from a bfloat16 copy of the LM head where the CPU has
+             bfloat16 (models/greedy_head.py: exact, the float32 logits of the candidates recomputed)
 Runs alternate (hf, posttrain, hf, posttrain ...) in one process after an untimed whole call of each side (with a
 4-token warm-up, HF's batch-8 calls ran ~10% faster after the batch-1 runs than alone), and the medians are
 reported. Tokens/s counts generated tokens (each row up to and including its stop token)
 over the whole call (prefill included). "row-steps" counts the (row, step) forward positions each side
 computes; the difference to the generated tokens is the padding waste of a batch whose rows stop at
 different steps. The step profile times one decode forward (100-token cache; HF's, and in brackets the
-hand-written step) against its linear layers alone: the floor that no decode loop gets under in fp32 (the
-weights are streamed from memory each step).
+hand-written step returning logits and the greedy one returning tokens) against its linear layers alone: the
+floor that no decode loop gets under in fp32 (the weights are streamed from memory each step).
 Writes benchmarks/results/<name>.{json,md}. The alpaca demo set is non-commercial.
 """
 
@@ -114,7 +116,7 @@ def packed_copy(model):
     if id(model) not in _PACKED:
         held = copy.deepcopy(model)
         start = time.perf_counter()
-        swap_in(held)
+        swap_in(held, greedy_head=True)  # as the serving engine's (and greedy chat's, eval's) copies
         _PACKED[id(model)] = (held, time.perf_counter() - start)
     return _PACKED[id(model)]
 
@@ -139,7 +141,7 @@ def step_profiles(model, batch: int) -> dict:
     from posttrain.models.onednn_linear import onednn_linears
 
     mkl = step_profile(model, batch)
-    with onednn_linears(model):
+    with onednn_linears(model, greedy_head=True):
         return {"mkl": mkl, "onednn": step_profile(model, batch)}
 
 
@@ -183,10 +185,12 @@ def step_profile(model, batch: int, context: int = 100, repeats: int = 10) -> di
             model(input_ids=token, past_key_values=cache, use_cache=True)
             cache.crop(-1)  # drop the token again: the same context every time
 
-        def lean_step():
-            lean.step(token[:, 0], mask, position, growing)
+        def lean_step(greedy: bool = False):
+            (lean.greedy if greedy else lean.step)(token[:, 0], mask, position, growing)
             growing.crop(-1)
+        greedy = lean is not None and lean.greedy_head is not None  # models/greedy_head.py
         return {"step_ms": best(step), "lean_step_ms": best(lean_step) if lean is not None else None,
+                "lean_greedy_ms": best(lambda: lean_step(greedy=True)) if greedy else None,
                 "linears_ms": best(lambda: [f(x) for f, x in products.values()]),
                 "head_ms": best(lambda: model.lm_head(inputs[model.lm_head]))}
 
@@ -227,7 +231,8 @@ def run_batch(model, tokenizer, prompts, max_new_tokens: int, repeats: int) -> d
 def render(result: dict) -> str:
     m = result["machine"]
     def step(profile: dict) -> str:
-        lean = f" ({profile['lean_step_ms']:.1f})" if profile.get("lean_step_ms") else ""
+        greedy = f", greedy {profile['lean_greedy_ms']:.1f}" if profile.get("lean_greedy_ms") else ""
+        lean = f" ({profile['lean_step_ms']:.1f}{greedy})" if profile.get("lean_step_ms") else ""
         return f"{profile['step_ms']:.1f}{lean} / {profile['linears_ms']:.1f} / {profile['head_ms']:.1f}"
     rows = [[c["batch"], c["tokens_per_s"]["hf"], c["tokens_per_s"]["posttrain-mkl"], c["tokens_per_s"]["posttrain"],
              c["tokens_per_s"]["posttrain-packed"], f"{c['speedup_mkl']:.2f}x", f"**{c['speedup']:.2f}x**",
@@ -240,7 +245,7 @@ def render(result: dict) -> str:
                             "posttrain, packed once, tok/s", "MKL/HF", "oneDNN/HF", "packed once/HF",
                             "identical rows oneDNN (MKL, packed once)", "tokens per row min/median/max",
                             "row-steps HF / posttrain", "step / linears / head ms, MKL",
-                            "step (hand-written step) / linears / head ms, oneDNN"], rows)
+                            "step (hand-written step, greedy step) / linears / head ms, oneDNN"], rows)
     return (f"{m['date']}, {m['cpu']} ({result['cpu_flags']}), {m['cores']} cores, torch "
             f"{result['versions']['torch']}, transformers {result['versions']['transformers']} "
             f"({m['torch_threads']} threads); matmul peak {result['matmul_gflops_before']:.1f} GFLOP/s before, "

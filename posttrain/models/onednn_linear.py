@@ -42,7 +42,7 @@ from torch import nn
 
 from posttrain.models.anatomy import partitioned
 from posttrain.models.greedy_head import GreedyHead
-from posttrain.models.heap import keep_freed
+from posttrain.models.host_memory import retain_freed_memory
 
 ENV = "POSTTRAIN_ONEDNN"  # "0" turns the oneDNN products off (for an A/B comparison)
 # Below this many bytes of linear weights a model's decode step is not bound by streaming them from memory, and
@@ -217,7 +217,7 @@ def swap_in(model: nn.Module, *, greedy_head: bool = False, float32_head: bool =
         return []
     head = _base(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
     greedy = GreedyHead.of(head) if greedy_head and any(m is head for m in layers) else None
-    keep_freed(need)  # the next call's copies reuse this call's memory instead of faulting it in (models/heap.py)
+    retain_freed_memory()  # the next call's copies reuse this call's memory instead of faulting it in
     with torch.no_grad():
         for m in layers:
             m._onednn_before = m.__dict__.get("forward")  # a training forward (enable_training_products), if any

@@ -61,7 +61,7 @@ class TrainConfig:
     loss_chunk: int = opt(1024, "positions per chunk of the LM head + cross-entropy (bounds logits memory)")
     keep_freed_memory: bool = opt(
         True, "glibc malloc keeps freed host memory in the process (no mmap per large tensor, no trimming), so each "
-        "step reuses resident pages instead of page-faulting fresh ones (train/host_memory.py); ignored when a "
+        "step reuses resident pages instead of page-faulting fresh ones (models/host_memory.py); ignored when a "
         "MALLOC_*_ environment variable is set")
     # ---- multi-process engine and numerics (train/engine_config.py: sections and rules)
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = opt(

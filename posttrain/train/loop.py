@@ -23,10 +23,10 @@ from torch import nn
 
 from posttrain.train.config import OptimConfig, RunConfig, TrainConfig, save_config
 from posttrain.losses.moments import fold_moments
+from posttrain.models.host_memory import retain_freed_memory
 from posttrain.train.checkpoint import find_resume
 from posttrain.train.engines import build_engine, join, lockstep
 from posttrain.train.engines.base import zero_weight
-from posttrain.train.host_memory import retain_freed_memory
 from posttrain.train.reporting import RunReport, already_complete
 
 log = logging.getLogger("posttrain")
@@ -139,8 +139,7 @@ class Loop:
         self.cfg, self.model, self.steps = cfg, model, steps
         self.dist = dist_ctx or Dist()
         self.on_step_start = on_step_start
-        if cfg.train.keep_freed_memory:
-            retain_freed_memory()
+        retain_freed_memory(cfg.train.keep_freed_memory)
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.engine = build_engine(cfg, self.dist)
         groups = self.engine.prepare(model, groups)

@@ -1,4 +1,5 @@
-"""train.keep_freed_memory: a freed large tensor's pages are reused by the next one instead of faulted in anew."""
+"""models/host_memory.py (train.keep_freed_memory, and every oneDNN swap-in): a freed large tensor's pages are reused
+by the next one instead of faulted in anew."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 PROBE = r"""
 import json, resource, sys
 import torch
-from posttrain.train.host_memory import retain_freed_memory
+from posttrain.models.host_memory import retain_freed_memory
 
 applied = retain_freed_memory() if sys.argv[1] == "keep" else False
 share = []  # of the tensor's 4 KB pages that faulted in when it was written

@@ -40,3 +40,46 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_user_malloc_settings_win():
     assert probe("keep", MALLOC_ARENA_MAX="2")["applied"]  # not glibc's MALLOC_*_ tunable form
     assert not probe("keep", MALLOC_TRIM_THRESHOLD_="1")["applied"]
+
+
+SWAP_PROBE = r"""
+import json, resource
+import torch
+from torch import nn
+from posttrain.models.onednn_linear import swap_in, swap_out
+
+model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(12)])  # 48 MB of weights: above MIN_BYTES
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    layers = swap_in(model)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    swap_out(layers)
+print(json.dumps({"swapped": len(layers), "faulted": faults, "pages": 12 * 1024 * 1024 * 4 // 4096}))
+"""
+
+
+def test_a_second_generate_calls_weight_copies_reuse_the_firsts_pages():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    runs = {}
+    for mode in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", SWAP_PROBE], env=clean | {"POSTTRAIN_KEEP_FREED": mode},
+                             capture_output=True, text=True, check=True)
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    kept, default = runs["1"], runs["0"]
+    assert kept["swapped"] == default["swapped"] == 12
+    assert all(f > 0.9 * default["pages"] for f in default["faulted"]), default  # glibc's defaults: every call
+    assert all(f < 0.1 * kept["pages"] for f in kept["faulted"][1:]), kept  # kept: the first call's pages again
+
+
+def test_a_training_config_that_says_no_holds_for_later_swap_ins(monkeypatch):
+    from posttrain.models import host_memory
+
+    monkeypatch.setattr(host_memory, "_choice", None)
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.delenv(host_memory.ENV, raising=False)
+    assert not host_memory.retain_freed_memory(False)
+    assert not host_memory.retain_freed_memory()  # a later swap_in, which does not say
+    monkeypatch.setattr(host_memory, "_choice", None)
+    monkeypatch.setenv(host_memory.ENV, "0")
+    assert not host_memory.retain_freed_memory()

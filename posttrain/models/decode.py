@@ -22,7 +22,8 @@ model's own forward (on a CPU one packed row of all prompts: models/flat_prefill
 computes (position = count of real tokens before, as in `generate`); a decode step is too, except for
 Llama-family models on a CPU, whose steps run `models/decode_step.py` (HF's computation in fewer ops); there a
 greedy call's steps return the argmax without the logits, from a bfloat16 copy of the LM head with the float32
-logits of every token that could win recomputed (models/greedy_head.py). Greedy outputs match `generate` (tests/models/test_generate_engine.py, tests/models/test_flat_prefill.py).
+logits of every token that could win recomputed (models/greedy_head.py). Greedy outputs match `generate`
+(tests/models/test_generate_engine.py, tests/models/test_flat_prefill.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ CPU. The copies cost the layers' weights once more in memory while the context i
 available than twice that, or for a model whose linear weights are under MIN_BYTES, nothing is swapped; layers
 thinner than MIN_DIM (LoRA factors) never are. Freed copies stay in the process for the next call's
 (models/host_memory.py: 70-80 ms to swap SmolLM2 in instead of 170-230). Greedy callers ask for a bfloat16 copy
-of the LM head as well (`greedy_head`, models/greedy_head.py), and may skip its float32 one (`float32_head`). Sibling layers that read the same input (an attention's q / k / v,
+of the LM head as well (`greedy_head`, models/greedy_head.py), and may skip its float32 one (`float32_head`).
+Sibling layers that read the same input (an attention's q / k / v,
 an MLP's gate / up; FUSED) get one packed copy of their weights stacked: one product instead of three streams
 the weights faster (SmolLM2's decoder products at 8 rows: 14.9 -> 13.2 ms a step). The hand-written decode step
 (models/decode_step.py) uses it directly; HF's forward calls the members one by one with the same tensor, so the

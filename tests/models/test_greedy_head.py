@@ -47,7 +47,8 @@ def test_the_bound_holds_and_without_it_the_bfloat16_argmax_is_wrong(monkeypatch
     assert ((approx.double() - exact).abs() <= bound).all()
     assert (approx.float().argmax(-1) != exact.argmax(-1)).sum() > 5  # the bfloat16 logits alone pick wrongly
     monkeypatch.setattr(greedy_head, "SLACK", 0.0)  # no bound: the candidates are the bfloat16 argmax alone
-    assert not torch.equal(GreedyHead(weight).argmax(x), exact.argmax(-1).to(torch.long))
+    unbounded = GreedyHead(weight)
+    assert sum(int(unbounded.argmax(x[i:i + 1])) != int(exact[i].argmax()) for i in range(len(x))) >= 1
 
 
 def test_a_vocabulary_not_a_multiple_of_the_block_and_a_nan_row():

@@ -169,3 +169,35 @@ def test_a_queue_is_admitted_once_several_rows_are_free_and_a_short_one_at_once(
     while batcher:
         batcher.step()
     assert late.future.result()[0] == generate_from_ids(model, tokenizer, [prompts[3]], max_new_tokens=2)[0]
+
+
+def test_greedy_batches_take_their_tokens_from_the_greedy_head_and_sampled_rows_see_logits(tiny, monkeypatch):
+    from posttrain.models import greedy_head, onednn_linear
+    from posttrain.models.decode import RaggedBatch
+
+    monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)  # the tiny model through oneDNN and the hand-written step,
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)  # with a bfloat16 head copy on any CPU
+    monkeypatch.setattr(greedy_head, "native_bf16", lambda: True)
+    steps = {"greedy": 0, "logits": 0, "head": 0}
+    real_greedy, real_step, real_head = RaggedBatch.step_greedy, RaggedBatch.step, greedy_head.GreedyHead.argmax
+
+    def counted(kind, fn):
+        return lambda *a: steps.__setitem__(kind, steps[kind] + 1) or fn(*a)
+    monkeypatch.setattr(RaggedBatch, "step_greedy", counted("greedy", real_greedy))
+    monkeypatch.setattr(RaggedBatch, "step", counted("logits", real_step))
+    monkeypatch.setattr(greedy_head.GreedyHead, "argmax", counted("head", real_head))
+    model, tokenizer = sharp_model(tiny), tiny[1]
+    prompts = [encode_prompt([Message("user", t)], tokenizer) for t in ["Write a poem", "hi", "Name a colour"]]
+    alone = [generate_from_ids(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert steps["head"] > 0 and steps["logits"] == 0
+    steps.update(greedy=0, logits=0, head=0)
+    engine = Engine(model, tokenizer, "sharp", max_batch=8)
+    try:
+        got = [f.result(60) for f in [engine.submit(Job(p, 1, Sampling(12))) for p in prompts]]
+        greedy_steps = dict(steps)
+        sampled = engine.submit(Job(prompts[0], 2, Sampling(12, temperature=1.0))).result(60)
+    finally:
+        engine.close()
+    assert [g[0] for g in got] == alone
+    assert greedy_steps["greedy"] > 0 and greedy_steps["head"] == greedy_steps["greedy"] and greedy_steps["logits"] == 0
+    assert steps["logits"] > 0 and steps["greedy"] == greedy_steps["greedy"] and len(sampled) == 2

@@ -13,11 +13,12 @@ so |x.w_j - x'.w'_j| <= u ||x|| ||w_j|| + ||x'|| u ||w_j|| <= (2u + u^2) ||x|| |
 float32 accumulation adds at most g ||x'|| ||w'_j||, the bfloat16 output's rounding u |y| <= u (1 + 3u) ||x||
 ||w_j||, and the float32 reference computation itself (any summation order) g ||x|| ||w_j||: in all less than
 SLACK ||x|| ||w_j||. A token j can be the float32 argmax only if its bfloat16 logit plus its bound reaches the
-largest bfloat16 logit minus that token's bound; those candidates are recomputed in float32 and the largest
-wins (the lowest index on a tie, as `argmax`). On SmolLM2's greedy steps the bounds were about 9x the observed
-errors and left 5 candidates a row on average (39 for a batch of 8 rows together). More than a
-MAX_CANDIDATES share of the vocabulary (flat distributions: a random context) or a row without any (a NaN)
-computes the full float32 product instead, through oneDNN from the dense weight.
+largest of (bfloat16 logit minus bound) over all tokens (taken per BLOCK of tokens from their largest logit and
+bound: a lower value, so more candidates, never fewer). The candidates of all rows are recomputed in float32 and
+each row takes the largest (the lowest index on a tie, as `argmax`: tied tokens are all candidates). On SmolLM2's
+greedy steps the bounds were about 9x the observed errors and left 5 candidates a row on average (39 for a batch
+of 8 rows together). More than a MAX_CANDIDATES share of the vocabulary (flat distributions: a random context) or
+a non-finite input computes the full float32 product instead, through oneDNN from the dense weight.
 
 Only on CPUs with native bfloat16 dot products (AVX512_BF16 or AMX), where the bfloat16 product is the faster
 one; elsewhere (the project's Zen 3 machines) the head stays float32. Results differ from the float32 head's
@@ -56,8 +57,8 @@ class GreedyHead:
         self.blocks = -(-vocab // BLOCK)
         slack = torch.zeros(self.blocks * BLOCK)
         slack[:vocab] = torch.linalg.vector_norm(weight, dim=1) * SLACK  # bound_j = slack_j * ||x||
-        self.slack = slack.view(self.blocks, BLOCK)  # (NB, BLOCK)
-        self.block_slack = self.slack.amax(-1)  # (NB,)
+        self.slack = slack  # (NB * BLOCK,)
+        self.block_slack = slack.view(self.blocks, BLOCK).amax(-1)  # (NB,): the largest bound in each block
 
     @staticmethod
     def of(head: nn.Module | None) -> GreedyHead | None:
@@ -70,26 +71,21 @@ class GreedyHead:
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         b, vocab = x.shape[0], self.weight.shape[0]
-        approx = torch.full((b, self.blocks * BLOCK), float("-inf"))  # (B, NB * BLOCK), the tail stays -inf
-        approx[:, :vocab] = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "")
-        approx = approx.view(b, self.blocks, BLOCK)
+        approx = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
+        if vocab % BLOCK:  # the last block's tail never wins
+            approx = torch.cat([approx, approx.new_full((b, self.blocks * BLOCK - vocab), float("-inf"))], dim=1)
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (B, 1)
-        block_top = approx.amax(-1)  # (B, NB)
-        block_slack = norms * self.block_slack  # (B, NB): >= each token's bound in the block
-        best_low = (block_top - block_slack).amax(-1, keepdim=True)  # (B, 1) <= max_k (approx_k - bound_k)
-        rows, blocks = (block_top + block_slack >= best_low).nonzero(as_tuple=True)  # blocks that may hold one
-        near = approx[rows, blocks] + norms[rows] * self.slack[blocks] >= best_low[rows]  # (P, BLOCK)
-        pair, offset = near.nonzero(as_tuple=True)
-        rows, cols = rows[pair], blocks[pair] * BLOCK + offset
-        index, position = torch.unique(cols, return_inverse=True)  # (C,) ascending
-        if not 0 < index.numel() <= MAX_CANDIDATES * vocab:  # none: a NaN
+        block_top = approx.view(b, self.blocks, BLOCK).amax(-1)  # (B, NB)
+        best_low = (block_top - norms * self.block_slack).amax(-1, keepdim=True)  # (B, 1) <= max_k approx_k - bound_k
+        if not bool(best_low.isfinite().all()):  # a NaN or an infinity
             return self._full(x)
-        exact = torch.full((b, index.numel()), float("-inf"))
-        exact[rows, position] = F.linear(x, self.weight[index])[rows, position]  # (B, C)
-        best = exact.argmax(-1)
-        if not bool(exact.gather(1, best[:, None]).isfinite().all()):  # a row without a candidate: NaN
+        # every token that may win in some row (approx + bound reaching that row's best_low): a set that holds each
+        # row's float32 argmax, and every token tied with it, so its argmax over the set is the row's argmax
+        reach = approx.sub_(best_low).addcmul_(norms, self.slack).amax(0)  # (NB * BLOCK,): >= 0 in some row
+        index = (reach >= 0).nonzero().squeeze(1)  # (C,) ascending
+        if index.numel() > MAX_CANDIDATES * vocab:  # flat logits
             return self._full(x)
-        return index[best]
+        return index[F.linear(x, self.weight.index_select(0, index)).argmax(-1)]
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "").argmax(-1)

@@ -31,18 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.models.load import cpu_has_fast_bf16
+
 U_BF16 = 2.0 ** -8
 SLACK = 3 * U_BF16 + 1e-3  # 2u + u^2 + u(1 + 3u) plus two float32 sums (< 1e-4 for K < 800) and margin
 MAX_CANDIDATES = 1 / 8  # of the vocabulary: gathering more rows costs about as much as the full product
 BLOCK = 64  # tokens whose largest bound is checked first, as one
 MIN_DIM = 64  # narrower heads: too small for the bfloat16 copy to pay
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return cpu is not None and any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 class GreedyHead:
@@ -64,7 +59,7 @@ class GreedyHead:
     def of(head: nn.Module | None) -> GreedyHead | None:
         weight = getattr(head, "weight", None)
         if (type(head) is not nn.Linear or head.bias is not None or weight.device.type != "cpu"
-                or weight.dtype != torch.float32 or min(weight.shape) < MIN_DIM or not native_bf16()
+                or weight.dtype != torch.float32 or min(weight.shape) < MIN_DIM or not cpu_has_fast_bf16()
                 or getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None):
             return None
         return GreedyHead(weight.detach())

@@ -14,6 +14,11 @@ from posttrain.models.decode import decode, greedy
 from posttrain.models.greedy_head import GreedyHead
 from posttrain.models.onednn_linear import onednn_linears
 
+# oneDNN has no bfloat16 products on AVX2-only CPUs (Zen 3): posttrain never builds a greedy head there
+# (`cpu_has_fast_bf16`, tested below on every machine), so these tests need a CPU that has them
+needs_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="no oneDNN bfloat16 products on this CPU")
+
 
 def near_ties(vocab: int = 1000, dim: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A head whose rows come in near-duplicate pairs (and one exact duplicate), and hidden states of several
@@ -28,6 +33,7 @@ def near_ties(vocab: int = 1000, dim: int = 96, seed: int = 0) -> tuple[torch.Te
     return weight.contiguous(), x
 
 
+@needs_bf16
 def test_argmax_equals_the_float32_argmax_on_near_ties_at_every_batch_size():
     weight, x = near_ties()
     head = GreedyHead(weight)
@@ -38,6 +44,7 @@ def test_argmax_equals_the_float32_argmax_on_near_ties_at_every_batch_size():
     assert head.argmax(x[:8]).tolist() == [3] * 8
 
 
+@needs_bf16
 def test_the_bound_holds_and_without_it_the_bfloat16_argmax_is_wrong(monkeypatch):
     weight, x = near_ties(seed=1)
     approx = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), GreedyHead(weight).packed, None, "none", [], "")
@@ -51,6 +58,7 @@ def test_the_bound_holds_and_without_it_the_bfloat16_argmax_is_wrong(monkeypatch
     assert sum(int(unbounded.argmax(x[i:i + 1])) != int(exact[i].argmax()) for i in range(len(x))) >= 1
 
 
+@needs_bf16
 def test_a_vocabulary_not_a_multiple_of_the_block_and_a_nan_row():
     weight, x = near_ties(vocab=1078, seed=2)  # 16 blocks of 64 and a part
     head = GreedyHead(weight)
@@ -59,22 +67,33 @@ def test_a_vocabulary_not_a_multiple_of_the_block_and_a_nan_row():
     assert torch.equal(head.argmax(x[:8]), F.linear(x[:8], weight).argmax(-1))  # the full product's answer
 
 
-def test_of_only_for_a_plain_bias_free_float32_cpu_head_on_a_bfloat16_cpu(monkeypatch):
-    monkeypatch.setattr(greedy_head, "native_bf16", lambda: True)
+@needs_bf16
+def test_of_only_for_a_plain_bias_free_float32_cpu_head(monkeypatch):
+    monkeypatch.setattr(greedy_head, "cpu_has_fast_bf16", lambda: True)
     assert GreedyHead.of(nn.Linear(96, 500, bias=False)) is not None
     assert GreedyHead.of(nn.Linear(96, 500)) is None  # a bias
     assert GreedyHead.of(nn.Linear(96, 500, bias=False).double()) is None
     assert GreedyHead.of(nn.Linear(32, 500, bias=False)) is None  # narrower than MIN_DIM
     assert GreedyHead.of(None) is None
-    monkeypatch.setattr(greedy_head, "native_bf16", lambda: False)  # Zen 3: the float32 head is faster there
-    assert GreedyHead.of(nn.Linear(96, 500, bias=False)) is None
+
+
+def test_a_cpu_without_bfloat16_keeps_the_float32_head(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)
+    monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
+    monkeypatch.setattr(greedy_head, "cpu_has_fast_bf16", lambda: False)  # Zen 3: the float32 head is faster there
+    head = nn.Linear(96, 500, bias=False)
+    assert GreedyHead.of(head) is None
+    model = nn.Sequential(nn.Linear(96, 96), head)
+    model.get_output_embeddings = lambda: head
+    with onednn_linears(model, greedy_head=True, float32_head=False):
+        assert "_greedy_head" not in head.__dict__ and head._onednn_weight.is_mkldnn  # packed float32, as before
 
 
 @pytest.fixture
 def llama(monkeypatch):
     monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)
     monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)
-    monkeypatch.setattr(greedy_head, "native_bf16", lambda: True)  # on every machine, bfloat16 or not
+    monkeypatch.setattr(greedy_head, "cpu_has_fast_bf16", lambda: True)  # on every machine, bfloat16 or not
     config = LlamaConfig(vocab_size=700, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
@@ -82,6 +101,7 @@ def llama(monkeypatch):
     return LlamaForCausalLM(config).eval()
 
 
+@needs_bf16
 def test_greedy_decode_picks_through_the_greedy_head_with_hf_generates_tokens(llama, monkeypatch):
     calls, real = [], GreedyHead.argmax
     monkeypatch.setattr(GreedyHead, "argmax", lambda self, x: calls.append(len(x)) or real(self, x))
@@ -97,6 +117,7 @@ def test_greedy_decode_picks_through_the_greedy_head_with_hf_generates_tokens(ll
     assert sum(calls) == 3 * 11 and [r[:4] for r in ours] == sampled
 
 
+@needs_bf16
 def test_swap_in_greedy_only_keeps_the_dense_head_and_swap_out_drops_the_copy(llama):
     head = llama.lm_head
     with onednn_linears(llama, greedy_head=True, float32_head=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from posttrain.models.generate import generate_from_ids
@@ -171,13 +172,14 @@ def test_a_queue_is_admitted_once_several_rows_are_free_and_a_short_one_at_once(
     assert late.future.result()[0] == generate_from_ids(model, tokenizer, [prompts[3]], max_new_tokens=2)[0]
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 products on this CPU")
 def test_greedy_batches_take_their_tokens_from_the_greedy_head_and_sampled_rows_see_logits(tiny, monkeypatch):
     from posttrain.models import greedy_head, onednn_linear
     from posttrain.models.decode import RaggedBatch
 
     monkeypatch.setattr(onednn_linear, "MIN_BYTES", 0)  # the tiny model through oneDNN and the hand-written step,
     monkeypatch.setattr(onednn_linear, "MIN_DIM", 0)  # with a bfloat16 head copy on any CPU
-    monkeypatch.setattr(greedy_head, "native_bf16", lambda: True)
+    monkeypatch.setattr(greedy_head, "cpu_has_fast_bf16", lambda: True)
     steps = {"greedy": 0, "logits": 0, "head": 0}
     real_greedy, real_step, real_head = RaggedBatch.step_greedy, RaggedBatch.step, greedy_head.GreedyHead.argmax
 

@@ -12,7 +12,7 @@ template's end of turn); outputs must be token-identical (checked per row, repor
              layers through oneDNN, models/onednn_linear.py; a hand-written decode step, models/decode_step.py)
   posttrain-mkl  the same with POSTTRAIN_ONEDNN=0: linear layers on torch's default MKL path (the before)
   posttrain-packed  the same call on a copy of the model whose oneDNN weights were made once before the runs and
-             kept (`onednn_linear.swap_in(greedy_head=True)`), as chat, serve, eval and rollouts hold them across
+             kept (`onednn_linear.swap_in(head="both")`), as chat, serve, eval and rollouts hold them across
              their calls; a plain call makes them at every call (SmolLM2: 480 MB, 70-230 ms, in the posttrain
              column). Greedy steps of both take the argmax from a bfloat16 copy of the LM head where the CPU has
              bfloat16 (models/greedy_head.py: exact, the float32 logits of the candidates recomputed)
@@ -116,7 +116,7 @@ def packed_copy(model):
     if id(model) not in _PACKED:
         held = copy.deepcopy(model)
         start = time.perf_counter()
-        swap_in(held, greedy_head=True)  # as the serving engine's (and greedy chat's, eval's) copies
+        swap_in(held, head="both")  # as the serving engine's (and greedy chat's, eval's) copies
         _PACKED[id(model)] = (held, time.perf_counter() - start)
     return _PACKED[id(model)]
 
@@ -141,7 +141,7 @@ def step_profiles(model, batch: int) -> dict:
     from posttrain.models.onednn_linear import onednn_linears
 
     mkl = step_profile(model, batch)
-    with onednn_linears(model, greedy_head=True):
+    with onednn_linears(model, head="both"):
         return {"mkl": mkl, "onednn": step_profile(model, batch)}
 
 

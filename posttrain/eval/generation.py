@@ -67,7 +67,7 @@ def generate_file(load_model: Callable[[], tuple], items: list[PromptItem], out_
     model, tokenizer = load_model() if todo else (None, None)
     with out_path.open("a", encoding="utf-8") as f, \
             Progress(len(items), f"generate {out_path.stem}", "answer", done=len(items) - len(todo)) as progress, \
-            onednn_linears(model, greedy_head=temperature <= 0, float32_head=temperature > 0) \
+            onednn_linears(model, head="greedy" if temperature <= 0 else "float32") \
             if model is not None else contextlib.nullcontext():  # fixed weights: packed once
         for k in range(0, len(todo), batch_size):
             chunk = todo[k:k + batch_size]

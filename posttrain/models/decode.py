@@ -271,7 +271,7 @@ def decode(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, s
         return out
     model.eval()
     # weights fixed for the call: their oneDNN copies made once; greedy steps' head in bfloat16 (models/greedy_head.py)
-    with onednn_linears(model, greedy_head=pick is greedy, float32_head=pick is not greedy):
+    with onednn_linears(model, head="greedy" if pick is greedy else "float32"):
         batch = RaggedBatch(model, pad_id)
         rows = list(range(len(prompts)))  # batch row -> prompt index
         tokens = pick(batch.add(prompts), rows)  # (b,)

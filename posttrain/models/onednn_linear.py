@@ -18,7 +18,7 @@ CPU. The copies cost the layers' weights once more in memory while the context i
 available than twice that, or for a model whose linear weights are under MIN_BYTES, nothing is swapped; layers
 thinner than MIN_DIM (LoRA factors) never are. Freed copies stay in the process for the next call's
 (models/host_memory.py: 70-80 ms to swap SmolLM2 in instead of 170-230). Greedy callers ask for a bfloat16 copy
-of the LM head as well (`greedy_head`, models/greedy_head.py), and may skip its float32 one (`float32_head`).
+of the LM head instead of its packed float32 one, or both (`head`, models/greedy_head.py).
 Sibling layers that read the same input (an attention's q / k / v,
 an MLP's gate / up; FUSED) get one packed copy of their weights stacked: one product instead of three streams
 the weights faster (SmolLM2's decoder products at 8 rows: 14.9 -> 13.2 ms a step). The hand-written decode step
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,9 @@ MIN_DIM = 128
 MIN_ROWS = 64
 # Sibling layers (attribute names of one parent module) that read the same input: one stacked packed weight each.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# What the LM head gets: its packed float32 copy (logits for sampling and scoring); a bfloat16 GreedyHead for greedy
+# steps instead; or both (a holder whose calls may do either)
+Head = Literal["float32", "greedy", "both"]
 # y = x W^T (+ b), W dense or packed by _reorder_linear_weight; absent from builds without oneDNN (macOS arm64)
 _pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _ON = torch.backends.mkldnn.is_available() and _pointwise is not None
@@ -208,18 +212,18 @@ def _sibling_groups(model: nn.Module, layers: list[nn.Linear]) -> list[list[nn.L
     return groups
 
 
-def swap_in(model: nn.Module, *, greedy_head: bool = False, float32_head: bool = True) -> list[nn.Linear]:
+def swap_in(model: nn.Module, *, head: Head = "float32") -> list[nn.Linear]:
     """Give the model's eligible linear layers oneDNN copies of their weights (stacked for FUSED siblings) and the
     oneDNN forward; the layers swapped (none when already swapped, not eligible or short of memory). The copies
-    go stale if the weights change: `swap_out` them first (`onednn_linears` does). `greedy_head`: the LM head
-    also gets a GreedyHead (models/greedy_head.py) for greedy decode steps where the CPU has bfloat16; without
-    `float32_head` its float32 logits (prefill, sampling) then come from its dense weight, with no packed copy."""
+    go stale if the weights change: `swap_out` them first (`onednn_linears` does). `head`: what the LM head gets
+    (HEADS): "greedy" a GreedyHead (models/greedy_head.py) for greedy decode steps where the CPU has bfloat16, its
+    float32 logits (prefill) then from its dense weight with no packed copy; "both" both copies."""
     layers = _eligible(model)
     need = sum(m.weight.numel() * 4 for m in layers)
     if not layers or need < MIN_BYTES or _available_bytes() < 2 * need:
         return []
-    head = _base(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
-    greedy = GreedyHead.of(head) if greedy_head and any(m is head for m in layers) else None
+    lm_head = _base(model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    greedy = GreedyHead.of(lm_head) if head != "float32" and any(m is lm_head for m in layers) else None
     retain_freed_memory()  # the next call's copies reuse this call's memory instead of faulting it in
     with torch.no_grad():
         for m in layers:
@@ -231,12 +235,12 @@ def swap_in(model: nn.Module, *, greedy_head: bool = False, float32_head: bool =
                 m.forward = _fused_forward.__get__(m)
         for m in layers:
             if "_onednn_weight" not in m.__dict__:
-                dense = m is head and greedy is not None and not float32_head
+                dense = m is lm_head and greedy is not None and head == "greedy"
                 m._onednn_weight = (m.weight.detach() if dense  # oneDNN takes a dense weight too, a little slower
                                     else torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None))
                 m.forward = _forward.__get__(m)
         if greedy is not None:
-            head._greedy_head = greedy
+            lm_head._greedy_head = greedy
     return layers
 
 
@@ -250,10 +254,10 @@ def swap_out(layers: list[nn.Linear]) -> None:
 
 
 @contextlib.contextmanager
-def onednn_linears(model: nn.Module, *, greedy_head: bool = False, float32_head: bool = True):
+def onednn_linears(model: nn.Module, *, head: Head = "float32"):
     """Inside: the model's linear layers compute through oneDNN (see the module docstring and `swap_in`); restored
     after."""
-    layers = swap_in(model, greedy_head=greedy_head, float32_head=float32_head)
+    layers = swap_in(model, head=head)
     try:
         yield
     finally:

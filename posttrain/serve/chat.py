@@ -37,7 +37,7 @@ def run_repl(
     hint = f", '{IMAGE_COMMAND} PATH' attaches an image" if vision is not None else ""
     print_fn(f"chat: '{CLEAR_WORD}' resets the conversation, '{EXIT_WORDS[0]}' or Ctrl-D ends it{hint}")
     # fixed weights: their oneDNN copies made once for the session, not per reply (a greedy head: greedy_head.py)
-    with onednn_linears(model, greedy_head=temperature <= 0, float32_head=temperature > 0):
+    with onednn_linears(model, head="greedy" if temperature <= 0 else "float32"):
         while True:
             try:
                 line = input_fn("you> ")

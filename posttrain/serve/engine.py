@@ -61,7 +61,7 @@ class Engine:
         # continuous: jobs join a running batch between decode steps (a model the lean loop can run)
         self.batcher = Batcher(model, tokenizer, max_batch) if continuous and lean_decode_ok(model) else None
         # the engine's weights never change: their oneDNN copies made once, kept; greedy batches' head in bfloat16
-        self.onednn = swap_in(model, greedy_head=True)
+        self.onednn = swap_in(model, head="both")
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 

@@ -85,7 +85,7 @@ def test_a_cpu_without_bfloat16_keeps_the_float32_head(monkeypatch):
     assert GreedyHead.of(head) is None
     model = nn.Sequential(nn.Linear(96, 96), head)
     model.get_output_embeddings = lambda: head
-    with onednn_linears(model, greedy_head=True, float32_head=False):
+    with onednn_linears(model, head="greedy"):
         assert "_greedy_head" not in head.__dict__ and head._onednn_weight.is_mkldnn  # packed float32, as before
 
 
@@ -120,7 +120,7 @@ def test_greedy_decode_picks_through_the_greedy_head_with_hf_generates_tokens(ll
 @needs_bf16
 def test_swap_in_greedy_only_keeps_the_dense_head_and_swap_out_drops_the_copy(llama):
     head = llama.lm_head
-    with onednn_linears(llama, greedy_head=True, float32_head=False):
+    with onednn_linears(llama, head="greedy"):
         assert head._onednn_weight is not None and head._onednn_weight.data_ptr() == head.weight.data_ptr()
         assert isinstance(head._greedy_head, GreedyHead)
         x = torch.randn(2, 96)
